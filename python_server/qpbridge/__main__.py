@@ -1,0 +1,5 @@
+import sys
+
+from qpbridge.cli import main
+
+sys.exit(main())

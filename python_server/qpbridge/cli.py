@@ -1,0 +1,202 @@
+"""Command line: ``qpbridge serve | predict | models | install-qupath``.
+
+``main(argv) -> int`` is the whole CLI (tested in process); errors of the package become one-line
+messages and exit code 1, usage errors exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from qpbridge import PROTOCOL_VERSION, __version__
+from qpbridge.errors import QPBridgeError
+
+log = logging.getLogger("qpbridge")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON next to the target, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, allow_nan=False, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- commands -------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qpbridge.devices import resolve_device
+    from qpbridge.engine import Engine
+    from qpbridge.protocol import Limits
+    from qpbridge.server import Server
+
+    device = resolve_device(args.device)
+    engine = Engine(Path(args.models_dir) if args.models_dir else None, device=device)
+    limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)), max_tiles_per_request=args.max_tiles,
+                    max_tile_pixels=args.max_tile_pixels, job_ttl_s=args.job_ttl)
+    server = Server(engine, args.bind, limits=limits, workers=args.workers, allow_remote=args.allow_remote)
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if device == "cpu":
+        log.warning("running on the CPU: deep-learning models will be slow (no CUDA device in use)")
+    server.serve_forever()
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from qpbridge.geometry import feature_collection
+    from qpbridge.images import read_image
+    from qpbridge.protocol import ImageInfo
+    from qpbridge.tiling import image_tiles
+
+    path = Path(args.image)
+    img, file_mpp = read_image(path)
+    mpp = args.mpp if args.mpp is not None else file_mpp
+    image = ImageInfo(name=path.name, mpp=mpp, width=img.shape[1], height=img.shape[0])
+    t0 = time.perf_counter()
+    if args.server:
+        from qpbridge.client import Client
+
+        with Client(args.server, timeout_s=args.timeout) as client:
+            card = next((m for m in client.models() if m["name"] == args.model), None)
+            if card is None:
+                client.predict(args.model, [], image)  # the server's unknown_model error lists the models
+                return 1
+            if card["requires_mpp"] and mpp is None:
+                raise QPBridgeError(f"{path} records no pixel size and model '{args.model}' needs one: "
+                                    "pass --mpp (µm per pixel)")
+            tiles = list(image_tiles(img, mpp, card["mpp"], card["tile_size"]))
+            features = client.run_job(args.model, tiles, image, expected_tiles=len(tiles),
+                                      encoding=args.encoding)
+    else:
+        from qpbridge.devices import resolve_device
+        from qpbridge.engine import Engine
+
+        engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device))
+        card = engine.card(args.model)
+        if card.requires_mpp and mpp is None:
+            raise QPBridgeError(f"{path} records no pixel size and model '{args.model}' needs one: "
+                                "pass --mpp (µm per pixel)")
+        tiles = list(image_tiles(img, mpp, card.mpp, card.tile_size))
+        features = engine.predict(args.model, image, tiles)
+    out = Path(args.output)
+    write_json_atomic(out, feature_collection(features))
+    print(f"{len(features)} features from {len(tiles)} tiles in {time.perf_counter() - t0:.2f} s -> {out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.server:
+        from qpbridge.client import Client
+
+        with Client(args.server, timeout_s=args.timeout) as client:
+            cards = client.models()
+    else:
+        from qpbridge.engine import Engine
+
+        engine = Engine(Path(args.models_dir) if args.models_dir else None)
+        cards = [c.to_wire() for _, c in sorted(engine.cards.items())]
+    if args.json:
+        print(json.dumps(cards, indent=2, ensure_ascii=False))
+        return 0
+    for c in cards:
+        classes = ", ".join(k["name"] for k in c["classes"] if k.get("emit", True))
+        print(f"{c['name']:<16} {c['task']:<22} {c['object_type']:<11} {c['tile_size']:>5} px @ {c['mpp']} µm/px"
+              f"  [{classes}]")
+    return 0
+
+
+def cmd_install_qupath(args: argparse.Namespace) -> int:
+    from qpbridge.install_qupath import install_qupath
+
+    return install_qupath(Path(args.user_dir) if args.user_dir else None,
+                          Path(args.jeromq) if args.jeromq else None)
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qpbridge", description="Bridge between QuPath and deep-learning models.")
+    p.add_argument("--version", action="version", version=f"qpbridge {__version__} (protocol {PROTOCOL_VERSION})")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the ZeroMQ model server")
+    s.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint (default: %(default)s)")
+    s.add_argument("--models-dir", help="folder of model cards (<name>/config.json) served beside the built-ins")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    s.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="threads running models (default: CPU count, at most 4)")
+    s.add_argument("--job-ttl", type=float, default=600.0, help="seconds before an idle job expires")
+    s.add_argument("--max-request-mb", type=float, default=512.0, help="largest request in MiB")
+    s.add_argument("--max-tiles", type=int, default=256, help="most tiles in one request")
+    s.add_argument("--max-tile-pixels", type=int, default=4096 * 4096, help="most pixels in one tile")
+    s.add_argument("--allow-remote", action="store_true",
+                   help="allow binding a non-loopback address (no authentication: trusted networks only)")
+    s.set_defaults(func=cmd_serve)
+
+    pr = sub.add_parser("predict", help="run a model on a PNG/JPEG/TIFF image and write QuPath GeoJSON")
+    pr.add_argument("image")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("-o", "--output", required=True, help="output .geojson")
+    pr.add_argument("--server", help="server address (default: run in this process)")
+    pr.add_argument("--mpp", type=float, help="full-resolution pixel size in µm/px (overrides the file's)")
+    pr.add_argument("--encoding", default="raw", choices=["raw", "png", "jpeg"], help="tile encoding to a server")
+    pr.add_argument("--models-dir", help="extra model cards (in-process runs)")
+    pr.add_argument("--device", default="auto", help="in-process device: auto, cpu, cuda")
+    pr.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a server reply")
+    pr.set_defaults(func=cmd_predict)
+
+    m = sub.add_parser("models", help="list model cards (local, or a server's)")
+    m.add_argument("--server")
+    m.add_argument("--models-dir")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--timeout", type=float, default=10.0)
+    m.set_defaults(func=cmd_models)
+
+    q = sub.add_parser("install-qupath", help="install the QuPath scripts and the JeroMQ jar")
+    q.add_argument("--user-dir", help="QuPath user directory (default: the newest ~/QuPath/v*)")
+    q.add_argument("--jeromq", help="path to a jeromq-*.jar to copy into the extensions folder")
+    q.set_defaults(func=cmd_install_qupath)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except QPBridgeError as err:
+        print(f"qpbridge: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qpbridge: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Python client for the qpbridge server (protocol v1); used by the CLI, tests and benchmarks.
+
+It uses a DEALER socket with an empty delimiter frame, so a request that timed out can be abandoned
+without recreating the socket: late replies are recognised by their ``id`` and dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import zmq
+
+from qpbridge import PROTOCOL_VERSION, __version__
+from qpbridge.errors import BadRequestError, RemoteError, ServerUnavailableError
+from qpbridge.protocol import ImageInfo, TileSpec, encode_tile
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+Tile = tuple[TileSpec, np.ndarray]
+
+
+class Client:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout_s: float = 60.0,
+                 context: zmq.Context | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- transport -------------------------------------------------------------------------------
+    def request(self, header: dict[str, Any], frames: Sequence[Any] = (), *,
+                timeout_s: float | None = None) -> dict[str, Any]:
+        """Send one request and return its reply header; raise RemoteError when ``ok`` is false."""
+        req_id = next(self._ids)
+        header = {"v": PROTOCOL_VERSION, **header, "id": req_id}
+        self._sock.send_multipart([b"", json.dumps(header).encode("utf-8"), *frames], copy=False)
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                raise ServerUnavailableError(
+                    f"no reply from the qpbridge server at {self.address} within "
+                    f"{self.timeout_s if timeout_s is None else timeout_s:.0f} s: is it running? "
+                    f"Start it with: qpbridge serve --bind {self.address}", address=self.address)
+            parts = self._sock.recv_multipart()
+            try:
+                reply = json.loads(parts[-1])
+            except (ValueError, IndexError):
+                continue
+            if reply.get("id") != req_id:
+                continue  # a late reply to a request that timed out earlier
+            if not reply.get("ok"):
+                err = reply.get("error") or {}
+                raise RemoteError(err.get("code", "error"), err.get("message", "server error"),
+                                  **(err.get("details") or {}))
+            return reply  # type: ignore[no-any-return]
+
+    # ---- ops -------------------------------------------------------------------------------------
+    def hello(self) -> dict[str, Any]:
+        return self.request({"op": "hello", "client": {"name": "qpbridge-python", "version": __version__}})
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self.request({"op": "models"})["models"])
+
+    @staticmethod
+    def _tile_frames(tiles: Sequence[Tile], encoding: str) -> tuple[list[dict[str, Any]], list[Any]]:
+        headers, frames = [], []
+        for spec, px in tiles:
+            if px.shape != (spec.height, spec.width, 3):
+                raise BadRequestError(f"tile at ({spec.x}, {spec.y}) has shape {px.shape}, header says "
+                                      f"{spec.width}x{spec.height}")
+            headers.append({**spec.to_wire(), "encoding": encoding})
+            frames.append(encode_tile(px, encoding))
+        return headers, frames
+
+    def predict(self, model: str, tiles: Sequence[Tile], image: ImageInfo | None = None,
+                encoding: str = "raw") -> list[dict[str, Any]]:
+        headers, frames = self._tile_frames(tiles, encoding)
+        reply = self.request({"op": "predict", "model": model, "image": (image or ImageInfo()).to_wire(),
+                              "tiles": headers}, frames)
+        return list(reply["features"])
+
+    def job_open(self, model: str, image: ImageInfo | None = None, expected_tiles: int | None = None) -> str:
+        header: dict[str, Any] = {"op": "job.open", "model": model, "image": (image or ImageInfo()).to_wire()}
+        if expected_tiles is not None:
+            header["expected_tiles"] = expected_tiles
+        return str(self.request(header)["job"])
+
+    def job_tiles(self, job: str, tiles: Sequence[Tile], encoding: str = "raw") -> dict[str, Any]:
+        headers, frames = self._tile_frames(tiles, encoding)
+        return self.request({"op": "job.tiles", "job": job, "tiles": headers}, frames)
+
+    def job_status(self, job: str) -> dict[str, Any]:
+        return self.request({"op": "job.status", "job": job})
+
+    def job_results(self, job: str, page_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every feature of a job, page by page."""
+        offset: int | None = 0
+        while offset is not None:
+            reply = self.request({"op": "job.results", "job": job, "offset": offset, "limit": page_size})
+            yield from reply["features"]
+            offset = reply["next_offset"]
+            if offset is not None and not reply["features"]:
+                time.sleep(0.05)  # running job with nothing new yet
+
+    def job_finish(self, job: str) -> dict[str, Any]:
+        return self.request({"op": "job.finish", "job": job})
+
+    def job_cancel(self, job: str) -> dict[str, Any]:
+        return self.request({"op": "job.cancel", "job": job})
+
+    def job_close(self, job: str) -> dict[str, Any]:
+        return self.request({"op": "job.close", "job": job})
+
+    def run_job(self, model: str, tiles: Iterable[Tile], image: ImageInfo | None = None, *,
+                expected_tiles: int | None = None, batch_size: int = 16, encoding: str = "raw",
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Open a job, send tiles in batches, finish, fetch every feature, close."""
+        job = self.job_open(model, image, expected_tiles)
+        try:
+            batch: list[Tile] = []
+            for tile in tiles:
+                batch.append(tile)
+                if len(batch) >= batch_size:
+                    reply = self.job_tiles(job, batch, encoding)
+                    batch = []
+                    if on_progress is not None:
+                        on_progress(reply)
+            if batch:
+                reply = self.job_tiles(job, batch, encoding)
+                if on_progress is not None:
+                    on_progress(reply)
+            self.job_finish(job)
+            return list(self.job_results(job))
+        finally:
+            try:
+                self.job_close(job)
+            except (RemoteError, ServerUnavailableError):
+                pass

@@ -1,0 +1,157 @@
+"""In-process inference: model cards + loaded models + tiles in, QuPath features out.
+
+Used by the server (one Engine shared by all clients) and by the CLI when no server is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpbridge import geometry
+from qpbridge.cards import ModelCard, builtin_cards_dir, discover_cards
+from qpbridge.errors import MissingPixelSizeError, ModelCardError, TileError, UnknownModelError
+from qpbridge.families import InstanceResult, ModelFamily, SemanticResult, create_model
+from qpbridge.protocol import ImageInfo, TileSpec
+
+log = logging.getLogger("qpbridge")
+
+RESAMPLE_TOLERANCE = 0.01  # tiles within 1% of the model's pixel size are used as they are
+NO_CLASS = 255  # value of unclassified pixels in a SemanticResult
+
+
+class Engine:
+    """Holds the model cards and lazily loaded models; thread-safe."""
+
+    def __init__(self, models_dir: Path | None = None, device: str = "cpu") -> None:
+        self.device = device
+        self.cards: dict[str, ModelCard] = discover_cards(builtin_cards_dir())
+        self.builtin = set(self.cards)
+        if models_dir is not None:
+            if not models_dir.is_dir():
+                raise ModelCardError(f"models directory {models_dir} does not exist")
+            for name, card in discover_cards(models_dir).items():
+                if name in self.builtin:
+                    raise ModelCardError(f"{models_dir / name} would replace the built-in model '{name}'; rename it")
+                self.cards[name] = card
+        self._models: dict[str, ModelFamily] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def card(self, name: str) -> ModelCard:
+        try:
+            return self.cards[name]
+        except KeyError:
+            raise UnknownModelError(
+                f"unknown model '{name}'; this server has: {', '.join(sorted(self.cards))}",
+                known_models=sorted(self.cards)) from None
+
+    def model(self, name: str) -> ModelFamily:
+        card = self.card(name)
+        with self._lock:
+            if name not in self._models:
+                log.info("loading model %s (%s) on %s", name, card.family, self.device)
+                self._models[name] = create_model(card, self.device)
+                self._locks[name] = threading.Lock()
+            return self._models[name]
+
+    def check_image(self, name: str, image: ImageInfo) -> ModelCard:
+        """The card, after checking that the image carries what the model needs."""
+        card = self.card(name)
+        if card.requires_mpp and image.mpp is None:
+            raise MissingPixelSizeError(
+                f"model '{name}' works at {card.mpp} µm/px and needs the image's pixel size: set image.mpp "
+                "(µm per full-resolution pixel), or --mpp on the command line")
+        return card
+
+    def predict(self, name: str, image: ImageInfo, tiles: Sequence[tuple[TileSpec, np.ndarray]],
+                should_stop: Callable[[], bool] | None = None,
+                on_tile: Callable[[TileSpec, list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+        """Features of every tile, in full-resolution coordinates.
+
+        ``should_stop`` is polled between batches (cancel); ``on_tile`` gets each tile's features as soon
+        as they are ready (jobs record progress with it).
+        """
+        card = self.check_image(name, image)
+        model = self.model(name)
+        features: list[dict[str, Any]] = []
+        batch = max(1, card.batch_size)
+        for start in range(0, len(tiles), batch):
+            if should_stop is not None and should_stop():
+                break
+            chunk = tiles[start:start + batch]
+            prepared = [self._to_model_pixels(card, image, spec, px) for spec, px in chunk]
+            if model.thread_safe:
+                results = model.predict([p[0] for p in prepared])
+            else:
+                with self._locks[name]:
+                    results = model.predict([p[0] for p in prepared])
+            for (spec, _), (_, sx, sy), result in zip(chunk, prepared, results):
+                tile_features = self._features(card, image, spec, sx, sy, result)
+                features.extend(tile_features)
+                if on_tile is not None:
+                    on_tile(spec, tile_features)
+        return features
+
+    @staticmethod
+    def _to_model_pixels(card: ModelCard, image: ImageInfo, spec: TileSpec,
+                         px: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The tile resampled to the card's µm/px, and the full-res size of one model pixel (x, y)."""
+        if px.shape != (spec.height, spec.width, 3):
+            raise TileError(f"tile at ({spec.x}, {spec.y}) has shape {px.shape}, expected "
+                            f"({spec.height}, {spec.width}, 3)")
+        if image.mpp is None:
+            return px, spec.downsample, spec.downsample
+        factor = image.mpp * spec.downsample / card.mpp  # model pixels per tile pixel
+        if abs(factor - 1.0) <= RESAMPLE_TOLERANCE:
+            return px, spec.downsample, spec.downsample
+        import cv2
+
+        w = max(1, round(spec.width * factor))
+        h = max(1, round(spec.height * factor))
+        interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+        resized = cv2.resize(np.ascontiguousarray(px), (w, h), interpolation=interp)
+        return resized, spec.width * spec.downsample / w, spec.height * spec.downsample / h
+
+    def _features(self, card: ModelCard, image: ImageInfo, spec: TileSpec, sx: float, sy: float,
+                  result: SemanticResult | InstanceResult) -> list[dict[str, Any]]:
+        # Tolerances are set in model pixels, where the card's µm values map one to one.
+        tol = card.simplify_um / card.mpp
+        min_area = card.min_area_um2 / card.mpp ** 2
+        max_hole = card.max_hole_area_um2 / card.mpp ** 2
+        fullres_mpp = image.mpp
+        prefix = "Nucleus: " if card.task == "instance-segmentation" and card.classes[0].name == "Nucleus" else ""
+        out: list[dict[str, Any]] = []
+
+        def emit(geom: Any, cls_index: int, extra: dict[str, float]) -> None:
+            geom = geometry.fill_small_holes(geom, max_hole)
+            geom = geometry.clean(geom, tol, min_area)
+            if geom.is_empty:
+                return
+            geom = geometry.clean(geometry.to_fullres(geom, spec.x, spec.y, sx, sy))
+            if geom.is_empty:
+                return
+            meas = geometry.shape_measurements(geom, fullres_mpp, prefix)
+            meas.update(extra)
+            out.append(geometry.make_feature(geom, card.object_type, card.classes[cls_index], meas, card.name))
+
+        if isinstance(result, InstanceResult):
+            for label, geom in geometry.labels_to_polygons(result.labels).items():
+                cls_index = result.class_of.get(label, 0)
+                if card.classes[cls_index].emit:
+                    emit(geom, cls_index, result.measurements.get(label, {}))
+        else:
+            for cls_index, cls in enumerate(card.classes):
+                if not cls.emit:
+                    continue
+                mask = result.classes == cls_index
+                if not mask.any():
+                    continue
+                for geom in geometry.mask_to_polygons(mask):
+                    emit(geom, cls_index, {})
+        return out

@@ -1,0 +1,170 @@
+"""Server-side jobs: one model on one image, tiles in batches, progress, paged results, cancel, expiry."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from qpbridge.errors import JobStateError, QPBridgeError, UnknownJobError
+from qpbridge.protocol import ImageInfo, TileSpec
+
+RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
+
+
+@dataclass
+class Job:
+    id: str
+    model: str
+    image: ImageInfo
+    expected: int | None
+    created: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    state: str = RUNNING
+    error: dict[str, Any] | None = None
+    features: list[dict[str, Any]] = field(default_factory=list)
+    tiles_done: int = 0
+    first_tile_at: float | None = None
+    last_tile_at: float | None = None
+    claimed: set[tuple[int, int, float, int, int]] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def claim(self, specs: list[TileSpec]) -> tuple[list[int], int]:
+        """Indices of tiles this batch must process; tiles done or in flight elsewhere are skipped."""
+        with self.lock:
+            if self.state != RUNNING:
+                raise JobStateError(f"job {self.id} is {self.state}; it takes no more tiles")
+            todo, skipped = [], 0
+            for i, spec in enumerate(specs):
+                if spec.key in self.claimed:
+                    skipped += 1
+                else:
+                    self.claimed.add(spec.key)
+                    todo.append(i)
+            return todo, skipped
+
+    def release(self, specs: list[TileSpec]) -> None:
+        """Give back claims of tiles that were not processed (cancel, failure), so a re-send works."""
+        with self.lock:
+            for spec in specs:
+                self.claimed.discard(spec.key)
+
+    def record(self, features: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.features.extend(features)
+            self.tiles_done += 1
+            if self.first_tile_at is None:
+                self.first_tile_at = now
+            self.last_tile_at = now
+
+    def fail(self, err: QPBridgeError) -> None:
+        with self.lock:
+            if self.state == RUNNING:
+                self.state = FAILED
+                self.error = err.to_wire()
+
+    def cancel(self) -> None:
+        with self.lock:
+            if self.state == RUNNING:
+                self.state = CANCELLED
+            self.cancel_event.set()
+
+    def finish(self) -> None:
+        with self.lock:
+            if self.state != RUNNING:
+                raise JobStateError(f"job {self.id} is {self.state}; only a running job can be finished")
+            self.state = DONE
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self.lock:
+            rate = None
+            if self.first_tile_at is not None and self.tiles_done > 0:
+                # Time from the job's start: the first tile's own processing time counts too.
+                span = max((self.last_tile_at or now) - self.created, 1e-6)
+                rate = self.tiles_done / span
+            eta = None
+            if self.state == RUNNING and rate and self.expected is not None:
+                eta = max(self.expected - self.tiles_done, 0) / rate
+            return {
+                "job": self.id,
+                "model": self.model,
+                "state": self.state,
+                "tiles_done": self.tiles_done,
+                "tiles_expected": self.expected,
+                "features": len(self.features),
+                "elapsed_s": round(now - self.created, 3),
+                "tiles_per_s": round(rate, 3) if rate else None,
+                "eta_s": round(eta, 3) if eta is not None else None,
+                "error": self.error,
+            }
+
+    def page(self, offset: int, limit: int) -> dict[str, Any]:
+        with self.lock:
+            total = len(self.features)
+            page = self.features[offset:offset + limit]
+            end = offset + len(page)
+            more = end < total or self.state == RUNNING
+            return {"features": page, "offset": offset, "total": total,
+                    "next_offset": end if more else None, "state": self.state}
+
+
+class JobManager:
+    """All open jobs; jobs untouched for ``ttl_s`` seconds expire (their client is assumed gone)."""
+
+    def __init__(self, ttl_s: float = 600.0) -> None:
+        self.ttl_s = ttl_s
+        self._jobs: dict[str, Job] = {}
+        self._expired: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def open(self, model: str, image: ImageInfo, expected: int | None) -> Job:
+        job = Job(id=secrets.token_hex(8), model=model, image=image, expected=expected)
+        with self._lock:
+            self._jobs[job.id] = job
+        return job
+
+    def get(self, job_id: Any) -> Job:
+        if not isinstance(job_id, str):
+            raise UnknownJobError("field 'job' must be the job id string returned by job.open")
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                if job_id in self._expired:
+                    raise UnknownJobError(f"job {job_id} expired after {self.ttl_s:.0f} s without requests; "
+                                          "open a new job")
+                raise UnknownJobError(f"no job {job_id} on this server (never opened, or closed)")
+            job.last_seen = time.monotonic()
+            return job
+
+    def close(self, job_id: Any) -> None:
+        job = self.get(job_id)
+        job.cancel()
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def expire(self) -> list[str]:
+        """Drop jobs idle for longer than the TTL; returns their ids."""
+        now = time.monotonic()
+        with self._lock:
+            gone = [jid for jid, j in self._jobs.items() if now - j.last_seen > self.ttl_s]
+            for jid in gone:
+                self._jobs.pop(jid).cancel()
+                self._expired[jid] = now
+            # Remember expired ids for a while so a late client hears "expired", not "unknown".
+            for jid in [k for k, t in self._expired.items() if now - t > 10 * self.ttl_s]:
+                del self._expired[jid]
+        return gone
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for job in self._jobs.values():
+                job.cancel()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._jobs)

@@ -1,0 +1,272 @@
+"""Wire format of protocol version 1 (see docs/protocol.md): headers, tiles, limits, replies.
+
+Pure functions shared by the server and the Python client. Sizes are checked from the header (and from
+the PNG/JPEG header) before any pixel buffer is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qpbridge import PROTOCOL_VERSION
+from qpbridge.errors import (
+    BadRequestError,
+    FrameCountError,
+    LimitExceededError,
+    QPBridgeError,
+    TileError,
+    UnsupportedVersionError,
+)
+
+ENCODINGS = ("raw", "png", "jpeg")
+MAX_HEADER_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 512 << 20
+    max_tiles_per_request: int = 256
+    max_tile_pixels: int = 4096 * 4096
+    job_ttl_s: float = 600.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "max_request_bytes": self.max_request_bytes,
+            "max_tiles_per_request": self.max_tiles_per_request,
+            "max_tile_pixels": self.max_tile_pixels,
+            "job_ttl_s": self.job_ttl_s,
+        }
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str = ""
+    mpp: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        for key in ("mpp", "width", "height"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    x: int
+    y: int
+    width: int
+    height: int
+    downsample: float = 1.0
+    encoding: str = "raw"
+
+    @property
+    def key(self) -> tuple[int, int, float, int, int]:
+        """Identity of a tile within a job, used to skip re-sent tiles."""
+        return (self.x, self.y, self.downsample, self.width, self.height)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"x": self.x, "y": self.y, "downsample": self.downsample, "width": self.width,
+                "height": self.height, "encoding": self.encoding}
+
+
+def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise BadRequestError(f"{where}: missing field '{key}'")
+    value = obj[key]
+    # bool is an int subclass; a boolean is never a valid number here.
+    if isinstance(value, bool) or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise BadRequestError(f"{where}: field '{key}' must be {names}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def parse_header(frame: bytes | memoryview) -> dict[str, Any]:
+    """Decode and check frame 0; raise BadRequestError / UnsupportedVersionError."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise LimitExceededError(f"header frame is {len(frame)} bytes; the limit is {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(bytes(frame).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequestError(f"frame 0 must be a UTF-8 JSON object: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequestError("frame 0 must be a JSON object with 'op' and 'v'")
+    op = _require(header, "op", str, "header")
+    version = _require(header, "v", int, "header")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersionError(
+            f"client speaks protocol {version}, this server speaks protocol {PROTOCOL_VERSION}: "
+            f"update the {'client' if version < PROTOCOL_VERSION else 'server'}",
+            server_protocol=PROTOCOL_VERSION, client_protocol=version, op=op,
+        )
+    return header
+
+
+def parse_image(obj: Any) -> ImageInfo:
+    if obj is None:
+        return ImageInfo()
+    if not isinstance(obj, dict):
+        raise BadRequestError("'image' must be an object like {\"name\": ..., \"mpp\": ...}")
+    mpp = obj.get("mpp")
+    if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float))
+                            or not math.isfinite(mpp) or mpp <= 0):
+        raise BadRequestError(f"image.mpp must be a positive number of µm per pixel, got {mpp!r}")
+    name = obj.get("name", "")
+    if not isinstance(name, str):
+        raise BadRequestError("image.name must be a string")
+    dims = {}
+    for key in ("width", "height"):
+        value = obj.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise BadRequestError(f"image.{key} must be a positive integer")
+        dims[key] = value
+    return ImageInfo(name=name, mpp=float(mpp) if mpp is not None else None, **dims)
+
+
+def parse_tiles(header: dict[str, Any], frames: Sequence[Any], limits: Limits) -> list[TileSpec]:
+    """Check the tile list against the frames and the limits, before decoding anything."""
+    tiles = _require(header, "tiles", list, "request")
+    if len(tiles) > limits.max_tiles_per_request:
+        raise LimitExceededError(
+            f"{len(tiles)} tiles in one request; the limit is {limits.max_tiles_per_request}: send smaller batches",
+            limit=limits.max_tiles_per_request)
+    if len(frames) != len(tiles):
+        raise FrameCountError(f"header lists {len(tiles)} tiles but {len(frames)} binary frames follow")
+    specs = []
+    for i, t in enumerate(tiles):
+        where = f"tiles[{i}]"
+        if not isinstance(t, dict):
+            raise BadRequestError(f"{where} must be an object")
+        x = _require(t, "x", int, where)
+        y = _require(t, "y", int, where)
+        w = _require(t, "width", int, where)
+        h = _require(t, "height", int, where)
+        ds = t.get("downsample", 1.0)
+        if isinstance(ds, bool) or not isinstance(ds, (int, float)) or not math.isfinite(ds) or ds <= 0:
+            raise BadRequestError(f"{where}: downsample must be a positive number, got {ds!r}")
+        enc = t.get("encoding", "raw")
+        if enc not in ENCODINGS:
+            raise BadRequestError(f"{where}: encoding must be one of {', '.join(ENCODINGS)}, got {enc!r}")
+        if w <= 0 or h <= 0:
+            raise BadRequestError(f"{where}: width and height must be positive, got {w}x{h}")
+        if w * h > limits.max_tile_pixels:
+            raise LimitExceededError(
+                f"{where} is {w}x{h} = {w * h} pixels; the limit is {limits.max_tile_pixels} per tile",
+                limit=limits.max_tile_pixels)
+        specs.append(TileSpec(x=x, y=y, width=w, height=h, downsample=float(ds), encoding=enc))
+    return specs
+
+
+def _encoded_size(data: bytes | memoryview, encoding: str) -> tuple[int, int]:
+    """(width, height) read from a PNG IHDR or a JPEG SOF marker, without decoding pixels."""
+    buf = bytes(data[:65536]) if encoding == "png" else bytes(data)
+    if encoding == "png":
+        if len(buf) < 24 or buf[:8] != b"\x89PNG\r\n\x1a\n" or buf[12:16] != b"IHDR":
+            raise TileError("tile is not a PNG file")
+        w, h = struct.unpack(">II", buf[16:24])
+        return int(w), int(h)
+    if buf[:2] != b"\xff\xd8":
+        raise TileError("tile is not a JPEG file")
+    i = 2
+    while i + 4 <= len(buf):
+        if buf[i] != 0xFF:
+            raise TileError("corrupt JPEG: marker expected")
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg_len = struct.unpack(">H", buf[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            if i + 9 > len(buf):
+                break
+            h, w = struct.unpack(">HH", buf[i + 5:i + 9])
+            return int(w), int(h)
+        i += 2 + seg_len
+    raise TileError("corrupt JPEG: no frame header found")
+
+
+def decode_tile(spec: TileSpec, data: Any) -> np.ndarray:
+    """The tile's pixels as a (height, width, 3) uint8 array; raw tiles are wrapped without a copy."""
+    buf = memoryview(data)
+    if spec.encoding == "raw":
+        expected = spec.width * spec.height * 3
+        if buf.nbytes != expected:
+            raise TileError(
+                f"raw tile at ({spec.x}, {spec.y}) has {buf.nbytes} bytes; {spec.width}x{spec.height} RGB "
+                f"needs {expected}")
+        return np.frombuffer(buf, dtype=np.uint8).reshape(spec.height, spec.width, 3)
+    w, h = _encoded_size(buf, spec.encoding)
+    if (w, h) != (spec.width, spec.height):
+        raise TileError(f"{spec.encoding} tile at ({spec.x}, {spec.y}) is {w}x{h}, "
+                        f"header says {spec.width}x{spec.height}")
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise TileError(f"{spec.encoding} tile at ({spec.x}, {spec.y}) could not be decoded")
+    if img.dtype != np.uint8:
+        raise TileError(f"{spec.encoding} tile at ({spec.x}, {spec.y}) is {img.dtype}; only 8-bit images")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    else:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(img)
+
+
+def encode_tile(img: np.ndarray, encoding: str = "raw", jpeg_quality: int = 90) -> bytes | memoryview:
+    """Bytes for one tile frame (the inverse of decode_tile)."""
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise TileError(f"tiles must be uint8 RGB (H, W, 3), got {img.dtype} {img.shape}")
+    if encoding == "raw":
+        return memoryview(np.ascontiguousarray(img)).cast("B")
+    import cv2
+
+    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    if encoding == "png":
+        ok, out = cv2.imencode(".png", bgr)
+    elif encoding == "jpeg":
+        ok, out = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    else:
+        raise TileError(f"unknown encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+    if not ok:
+        raise TileError(f"could not encode tile as {encoding}")
+    return out.tobytes()
+
+
+def reply_ok(op: str | None, req_id: Any = None, **fields: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"ok": True, "v": PROTOCOL_VERSION}
+    if op is not None:
+        out["op"] = op
+    if req_id is not None:
+        out["id"] = req_id
+    out.update(fields)
+    return out
+
+
+def reply_error(err: QPBridgeError, op: str | None = None, req_id: Any = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"ok": False, "v": PROTOCOL_VERSION, "error": err.to_wire()}
+    if op is not None:
+        out["op"] = op
+    if req_id is not None:
+        out["id"] = req_id
+    return out
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    """JSON for the wire; NaN/Infinity are refused rather than sent as invalid JSON."""
+    return json.dumps(obj, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

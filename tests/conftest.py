@@ -1,0 +1,95 @@
+"""Shared fixtures: a real server on a random loopback port, real data paths, small test models."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qpbridge.engine import Engine
+from qpbridge.families import ModelFamily, SemanticResult, register_family
+from qpbridge.protocol import Limits
+from qpbridge.server import Server
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MONUSEG = SHARED_DATA / "monuseg-train"
+CMU_SVS = SHARED_DATA / "CMU-1-Small-Region.svs"
+
+
+def need_data(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real test data {path} is absent (expected ../shared/data beside the checkout)")
+    return path
+
+
+@register_family("test-dark")
+class DarkPixels(ModelFamily):
+    """A tiny deterministic model for protocol tests: class 1 where the pixel is dark, else background."""
+
+    def predict(self, tiles: Sequence[np.ndarray]) -> list[SemanticResult]:
+        time.sleep(self.card.params.get("delay_s", 0.0) * len(tiles))  # lets tests cancel mid-batch
+        return [SemanticResult(classes=(t.mean(axis=2) < self.card.params.get("level", 128)).astype(np.uint8))
+                for t in tiles]
+
+
+DARK_CARD = {
+    "schema_version": 1, "name": "dark", "family": "test-dark", "task": "semantic-segmentation",
+    "object_type": "annotation",
+    "classes": [{"name": "Background", "color": [255, 255, 255], "emit": False},
+                {"name": "Dark", "color": [10, 20, 30]}],
+    "tile": {"size": 64, "overlap": 0}, "mpp": 1.0, "requires_mpp": False,
+}
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    (root / "dark").mkdir()
+    (root / "dark" / "config.json").write_text(json.dumps(DARK_CARD))
+    slow = {**DARK_CARD, "name": "slow", "tile": {"size": 64, "batch_size": 1}, "params": {"delay_s": 0.05}}
+    (root / "slow").mkdir()
+    (root / "slow" / "config.json").write_text(json.dumps(slow))
+    return root
+
+
+@dataclass
+class RunningServer:
+    server: Server
+    thread: threading.Thread
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+
+def start_server(models_dir: Path | None, limits: Limits | None = None, workers: int = 2) -> RunningServer:
+    server = Server(Engine(models_dir), "tcp://127.0.0.1:*", limits=limits, workers=workers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return RunningServer(server, thread)
+
+
+@pytest.fixture(scope="session")
+def server(models_dir: Path) -> Iterator[RunningServer]:
+    """One server for the session, serving the built-in models and the test model 'dark'."""
+    running = start_server(models_dir)
+    yield running
+    running.server.stop()
+    running.thread.join(10)
+
+
+@pytest.fixture
+def small_server(models_dir: Path) -> Iterator[RunningServer]:
+    """A server with small limits and a short job TTL, for limit and expiry tests."""
+    running = start_server(models_dir, Limits(max_request_bytes=1 << 20, max_tiles_per_request=4,
+                                              max_tile_pixels=256 * 256, job_ttl_s=1.0))
+    yield running
+    running.server.stop()
+    running.thread.join(10)
