@@ -193,7 +193,7 @@ def test_limits_checked_before_decoding(small_server):
     r = raw_request(addr, [hdr(op="predict", model="dark", tiles=big), b"\0" * 10])
     assert r["error"]["code"] == "limit_exceeded"
     # A PNG whose header claims a huge image is refused from its IHDR, before decoding.
-    ok, png = cv2.imencode(".png", np.zeros((300, 300, 3), np.uint8))
+    _, png = cv2.imencode(".png", np.zeros((300, 300, 3), np.uint8))
     tiny = [{"x": 0, "y": 0, "width": 10, "height": 10, "encoding": "png"}]
     r = raw_request(addr, [hdr(op="predict", model="dark", tiles=tiny), png.tobytes()])
     assert r["error"]["code"] == "bad_tile" and "300x300" in r["error"]["message"]

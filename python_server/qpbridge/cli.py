@@ -97,11 +97,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from qpbridge.engine import Engine
 
         engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device))
-        card = engine.card(args.model)
-        if card.requires_mpp and mpp is None:
+        local_card = engine.card(args.model)
+        if local_card.requires_mpp and mpp is None:
             raise QPBridgeError(f"{path} records no pixel size and model '{args.model}' needs one: "
                                 "pass --mpp (µm per pixel)")
-        tiles = list(image_tiles(img, mpp, card.mpp, card.tile_size))
+        tiles = list(image_tiles(img, mpp, local_card.mpp, local_card.tile_size))
         features = engine.predict(args.model, image, tiles)
     out = Path(args.output)
     write_json_atomic(out, feature_collection(features))

@@ -6,6 +6,7 @@ without recreating the socket: late replies are recognised by their ``id`` and d
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -72,7 +73,7 @@ class Client:
                 err = reply.get("error") or {}
                 raise RemoteError(err.get("code", "error"), err.get("message", "server error"),
                                   **(err.get("details") or {}))
-            return reply  # type: ignore[no-any-return]
+            return dict(reply)
 
     # ---- ops -------------------------------------------------------------------------------------
     def hello(self) -> dict[str, Any]:
@@ -152,7 +153,5 @@ class Client:
             self.job_finish(job)
             return list(self.job_results(job))
         finally:
-            try:
+            with contextlib.suppress(RemoteError, ServerUnavailableError):
                 self.job_close(job)
-            except (RemoteError, ServerUnavailableError):
-                pass

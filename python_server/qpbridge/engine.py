@@ -91,7 +91,7 @@ class Engine:
             else:
                 with self._locks[name]:
                     results = model.predict([p[0] for p in prepared])
-            for (spec, _), (_, sx, sy), result in zip(chunk, prepared, results):
+            for (spec, _), (_, sx, sy), result in zip(chunk, prepared, results, strict=True):
                 tile_features = self._features(card, image, spec, sx, sy, result)
                 features.extend(tile_features)
                 if on_tile is not None:

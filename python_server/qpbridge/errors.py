@@ -93,6 +93,12 @@ class ImageReadError(QPBridgeError, OSError):
     code = "image_read"
 
 
+class InternalError(QPBridgeError):
+    """A bug: reported to the client with the exception's name; the server goes on serving."""
+
+    code = "internal"
+
+
 class ClientError(QPBridgeError):
     """Raised on the client side: the server is not reachable or answered with an error."""
 

@@ -67,7 +67,7 @@ def _grow_half_pixel(shell: np.ndarray, holes: list[np.ndarray]) -> Polygon:
         poly = shapely.Point(shell[0])
     # Lines and points (1 px wide parts) buffer to their pixel squares with square caps.
     grown = poly.buffer(0.5, cap_style="square", join_style="mitre", mitre_limit=2.0)
-    return grown  # type: ignore[no-any-return]
+    return grown
 
 
 def mask_to_geometry(mask: np.ndarray) -> BaseGeometry:
@@ -80,7 +80,7 @@ def mask_to_geometry(mask: np.ndarray) -> BaseGeometry:
 
 def mask_to_polygons(mask: np.ndarray) -> list[BaseGeometry]:
     """One polygon per 8-connected foreground region of a binary mask."""
-    out = []
+    out: list[BaseGeometry] = []
     for p in _contours(mask):
         out.extend(p.geoms if isinstance(p, MultiPolygon) else [p])
     return out

@@ -233,7 +233,7 @@ def encode_tile(img: np.ndarray, encoding: str = "raw", jpeg_quality: int = 90) 
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise TileError(f"tiles must be uint8 RGB (H, W, 3), got {img.dtype} {img.shape}")
     if encoding == "raw":
-        return memoryview(np.ascontiguousarray(img)).cast("B")
+        return memoryview(np.ascontiguousarray(img).data).cast("B")
     import cv2
 
     bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)

@@ -22,6 +22,7 @@ from qpbridge import PROTOCOL_VERSION, __version__
 from qpbridge.engine import Engine
 from qpbridge.errors import (
     BadRequestError,
+    InternalError,
     LimitExceededError,
     QPBridgeError,
     UnknownOpError,
@@ -76,7 +77,7 @@ class Server:
         self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._router.bind(bind)
-        self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.address = str(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
         self._reply_addr = f"inproc://qpbridge-replies-{id(self)}"
         self._replies = self._ctx.socket(zmq.PULL)
         self._replies.bind(self._reply_addr)
@@ -183,9 +184,7 @@ class Server:
             self._send(envelope, reply_error(err, op, req_id))
         except Exception as exc:  # a bug must not kill the server
             log.exception("internal error handling %s", op)
-            err = QPBridgeError(f"internal error: {type(exc).__name__}: {exc}")
-            err.code = "internal"
-            self._send(envelope, reply_error(err, op, req_id))
+            self._send(envelope, reply_error(InternalError(f"internal error: {type(exc).__name__}: {exc}"), op, req_id))
 
     def _send(self, envelope: list[bytes], reply: dict[str, Any]) -> None:
         self._router.send_multipart([*envelope, dumps(reply)])
@@ -202,15 +201,12 @@ class Server:
                 reply = reply_error(err, op, req_id)
             except Exception as exc:
                 log.exception("internal error in %s", op)
-                err = QPBridgeError(f"internal error: {type(exc).__name__}: {exc}")
-                err.code = "internal"
-                reply = reply_error(err, op, req_id)
+                reply = reply_error(InternalError(f"internal error: {type(exc).__name__}: {exc}"), op, req_id)
             try:
                 payload = dumps(reply)
             except ValueError as exc:  # NaN slipped through: report it rather than send invalid JSON
-                err = QPBridgeError(f"internal error: reply not serialisable: {exc}")
-                err.code = "internal"
-                payload = dumps(reply_error(err, op, req_id))
+                payload = dumps(reply_error(InternalError(f"internal error: reply not serialisable: {exc}"),
+                                            op, req_id))
             self._pusher().send_multipart([*envelope, payload])
 
         self._pool.submit(run)
@@ -252,7 +248,7 @@ class Server:
 
         def work() -> dict[str, Any]:
             t0 = time.perf_counter()
-            tiles = [(s, decode_tile(s, f.buffer)) for s, f in zip(specs, frames)]
+            tiles = [(s, decode_tile(s, f.buffer)) for s, f in zip(specs, frames, strict=True)]
             features = self.engine.predict(name, image, tiles)
             return {"features": features,
                     "stats": {"tiles": len(tiles), "seconds": round(time.perf_counter() - t0, 6)}}
@@ -284,17 +280,20 @@ class Server:
 
     def _run_job_batch(self, job: Job, specs: list[Any], frames: list[Any], skipped: int) -> dict[str, Any]:
         processed: list[Any] = []
+
+        def on_tile(spec: Any, feats: list[dict[str, Any]]) -> None:
+            job.record(feats)
+            processed.append(spec)
+
         try:
-            tiles = [(s, decode_tile(s, f.buffer)) for s, f in zip(specs, frames)]
-            self.engine.predict(job.model, job.image, tiles, should_stop=job.cancel_event.is_set,
-                                on_tile=lambda spec, feats: (job.record(feats), processed.append(spec)))
+            tiles = [(s, decode_tile(s, f.buffer)) for s, f in zip(specs, frames, strict=True)]
+            self.engine.predict(job.model, job.image, tiles, should_stop=job.cancel_event.is_set, on_tile=on_tile)
         except QPBridgeError:
             job.release([s for s in specs if s not in processed])
             raise
         except Exception as exc:
             job.release([s for s in specs if s not in processed])
-            err = QPBridgeError(f"job failed: {type(exc).__name__}: {exc}")
-            err.code = "internal"
+            err = InternalError(f"job failed: {type(exc).__name__}: {exc}")
             job.fail(err)
             raise err from exc
         finally:

@@ -40,5 +40,5 @@ def image_tiles(img: np.ndarray, image_mpp: float | None, model_mpp: float, tile
     sh, sw = small.shape[:2]
     for x, y, tw, th in grid(sw, sh, tile, overlap):
         px = np.ascontiguousarray(small[y:y + th, x:x + tw])
-        yield TileSpec(x=int(math.floor(x * ds)), y=int(math.floor(y * ds)), width=tw, height=th,
+        yield TileSpec(x=math.floor(x * ds), y=math.floor(y * ds), width=tw, height=th,
                        downsample=ds), px

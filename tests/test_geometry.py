@@ -1,0 +1,116 @@
+"""Masks to polygons: pixel-exact areas, holes, validity, QuPath-safe features."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import Polygon, shape
+
+from qpbridge import geometry
+from qpbridge.cards import ClassInfo
+
+
+def disc(size: int, cx: float, cy: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+
+
+def test_rectangle_is_exact():
+    m = np.zeros((50, 60), bool)
+    m[10:20, 5:45] = True
+    (p,) = geometry.mask_to_polygons(m)
+    assert p.bounds == (5, 10, 45, 20)
+    assert p.area == 400
+
+
+def test_single_pixel_and_one_pixel_line():
+    m = np.zeros((10, 10), bool)
+    m[2, 3] = True
+    m[6, 1:8] = True
+    polys = sorted(geometry.mask_to_polygons(m), key=lambda g: g.area)
+    assert [p.area for p in polys] == [1.0, 7.0]
+    assert polys[0].bounds == (3, 2, 4, 3)
+
+
+@pytest.mark.parametrize("r", [3.0, 6.0, 15.0])
+def test_disc_area_matches_pixel_count(r):
+    m = disc(64, 32, 32, r)
+    (p,) = geometry.mask_to_polygons(m)
+    # Pixel-edge tracing keeps the area the pixels cover (tracing pixel centres would lose ~r*π px).
+    assert p.area == pytest.approx(m.sum(), rel=0.04)
+    assert p.is_valid
+
+
+def test_hole_is_kept_and_small_holes_filled():
+    m = np.zeros((40, 40), bool)
+    m[5:35, 5:35] = True
+    m[15:25, 15:25] = False
+    (p,) = geometry.mask_to_polygons(m)
+    # Hole corners come back chamfered by a quarter pixel each (8-connected tracing): 1 px² in all.
+    assert len(p.interiors) == 1 and p.area == pytest.approx(900 - 100, abs=1.0)
+    assert len(geometry.fill_small_holes(p, 101).interiors) == 0
+    assert len(geometry.fill_small_holes(p, 99).interiors) == 1
+
+
+def test_diagonal_touching_pixels_give_valid_geometry():
+    m = np.zeros((10, 10), bool)
+    m[2:5, 2:5] = True
+    m[5:8, 5:8] = True  # touches the first square at one corner
+    for p in geometry.mask_to_polygons(m):
+        assert p.is_valid
+    total = sum(p.area for p in geometry.mask_to_polygons(m))
+    assert total == pytest.approx(18, abs=0.5)
+
+
+def test_labels_to_polygons_one_per_label():
+    labels = np.zeros((64, 64), np.int32)
+    labels[disc(64, 20, 20, 8)] = 1
+    labels[disc(64, 40, 40, 6)] = 2
+    labels[50:54, 2:6] = 5
+    polys = geometry.labels_to_polygons(labels)
+    assert sorted(polys) == [1, 2, 5]
+    assert polys[5].bounds == (2, 50, 6, 54)
+    for label, p in polys.items():
+        assert p.area == pytest.approx((labels == label).sum(), rel=0.05)
+
+
+def test_to_fullres_scales_and_offsets():
+    p = Polygon([(0, 0), (10, 0), (10, 5), (0, 5)])
+    q = geometry.to_fullres(p, 100, 200, 2.0, 4.0)
+    assert q.bounds == (100, 200, 120, 220)
+
+
+def test_clean_snaps_to_grid_and_drops_small():
+    p = Polygon([(0, 0), (10.123456, 0), (10, 10), (0, 10)])
+    c = geometry.clean(p)
+    xs = np.asarray(c.exterior.coords)[:, 0]
+    assert np.allclose(xs * 100, np.round(xs * 100))
+    assert geometry.clean(p, min_area=1000).is_empty
+    bowtie = Polygon([(0, 0), (10, 10), (10, 0), (0, 10)])  # self-intersecting
+    fixed = geometry.clean(bowtie)
+    assert fixed.is_valid and fixed.area == pytest.approx(50)
+
+
+def test_measurements_are_finite_and_in_microns():
+    p = shapely.Point(0, 0).buffer(10, quad_segs=64)
+    m = geometry.shape_measurements(p, 0.5, "Nucleus: ")
+    assert m["Nucleus: Area µm^2"] == pytest.approx(math.pi * 25, rel=0.01)
+    assert m["Nucleus: Perimeter µm"] == pytest.approx(2 * math.pi * 5, rel=0.01)
+    assert m["Nucleus: Circularity"] == pytest.approx(1.0, abs=0.01)
+    assert geometry.finite_measurements({"a": float("nan"), "b": float("inf"), "c": 2, "d": "x"}) == {"c": 2.0}
+
+
+def test_feature_layout_matches_qupath():
+    p = Polygon([(0, 0), (4, 0), (4, 4), (0, 4)])
+    f = geometry.make_feature(p, "detection", ClassInfo("Tumor", (200, 0, 0)), {"x": float("nan"), "y": 1}, "m")
+    json.dumps(f, allow_nan=False)
+    assert f["type"] == "Feature" and len(f["id"]) == 36
+    assert f["properties"]["classification"] == {"name": "Tumor", "color": [200, 0, 0]}
+    assert f["properties"]["measurements"] == {"y": 1.0}
+    assert shape(f["geometry"]).equals(p)
+    ring = f["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and isinstance(ring[0], list)
