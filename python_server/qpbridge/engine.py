@@ -17,12 +17,12 @@ from qpbridge import geometry
 from qpbridge.cards import ModelCard, builtin_cards_dir, discover_cards
 from qpbridge.errors import MissingPixelSizeError, ModelCardError, TileError, UnknownModelError
 from qpbridge.families import InstanceResult, ModelFamily, SemanticResult, create_model
+from qpbridge.postprocess import FeatureBuilder
 from qpbridge.protocol import ImageInfo, TileSpec
 
 log = logging.getLogger("qpbridge")
 
 RESAMPLE_TOLERANCE = 0.01  # tiles within 1% of the model's pixel size are used as they are
-NO_CLASS = 255  # value of unclassified pixels in a SemanticResult
 
 
 class Engine:
@@ -120,38 +120,25 @@ class Engine:
 
     def _features(self, card: ModelCard, image: ImageInfo, spec: TileSpec, sx: float, sy: float,
                   result: SemanticResult | InstanceResult) -> list[dict[str, Any]]:
-        # Tolerances are set in model pixels, where the card's µm values map one to one.
-        tol = card.simplify_um / card.mpp
-        min_area = card.min_area_um2 / card.mpp ** 2
-        max_hole = card.max_hole_area_um2 / card.mpp ** 2
-        fullres_mpp = image.mpp
-        prefix = "Nucleus: " if card.task == "instance-segmentation" and card.classes[0].name == "Nucleus" else ""
+        builder = FeatureBuilder(card, image.mpp)
         out: list[dict[str, Any]] = []
-
-        def emit(geom: Any, cls_index: int, extra: dict[str, float]) -> None:
-            geom = geometry.fill_small_holes(geom, max_hole)
-            geom = geometry.clean(geom, tol, min_area)
-            if geom.is_empty:
-                return
-            geom = geometry.clean(geometry.to_fullres(geom, spec.x, spec.y, sx, sy))
-            if geom.is_empty:
-                return
-            meas = geometry.shape_measurements(geom, fullres_mpp, prefix)
-            meas.update(extra)
-            out.append(geometry.make_feature(geom, card.object_type, card.classes[cls_index], meas, card.name))
-
         if isinstance(result, InstanceResult):
             for label, geom in geometry.labels_to_polygons(result.labels).items():
                 cls_index = result.class_of.get(label, 0)
                 if card.classes[cls_index].emit:
-                    emit(geom, cls_index, result.measurements.get(label, {}))
-        else:
-            for cls_index, cls in enumerate(card.classes):
-                if not cls.emit:
-                    continue
-                mask = result.classes == cls_index
-                if not mask.any():
-                    continue
-                for geom in geometry.mask_to_polygons(mask):
-                    emit(geom, cls_index, {})
+                    f = builder.build(geom, cls_index, spec.x, spec.y, sx, sy, result.measurements.get(label))
+                    if f is not None:
+                        out.append(f)
+            return out
+        cmap = result.class_map()
+        for cls_index, cls in enumerate(card.classes):
+            if not cls.emit:
+                continue
+            mask = cmap == cls_index
+            if not mask.any():
+                continue
+            for geom in geometry.mask_to_polygons(mask):
+                f = builder.build(geom, cls_index, spec.x, spec.y, sx, sy)
+                if f is not None:
+                    out.append(f)
         return out

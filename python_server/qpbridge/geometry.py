@@ -86,8 +86,8 @@ def mask_to_polygons(mask: np.ndarray) -> list[BaseGeometry]:
     return out
 
 
-def labels_to_polygons(labels: np.ndarray) -> dict[int, BaseGeometry]:
-    """One polygon per label of a label image; a label split into pieces keeps its largest piece."""
+def labels_to_polygons(labels: np.ndarray, offset: tuple[float, float] = (0.0, 0.0)) -> dict[int, BaseGeometry]:
+    """One polygon per label of a label image (shifted by ``offset``); a split label keeps its largest piece."""
     from scipy import ndimage
 
     out: dict[int, BaseGeometry] = {}
@@ -103,7 +103,7 @@ def labels_to_polygons(labels: np.ndarray) -> dict[int, BaseGeometry]:
         if isinstance(geom, MultiPolygon):
             geom = max(geom.geoms, key=lambda g: g.area)
         # -1 undoes the padding; the slice start moves the crop back into the tile.
-        out[label] = affinity.translate(geom, sl[1].start - 1, sl[0].start - 1)
+        out[label] = affinity.translate(geom, sl[1].start - 1 + offset[0], sl[0].start - 1 + offset[1])
     return out
 
 
@@ -112,15 +112,17 @@ def to_fullres(geom: BaseGeometry, x0: float, y0: float, scale_x: float, scale_y
     return shapely.transform(geom, lambda c: c * np.array([scale_x, scale_y]) + np.array([x0, y0]))
 
 
-def clean(geom: BaseGeometry, simplify_tol: float = 0.0, min_area: float = 0.0) -> BaseGeometry:
-    """Simplified, valid, on the 0.01 px grid, small parts dropped; empty when nothing is left."""
+def clean(geom: BaseGeometry, simplify_tol: float = 0.0, min_area: float = 0.0, snap: bool = True) -> BaseGeometry:
+    """Simplified, valid, small parts dropped, and (``snap``) on the 0.01 px grid; empty when nothing is left."""
     if geom.is_empty:
         return geom
     if simplify_tol > 0:
         geom = geom.simplify(simplify_tol, preserve_topology=True)
     if not geom.is_valid:
         geom = shapely.make_valid(geom)
-    geom = _polygonal(shapely.set_precision(_polygonal(geom), GRID))
+    geom = _polygonal(geom)
+    if snap:
+        geom = _polygonal(shapely.set_precision(geom, GRID))
     if min_area > 0 and isinstance(geom, MultiPolygon):
         keep = [g for g in geom.geoms if g.area >= min_area]
         geom = (keep[0] if len(keep) == 1 else MultiPolygon(keep)) if keep else Polygon()
@@ -168,20 +170,26 @@ def finite_measurements(values: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _rings_as_lists(obj: Any) -> Any:
-    if isinstance(obj, (tuple, list)):
-        return [_rings_as_lists(o) for o in obj]
-    return obj
+def _polygon_coords(p: Polygon) -> list[Any]:
+    return [shapely.get_coordinates(r).tolist() for r in (p.exterior, *p.interiors)]
+
+
+def geojson_geometry(geom: BaseGeometry) -> dict[str, Any]:
+    """GeoJSON geometry with plain lists (what json and QuPath's reader expect)."""
+    if isinstance(geom, Polygon):
+        return {"type": "Polygon", "coordinates": _polygon_coords(geom)}
+    if isinstance(geom, MultiPolygon):
+        return {"type": "MultiPolygon", "coordinates": [_polygon_coords(p) for p in geom.geoms]}
+    return dict(mapping(geom))
 
 
 def make_feature(geom: BaseGeometry, object_type: str, cls: ClassInfo, measurements: Mapping[str, Any],
                  model: str) -> dict[str, Any]:
     """A QuPath GeoJSON Feature (QuPath 0.4+ layout) with a UUID id and a coloured classification."""
-    geometry = mapping(geom)
     return {
         "type": "Feature",
         "id": str(uuid.uuid4()),
-        "geometry": {"type": geometry["type"], "coordinates": _rings_as_lists(geometry["coordinates"])},
+        "geometry": geojson_geometry(geom),
         "properties": {
             "objectType": object_type,
             "classification": {"name": cls.name, "color": list(cls.color)},

@@ -6,6 +6,7 @@ Family modules are imported lazily (a card names its family; the module loads on
 
 from qpbridge.families.base import (
     FAMILY_MODULES,
+    NO_CLASS,
     InstanceResult,
     ModelFamily,
     SemanticResult,
@@ -18,6 +19,7 @@ from qpbridge.families.base import (
 
 __all__ = [
     "FAMILY_MODULES",
+    "NO_CLASS",
     "InstanceResult",
     "ModelFamily",
     "SemanticResult",

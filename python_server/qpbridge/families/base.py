@@ -16,11 +16,34 @@ if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
 
 
+NO_CLASS = 255  # class-map value of pixels that belong to no class
+
+
 @dataclass
 class SemanticResult:
-    """Per-pixel class indices (into ``card.classes``) of one tile, at the model's pixel size."""
+    """One tile's semantic output at the model's pixel size, as class indices or class probabilities.
 
-    classes: np.ndarray  # (H, W) integer
+    ``classes`` (H, W) holds indices into ``card.classes`` (``NO_CLASS`` for none); ``probs`` (C, H, W)
+    holds per-class probabilities, which overlapping tiles blend before the argmax. A family sets at least
+    one; ``class_map()`` and ``probabilities()`` derive the other.
+    """
+
+    classes: np.ndarray | None = None
+    probs: np.ndarray | None = None
+
+    def class_map(self) -> np.ndarray:
+        if self.classes is not None:
+            return self.classes
+        if self.probs is None:
+            raise ValueError("SemanticResult has neither classes nor probs")
+        return np.argmax(self.probs, axis=0).astype(np.uint8)
+
+    def probabilities(self, n_classes: int) -> np.ndarray:
+        """(C, H, W) float32; a class map becomes one-hot (NO_CLASS pixels are all zero)."""
+        if self.probs is not None:
+            return np.asarray(self.probs, dtype=np.float32)
+        cmap = self.class_map()
+        return (cmap[None, :, :] == np.arange(n_classes, dtype=cmap.dtype)[:, None, None]).astype(np.float32)
 
 
 @dataclass
@@ -66,6 +89,8 @@ _REGISTRY: dict[str, type[ModelFamily]] = {}
 FAMILY_MODULES: dict[str, str] = {
     "builtin-tissue": "qpbridge.families.tissue",
     "builtin-nuclei": "qpbridge.families.nuclei",
+    "segformer-hf": "qpbridge.families.segformer",
+    "torchscript-segmentation": "qpbridge.families.segformer",
 }
 
 F = TypeVar("F", bound=type[ModelFamily])

@@ -1,0 +1,132 @@
+"""Whole-slide images through tiffslide: pixel size, pyramid level choice, region reads."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpbridge.errors import ImageReadError, MissingPixelSizeError
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", ".qptiff"}
+
+
+class Slide:
+    """A slide opened once per reading thread (tiffslide handles are not shared between threads)."""
+
+    def __init__(self, path: Path, mpp: float | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ImageReadError(f"{self.path}: no such slide file")
+        self._local = threading.local()
+        ts = self._handle()
+        self.width, self.height = (int(v) for v in ts.dimensions)
+        self.level_dimensions = [tuple(int(v) for v in d) for d in ts.level_dimensions]
+        self.level_downsamples = [float(d) for d in ts.level_downsamples]
+        self.properties: dict[str, Any] = dict(ts.properties)
+        file_mpp = self.properties.get("tiffslide.mpp-x")
+        self.file_mpp = float(file_mpp) if file_mpp else None
+        if mpp is not None and (not math.isfinite(mpp) or mpp <= 0):
+            raise ImageReadError(f"pixel size override must be a positive number of µm/px, got {mpp}")
+        self.mpp = mpp if mpp is not None else self.file_mpp
+
+    def _handle(self) -> Any:
+        ts = getattr(self._local, "ts", None)
+        if ts is None:
+            import tiffslide
+
+            try:
+                ts = tiffslide.TiffSlide(self.path)
+            except Exception as exc:  # tiffslide raises several types for unreadable files
+                raise ImageReadError(f"{self.path}: cannot open as a slide: {exc}") from None
+            self._local.ts = ts
+        return ts
+
+    def require_mpp(self) -> float:
+        if self.mpp is None:
+            raise MissingPixelSizeError(
+                f"{self.path.name} records no pixel size (µm/px); pass --mpp (the full-resolution pixel size) "
+                "if you know it")
+        return self.mpp
+
+    def level_for(self, downsample: float) -> int:
+        """The coarsest level that is still at least as fine as ``downsample``."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    def read(self, x0: float, y0: float, x1: float, y1: float, out_w: int, out_h: int) -> np.ndarray:
+        """Full-resolution box [x0, x1) x [y0, y1) as an out_h x out_w RGB array; outside the slide is white."""
+        import cv2
+
+        ds = (x1 - x0) / out_w
+        level = self.level_for(ds)
+        lds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        # The box in level pixels, clipped to the level; the clipped-off part is filled with white.
+        lx0, ly0 = x0 / lds, y0 / lds
+        lx1, ly1 = x1 / lds, y1 / lds
+        cx0, cy0 = max(0, math.floor(lx0)), max(0, math.floor(ly0))
+        cx1, cy1 = min(lw, math.ceil(lx1)), min(lh, math.ceil(ly1))
+        out = np.full((out_h, out_w, 3), 255, np.uint8)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        arr = self._handle().read_region((round(cx0 * lds), round(cy0 * lds)), level, (cx1 - cx0, cy1 - cy0),
+                                         as_array=True)
+        arr = np.asarray(arr)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.shape[2] == 4:  # RGBA: transparent means no tissue scanned there
+            alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
+            arr = (arr[:, :, :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+        arr = np.ascontiguousarray(arr[:, :, :3])
+        # Resize the read to output resolution, then paste it where it lands (it may start a fraction
+        # of a level pixel before the box and run past it; both sides are clipped).
+        scale = lds / ds
+        rw, rh = max(1, round((cx1 - cx0) * scale)), max(1, round((cy1 - cy0) * scale))
+        if arr.shape[1] != rw or arr.shape[0] != rh:
+            arr = cv2.resize(arr, (rw, rh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        u0, v0 = round((cx0 - lx0) * scale), round((cy0 - ly0) * scale)
+        su, sv = max(0, -u0), max(0, -v0)
+        du, dv = max(0, u0), max(0, v0)
+        w = min(rw - su, out_w - du)
+        h = min(rh - sv, out_h - dv)
+        if w > 0 and h > 0:
+            out[dv:dv + h, du:du + w] = arr[sv:sv + h, su:su + w]
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+        """An RGB thumbnail and its downsample from full resolution."""
+        ds = max(self.width, self.height) / max_size
+        ds = max(ds, 1.0)
+        w, h = max(1, round(self.width / ds)), max(1, round(self.height / ds))
+        return self.read(0, 0, self.width, self.height, w, h), self.width / w
+
+
+def resolve_slide_path(path: str | Path, roots: list[Path]) -> Path:
+    """``path`` if it lies below one of ``roots`` after resolving links and '..'; else an error.
+
+    Servers read only below roots their operator named, so a client cannot make them read (or learn
+    about) any other file.
+    """
+    from qpbridge.errors import BadRequestError
+
+    if not roots:
+        raise BadRequestError("this server reads no slide files: start it with --slide-root DIR")
+    p = Path(path)
+    if not p.is_absolute():
+        raise BadRequestError(f"slide path must be absolute, got {str(path)!r}")
+    real = p.resolve()
+    for root in roots:
+        root_real = root.resolve()
+        if real == root_real or root_real in real.parents:
+            if not real.is_file():
+                raise BadRequestError(f"no slide file at {path}")
+            return real
+    raise BadRequestError(f"{path} is outside the server's slide roots; only files below "
+                          f"{', '.join(str(r) for r in roots)} can be read")
