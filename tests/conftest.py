@@ -45,7 +45,28 @@ DARK_CARD = {
     "classes": [{"name": "Background", "color": [255, 255, 255], "emit": False},
                 {"name": "Dark", "color": [10, 20, 30]}],
     "tile": {"size": 64, "overlap": 0}, "mpp": 1.0, "requires_mpp": False,
+    "params": {"tissue_filter": False},
 }
+
+
+def write_pyramid(path: Path, img: np.ndarray, mpp: float | None, levels: int = 3,
+                  compression: str | None = "zlib") -> Path:
+    """A tiled pyramidal TIFF (sub-resolutions as SubIFDs), as scanners' generic TIFFs are laid out."""
+    import tifffile
+
+    opts: dict = {"tile": (256, 256), "photometric": "rgb", "compression": compression}
+    if mpp is not None:
+        opts["resolutionunit"] = "CENTIMETER"
+    with tifffile.TiffWriter(path) as tw:
+        for lvl in range(levels):
+            ds = 2 ** lvl
+            level = np.ascontiguousarray(img[::ds, ::ds])
+            res = {"resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds))} if mpp is not None else {}
+            if lvl == 0:
+                tw.write(level, subifds=levels - 1, **opts, **res)
+            else:
+                tw.write(level, subfiletype=1, **opts, **res)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +74,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     (root / "dark").mkdir()
     (root / "dark" / "config.json").write_text(json.dumps(DARK_CARD))
-    slow = {**DARK_CARD, "name": "slow", "tile": {"size": 64, "batch_size": 1}, "params": {"delay_s": 0.05}}
+    seams = {**DARK_CARD, "name": "seams", "tile": {"size": 64, "overlap": 16, "batch_size": 16}}
+    (root / "seams").mkdir()
+    (root / "seams" / "config.json").write_text(json.dumps(seams))
+    slow = {**DARK_CARD, "name": "slow", "tile": {"size": 64, "batch_size": 1}, "params": {"delay_s": 0.05, "tissue_filter": False}}
     (root / "slow").mkdir()
     (root / "slow" / "config.json").write_text(json.dumps(slow))
     return root
@@ -69,8 +93,10 @@ class RunningServer:
         return self.server.address
 
 
-def start_server(models_dir: Path | None, limits: Limits | None = None, workers: int = 2) -> RunningServer:
-    server = Server(Engine(models_dir), "tcp://127.0.0.1:*", limits=limits, workers=workers)
+def start_server(models_dir: Path | None, limits: Limits | None = None, workers: int = 2,
+                 slide_roots: list[Path] | None = None) -> RunningServer:
+    server = Server(Engine(models_dir), "tcp://127.0.0.1:*", limits=limits, workers=workers,
+                    slide_roots=slide_roots)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return RunningServer(server, thread)

@@ -91,17 +91,23 @@ def read_block(plan: TilePlan, block: list[PlannedTile], read_box: ReadBox) -> l
 def run_plan(engine: Engine, model_name: str, plan: TilePlan, read_box: ReadBox, builder: FeatureBuilder, *,
              readers: int = 2, prefetch_blocks: int = 4,
              on_progress: Callable[[Progress], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> tuple[list[dict[str, Any]], RunStats]:
-    """Run a model over a plan and return stitched features (full resolution) and timings."""
+             should_stop: Callable[[], bool] | None = None,
+             sink: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], RunStats]:
+    """Run a model over a plan and return stitched features (full resolution) and timings.
+
+    With ``sink``, each feature goes to it as soon as it is final (and the returned list stays empty),
+    so a server can page results out while the slide is still running.
+    """
     card = engine.card(model_name)
     model = engine.model(model_name)
     features: list[dict[str, Any]] = []
+    put = sink if sink is not None else features.append
     stats = RunStats()
 
     def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:
         f = builder.build(geom, cls, plan.origin_x, plan.origin_y, plan.ds, plan.ds, extra)
         if f is not None:
-            features.append(f)
+            put(f)
 
     stitcher: SemanticStitcher | InstanceCollector
     if card.task == "instance-segmentation":
@@ -208,7 +214,9 @@ class AnnotateResult:
 def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | None = None,
                    roi: BaseGeometry | None = None, tissue_filter: bool = True, readers: int = 2,
                    on_progress: Callable[[Progress], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> AnnotateResult:
+                   should_stop: Callable[[], bool] | None = None,
+                   on_plan: Callable[[TilePlan], None] | None = None,
+                   sink: Callable[[dict[str, Any]], None] | None = None) -> AnnotateResult:
     """Annotate a whole slide (or the part inside ``roi``) with a model; features in full resolution."""
     slide = Slide(path, mpp)
     card: ModelCard = engine.card(model_name)
@@ -218,6 +226,8 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
         tissue = tissue_geometry(engine, slide, roi)
         keep = tissue if roi is None else tissue.intersection(roi)
         log.info("tissue covers %.1f%% of %s", 100 * tissue.area / (slide.width * slide.height), path.name)
+        if tissue.is_empty:
+            log.warning("no tissue found in %s: nothing to run (use --no-tissue-filter to run anyway)", path.name)
     region = (0, 0, slide.width, slide.height)
     if roi is not None and not roi.is_empty:
         bx0, by0, bx1, by1 = roi.bounds
@@ -226,7 +236,9 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
     plan = make_plan(card, region, fullres_mpp, keep)
     log.info("%s: %d of %d tiles to run (%d px at %.3g µm/px, overlap %d)", path.name, len(plan.tiles),
              plan.rows * plan.cols, plan.tile, card.mpp, plan.overlap)
+    if on_plan is not None:
+        on_plan(plan)
     builder = FeatureBuilder(card, fullres_mpp, roi, (slide.width, slide.height))
     features, stats = run_plan(engine, model_name, plan, slide.read, builder, readers=readers,
-                               on_progress=on_progress, should_stop=should_stop)
+                               on_progress=on_progress, should_stop=should_stop, sink=sink)
     return AnnotateResult(features, plan, stats, slide)

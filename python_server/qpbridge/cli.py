@@ -53,7 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(Path(args.models_dir) if args.models_dir else None, device=device)
     limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)), max_tiles_per_request=args.max_tiles,
                     max_tile_pixels=args.max_tile_pixels, job_ttl_s=args.job_ttl)
-    server = Server(engine, args.bind, limits=limits, workers=args.workers, allow_remote=args.allow_remote)
+    server = Server(engine, args.bind, limits=limits, workers=args.workers, allow_remote=args.allow_remote,
+                    slide_roots=[Path(r) for r in args.slide_root])
 
     def stop(signum: int, frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -109,6 +110,55 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+class ProgressLine:
+    """One self-updating progress line on stderr: tiles, percent, tiles/s, ETA."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, p: Any) -> None:
+        now = time.monotonic()
+        final = p.tiles_done >= p.tiles_total
+        if not self.enabled or (not final and now - self._last < (0.2 if self.tty else 5.0)):
+            return
+        self._last = now
+        pct = 100.0 * p.tiles_done / p.tiles_total if p.tiles_total else 100.0
+        eta = f"{p.eta_s:.0f} s" if p.eta_s is not None else "?"
+        line = (f"{self.label}: {p.tiles_done}/{p.tiles_total} tiles ({pct:5.1f}%) "
+                f"{p.tiles_per_s:.1f} tiles/s, ETA {eta}")
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from qpbridge.annotate import annotate_slide
+    from qpbridge.devices import resolve_device
+    from qpbridge.engine import Engine
+    from qpbridge.geometry import feature_collection
+    from qpbridge.roi import read_roi
+
+    engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device))
+    roi = read_roi(Path(args.roi)) if args.roi else None
+    slide_path = Path(args.slide)
+    result = annotate_slide(engine, slide_path, args.model, mpp=args.mpp, roi=roi,
+                            tissue_filter=not args.no_tissue_filter, readers=args.readers,
+                            on_progress=ProgressLine(slide_path.name, not args.quiet))
+    out = Path(args.output)
+    write_json_atomic(out, feature_collection(result.features))
+    st = result.stats
+    print(f"{len(result.features)} features from {st.tiles} tiles in {st.seconds:.2f} s "
+          f"({st.tiles / st.seconds if st.seconds else 0:.1f} tiles/s; model {st.model_s:.2f} s, "
+          f"stitching {st.stitch_s:.2f} s, waiting for pixels {st.read_wait_s:.2f} s) -> {out}")
+    if args.overlay:
+        from qpbridge.overlay import draw_overlay
+
+        print(f"overlay -> {draw_overlay(result.slide, result.features, Path(args.overlay))}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     if args.server:
         from qpbridge.client import Client
@@ -154,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-mb", type=float, default=512.0, help="largest request in MiB")
     s.add_argument("--max-tiles", type=int, default=256, help="most tiles in one request")
     s.add_argument("--max-tile-pixels", type=int, default=4096 * 4096, help="most pixels in one tile")
+    s.add_argument("--slide-root", action="append", default=[], metavar="DIR",
+                   help="let clients run slide jobs on files below DIR (repeatable; none by default)")
     s.add_argument("--allow-remote", action="store_true",
                    help="allow binding a non-loopback address (no authentication: trusted networks only)")
     s.set_defaults(func=cmd_serve)
@@ -169,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto", help="in-process device: auto, cpu, cuda")
     pr.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a server reply")
     pr.set_defaults(func=cmd_predict)
+
+    a = sub.add_parser("annotate", help="annotate a whole slide (SVS, NDPI, TIFF, OME-TIFF) and write QuPath GeoJSON")
+    a.add_argument("slide")
+    a.add_argument("--model", required=True, help="model card name")
+    a.add_argument("-o", "--output", required=True, help="output .geojson")
+    a.add_argument("--roi", help="GeoJSON file with the region to annotate (full-resolution coordinates)")
+    a.add_argument("--mpp", type=float, help="full-resolution pixel size in µm/px (overrides the slide's)")
+    a.add_argument("--overlay", help="also write a PNG of the results over a thumbnail")
+    a.add_argument("--no-tissue-filter", action="store_true", help="run on background tiles too")
+    a.add_argument("--readers", type=int, default=2, help="slide-reading threads (default: 2)")
+    a.add_argument("--models-dir", help="extra model cards")
+    a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a.add_argument("--quiet", action="store_true", help="no progress line")
+    a.set_defaults(func=cmd_annotate)
 
     m = sub.add_parser("models", help="list model cards (local, or a server's)")
     m.add_argument("--server")

@@ -20,6 +20,7 @@ class Job:
     model: str
     image: ImageInfo
     expected: int | None
+    kind: str = "tiles"  # "tiles": the client sends tiles; "slide": the server reads the slide itself
     created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     state: str = RUNNING
@@ -35,6 +36,8 @@ class Job:
     def claim(self, specs: list[TileSpec]) -> tuple[list[int], int]:
         """Indices of tiles this batch must process; tiles done or in flight elsewhere are skipped."""
         with self.lock:
+            if self.kind != "tiles":
+                raise JobStateError(f"job {self.id} reads its slide on the server; it takes no tiles")
             if self.state != RUNNING:
                 raise JobStateError(f"job {self.id} is {self.state}; it takes no more tiles")
             todo, skipped = [], 0
@@ -61,6 +64,26 @@ class Job:
                 self.first_tile_at = now
             self.last_tile_at = now
 
+    def add_feature(self, feature: dict[str, Any]) -> None:
+        with self.lock:
+            self.features.append(feature)
+
+    def set_progress(self, done: int, expected: int | None = None) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if expected is not None:
+                self.expected = expected
+            self.tiles_done = done
+            if done and self.first_tile_at is None:
+                self.first_tile_at = now
+            self.last_tile_at = now
+
+    def complete(self) -> None:
+        """A server-side job ran to its end (a cancelled or failed job keeps that state)."""
+        with self.lock:
+            if self.state == RUNNING:
+                self.state = DONE
+
     def fail(self, err: QPBridgeError) -> None:
         with self.lock:
             if self.state == RUNNING:
@@ -75,6 +98,8 @@ class Job:
 
     def finish(self) -> None:
         with self.lock:
+            if self.kind != "tiles":
+                raise JobStateError(f"job {self.id} reads its slide on the server and finishes by itself")
             if self.state != RUNNING:
                 raise JobStateError(f"job {self.id} is {self.state}; only a running job can be finished")
             self.state = DONE
@@ -92,6 +117,7 @@ class Job:
                 eta = max(self.expected - self.tiles_done, 0) / rate
             return {
                 "job": self.id,
+                "kind": self.kind,
                 "model": self.model,
                 "state": self.state,
                 "tiles_done": self.tiles_done,
@@ -122,8 +148,8 @@ class JobManager:
         self._expired: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def open(self, model: str, image: ImageInfo, expected: int | None) -> Job:
-        job = Job(id=secrets.token_hex(8), model=model, image=image, expected=expected)
+    def open(self, model: str, image: ImageInfo, expected: int | None, kind: str = "tiles") -> Job:
+        job = Job(id=secrets.token_hex(8), model=model, image=image, expected=expected, kind=kind)
         with self._lock:
             self._jobs[job.id] = job
         return job

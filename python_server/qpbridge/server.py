@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,6 +43,7 @@ from qpbridge.protocol import (
 log = logging.getLogger("qpbridge")
 
 CAPABILITIES = ["predict", "jobs", "encoding:raw", "encoding:png", "encoding:jpeg"]
+SLIDE_CAPABILITY = "slide-jobs"
 MAX_PAGE = 10000
 
 
@@ -58,9 +60,17 @@ def is_loopback_address(address: str) -> bool:
         return False  # '*', an interface name or a host name
 
 
+def _field(header: dict[str, Any], key: str, kind: type) -> Any:
+    value = header.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadRequestError(f"field '{key}' must be a {kind.__name__}")
+    return value
+
+
 class Server:
     def __init__(self, engine: Engine, bind: str = "tcp://127.0.0.1:5555", *, limits: Limits | None = None,
-                 workers: int = 2, allow_remote: bool = False) -> None:
+                 workers: int = 2, allow_remote: bool = False, slide_roots: list[Path] | None = None,
+                 slide_jobs: int = 1) -> None:
         if not is_loopback_address(bind) and not allow_remote:
             raise QPBridgeError(
                 f"refusing to bind {bind}: it is reachable from other machines and the protocol has no "
@@ -85,6 +95,12 @@ class Server:
         self._pushers: list[zmq.Socket] = []
         self._pushers_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="qpbridge-worker")
+        self.slide_roots = [Path(r) for r in (slide_roots or [])]
+        for root in self.slide_roots:
+            if not root.is_dir():
+                raise QPBridgeError(f"slide root {root} is not a directory")
+        # Slide jobs read and run whole slides; they queue here so they never starve tile requests.
+        self._slide_pool = ThreadPoolExecutor(max(1, slide_jobs), thread_name_prefix="qpbridge-slide")
         self._stop = threading.Event()
         self._current_envelope: list[bytes] = []
         self._handlers: dict[str, Callable[[dict[str, Any], list[Any]], dict[str, Any] | None]] = {
@@ -98,6 +114,7 @@ class Server:
             "job.finish": self._job_finish,
             "job.cancel": self._job_cancel,
             "job.close": self._job_close,
+            "job.slide": self._job_slide,
         }
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -138,6 +155,7 @@ class Server:
 
     def _shutdown(self) -> None:
         self.jobs.cancel_all()
+        self._slide_pool.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._pushers_lock:
             for s in self._pushers:
@@ -227,9 +245,10 @@ class Server:
         client = header.get("client")
         if isinstance(client, dict):
             log.info("hello from %s %s", client.get("name", "?"), client.get("version", "?"))
+        caps = CAPABILITIES + ([SLIDE_CAPABILITY] if self.slide_roots else [])
         return {"protocol": PROTOCOL_VERSION, "server_version": __version__, "device": self.engine.device,
-                "capabilities": CAPABILITIES, "models": sorted(self.engine.cards),
-                "limits": self.limits.to_wire()}
+                "capabilities": caps, "models": sorted(self.engine.cards),
+                "limits": self.limits.to_wire(), "slide_roots": [str(r) for r in self.slide_roots]}
 
     def _models(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
         return {"models": [c.to_wire() for _, c in sorted(self.engine.cards.items())]}
@@ -302,6 +321,43 @@ class Server:
         status = job.status()
         return {"accepted": len(processed), "skipped": skipped, "tiles_done": status["tiles_done"],
                 "tiles_expected": status["tiles_expected"], "state": status["state"]}
+
+    def _job_slide(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
+        from qpbridge.annotate import annotate_slide
+        from qpbridge.protocol import ImageInfo
+        from qpbridge.roi import geometry_from_geojson
+        from qpbridge.slides import resolve_slide_path
+
+        name = self._model_name(header)
+        card = self.engine.card(name)
+        path = resolve_slide_path(_field(header, "path", str), self.slide_roots)
+        mpp = header.get("mpp")
+        if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or mpp <= 0):
+            raise BadRequestError("mpp must be a positive number of µm per pixel")
+        roi = geometry_from_geojson(header["roi"]) if header.get("roi") is not None else None
+        tissue_filter = header.get("tissue_filter", True)
+        if not isinstance(tissue_filter, bool):
+            raise BadRequestError("tissue_filter must be true or false")
+        job = self.jobs.open(name, ImageInfo(name=path.name, mpp=mpp), None, kind="slide")
+
+        def run() -> None:
+            try:
+                annotate_slide(self.engine, path, name, mpp=mpp, roi=roi, tissue_filter=tissue_filter,
+                               on_plan=lambda plan: job.set_progress(0, len(plan.tiles)),
+                               on_progress=lambda p: job.set_progress(p.tiles_done),
+                               should_stop=job.cancel_event.is_set, sink=job.add_feature)
+                job.complete()
+                log.info("slide job %s %s: %s", job.id, job.status()["state"], path.name)
+            except QPBridgeError as err:
+                job.fail(err)
+                log.warning("slide job %s failed: %s", job.id, err)
+            except Exception as exc:
+                log.exception("slide job %s failed", job.id)
+                job.fail(InternalError(f"slide job failed: {type(exc).__name__}: {exc}"))
+
+        self._slide_pool.submit(run)
+        log.info("slide job %s opened: model %s, slide %s", job.id, name, path)
+        return {"job": job.id, "model": card.to_wire()}
 
     def _job_status(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
         return self.jobs.get(header.get("job")).status()

@@ -107,6 +107,7 @@ class SemanticStitcher:
 
     def finish(self) -> None:
         """Close the stitching; every tile of the plan must have been added."""
+        self._advance()  # rows without tiles at the end (or a plan with none) are closed here
         if self.base_row < self.plan.rows:
             missing = sum(self.remaining[self.base_row:])
             raise RuntimeError(f"stitching finished with {missing} tiles of the plan missing")
@@ -122,9 +123,13 @@ class SemanticStitcher:
         h = (self.plan.height - y_start) if last else step
         h = max(0, min(h, self.buf_h))
         if h > 0:
+            acc = self.acc[:, :h]
             wsum = self.wsum[:h]
-            cmap = np.argmax(self.acc[:, :h], axis=0)
-            covered = wsum > 0
+            cmap = np.argmax(acc, axis=0)
+            # Probability mass no class claims (one-hot maps with NO_CLASS pixels) competes as "none".
+            best = np.take_along_axis(acc, cmap[None], axis=0)[0]
+            none = wsum - acc.sum(axis=0)
+            covered = (wsum > 0) & (best >= none)
             for cls in self.emit_classes:
                 mask = (cmap == cls) & covered
                 polys = [affinity.translate(p, 0, y_start) for p in geometry.mask_to_polygons(mask)] \

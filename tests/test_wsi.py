@@ -1,0 +1,290 @@
+"""Whole slides: reading, tile plans, seam-free stitching, instances across borders, slide jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tracemalloc
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import shape
+
+from conftest import CMU_SVS, DARK_CARD, need_data, start_server, write_pyramid
+from qpbridge.annotate import annotate_slide
+from qpbridge.cards import ModelCard
+from qpbridge.cli import main
+from qpbridge.client import Client
+from qpbridge.engine import Engine
+from qpbridge.errors import BadRequestError, MissingPixelSizeError, RemoteError
+from qpbridge.families import SemanticResult
+from qpbridge.plan import make_plan
+from qpbridge.protocol import ImageInfo
+from qpbridge.slides import Slide, resolve_slide_path
+from qpbridge.stitching import InstanceCollector, SemanticStitcher
+
+
+def shapes_image() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A 0.5 µm/px image with dark shapes that cross many tile borders, and each shape's mask."""
+    h, w = 1200, 1600
+    img = np.full((h, w, 3), 235, np.uint8)
+    masks = {}
+    m = np.zeros((h, w), np.uint8)
+    cv2.ellipse(m, (500, 400), (380, 250), 20, 0, 360, 1, -1)
+    masks["ellipse"] = m.astype(bool)
+    m = np.zeros((h, w), np.uint8)
+    cv2.circle(m, (1250, 850), 260, 1, -1)
+    cv2.circle(m, (1250, 850), 120, 0, -1)  # a ring: one polygon with one hole
+    masks["ring"] = m.astype(bool)
+    m = np.zeros((h, w), np.uint8)
+    cv2.line(m, (100, 1150), (900, 700), 1, 40)
+    masks["band"] = m.astype(bool)
+    for mask in masks.values():
+        img[mask] = 25
+    return img, masks
+
+
+@pytest.fixture(scope="module")
+def shapes_slide(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    img, masks = shapes_image()
+    path = write_pyramid(tmp_path_factory.mktemp("slides") / "shapes.tif", img, mpp=0.5)
+    return path, masks
+
+
+def test_slide_reading_picks_the_pyramid_level(shapes_slide):
+    path, _ = shapes_slide
+    s = Slide(path)
+    assert (s.width, s.height, s.mpp) == (1600, 1200, 0.5)
+    assert s.level_downsamples == [1.0, 2.0, 4.0]
+    assert s.level_for(2.0) == 1 and s.level_for(3.0) == 1 and s.level_for(1.5) == 0 and s.level_for(9) == 2
+    full = s.read(100, 100, 300, 200, 200, 100)
+    half = s.read(100, 100, 300, 200, 100, 50)
+    assert full.shape == (100, 200, 3) and half.shape == (50, 100, 3)
+    edge = s.read(1500, 1100, 1700, 1300, 200, 200)  # past the corner: white padding
+    assert (edge[150:, 150:] == 255).all()
+
+
+def test_shapes_crossing_tiles_come_back_as_one_polygon_each(shapes_slide, models_dir):
+    path, masks = shapes_slide
+    engine = Engine(models_dir)
+    result = annotate_slide(engine, path, "seams")
+    plan = result.plan
+    assert plan.rows * plan.cols > 100  # 64 px tiles at 1 µm/px over 800x600 model px
+    geoms = [shape(f["geometry"]) for f in result.features]
+    assert len(geoms) == 3, [g.area for g in geoms]
+    for name, mask in masks.items():
+        truth = mask.sum()
+        ys, xs = np.nonzero(mask)
+        centre = shapely.Point(xs.mean() + 0.5, ys.mean() + 0.5)
+        match = [g for g in geoms if g.buffer(1).contains(centre) or g.distance(centre) < 1]
+        if name == "ring":  # the centre is in the hole
+            match = [g for g in geoms if len(getattr(g, "interiors", [])) == 1]
+        assert len(match) == 1, name
+        g = match[0]
+        assert g.is_valid and g.geom_type == "Polygon"
+        assert g.area == pytest.approx(truth, rel=0.02), name
+
+
+def test_no_tile_seams_compared_with_single_tiles(shapes_slide, models_dir):
+    """Without stitching (one request per tile) the same slide breaks into many pieces."""
+    path, _ = shapes_slide
+    engine = Engine(models_dir)
+    slide = Slide(path)
+    plan = make_plan(engine.card("seams"), (0, 0, slide.width, slide.height), slide.mpp)
+    pieces = 0
+    for t in plan.tiles:
+        x0, y0, x1, y1 = plan.fullres_box(t)
+        spec = plan.tile_spec(t)
+        feats = engine.predict("seams", ImageInfo(mpp=0.5), [(spec, slide.read(x0, y0, x1, y1, t.w, t.h))])
+        pieces += len(feats)
+    assert pieces > 50
+
+
+def test_nuclei_on_tile_borders_are_counted_once(tmp_path):
+    """Purple discs laid on the 512 px tile borders of the nuclei plan (step 480): each found exactly once."""
+    h, w = 1000, 1500
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = (226, 170, 200)  # eosin-pink tissue
+    centres = []
+    for x in (240, 470, 480, 490, 500, 720, 950, 960, 975, 1200):
+        for y in (200, 470, 482, 495, 700, 950):
+            if y > h - 10:
+                continue
+            centres.append((x, y))
+    centres = [c for i, c in enumerate(centres) if all(abs(c[0] - d[0]) + abs(c[1] - d[1]) >= 24
+                                                     for d in centres[:i])]
+    for x, y in centres:
+        cv2.circle(img, (x, y), 7, (90, 40, 140), -1)
+    path = write_pyramid(tmp_path / "nuclei.tif", img, mpp=0.5, levels=1)
+    engine = Engine()
+    result = annotate_slide(engine, path, "nuclei", tissue_filter=False)
+    assert result.plan.cols * result.plan.rows > 6  # many discs sit in overlaps seen by 2 or 4 tiles
+    found = [shape(f["geometry"]).centroid for f in result.features]
+    assert len(found) == len(centres)
+    for x, y in centres:
+        near = [p for p in found if abs(p.x - x) < 3 and abs(p.y - y) < 3]
+        assert len(near) == 1, (x, y)
+    for f in result.features:
+        area = f["properties"]["measurements"]["Nucleus: Area µm^2"]
+        assert area == pytest.approx(np.pi * 7.0 ** 2 * 0.25, rel=0.12)
+
+
+def test_instance_cores_partition_the_canvas(models_dir):
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
+    plan = make_plan(card, (0, 0, 300, 200), None)
+    collector = InstanceCollector(plan, lambda *a: None)
+    rng = np.random.default_rng(0)
+    for px, py in rng.uniform(0, 200, size=(500, 2)):
+        owners = [t for t in plan.tiles if (c := collector.core(t))[0] <= px < c[2] and c[1] <= py < c[3]]
+        assert len(owners) == 1
+
+
+def test_stitching_memory_does_not_grow_with_slide_height():
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 256, "overlap": 64}})
+    peaks = []
+    for height in (2048, 8192):
+        plan = make_plan(card, (0, 0, 4096, height), None)
+        stitcher = SemanticStitcher(plan, 2, [1], lambda *a: None)
+        probs = np.zeros((2, 256, 256), np.float32)
+        probs[0] = 1.0
+        tracemalloc.start()
+        for t in plan.tiles:
+            stitcher.add(t, SemanticResult(probs=probs[:, :t.h, :t.w]))
+        stitcher.finish()
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    # Four times the area, same width: the same working memory (a few MB of accumulator).
+    assert peaks[1] < peaks[0] * 1.25 + (1 << 20), peaks
+
+
+def test_out_of_order_tiles_stitch_the_same(shapes_slide, models_dir):
+    path, _ = shapes_slide
+    engine = Engine(models_dir)
+    card = engine.card("seams")
+    slide = Slide(path)
+    plan = make_plan(card, (0, 0, slide.width, slide.height), slide.mpp)
+    model = engine.model("seams")
+
+    def stitch(order):
+        out = []
+        st = SemanticStitcher(plan, 2, [1], lambda g, c, e: out.append(g))
+        for i in order:
+            t = plan.tiles[i]
+            x0, y0, x1, y1 = plan.fullres_box(t)
+            st.add(t, model.predict([slide.read(x0, y0, x1, y1, t.w, t.h)])[0])
+        st.finish()
+        return sorted(round(g.area) for g in out)
+
+    n = len(plan.tiles)
+    shuffled = list(np.random.default_rng(1).permutation(n))
+    assert stitch(range(n)) == stitch(shuffled)
+
+
+def test_roi_restricts_tiles_and_clips_results(shapes_slide, models_dir):
+    path, _ = shapes_slide
+    roi = shapely.box(200, 200, 700, 600)
+    engine = Engine(models_dir)
+    full = annotate_slide(engine, path, "seams")
+    part = annotate_slide(engine, path, "seams", roi=roi)
+    assert len(part.plan.tiles) < len(full.plan.tiles) / 3
+    for f in part.features:
+        g = shape(f["geometry"])
+        assert roi.buffer(0.01).contains(g)
+    assert sum(shape(f["geometry"]).area for f in part.features) < 500 * 400
+
+
+def test_missing_mpp_is_an_error_unless_overridden(tmp_path, capsys):
+    img, _ = shapes_image()
+    path = write_pyramid(tmp_path / "nompp.tif", img[:400, :400], mpp=None, levels=1)
+    with pytest.raises(MissingPixelSizeError, match="--mpp"):
+        annotate_slide(Engine(), path, "tissue")
+    assert main(["annotate", str(path), "--model", "tissue", "-o", str(tmp_path / "a.geojson"), "--quiet"]) == 1
+    assert "--mpp" in capsys.readouterr().err
+    assert main(["annotate", str(path), "--model", "tissue", "-o", str(tmp_path / "a.geojson"), "--mpp", "0.5",
+                 "--quiet"]) == 0
+
+
+def test_cmu_svs_end_to_end_cli(tmp_path, capsys):
+    svs = need_data(CMU_SVS)
+    out, overlay = tmp_path / "tissue.geojson", tmp_path / "tissue.png"
+    assert main(["annotate", str(svs), "--model", "tissue", "-o", str(out), "--overlay", str(overlay)]) == 0
+    feats = json.loads(out.read_text())["features"]
+    tissue = shapely.union_all([shape(f["geometry"]) for f in feats])
+    assert 0.30 < tissue.area / (2220 * 2967) < 0.50  # the strip of skin, not the glass around it
+    assert cv2.imread(str(overlay)) is not None
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "Feature", "properties": {},
+                               "geometry": shapely.geometry.mapping(shapely.box(700, 1200, 1300, 1800))}))
+    nout = tmp_path / "nuclei.geojson"
+    assert main(["annotate", str(svs), "--model", "nuclei", "-o", str(nout), "--roi", str(roi), "--quiet"]) == 0
+    nuclei = json.loads(nout.read_text())["features"]
+    assert 50 < len(nuclei) < 2000
+    assert all(shape(f["geometry"]).within(shapely.box(700, 1200, 1300, 1800).buffer(0.01)) for f in nuclei)
+    assert "tiles/s" in capsys.readouterr().out
+
+
+def test_slide_paths_outside_roots_are_rejected(tmp_path):
+    root = tmp_path / "slides"
+    root.mkdir()
+    inside = root / "a.tif"
+    inside.write_bytes(b"x")
+    outside = tmp_path / "secret.tif"
+    outside.write_bytes(b"x")
+    (root / "link.tif").symlink_to(outside)
+    assert resolve_slide_path(str(inside), [root]) == inside.resolve()
+    for bad in (str(outside), str(root / ".." / "secret.tif"), str(root / "link.tif"), "a.tif", "/etc/passwd"):
+        with pytest.raises(BadRequestError):
+            resolve_slide_path(bad, [root])
+    with pytest.raises(BadRequestError, match="--slide-root"):
+        resolve_slide_path(str(inside), [])
+
+
+def test_server_slide_job_progress_results_and_cancel(shapes_slide, models_dir, tmp_path):
+    path, masks = shapes_slide
+    root = path.parent
+    running = start_server(models_dir, slide_roots=[root])
+    try:
+        with Client(running.address) as c:
+            assert "slide-jobs" in c.hello()["capabilities"]
+            job = c.request({"op": "job.slide", "model": "seams", "path": str(path)})["job"]
+            deadline = time.monotonic() + 60
+            while (st := c.job_status(job))["state"] == "running" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert st["state"] == "done" and st["tiles_done"] == st["tiles_expected"] > 100
+            feats = list(c.job_results(job, page_size=2))
+            assert len(feats) == 3
+            with pytest.raises(RemoteError) as info:
+                c.job_tiles(job, [])
+            assert info.value.code == "job_state"
+            # Escapes are refused before anything is read.
+            for bad in (str(root / ".." / "x.tif"), "/etc/passwd", "relative.tif"):
+                with pytest.raises(RemoteError) as info:
+                    c.request({"op": "job.slide", "model": "seams", "path": bad})
+                assert info.value.code == "bad_request"
+            # Cancel: the slow model takes 50 ms a tile, so the job is cancelled part-way.
+            job = c.request({"op": "job.slide", "model": "slow", "path": str(path)})["job"]
+            time.sleep(0.5)
+            c.job_cancel(job)
+            time.sleep(0.3)
+            st = c.job_status(job)
+            assert st["state"] == "cancelled" and 0 < st["tiles_done"] < st["tiles_expected"]
+    finally:
+        running.server.stop()
+        running.thread.join(10)
+
+
+def test_default_server_refuses_slide_jobs(server):
+    with Client(server.address) as c, pytest.raises(RemoteError) as info:
+        c.request({"op": "job.slide", "model": "tissue", "path": os.path.abspath("x.svs")})
+    assert "--slide-root" in info.value.message
+
+
+def test_slide_without_tissue_gives_no_features(tmp_path):
+    blank = np.full((600, 800, 3), 245, np.uint8)
+    path = write_pyramid(tmp_path / "blank.tif", blank, mpp=0.5, levels=1)
+    result = annotate_slide(Engine(), path, "nuclei")
+    assert result.plan.tiles == [] and result.features == []
