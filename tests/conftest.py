@@ -77,7 +77,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     seams = {**DARK_CARD, "name": "seams", "tile": {"size": 64, "overlap": 16, "batch_size": 16}}
     (root / "seams").mkdir()
     (root / "seams" / "config.json").write_text(json.dumps(seams))
-    slow = {**DARK_CARD, "name": "slow", "tile": {"size": 64, "batch_size": 1}, "params": {"delay_s": 0.05, "tissue_filter": False}}
+    slow = {**DARK_CARD, "name": "slow", "tile": {"size": 64, "batch_size": 1},
+            "params": {"delay_s": 0.05, "tissue_filter": False}}
     (root / "slow").mkdir()
     (root / "slow" / "config.json").write_text(json.dumps(slow))
     return root

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DARK_CARD
 from qpbridge.cards import builtin_cards_dir, discover_cards, load_card, validate_card_dict
 from qpbridge.engine import Engine
 from qpbridge.errors import MissingPixelSizeError, ModelCardError, UnknownModelError
 from qpbridge.families import family_class, known_families
 from qpbridge.protocol import ImageInfo
 from qpbridge.tiling import grid, image_tiles
-
-from conftest import DARK_CARD
 
 
 def test_grid_covers_image_once_without_overlap():

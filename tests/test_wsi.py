@@ -243,8 +243,8 @@ def test_slide_paths_outside_roots_are_rejected(tmp_path):
         resolve_slide_path(str(inside), [])
 
 
-def test_server_slide_job_progress_results_and_cancel(shapes_slide, models_dir, tmp_path):
-    path, masks = shapes_slide
+def test_server_slide_job_progress_results_and_cancel(shapes_slide, models_dir):
+    path, _ = shapes_slide
     root = path.parent
     running = start_server(models_dir, slide_roots=[root])
     try:
