@@ -166,7 +166,8 @@ def test_bad_input_gets_structured_error(server, case):
 
 
 def test_protocol_mismatch_names_both_versions(server):
-    reply = raw_request(server.address, [json.dumps({"op": "hello", "v": 7}).encode()])
+    reply = raw_request(server.address, [json.dumps({"op": "hello", "v": 7, "id": 42}).encode()])
+    assert reply["id"] == 42 and reply["op"] == "hello"  # a DEALER client can match the error to its request
     assert reply["error"]["code"] == "unsupported_version"
     assert reply["error"]["details"] == {"server_protocol": 1, "client_protocol": 7, "op": "hello"}
     assert "7" in reply["error"]["message"] and "1" in reply["error"]["message"]

@@ -92,7 +92,7 @@ def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where
 
 
 def parse_header(frame: bytes | memoryview) -> dict[str, Any]:
-    """Decode and check frame 0; raise BadRequestError / UnsupportedVersionError."""
+    """Decode frame 0 and check that it has a string ``op`` and an integer ``v``."""
     if len(frame) > MAX_HEADER_BYTES:
         raise LimitExceededError(f"header frame is {len(frame)} bytes; the limit is {MAX_HEADER_BYTES}")
     try:
@@ -101,15 +101,20 @@ def parse_header(frame: bytes | memoryview) -> dict[str, Any]:
         raise BadRequestError(f"frame 0 must be a UTF-8 JSON object: {exc}") from None
     if not isinstance(header, dict):
         raise BadRequestError("frame 0 must be a JSON object with 'op' and 'v'")
-    op = _require(header, "op", str, "header")
-    version = _require(header, "v", int, "header")
+    _require(header, "op", str, "header")
+    _require(header, "v", int, "header")
+    return header
+
+
+def check_version(header: dict[str, Any]) -> None:
+    """Raise UnsupportedVersionError (naming both versions) unless the header speaks our protocol."""
+    version = header["v"]
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersionError(
             f"client speaks protocol {version}, this server speaks protocol {PROTOCOL_VERSION}: "
             f"update the {'client' if version < PROTOCOL_VERSION else 'server'}",
-            server_protocol=PROTOCOL_VERSION, client_protocol=version, op=op,
+            server_protocol=PROTOCOL_VERSION, client_protocol=version, op=header["op"],
         )
-    return header
 
 
 def parse_image(obj: Any) -> ImageInfo:

@@ -31,6 +31,7 @@ from qpbridge.errors import (
 from qpbridge.jobs import Job, JobManager
 from qpbridge.protocol import (
     Limits,
+    check_version,
     decode_tile,
     dumps,
     parse_header,
@@ -187,6 +188,7 @@ class Server:
             if req_id is not None and not isinstance(req_id, (str, int)):
                 req_id = None
                 raise BadRequestError("field 'id' must be a string or an integer")
+            check_version(header)  # after reading the id, so a mismatch reply still reaches its request
             self._current_envelope = envelope
             handler = self._handlers.get(op)
             if handler is None:
@@ -197,8 +199,6 @@ class Server:
                 return  # a worker replies later
             self._send(envelope, reply_ok(op, req_id, **reply))
         except QPBridgeError as err:
-            if op is None and isinstance(err.details.get("op"), str):
-                op = err.details["op"]
             self._send(envelope, reply_error(err, op, req_id))
         except Exception as exc:  # a bug must not kill the server
             log.exception("internal error handling %s", op)

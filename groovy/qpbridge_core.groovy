@@ -1,0 +1,716 @@
+/*
+ * qpbridge client library, QuPath-free core (protocol v1, see docs/protocol.md).
+ *
+ * Needs only the JDK, Gson (bundled with QuPath) and JeroMQ (loaded by reflection, so a missing jar is a
+ * clear error at run time instead of a compile error). Written in syntax that Groovy 2.4 (Debian, tests)
+ * and Groovy 4/5 (QuPath 0.4-0.7) both accept: no lambdas, no method references, no try-with-resources.
+ *
+ * No package statement: `qpbridge install-qupath` inlines this file into each QuPath script (QuPath cannot
+ * import a separate .groovy file), and the tests inline it the same way.
+ */
+import com.google.gson.Gson
+import com.google.gson.GsonBuilder
+import com.google.gson.JsonArray
+import com.google.gson.JsonElement
+import com.google.gson.JsonObject
+import groovy.transform.CompileStatic
+
+import javax.imageio.ImageIO
+import java.awt.image.BufferedImage
+import java.util.concurrent.Callable
+import java.util.concurrent.ExecutionException
+import java.util.concurrent.ExecutorService
+import java.util.concurrent.Executors
+import java.util.concurrent.Future
+import java.util.concurrent.ThreadFactory
+import java.util.concurrent.TimeUnit
+import java.util.concurrent.TimeoutException
+import java.util.concurrent.atomic.AtomicBoolean
+
+/** Version constants shared by every part of the library. */
+class QpbVersion {
+    static final String LIBRARY = '0.1.0'
+    static final int PROTOCOL = 1
+    static final String DEFAULT_ADDRESS = 'tcp://127.0.0.1:5555'
+}
+
+/** Every error the library raises on purpose: a stable code plus a message that says what to do. */
+class QpbException extends RuntimeException {
+    final String code
+    final Map details
+
+    QpbException(String code, String message, Map details = null, Throwable cause = null) {
+        super(message, cause)
+        this.code = code
+        this.details = details == null ? [:] : details
+    }
+}
+
+/** Thrown when the user stops the script ("Kill running script"): the server job was cancelled. */
+class QpbCancelledException extends InterruptedException {
+    QpbCancelledException(String message) { super(message) }
+}
+
+/** Gson helpers; groovy.json is not shipped with QuPath. */
+class QpbJson {
+    static final Gson GSON = new GsonBuilder().disableHtmlEscaping().create()
+
+    static String toJson(Object o) { GSON.toJson(o) }
+
+    static JsonObject parseObject(String s) { GSON.fromJson(s, JsonObject) }
+
+    /** A JSON tree as plain Groovy values (Map, List, String, Double, Boolean, null). */
+    static Object plain(JsonElement e) { e == null || e.isJsonNull() ? null : GSON.fromJson(e, Object) }
+
+    static Integer intOrNull(JsonObject o, String key) {
+        JsonElement e = o.get(key)
+        e == null || e.isJsonNull() ? null : e.getAsInt()
+    }
+
+    static String stringOrNull(JsonObject o, String key) {
+        JsonElement e = o.get(key)
+        e == null || e.isJsonNull() ? null : e.getAsString()
+    }
+
+    /** Each element of an array as its own JSON text; numbers keep their exact original spelling. */
+    static List<String> elementsAsJson(JsonArray a) {
+        List<String> out = new ArrayList<String>(a == null ? 0 : a.size())
+        if (a != null) {
+            for (JsonElement e : a) out.add(GSON.toJson(e))
+        }
+        out
+    }
+}
+
+/**
+ * One ZeroMQ DEALER connection. All socket work happens on one private daemon thread, so an interrupt of the
+ * caller (QuPath's "Kill running script") can never reach JeroMQ, whose NIO pipes are closed by interrupts;
+ * the caller only waits on a Future and can give up at once.
+ */
+class QpbConnection {
+    final String address
+    long connectTimeoutMs = 5000
+    private final ExecutorService io
+    private Object context
+    private Object socket
+    private long nextId = 1
+    private boolean everAnswered = false
+
+    QpbConnection(String address) {
+        this.address = address
+        QpbZmq.check()
+        this.io = Executors.newSingleThreadExecutor({ Runnable r ->
+            Thread t = new Thread(r, 'qpbridge-io')
+            t.setDaemon(true)
+            t
+        } as ThreadFactory)
+    }
+
+    /** Send one request and wait for its reply header; server errors become QpbException(code). */
+    JsonObject request(Map header, List<byte[]> payloads = [], long timeoutMs = 60000, int attempts = 2) {
+        await(submit(header, payloads, timeoutMs, attempts))
+    }
+
+    /** Start a request on the I/O thread; pair with await(). */
+    QpbPending submit(Map header, List<byte[]> payloads = [], long timeoutMs = 60000, int attempts = 2) {
+        final Map h = new LinkedHashMap(header)
+        if (!h.containsKey('v')) h.v = QpbVersion.PROTOCOL
+        final List<byte[]> frames = payloads == null ? [] : payloads
+        final AtomicBoolean abort = new AtomicBoolean(false)
+        final long timeout = timeoutMs
+        final int tries = attempts
+        Future<JsonObject> f = io.submit({ -> exchange(h, frames, timeout, tries, abort) } as Callable<JsonObject>)
+        new QpbPending(future: f, abort: abort)
+    }
+
+    /** Wait for a submitted request. On interrupt the I/O thread is told to stop waiting, then we rethrow. */
+    JsonObject await(QpbPending p) {
+        try {
+            return p.future.get()
+        } catch (InterruptedException e) {
+            p.abort.set(true)
+            throw e
+        } catch (ExecutionException e) {
+            throw e.getCause()
+        }
+    }
+
+    private JsonObject exchange(Map header, List<byte[]> payloads, long timeoutMs, int attempts, AtomicBoolean abort) {
+        String op = String.valueOf(header.op)
+        for (int attempt = 1; attempt <= attempts; attempt++) {
+            ensureSocket()
+            Object id = nextId++
+            header.id = id
+            socket.sendMore(new byte[0])
+            byte[] head = QpbJson.toJson(header).getBytes('UTF-8')
+            if (payloads.isEmpty()) {
+                socket.send(head, 0)
+            } else {
+                socket.sendMore(head)
+                for (int i = 0; i < payloads.size(); i++) {
+                    if (i < payloads.size() - 1) socket.sendMore(payloads[i]) else socket.send(payloads[i], 0)
+                }
+            }
+            long wait = everAnswered ? timeoutMs : Math.min(timeoutMs, connectTimeoutMs)
+            long deadline = System.nanoTime() + wait * 1000000L
+            while (System.nanoTime() < deadline) {
+                if (abort.get()) throw new QpbException('aborted', "request '${op}' abandoned")
+                List<byte[]> parts = receive()
+                if (parts == null) continue
+                JsonObject reply
+                try {
+                    reply = QpbJson.parseObject(new String(parts[parts.size() - 1], 'UTF-8'))
+                } catch (Exception ignored) {
+                    continue
+                }
+                if (reply == null || !idMatches(reply, id)) continue // a late reply to a request we gave up on
+                everAnswered = true
+                return checkReply(reply)
+            }
+            // No reply: drop the socket with its queued messages (linger 0) and try again on a fresh one.
+            closeSocket()
+            if (!everAnswered) break
+        }
+        if (!everAnswered) {
+            throw new QpbException('server_unavailable',
+                    "No qpbridge server answered at ${address} within ${seconds(Math.min(timeoutMs, connectTimeoutMs))} s. " +
+                    "Start one with `qpbridge serve` (it listens on ${QpbVersion.DEFAULT_ADDRESS} by default), " +
+                    'check the address in the script parameters, and for a server on another machine that it was ' +
+                    'started with --bind tcp://0.0.0.0:PORT --allow-remote and that no firewall blocks the port.',
+                    [address: address])
+        }
+        throw new QpbException('timeout',
+                "The qpbridge server at ${address} did not answer '${op}' within ${seconds(timeoutMs)} s " +
+                "(${attempts} attempt(s)). It may be overloaded or stopped: check its log, or raise the timeout.",
+                [address: address, op: op])
+    }
+
+    private static boolean idMatches(JsonObject reply, Object id) {
+        JsonElement e = reply.get('id')
+        if (e == null || e.isJsonNull()) {
+            // A server that could not read our header (e.g. unsupported_version) cannot echo the id.
+            JsonElement ok = reply.get('ok')
+            return ok != null && ok.isJsonPrimitive() && !ok.getAsBoolean()
+        }
+        e.isJsonPrimitive() && e.getAsJsonPrimitive().isNumber() && e.getAsLong() == ((Number) id).longValue()
+    }
+
+    private static String seconds(long ms) { String.format(Locale.ROOT, '%.1f', ms / 1000d) }
+
+    private JsonObject checkReply(JsonObject reply) {
+        JsonElement ok = reply.get('ok')
+        if (ok != null && ok.isJsonPrimitive() && ok.getAsBoolean()) return reply
+        JsonObject err = reply.has('error') && reply.get('error').isJsonObject() ? reply.getAsJsonObject('error') : new JsonObject()
+        String code = QpbJson.stringOrNull(err, 'code') ?: 'error'
+        String message = QpbJson.stringOrNull(err, 'message') ?: 'the server reported an error without a message'
+        Map details = err.has('details') ? (Map) QpbJson.plain(err.get('details')) : [:]
+        throw new QpbException(code, message, details)
+    }
+
+    /** One whole multipart message, or null after the short receive timeout. */
+    private List<byte[]> receive() {
+        byte[] first = socket.recv(0)
+        if (first == null) return null
+        List<byte[]> parts = [first]
+        while (socket.hasReceiveMore()) parts.add(socket.recv(0))
+        parts
+    }
+
+    private void ensureSocket() {
+        if (socket != null) return
+        if (context == null) context = QpbZmq.newContext()
+        socket = QpbZmq.dealer(context)
+        socket.connect(address)
+    }
+
+    private void closeSocket() {
+        if (socket == null) return
+        try {
+            socket.close()
+        } catch (Exception ignored) {
+            // closing a broken socket must not hide the real error
+        }
+        socket = null
+    }
+
+    private Object closeAll() {
+        closeSocket()
+        if (context != null) {
+            try {
+                QpbZmq.closeContext(context)
+            } catch (Exception ignored) {
+                // best effort
+            }
+            context = null
+        }
+        null
+    }
+
+    /** Close the socket and context on the I/O thread; never blocks the caller for more than a few seconds. */
+    void close() {
+        Future f = io.submit({ -> closeAll() } as Callable<Object>)
+        boolean interrupted = Thread.interrupted()
+        try {
+            f.get(3, TimeUnit.SECONDS)
+        } catch (InterruptedException e) {
+            interrupted = true
+        } catch (TimeoutException e) {
+            // a close stuck in JeroMQ is left to the daemon thread
+        } catch (ExecutionException e) {
+            // best effort
+        } finally {
+            io.shutdown()
+            if (interrupted) Thread.currentThread().interrupt()
+        }
+    }
+}
+
+/** A request in flight: its Future and the flag that tells the I/O thread to stop waiting for it. */
+class QpbPending {
+    Future<JsonObject> future
+    AtomicBoolean abort
+}
+
+/** JeroMQ through reflection, so the library compiles and fails with a useful message without the jar. */
+class QpbZmq {
+    static final String INSTALL_HINT =
+            'JeroMQ is not on the classpath. Run `qpbridge install-qupath` (it copies the jar), or copy a ' +
+            'jeromq-0.5.x/0.6.x jar into the "extensions" folder of your QuPath user directory ' +
+            '(Edit > Preferences > QuPath user directory, e.g. ~/QuPath/v0.6/extensions), then restart QuPath. ' +
+            'Outside QuPath put the jar on the classpath (-cp).'
+
+    static Class load(String name) {
+        List<ClassLoader> loaders = [QpbZmq.classLoader, Thread.currentThread().getContextClassLoader()]
+        for (ClassLoader l : loaders) {
+            if (l == null) continue
+            try {
+                return Class.forName(name, true, l)
+            } catch (ClassNotFoundException ignored) {
+                // try the next loader
+            } catch (NoClassDefFoundError ignored) {
+                // same
+            }
+        }
+        throw new QpbException('jeromq_missing', INSTALL_HINT, [missing: name])
+    }
+
+    static void check() { load('org.zeromq.ZMQ') }
+
+    static Object newContext() { load('org.zeromq.ZContext').getDeclaredConstructor().newInstance() }
+
+    static Object dealer(Object context) {
+        Class zmq = load('org.zeromq.ZMQ')
+        // Integer socket types exist in JeroMQ 0.3 to 0.6 (SocketType only from 0.5).
+        Object s = context.createSocket(zmq.getField('DEALER').getInt(null))
+        s.setLinger(0)
+        s.setReceiveTimeOut(100)
+        s.setSendTimeOut(5000)
+        s
+    }
+
+    static void closeContext(Object context) {
+        // ZContext.close() exists in 0.3.6+, destroy() in all versions.
+        if (context.metaClass.respondsTo(context, 'close')) context.close() else context.destroy()
+    }
+
+    static String version() {
+        try {
+            return String.valueOf(load('org.zeromq.ZMQ').getMethod('getVersionString').invoke(null))
+        } catch (Exception ignored) {
+            return 'unknown'
+        }
+    }
+}
+
+/** Protocol operations. One client per script run; close() it in a finally block. */
+class QpbClient {
+    final String address
+    final QpbConnection conn
+    int protocolVersion = QpbVersion.PROTOCOL
+    long helloTimeoutMs = 5000
+    long requestTimeoutMs = 120000
+    Map helloReply
+
+    QpbClient(String address = QpbVersion.DEFAULT_ADDRESS, long connectTimeoutMs = 5000) {
+        this.address = address
+        this.conn = new QpbConnection(address)
+        this.conn.connectTimeoutMs = connectTimeoutMs
+    }
+
+    JsonObject call(Map header, List<byte[]> payloads = [], Long timeoutMs = null, int attempts = 2) {
+        Map h = new LinkedHashMap(header)
+        h.v = protocolVersion
+        conn.request(h, payloads, timeoutMs == null ? requestTimeoutMs : timeoutMs, attempts)
+    }
+
+    /** Handshake; checks the protocol version and that the server runs jobs. */
+    Map hello() {
+        JsonObject r
+        try {
+            r = call([op: 'hello', client: [name: 'qpbridge-groovy', version: QpbVersion.LIBRARY]], [], helloTimeoutMs)
+        } catch (QpbException e) {
+            if (e.code == 'unsupported_version') throw mismatch(e.details.server_protocol, null)
+            throw e
+        }
+        Map m = (Map) QpbJson.plain(r)
+        int serverProtocol = ((Number) m.protocol).intValue()
+        if (serverProtocol != protocolVersion) throw mismatch(serverProtocol, m.server_version)
+        if (!(m.capabilities as List).contains('jobs')) {
+            throw new QpbException('capability', "The qpbridge server at ${address} does not offer jobs " +
+                    "(capabilities: ${m.capabilities}); upgrade it.")
+        }
+        helloReply = m
+        m
+    }
+
+    private QpbException mismatch(Object serverProtocol, Object serverVersion) {
+        if (serverProtocol instanceof Number) serverProtocol = ((Number) serverProtocol).intValue()
+        String sv = serverVersion == null ? '' : " (qpbridge ${serverVersion})"
+        new QpbException('protocol_mismatch',
+                "Protocol mismatch: the qpbridge server at ${address} speaks protocol ${serverProtocol}${sv}, " +
+                "this QuPath script speaks protocol ${protocolVersion} (qpbridge-groovy ${QpbVersion.LIBRARY}). " +
+                'Use matching versions: upgrade the older side (pip install -U qpbridge) and re-install the ' +
+                'scripts with `qpbridge install-qupath`.',
+                [server_protocol: serverProtocol, client_protocol: protocolVersion])
+    }
+
+    List<Map> models() { (List<Map>) QpbJson.plain(call([op: 'models'], [], helloTimeoutMs * 2).get('models')) }
+
+    /** The card of one model; unknown names list the served ones. */
+    Map model(String name) {
+        List<Map> all = models()
+        Map card = all.find { Map c -> c.name == name }
+        if (card == null) {
+            throw new QpbException('unknown_model', "The server at ${address} has no model '${name}'. " +
+                    "Models served: ${all.collect { Map c -> c.name }.join(', ')}.", [known_models: all.collect { Map c -> c.name }])
+        }
+        card
+    }
+
+    /** Single-shot prediction on a few tiles; features as JSON texts. */
+    List<String> predict(String model, Map image, List<QpbEncodedTile> tiles) {
+        JsonObject r = call([op: 'predict', model: model, image: image, tiles: tiles.collect { it.header }],
+                tiles.collect { it.bytes })
+        QpbJson.elementsAsJson(r.getAsJsonArray('features'))
+    }
+
+    Map jobOpen(String model, Map image, Integer expectedTiles) {
+        Map h = [op: 'job.open', model: model, image: image]
+        if (expectedTiles != null) h.expected_tiles = expectedTiles
+        (Map) QpbJson.plain(call(h, [], helloTimeoutMs * 2))
+    }
+
+    QpbPending jobTilesAsync(String job, List<QpbEncodedTile> tiles) {
+        Map h = [op: 'job.tiles', job: job, tiles: tiles.collect { it.header }, v: protocolVersion]
+        // Re-sending a batch is safe (the server skips tiles already done), so one retry is allowed.
+        conn.submit(h, tiles.collect { it.bytes }, requestTimeoutMs, 2)
+    }
+
+    Map jobTiles(String job, List<QpbEncodedTile> tiles) { (Map) QpbJson.plain(conn.await(jobTilesAsync(job, tiles))) }
+
+    Map jobStatus(String job) { (Map) QpbJson.plain(call([op: 'job.status', job: job], [], helloTimeoutMs * 2)) }
+
+    JsonObject jobResults(String job, int offset, int limit) {
+        call([op: 'job.results', job: job, offset: offset, limit: limit])
+    }
+
+    Map jobFinish(String job) { (Map) QpbJson.plain(call([op: 'job.finish', job: job])) }
+
+    Map jobCancel(String job, long timeoutMs = 5000) {
+        (Map) QpbJson.plain(call([op: 'job.cancel', job: job], [], timeoutMs, 1))
+    }
+
+    Map jobClose(String job, long timeoutMs = 5000) {
+        (Map) QpbJson.plain(call([op: 'job.close', job: job], [], timeoutMs, 1))
+    }
+
+    void close() { conn.close() }
+}
+
+/** A tile to read: full-resolution origin and extent, and the downsample to read it at. */
+class QpbTile {
+    int x, y, width, height
+    double downsample
+
+    String toString() { "tile(x=${x}, y=${y}, w=${width}, h=${height}, ds=${downsample})" }
+}
+
+/** A tile ready to send: its protocol header and its bytes. */
+class QpbEncodedTile {
+    Map header
+    byte[] bytes
+}
+
+/** Tile grids at a model's resolution, in full-resolution image coordinates. */
+class QpbTiling {
+    /**
+     * The downsample that brings an image of pixelSize µm/px to the model's µm/px. Missing calibration is an
+     * error that names the override parameter: a silent guess would give wrong results.
+     */
+    static double downsample(Double pixelSizeMicrons, Map card, String overrideHint = 'PIXEL_SIZE_UM') {
+        double modelMpp = ((Number) card.mpp).doubleValue()
+        if (pixelSizeMicrons == null || Double.isNaN(pixelSizeMicrons) || pixelSizeMicrons <= 0) {
+            throw new QpbException('missing_mpp',
+                    "The image has no pixel size calibration (µm per pixel), which model '${card.name}' needs " +
+                    "to work at its resolution (${modelMpp} µm/px). Set the pixel size in QuPath (Image tab, " +
+                    "double-click 'Pixel width' and 'Pixel height'), or set ${overrideHint} in the script " +
+                    'parameters (about 0.25 for 40x scans, 0.5 for 20x).')
+        }
+        // Never upsample on the client: the server resamples a tile that is coarser than the model wants.
+        Math.max(1.0d, modelMpp / pixelSizeMicrons)
+    }
+
+    /**
+     * Tiles covering the region (rx, ry, rw, rh), clipped to the image: the model's tile_size and overlap
+     * (model pixels) scaled by the downsample. Same rule as the server's own grid (edge tiles are cut).
+     * accept, when given, is called with (x, y, w, h) and drops tiles it returns false for.
+     */
+    static List<QpbTile> plan(int rx, int ry, int rw, int rh, int imageWidth, int imageHeight,
+                              double downsample, int tileSize, int overlap, Closure accept = null) {
+        if (tileSize <= 0 || overlap < 0 || overlap >= tileSize) {
+            throw new QpbException('bad_request', "need 0 <= overlap < tile size, got tile ${tileSize}, overlap ${overlap}")
+        }
+        int x0 = Math.max(0, rx), y0 = Math.max(0, ry)
+        int x1 = Math.min(imageWidth, rx + rw), y1 = Math.min(imageHeight, ry + rh)
+        List<QpbTile> tiles = []
+        if (x1 <= x0 || y1 <= y0) return tiles
+        int full = (int) Math.round(tileSize * downsample)
+        int step = Math.max(1, (int) Math.round((tileSize - overlap) * downsample))
+        int overlapFull = full - step
+        for (int y = y0; y < Math.max(y1 - overlapFull, y0 + 1); y += step) {
+            for (int x = x0; x < Math.max(x1 - overlapFull, x0 + 1); x += step) {
+                int w = Math.min(full, x1 - x), h = Math.min(full, y1 - y)
+                if (accept != null && !accept.call(x, y, w, h)) continue
+                tiles.add(new QpbTile(x: x, y: y, width: w, height: h, downsample: downsample))
+            }
+        }
+        tiles
+    }
+}
+
+/** BufferedImage to protocol bytes. */
+class QpbPixels {
+    /** uint8 RGB, row-major, whatever the image type (INT_RGB, INT_ARGB, 3BYTE_BGR, grey, custom). */
+    @CompileStatic
+    static byte[] rgb(BufferedImage img) {
+        int w = img.getWidth(), h = img.getHeight()
+        int[] px = img.getRGB(0, 0, w, h, null, 0, w)
+        byte[] out = new byte[w * h * 3]
+        int j = 0
+        for (int i = 0; i < px.length; i++) {
+            int p = px[i]
+            out[j] = (byte) ((p >> 16) & 0xff)
+            out[j + 1] = (byte) ((p >> 8) & 0xff)
+            out[j + 2] = (byte) (p & 0xff)
+            j += 3
+        }
+        out
+    }
+
+    /** PNG bytes (for servers on another machine); redrawn as RGB because ImageIO cannot write every type. */
+    static byte[] png(BufferedImage img) {
+        BufferedImage rgbImg = img
+        if (img.getType() != BufferedImage.TYPE_INT_RGB && img.getType() != BufferedImage.TYPE_3BYTE_BGR) {
+            rgbImg = new BufferedImage(img.getWidth(), img.getHeight(), BufferedImage.TYPE_INT_RGB)
+            def g = rgbImg.createGraphics()
+            g.drawImage(img, 0, 0, null)
+            g.dispose()
+        }
+        ByteArrayOutputStream bos = new ByteArrayOutputStream()
+        ImageIO.write(rgbImg, 'png', bos)
+        bos.toByteArray()
+    }
+
+    static QpbEncodedTile encode(QpbTile t, BufferedImage img, String encoding) {
+        byte[] bytes = encoding == 'png' ? png(img) : rgb(img)
+        new QpbEncodedTile(header: [x: t.x, y: t.y, downsample: t.downsample, width: img.getWidth(),
+                                    height: img.getHeight(), encoding: encoding], bytes: bytes)
+    }
+}
+
+/** Progress lines for the log: percent, tiles/s, ETA; at most one line per interval. */
+class QpbProgress {
+    final String label
+    final int total
+    final Closure log
+    long intervalMs = 2000
+    private final long start = System.nanoTime()
+    private long lastLog = 0
+    private int lastDone = -1
+
+    QpbProgress(String label, int total, Closure log) {
+        this.label = label
+        this.total = total
+        this.log = log
+    }
+
+    double elapsedSeconds() { (System.nanoTime() - start) / 1e9d }
+
+    String line(int done) {
+        double s = elapsedSeconds()
+        double rate = s > 0 ? done / s : 0d
+        int pct = total > 0 ? (int) Math.floor(100d * done / total) : 100
+        String eta = rate > 0 && done < total ? formatSeconds((total - done) / rate) : (done >= total ? '0:00' : '?')
+        String.format(Locale.ROOT, '%s: %d%% (%d/%d tiles), %.1f tiles/s, ETA %s', label, pct, done, total, rate, eta)
+    }
+
+    void update(int done, boolean force = false) {
+        long now = System.currentTimeMillis()
+        if (done == lastDone && lastLog != 0) return
+        if (force || done >= total || now - lastLog >= intervalMs) {
+            lastLog = now
+            lastDone = done
+            log.call(line(done))
+        }
+    }
+
+    static String formatSeconds(double seconds) {
+        long s = (long) Math.ceil(seconds)
+        long h = (long) (s / 3600), m = (long) ((s % 3600) / 60), sec = s % 60
+        h > 0 ? String.format(Locale.ROOT, '%d:%02d:%02d', h, m, sec) : String.format(Locale.ROOT, '%d:%02d', m, sec)
+    }
+}
+
+/**
+ * Runs one model over a list of tiles as a server job: batches sized by the server's limits, the next batch
+ * read while the server works on the current one, progress in the log, results fetched in pages.
+ * Interrupting the calling thread cancels and closes the server job and throws QpbCancelledException.
+ */
+class QpbJobRunner {
+    QpbClient client
+    Map card
+    Map image
+    /** Called with (x, y, downsample, width, height) in full-resolution pixels; returns a BufferedImage. */
+    Closure tileSource
+    Closure log = { String s -> println s }
+    String encoding = 'raw'
+    Integer batchSize = null
+    long batchBytes = 64L * 1024 * 1024
+    int pageSize = 2000
+    /** Called with each page of features (JSON texts); when null, run() returns them all. */
+    Closure onFeatures = null
+    /** Called with the job id once it is open (tests use it to watch the job). */
+    Closure onJobOpen = null
+    String jobId
+    int tilesSent = 0
+
+    List<String> run(List<QpbTile> tiles) {
+        String model = (String) card.name
+        List<String> collected = []
+        Map opened = client.jobOpen(model, image, tiles.size())
+        jobId = (String) opened.job
+        if (onJobOpen != null) onJobOpen.call(jobId)
+        QpbProgress progress = new QpbProgress("qpbridge ${model}", tiles.size(), log)
+        QpbPending inFlight = null
+        boolean closed = false
+        try {
+            int perBatch = effectiveBatchSize(tiles)
+            log.call("qpbridge ${model}: job ${jobId}, ${tiles.size()} tiles at downsample " +
+                    "${tiles.isEmpty() ? '-' : String.format(Locale.ROOT, '%.3f', tiles[0].downsample)}, ${perBatch} per batch")
+            for (int i = 0; i < tiles.size(); i += perBatch) {
+                checkInterrupt()
+                List<QpbEncodedTile> batch = readBatch(tiles.subList(i, Math.min(tiles.size(), i + perBatch)))
+                if (inFlight != null) handleBatchReply(client.conn.await(inFlight), progress)
+                checkInterrupt()
+                inFlight = client.jobTilesAsync(jobId, batch)
+                tilesSent += batch.size()
+            }
+            if (inFlight != null) handleBatchReply(client.conn.await(inFlight), progress)
+            inFlight = null
+            checkInterrupt()
+            progress.update(tiles.size(), true)
+            client.jobFinish(jobId)
+            int offset = 0
+            while (true) {
+                checkInterrupt()
+                JsonObject page = client.jobResults(jobId, offset, pageSize)
+                List<String> features = QpbJson.elementsAsJson(page.getAsJsonArray('features'))
+                if (onFeatures != null) onFeatures.call(features) else collected.addAll(features)
+                Integer next = QpbJson.intOrNull(page, 'next_offset')
+                if (next == null) break
+                if (features.isEmpty()) Thread.sleep(50)
+                offset = next
+            }
+            log.call("qpbridge ${model}: done, ${onFeatures == null ? collected.size() : offset} objects in " +
+                    String.format(Locale.ROOT, '%.1f s', progress.elapsedSeconds()))
+            closeQuietly()
+            closed = true
+            return collected
+        } catch (InterruptedException e) {
+            cancelAfterInterrupt()
+            closed = true
+            throw new QpbCancelledException("qpbridge ${model}: stopped by the user; server job ${jobId} cancelled")
+        } catch (java.nio.channels.ClosedByInterruptException e) {
+            cancelAfterInterrupt()
+            closed = true
+            throw new QpbCancelledException("qpbridge ${model}: stopped by the user; server job ${jobId} cancelled")
+        } finally {
+            if (!closed) closeQuietly()
+        }
+    }
+
+    private int effectiveBatchSize(List<QpbTile> tiles) {
+        Map limits = client.helloReply == null ? [:] : (Map) client.helloReply.limits
+        int maxTiles = limits?.max_tiles_per_request == null ? 256 : ((Number) limits.max_tiles_per_request).intValue()
+        long maxBytes = limits?.max_request_bytes == null ? 512L * 1024 * 1024 : ((Number) limits.max_request_bytes).longValue()
+        long tileBytes = 3L * ((Number) card.tile_size).longValue() * ((Number) card.tile_size).longValue()
+        long budget = Math.min(batchBytes, (long) (maxBytes * 0.8))
+        int bySize = (int) Math.max(1L, (long) (budget / Math.max(1L, tileBytes)))
+        int n = Math.min(maxTiles, bySize)
+        if (batchSize != null) n = Math.min(n, batchSize)
+        Math.max(1, n)
+    }
+
+    private List<QpbEncodedTile> readBatch(List<QpbTile> batch) {
+        List<QpbEncodedTile> out = []
+        for (QpbTile t : batch) {
+            checkInterrupt()
+            BufferedImage img
+            try {
+                img = (BufferedImage) tileSource.call(t.x, t.y, t.downsample, t.width, t.height)
+            } catch (InterruptedException e) {
+                throw e
+            } catch (Exception e) {
+                // Image readers report an interrupt in many ways (InterruptedIOException, ClosedByInterrupt...).
+                if (Thread.currentThread().isInterrupted() || e instanceof InterruptedIOException) {
+                    throw new InterruptedException('interrupted while reading a tile')
+                }
+                throw new QpbException('tile_read', "Could not read ${t}: ${e.getMessage()}", [:], e)
+            }
+            if (img == null) throw new QpbException('tile_read', "The image returned no pixels for ${t}")
+            out.add(QpbPixels.encode(t, img, encoding))
+        }
+        out
+    }
+
+    private void handleBatchReply(JsonObject reply, QpbProgress progress) {
+        Integer done = QpbJson.intOrNull(reply, 'tiles_done')
+        progress.update(done == null ? tilesSent : done)
+    }
+
+    private static void checkInterrupt() {
+        if (Thread.currentThread().isInterrupted()) throw new InterruptedException('interrupted')
+    }
+
+    /** Runs with the interrupt flag cleared, so the cancel request itself is not cut short. */
+    private void cancelAfterInterrupt() {
+        Thread.interrupted()
+        try {
+            Map r = client.jobCancel(jobId)
+            log.call("qpbridge ${card.name}: cancelled server job ${jobId} (state ${r.state})")
+        } catch (Exception e) {
+            log.call("qpbridge ${card.name}: could not cancel server job ${jobId}: ${e.getMessage()} " +
+                    '(it expires on the server after its TTL)')
+        }
+        closeQuietly()
+    }
+
+    private void closeQuietly() {
+        if (jobId == null) return
+        try {
+            client.jobClose(jobId)
+        } catch (Exception ignored) {
+            // an unclosed job expires on the server
+        }
+    }
+}

@@ -1,0 +1,58 @@
+/**
+ * qpbridge: run a model on the selected annotations, or on the whole image when nothing is selected.
+ *
+ * Tiles are read at the model's resolution (from the image's pixel size), sent to a running qpbridge server
+ * (`qpbridge serve`), and the objects it finds are added as children of each selected annotation.
+ * Progress (percent, tiles/s, ETA) goes to the log; "Kill running script" cancels the server job.
+ * Works in the GUI, in "Run for project" (no selection there: whole image) and headless:
+ *   QuPath script -p project.qpproj -s "Run qpbridge model.groovy"
+ *
+ * Needs the JeroMQ jar in QuPath's extensions folder: see docs/qupath.md (`qpbridge install-qupath`).
+ */
+
+// ---- parameters -------------------------------------------------------------------------------------
+String SERVER = 'tcp://127.0.0.1:5555'   // address of `qpbridge serve`
+String MODEL = 'nuclei'                  // a model the server serves: run 'qpbridge server status' to list them
+boolean REPLACE_PREVIOUS = true          // true: remove this model's earlier results below each parent first
+Double PIXEL_SIZE_UM = null              // µm per pixel, only for images without calibration (e.g. 0.25 at 40x)
+String ENCODING = 'raw'                  // 'raw' (same machine, fastest) or 'png' (server on another machine)
+Integer BATCH_SIZE = null                // tiles per request; null: chosen from the server's limits
+double TIMEOUT_S = 120                   // longest wait for one batch of tiles
+
+// ---- script -----------------------------------------------------------------------------------------
+def qpbLog = QpbQuPath.logger()
+def imageData = getCurrentImageData()
+if (imageData == null) {
+    qpbLog.call('qpbridge: no image is open')
+    return
+}
+def entry = getProjectEntry()
+String imageName = entry != null ? entry.getImageName() : imageData.getServer().getMetadata().getName()
+Object batchIndex = null, batchSize = null
+try {
+    batchIndex = getProperty('qupath.script.batchIndex')
+    batchSize = getProperty('qupath.script.batchSize')
+} catch (Exception ignored) {
+    // QuPath before 0.4 or a plain run: no batch information
+}
+if (batchIndex != null && batchSize != null && (batchSize as int) > 1) {
+    qpbLog.call("qpbridge: image ${(batchIndex as int) + 1} of ${batchSize}: ${imageName}")
+}
+def selected = getSelectedObjects()
+List parents = selected == null ? [] : selected.findAll { it != null && it.isAnnotation() && it.hasROI() }
+
+try {
+    Map result = QpbQuPath.run(server: imageData.getServer(), hierarchy: imageData.getHierarchy(), parents: parents,
+            address: SERVER, model: MODEL, replace: REPLACE_PREVIOUS, pixelSizeUm: PIXEL_SIZE_UM, imageName: imageName,
+            encoding: ENCODING, batchSize: BATCH_SIZE, timeoutS: TIMEOUT_S, log: qpbLog)
+    qpbLog.call("qpbridge ${MODEL}: ${imageName}: ${result.objects} objects from ${result.tiles} tiles")
+} catch (QpbCancelledException e) {
+    qpbLog.call(e.getMessage())
+    throw e
+} catch (QpbException e) {
+    org.slf4j.LoggerFactory.getLogger('qpbridge').error("qpbridge: ${e.getMessage()}")
+    throw e
+}
+
+// @qpbridge-include qpbridge_core.groovy
+// @qpbridge-include qpbridge_qupath.groovy

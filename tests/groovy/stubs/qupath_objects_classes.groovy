@@ -1,0 +1,5 @@
+package qupath.lib.objects.classes
+
+class PathClass {
+    String toString() { '' }
+}
