@@ -23,7 +23,7 @@ from qpbridge.engine import Engine
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, RemoteError
 from qpbridge.families import SemanticResult
 from qpbridge.plan import make_plan
-from qpbridge.protocol import ImageInfo
+from qpbridge.protocol import ImageInfo, TileSpec
 from qpbridge.slides import Slide, resolve_slide_path
 from qpbridge.stitching import InstanceCollector, SemanticStitcher
 
@@ -288,3 +288,54 @@ def test_slide_without_tissue_gives_no_features(tmp_path):
     path = write_pyramid(tmp_path / "blank.tif", blank, mpp=0.5, levels=1)
     result = annotate_slide(Engine(), path, "nuclei")
     assert result.plan.tiles == [] and result.features == []
+
+
+def test_planned_tile_job_is_seam_free_in_any_order(shapes_slide, server):
+    """A client reads the tiles the server planned and sends them shuffled; results equal annotate's."""
+    path, masks = shapes_slide
+    slide = Slide(path)
+    image = ImageInfo(name="shapes", mpp=0.5, width=slide.width, height=slide.height)
+    with Client(server.address) as c:
+        opened = c.job_open_planned("seams", image, (0, 0, slide.width, slide.height))
+        job, plan = opened["job"], opened["plan"]
+        specs = [TileSpec(**{k: t[k] for k in ("x", "y", "width", "height", "downsample")}) for t in plan["tiles"]]
+        assert len(specs) == plan["rows"] * plan["cols"] > 100
+        order = np.random.default_rng(2).permutation(len(specs))
+        tiles = []
+        for i in order:
+            s = specs[i]
+            x1, y1 = s.x + s.width * s.downsample, s.y + s.height * s.downsample
+            tiles.append((s, slide.read(s.x, s.y, x1, y1, s.width, s.height)))
+        with pytest.raises(RemoteError) as info:
+            c.job_finish(job)  # nothing sent yet
+        assert info.value.code == "job_state"
+        for k in range(0, len(tiles), 32):
+            c.job_tiles(job, tiles[k:k + 32])
+        with pytest.raises(RemoteError) as info:
+            c.job_tiles(job, [(TileSpec(3, 5, 64, 64, 2.0), np.zeros((64, 64, 3), np.uint8))])
+        assert info.value.code == "bad_request" and "plan" in info.value.message
+        assert c.job_finish(job)["state"] == "done"
+        feats = list(c.job_results(job))
+    areas = sorted(shape(f["geometry"]).area for f in feats)
+    truth = sorted(float(m.sum()) for m in masks.values())
+    assert areas == pytest.approx(truth, rel=0.02)
+
+
+def test_planned_nuclei_job_counts_border_nuclei_once(server):
+    h, w = 700, 1100
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = (226, 170, 200)
+    centres = [(x, y) for x in (200, 470, 496, 520, 800) for y in (150, 470, 500, 600)]
+    for x, y in centres:
+        cv2.circle(img, (x, y), 7, (90, 40, 140), -1)
+    image = ImageInfo(name="discs", mpp=0.5, width=w, height=h)
+    with Client(server.address) as c:
+        opened = c.job_open_planned("nuclei", image, (0, 0, w, h))
+        tiles = []
+        for t in opened["plan"]["tiles"]:
+            s = TileSpec(t["x"], t["y"], t["width"], t["height"], t["downsample"])
+            tiles.append((s, np.ascontiguousarray(img[s.y:s.y + s.height, s.x:s.x + s.width])))
+        c.job_tiles(opened["job"], tiles)
+        c.job_finish(opened["job"])
+        feats = list(c.job_results(opened["job"]))
+    assert len(feats) == len(centres)

@@ -8,6 +8,7 @@ by a thread pool (bounded, so memory stays flat) while the calling thread runs t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,11 +21,13 @@ from shapely.geometry.base import BaseGeometry
 
 from qpbridge.cards import ModelCard
 from qpbridge.engine import Engine
+from qpbridge.errors import BadRequestError
 from qpbridge.families import InstanceResult, SemanticResult
 from qpbridge.plan import PlannedTile, TilePlan, make_plan
 from qpbridge.postprocess import FeatureBuilder
+from qpbridge.protocol import TileSpec
 from qpbridge.slides import Slide
-from qpbridge.stitching import InstanceCollector, SemanticStitcher
+from qpbridge.stitching import Emit, InstanceCollector, SemanticStitcher
 
 log = logging.getLogger("qpbridge")
 
@@ -59,6 +62,57 @@ class RunStats:
     stitch_s: float = 0.0
     cancelled: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_stitcher(card: ModelCard, plan: TilePlan, emit: Emit) -> SemanticStitcher | InstanceCollector:
+    if card.task == "instance-segmentation":
+        return InstanceCollector(plan, emit)
+    emit_classes = [i for i, c in enumerate(card.classes) if c.emit]
+    return SemanticStitcher(plan, len(card.classes), emit_classes, emit)
+
+
+class PlanStitch:
+    """Stitching for a job whose client sends the tiles of a plan the server made (any order, any batch).
+
+    Tiles are matched to the plan by their full-resolution origin; a tile read a pixel larger or smaller
+    than planned (rounding in the client's reader) is resized to the planned size.
+    """
+
+    def __init__(self, card: ModelCard, plan: TilePlan, builder: FeatureBuilder,
+                 sink: Callable[[dict[str, Any]], None]) -> None:
+        self.card = card
+        self.plan = plan
+        self.by_origin = {(plan.tile_spec(t).x, plan.tile_spec(t).y): t for t in plan.tiles}
+        self._lock = threading.Lock()
+
+        def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:
+            f = builder.build(geom, cls, plan.origin_x, plan.origin_y, plan.ds, plan.ds, extra)
+            if f is not None:
+                sink(f)
+
+        self.stitcher = make_stitcher(card, plan, emit)
+
+    def planned(self, spec: TileSpec, px: np.ndarray) -> tuple[PlannedTile, np.ndarray]:
+        tile = self.by_origin.get((spec.x, spec.y))
+        if tile is None:
+            raise BadRequestError(f"tile at ({spec.x}, {spec.y}) is not in this job's plan: send the tiles "
+                                  "job.open returned")
+        if px.shape[:2] != (tile.h, tile.w):
+            if abs(px.shape[0] - tile.h) > 2 or abs(px.shape[1] - tile.w) > 2:
+                raise BadRequestError(f"tile at ({spec.x}, {spec.y}) is {px.shape[1]}x{px.shape[0]} px; the plan "
+                                      f"has {tile.w}x{tile.h} at downsample {self.plan.ds:.6g}")
+            import cv2
+
+            px = cv2.resize(np.ascontiguousarray(px), (tile.w, tile.h), interpolation=cv2.INTER_LINEAR)
+        return tile, px
+
+    def add(self, tile: PlannedTile, result: Any) -> None:
+        with self._lock:
+            _add(self.stitcher, tile, result)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.stitcher.finish()
 
 
 def blocks_of(plan: TilePlan, block_px: int = BLOCK_PX) -> list[list[PlannedTile]]:
@@ -109,12 +163,7 @@ def run_plan(engine: Engine, model_name: str, plan: TilePlan, read_box: ReadBox,
         if f is not None:
             put(f)
 
-    stitcher: SemanticStitcher | InstanceCollector
-    if card.task == "instance-segmentation":
-        stitcher = InstanceCollector(plan, emit)
-    else:
-        emit_classes = [i for i, c in enumerate(card.classes) if c.emit]
-        stitcher = SemanticStitcher(plan, len(card.classes), emit_classes, emit)
+    stitcher = make_stitcher(card, plan, emit)
 
     t0 = time.perf_counter()
     blocks = blocks_of(plan)

@@ -106,6 +106,19 @@ class Client:
             header["expected_tiles"] = expected_tiles
         return str(self.request(header)["job"])
 
+    def job_open_planned(self, model: str, image: ImageInfo, region: tuple[int, int, int, int],
+                         roi: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Open a job whose tiles the server plans over ``region`` (x, y, width, height, full resolution).
+
+        The reply's ``plan.tiles`` lists the tiles to send; the server stitches them seam-free.
+        """
+        x, y, w, h = region
+        header: dict[str, Any] = {"op": "job.open", "model": model, "image": image.to_wire(),
+                                  "region": {"x": x, "y": y, "width": w, "height": h}}
+        if roi is not None:
+            header["roi"] = roi
+        return self.request(header)
+
     def job_tiles(self, job: str, tiles: Sequence[Tile], encoding: str = "raw") -> dict[str, Any]:
         headers, frames = self._tile_frames(tiles, encoding)
         return self.request({"op": "job.tiles", "job": job, "tiles": headers}, frames)

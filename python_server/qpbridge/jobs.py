@@ -30,6 +30,7 @@ class Job:
     first_tile_at: float | None = None
     last_tile_at: float | None = None
     claimed: set[tuple[int, int, float, int, int]] = field(default_factory=set)
+    stitch: Any = None  # annotate.PlanStitch when the server planned the tiles (seam-free results)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -102,6 +103,11 @@ class Job:
                 raise JobStateError(f"job {self.id} reads its slide on the server and finishes by itself")
             if self.state != RUNNING:
                 raise JobStateError(f"job {self.id} is {self.state}; only a running job can be finished")
+            if self.stitch is not None:
+                if self.tiles_done < (self.expected or 0):
+                    raise JobStateError(f"job {self.id} has {self.tiles_done} of its {self.expected} planned tiles; "
+                                        "send the rest before job.finish")
+                self.stitch.finish()
             self.state = DONE
 
     def status(self) -> dict[str, Any]:

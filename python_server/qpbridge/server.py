@@ -282,9 +282,39 @@ class Server:
         expected = header.get("expected_tiles")
         if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 0):
             raise BadRequestError("expected_tiles must be a non-negative integer")
-        job = self.jobs.open(name, image, expected)
-        log.info("job %s opened: model %s, image %r, %s tiles expected", job.id, name, image.name, expected)
-        return {"job": job.id, "model": card.to_wire()}
+        region = header.get("region")
+        if region is None:
+            job = self.jobs.open(name, image, expected)
+            log.info("job %s opened: model %s, image %r, %s tiles expected", job.id, name, image.name, expected)
+            return {"job": job.id, "model": card.to_wire()}
+        plan, stitch_factory = self._plan_for(card, image, region, header.get("roi"))
+        job = self.jobs.open(name, image, len(plan.tiles))
+        job.stitch = stitch_factory(job.add_feature)
+        log.info("job %s opened: model %s, image %r, planned %d tiles", job.id, name, image.name, len(plan.tiles))
+        return {"job": job.id, "model": card.to_wire(), "plan": plan.to_wire()}
+
+    def _plan_for(self, card: Any, image: Any, region: Any, roi: Any) -> tuple[Any, Any]:
+        """The server's tile plan over a region, and a factory of the stitcher fed by the job's tiles."""
+        import shapely
+
+        from qpbridge.annotate import PlanStitch
+        from qpbridge.plan import make_plan
+        from qpbridge.postprocess import FeatureBuilder
+        from qpbridge.roi import geometry_from_geojson
+
+        if not isinstance(region, dict):
+            raise BadRequestError("region must be {\"x\", \"y\", \"width\", \"height\"} in full-resolution pixels")
+        box = tuple(_field(region, k, int) for k in ("x", "y", "width", "height"))
+        roi_geom = geometry_from_geojson(roi) if roi is not None else None
+        plan = make_plan(card, box, image.mpp, roi_geom)
+        if len(plan.tiles) > 1_000_000:
+            raise LimitExceededError(f"region needs {len(plan.tiles)} tiles; split it into smaller regions")
+        x, y, w, h = box
+        clip = shapely.box(x, y, x + w, y + h)
+        clip = clip if roi_geom is None else clip.intersection(roi_geom)
+        size = (image.width, image.height) if image.width and image.height else None
+        builder = FeatureBuilder(card, image.mpp, clip, size)
+        return plan, lambda sink: PlanStitch(card, plan, builder, sink)
 
     def _job_tiles(self, header: dict[str, Any], frames: list[Any]) -> None:
         job = self.jobs.get(header.get("job"))
@@ -306,7 +336,11 @@ class Server:
 
         try:
             tiles = [(s, decode_tile(s, f.buffer)) for s, f in zip(specs, frames, strict=True)]
-            self.engine.predict(job.model, job.image, tiles, should_stop=job.cancel_event.is_set, on_tile=on_tile)
+            if job.stitch is not None:
+                self._stitch_batch(job, tiles, processed)
+            else:
+                self.engine.predict(job.model, job.image, tiles, should_stop=job.cancel_event.is_set,
+                                    on_tile=on_tile)
         except QPBridgeError:
             job.release([s for s in specs if s not in processed])
             raise
@@ -321,6 +355,22 @@ class Server:
         status = job.status()
         return {"accepted": len(processed), "skipped": skipped, "tiles_done": status["tiles_done"],
                 "tiles_expected": status["tiles_expected"], "state": status["state"]}
+
+    def _stitch_batch(self, job: Job, tiles: list[Any], processed: list[Any]) -> None:
+        """Tiles of a planned job: model in card-sized batches, then into the job's stitcher."""
+        stitch = job.stitch
+        planned = [(spec, *stitch.planned(spec, px)) for spec, px in tiles]
+        model = self.engine.model(job.model)
+        step = max(1, stitch.card.batch_size)
+        for i in range(0, len(planned), step):
+            if job.cancel_event.is_set():
+                return
+            chunk = planned[i:i + step]
+            results = model.predict([px for _, _, px in chunk])
+            for (spec, tile, _), result in zip(chunk, results, strict=True):
+                stitch.add(tile, result)
+                job.record([])
+                processed.append(spec)
 
     def _job_slide(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
         from qpbridge.annotate import annotate_slide

@@ -109,8 +109,10 @@ class SemanticStitcher:
         """Close the stitching; every tile of the plan must have been added."""
         self._advance()  # rows without tiles at the end (or a plan with none) are closed here
         if self.base_row < self.plan.rows:
+            from qpbridge.errors import JobStateError
+
             missing = sum(self.remaining[self.base_row:])
-            raise RuntimeError(f"stitching finished with {missing} tiles of the plan missing")
+            raise JobStateError(f"{missing} tiles of the plan were never sent; send them before finishing")
         for cls in self.emit_classes:
             for g in self.open[cls]:
                 self.emit(g, cls, None)

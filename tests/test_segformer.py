@@ -1,0 +1,387 @@
+"""SegFormer / TorchScript segmentation families, the batching device worker and model folders.
+
+Every model here is a tiny randomly initialised SegFormer saved and loaded through the real code paths
+(``save_pretrained`` folder, ``torch.jit.save`` file in a WSInfer-style folder).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from qpbridge.cards import ModelCard, load_card  # noqa: E402
+from qpbridge.errors import ModelCardError, ModelLoadError, TileError  # noqa: E402
+from qpbridge.families import SemanticResult, create_model, family_class  # noqa: E402
+from qpbridge.families.segformer import SegformerHF, TorchScriptSegmentation, TorchSegmentation  # noqa: E402
+from qpbridge.families.torch_runtime import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DeviceWorker,
+    Normalization,
+    resolve_torch_device,
+)
+from qpbridge.model_folders import is_model_folder, load_model_folder, sanitize_name  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TILE = 64
+CLASSES = [
+    {"name": "Background", "color": [255, 255, 255], "emit": False},
+    {"name": "Lobule", "color": [222, 120, 160]},
+    {"name": "Portal tract", "color": [30, 110, 220]},
+]
+
+
+def tiny_segformer(num_labels: int = 3) -> Any:
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(
+        num_encoder_blocks=4, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], decoder_hidden_size=16,
+        num_labels=num_labels, num_attention_heads=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1])
+    return transformers.SegformerForSemanticSegmentation(config).eval()
+
+
+class LogitsOnly(torch.nn.Module):
+    """What a TorchScript export traces: pixel values in, logits tensor out."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Any) -> Any:
+        return self.model(pixel_values=x).logits
+
+
+def card_dict(name: str = "tiny", **over: Any) -> dict[str, Any]:
+    card = {
+        "schema_version": 1, "name": name, "family": "segformer-hf", "task": "semantic-segmentation",
+        "object_type": "annotation", "classes": CLASSES,
+        "tile": {"size": TILE, "overlap": 16, "batch_size": 8}, "mpp": 1.0,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "params": {"precision": "fp16"}, "weights": "weights",
+    }
+    card.update(over)
+    return card
+
+
+def tiles(n: int, seed: int = 0, h: int = TILE, w: int = TILE) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def probs_of(results: list[Any]) -> np.ndarray:
+    assert all(isinstance(r, SemanticResult) and r.probs is not None for r in results)
+    return np.stack([r.probs for r in results])
+
+
+@pytest.fixture(scope="module")
+def hf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A card folder with a tiny SegFormer saved by save_pretrained in weights/."""
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_segformer().save_pretrained(root / "weights")
+    (root / "config.json").write_text(json.dumps(card_dict()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def hf_model(hf_root: Path) -> Iterator[TorchSegmentation]:
+    model = create_model(load_card(hf_root), "cpu")
+    assert isinstance(model, SegformerHF)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def wsinfer_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights traced to TorchScript, in a WSInfer-style folder."""
+    folder = tmp_path_factory.mktemp("wsinfer") / "tiny seg (v1)"
+    folder.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(LogitsOnly(tiny_segformer()).eval(), torch.rand(2, 3, TILE, TILE),
+                                 check_trace=False)
+        torch.jit.save(traced, str(folder / "torchscript_model.pt"))
+    (folder / "config.json").write_text(json.dumps({
+        "spec_version": "1.0", "architecture": "segformer-tiny", "num_classes": 3,
+        "class_names": ["Background", "Lobule", "Portal tract"],
+        "patch_size_pixels": TILE, "spacing_um_px": 1.0,
+        "transform": [{"name": "Resize", "arguments": {"size": TILE}}, {"name": "ToTensor"},
+                      {"name": "Normalize", "arguments": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}],
+    }))
+    return folder
+
+
+def reference_probs(batch: list[np.ndarray]) -> np.ndarray:
+    """The HF model run by hand: ImageNet normalisation, logits upsampled bilinearly, softmax."""
+    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = tiny_segformer()(pixel_values=x).logits
+    logits = torch.nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.softmax(logits, dim=1).numpy()
+
+
+# ---- the HF family ---------------------------------------------------------------------------------
+
+
+def test_hf_predict_gives_probabilities_at_tile_size(hf_model: TorchSegmentation) -> None:
+    batch = tiles(3)
+    probs = probs_of(hf_model.predict(batch))
+    assert probs.shape == (3, 3, TILE, TILE)
+    assert probs.dtype == np.float32  # CPU: float32 (CUDA gives float16)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, reference_probs(batch), atol=1e-5)
+    assert hf_model.worker.precision == "fp32"  # fp16 asked for, but CPU runs fp32
+
+
+def test_family_registered_lazily() -> None:
+    assert family_class("segformer-hf") is SegformerHF
+    assert family_class("torchscript-segmentation") is TorchScriptSegmentation
+
+
+def test_edge_tiles_of_other_sizes(hf_model: TorchSegmentation) -> None:
+    full = tiles(1, seed=3)[0]
+    edge = full[:40, :23].copy()
+    tiny = full[:1, :1].copy()
+    big = tiles(1, seed=4, h=TILE + 32, w=TILE + 32)[0]
+    results = hf_model.predict([full, edge, tiny, big])
+    shapes = [r.probs.shape for r in results]
+    assert shapes == [(3, TILE, TILE), (3, 40, 23), (3, 1, 1), (3, TILE + 32, TILE + 32)]
+    for r in results:
+        np.testing.assert_allclose(r.probs.sum(axis=0), 1.0, atol=1e-5)
+    # an edge tile is the reflection-padded full-size tile, cropped back
+    padded = np.pad(edge, ((0, TILE - 40), (0, TILE - 23), (0, 0)), mode="reflect")
+    np.testing.assert_allclose(results[1].probs, hf_model.predict([padded])[0].probs[:, :40, :23], atol=1e-5)
+
+
+def test_bad_tiles_are_tile_errors(hf_model: TorchSegmentation) -> None:
+    with pytest.raises(TileError):
+        hf_model.predict([np.zeros((TILE, TILE, 3), dtype=np.float32)])
+    with pytest.raises(TileError):
+        hf_model.predict([np.zeros((TILE, TILE), dtype=np.uint8)])
+    assert hf_model.predict([]) == []
+
+
+def test_concurrent_callers_share_forward_passes(hf_root: Path, hf_model: TorchSegmentation) -> None:
+    data = card_dict(params={"batch_wait_ms": 500})  # a part-filled batch waits for the others' tiles
+    model = create_model(ModelCard.from_dict(data, folder=hf_root), "cpu")
+    assert isinstance(model, TorchSegmentation)
+    try:
+        inputs = [tiles(2, seed=10 + i) for i in range(4)]  # 4 callers x 2 tiles = one batch of 8
+        expected = [probs_of(hf_model.predict(batch)) for batch in inputs]
+        before = model.worker.forward_passes
+        barrier = threading.Barrier(4)
+        got: list[np.ndarray | None] = [None] * 4
+
+        def call(i: int) -> None:
+            barrier.wait()
+            got[i] = probs_of(model.predict(inputs[i]))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for i, result in enumerate(got):
+            assert result is not None
+            np.testing.assert_allclose(result, expected[i], atol=1e-5)
+        assert model.worker.forward_passes - before < 4
+        assert model.worker.tiles_processed >= 8
+    finally:
+        model.close()
+
+
+def test_missing_weights_names_the_path(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("put the weights in weights/\n")
+    card = ModelCard.from_dict(card_dict(), folder=tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        create_model(card, "cpu")
+    assert str(tmp_path / "weights") in str(info.value)
+    assert "README.md" in str(info.value)
+    ts = ModelCard.from_dict(card_dict(family="torchscript-segmentation", weights="model.pt"), folder=tmp_path)
+    with pytest.raises(ModelLoadError, match=r"model\.pt"):
+        create_model(ts, "cpu")
+
+
+def test_wrong_class_count(hf_root: Path, wsinfer_folder: Path) -> None:
+    two = card_dict(classes=CLASSES[:2])
+    with pytest.raises(ModelLoadError, match="3 labels but the card lists 2 classes"):
+        create_model(ModelCard.from_dict(two, folder=hf_root), "cpu")
+    four = card_dict(family="torchscript-segmentation", weights="torchscript_model.pt",
+                     classes=[*CLASSES, {"name": "Extra", "color": [1, 2, 3]}])
+    with pytest.raises(ModelLoadError, match="outputs 3 channels but its card lists 4 classes"):
+        create_model(ModelCard.from_dict(four, folder=wsinfer_folder), "cpu")
+
+
+def test_not_torchscript_is_a_load_error(tmp_path: Path) -> None:
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "state.pt")
+    card = ModelCard.from_dict(card_dict(family="torchscript-segmentation", weights="state.pt"), folder=tmp_path)
+    with pytest.raises(ModelLoadError, match="TorchScript"):
+        create_model(card, "cpu")
+
+
+def test_bad_precision_is_a_card_error(hf_root: Path) -> None:
+    card = ModelCard.from_dict(card_dict(params={"precision": "fp8"}), folder=hf_root)
+    with pytest.raises(ModelCardError, match="precision"):
+        create_model(card, "cpu")
+
+
+# ---- TorchScript through a WSInfer-style folder ------------------------------------------------------
+
+
+def test_wsinfer_folder_matches_hf(wsinfer_folder: Path, hf_model: TorchSegmentation) -> None:
+    assert is_model_folder(wsinfer_folder)
+    card = load_model_folder(wsinfer_folder)
+    assert card.family == "torchscript-segmentation"
+    assert card.task == "semantic-segmentation" and card.object_type == "annotation"
+    assert card.name == "tiny-seg-v1"
+    assert (card.tile_size, card.overlap, card.mpp) == (TILE, TILE // 4, 1.0)
+    assert card.normalization["mean"] == pytest.approx(IMAGENET_MEAN)
+    assert card.params["precision"] == "fp16"
+    assert [c.emit for c in card.classes] == [False, True, True]
+    assert card.weights == wsinfer_folder / "torchscript_model.pt"
+    model = create_model(card, "cpu")
+    assert isinstance(model, TorchScriptSegmentation)
+    try:
+        batch = [*tiles(3, seed=5), tiles(1, seed=6, h=50, w=TILE)[0]]
+        ts = model.predict(batch)
+        hf = hf_model.predict(batch)
+        for a, b in zip(ts, hf, strict=True):
+            assert a.probs.shape == b.probs.shape
+            np.testing.assert_allclose(a.probs, b.probs, atol=1e-4)
+    finally:
+        model.close()
+
+
+def test_model_folder_conversion_details(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    config: dict[str, Any] = {"spacing_um_px": 0.5, "patch_size_pixels": 512, "class_names": ["bg", "Tumour"],
+                              "class_hexadecimals": ["#000000", "ff0000"],
+                              "transform": [{"name": "Resize", "arguments": {"size": 256}}, {"name": "ToTensor"}]}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "weights.pth").write_bytes(b"")
+    card = load_model_folder(folder)
+    assert (card.tile_size, card.mpp, card.overlap) == (256, 1.0, 64)  # a Resize halves the pixel count
+    assert [(c.name, c.color, c.emit) for c in card.classes] == [("bg", (0, 0, 0), False),
+                                                                   ("Tumour", (255, 0, 0), True)]
+    assert card.weights == folder / "weights.pth"  # the only model file, when torchscript_model.pt is absent
+    assert card.normalization == {"scale": 255.0}
+    assert load_model_folder(folder / "config.json").name == "m"
+
+    for broken, message in [
+        ({k: v for k, v in config.items() if k != "spacing_um_px"}, "spacing_um_px"),
+        ({**config, "patch_size_pixels": "big"}, "patch_size_pixels"),
+        ({**config, "class_names": []}, "class_names"),
+        ({**config, "class_hexadecimals": ["#000000"]}, "class_hexadecimals"),
+        ({**config, "class_hexadecimals": ["#000000", "red"]}, "RRGGBB"),
+        ({**config, "num_classes": 5}, "num_classes"),
+        ({**config, "transform": [{"name": "CenterCrop", "arguments": {"size": 224}}]}, "CenterCrop"),
+        ({k: v for k, v in config.items() if k != "class_hexadecimals"} | {"class_names": ["Background"]},
+         "background"),
+    ]:
+        (folder / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(ModelCardError, match=message):
+            load_model_folder(folder)
+
+
+def test_is_model_folder_and_names(tmp_path: Path, hf_root: Path) -> None:
+    assert is_model_folder(hf_root) and load_model_folder(hf_root).family == "segformer-hf"
+    assert not is_model_folder(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    assert not is_model_folder(tmp_path)
+    with pytest.raises(ModelCardError, match="not valid JSON"):
+        load_model_folder(tmp_path)
+    with pytest.raises(ModelCardError, match="does not exist"):
+        load_model_folder(tmp_path / "absent")
+    assert sanitize_name("HOTSPoT v2 (traced)") == "HOTSPoT-v2-traced"
+    assert sanitize_name("__x") == "x" and sanitize_name("???") == "model"
+    assert len(sanitize_name("a" * 100)) == 64
+
+
+def test_hotspot_card_validates() -> None:
+    card = load_card(REPO / "models" / "hotspot")
+    assert card.name == "hotspot" and card.family == "segformer-hf"
+    assert [c.name for c in card.classes] == ["Background", "Lobule", "Portal tract"]
+    assert [c.emit for c in card.classes] == [False, True, True]
+    assert (card.tile_size, card.overlap, card.batch_size, card.mpp) == (256, 64, 64, 1.0)
+    assert card.weights == REPO / "models" / "hotspot" / "weights"
+    if not (card.weights / "config.json").is_file():
+        with pytest.raises(ModelLoadError, match="README"):
+            create_model(card, "cpu")
+
+
+# ---- the device worker on its own --------------------------------------------------------------------
+
+
+class Flaky(torch.nn.Module):
+    """Two logit channels at half resolution; fails on 48 px inputs, returns a dict like HF models."""
+
+    def forward(self, x: Any) -> Any:
+        if x.shape[-1] == 48:
+            raise RuntimeError("boom")
+        g = x.mean(dim=1, keepdim=True)[:, :, ::2, ::2]
+        return {"logits": torch.cat([g, -g], dim=1)}
+
+
+def test_worker_splits_joins_and_survives_errors() -> None:
+    with DeviceWorker(Flaky(), torch.device("cpu"), name="flaky", n_outputs=2, max_batch=4,
+                      normalization=Normalization(), max_wait_s=0.0) as worker:
+        batch = np.stack(tiles(10, seed=7, h=32, w=32))
+        out = worker.run(batch)
+        assert out.shape == (10, 2, 32, 32) and out.dtype == np.float32
+        assert worker.forward_passes == 3  # 4 + 4 + 2
+        np.testing.assert_allclose(out[7:8], worker.run(batch[7:8]), atol=1e-6)
+        with pytest.raises(ModelLoadError, match=r"flaky' failed on a batch of 2 tiles of 48x48 px.*boom"):
+            worker.run(np.stack(tiles(2, h=48, w=48)))
+        assert worker.run(batch[:1]).shape == (1, 2, 32, 32)  # still serving
+        with pytest.raises(TileError):
+            worker.submit(np.zeros((1, 8, 8), dtype=np.uint8))
+        assert worker.run(batch[:0]).shape == (0, 2, 32, 32)
+        frozen = np.frombuffer(batch[:2].tobytes(), dtype=np.uint8).reshape(2, 32, 32, 3)  # as zmq frames are
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            np.testing.assert_allclose(worker.run(frozen), out[:2], atol=1e-6)
+    with pytest.raises(ModelLoadError, match="closed"):
+        worker.submit(batch[:1])
+
+
+def test_worker_rejects_patch_classifiers() -> None:
+    class Classifier(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return x.mean(dim=(2, 3))
+
+    with DeviceWorker(Classifier(), torch.device("cpu"), name="clf") as worker, \
+            pytest.raises(ModelLoadError, match="patch classifier"):
+        worker.run(np.zeros((1, 16, 16, 3), dtype=np.uint8))
+
+
+def test_resolve_torch_device() -> None:
+    assert resolve_torch_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_torch_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_matches_cpu(hf_root: Path, hf_model: TorchSegmentation) -> None:
+    model = create_model(load_card(hf_root), "cuda")
+    assert isinstance(model, TorchSegmentation)
+    try:
+        batch = [*tiles(5, seed=8), tiles(1, seed=9, h=TILE, w=40)[0]]
+        gpu = model.predict(batch)
+        cpu = hf_model.predict(batch)
+        assert model.worker.precision == "fp16"
+        for a, b in zip(gpu, cpu, strict=True):
+            assert a.probs.dtype == np.float16 and a.probs.shape == b.probs.shape
+            np.testing.assert_allclose(a.probs.astype(np.float32), b.probs, atol=2e-2)
+    finally:
+        model.close()
