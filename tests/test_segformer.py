@@ -385,3 +385,60 @@ def test_cuda_fp16_matches_cpu(hf_root: Path, hf_model: TorchSegmentation) -> No
             np.testing.assert_allclose(a.probs.astype(np.float32), b.probs, atol=2e-2)
     finally:
         model.close()
+
+
+def test_annotate_slide_with_wsinfer_folder_by_path(wsinfer_folder: Path, tmp_path: Path) -> None:
+    """The CLI takes a WSInfer-style folder as --model and stitches SegFormer output over a slide."""
+    from conftest import write_pyramid
+
+    from qpbridge.cli import main
+
+    rng = np.random.default_rng(5)
+    img = (rng.random((300, 400, 3)) * 255).astype(np.uint8)
+    slide = write_pyramid(tmp_path / "s.tif", img, mpp=0.5, levels=2)
+    out = tmp_path / "out.geojson"
+    rc = main(["annotate", str(slide), "--model", str(wsinfer_folder), "-o", str(out), "--no-tissue-filter",
+               "--device", "cpu", "--quiet"])
+    assert rc == 0
+    feats = json.loads(out.read_text())["features"]
+    assert feats, "random weights still classify some pixels as lobule or portal tract"
+    names = {f["properties"]["classification"]["name"] for f in feats}
+    assert names <= {"Lobule", "Portal tract"}
+    assert {f["properties"]["metadata"]["qpbridge.model"] for f in feats} == {sanitize_name(wsinfer_folder.name)}
+    from shapely.geometry import shape
+
+    for f in feats:
+        g = shape(f["geometry"])
+        assert g.is_valid and 0 <= g.bounds[0] and g.bounds[2] <= 400 and g.bounds[3] <= 300
+
+
+def test_server_loads_model_folders_only_below_model_roots(wsinfer_folder: Path) -> None:
+    from conftest import RunningServer
+
+    from qpbridge.client import Client
+    from qpbridge.engine import Engine
+    from qpbridge.errors import RemoteError
+    from qpbridge.protocol import ImageInfo, TileSpec
+    from qpbridge.server import Server
+
+    def serve(roots: list[Path]) -> RunningServer:
+        server = Server(Engine(None, model_roots=roots), "tcp://127.0.0.1:*")
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        return RunningServer(server, thread)
+
+    tile = (TileSpec(0, 0, TILE, TILE), tiles(1)[0])
+    for roots, allowed in (([wsinfer_folder.parent], True), ([], False)):
+        running = serve(roots)
+        try:
+            with Client(running.address) as c:
+                if allowed:
+                    feats = c.predict(str(wsinfer_folder), [tile], ImageInfo(mpp=1.0))
+                    assert all(f["properties"]["objectType"] == "annotation" for f in feats)
+                else:
+                    with pytest.raises(RemoteError) as info:
+                        c.predict(str(wsinfer_folder), [tile], ImageInfo(mpp=1.0))
+                    assert info.value.code == "unknown_model" and "--model-root" in info.value.message
+        finally:
+            running.server.stop()
+            running.thread.join(10)

@@ -96,6 +96,8 @@ class ModelCard:
             "overlap": self.overlap,
             "mpp": self.mpp,
             "requires_mpp": self.requires_mpp,
+            # False for a card whose weights the user has not supplied yet (see its README).
+            "available": self.weights is None or self.weights.exists(),
         }
 
 

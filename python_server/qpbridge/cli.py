@@ -50,7 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qpbridge.server import Server
 
     device = resolve_device(args.device)
-    engine = Engine(Path(args.models_dir) if args.models_dir else None, device=device)
+    engine = Engine(Path(args.models_dir) if args.models_dir else None, device=device,
+                    model_roots=[Path(r) for r in args.model_root])
     limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)), max_tiles_per_request=args.max_tiles,
                     max_tile_pixels=args.max_tile_pixels, job_ttl_s=args.job_ttl)
     server = Server(engine, args.bind, limits=limits, workers=args.workers, allow_remote=args.allow_remote,
@@ -97,7 +98,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from qpbridge.devices import resolve_device
         from qpbridge.engine import Engine
 
-        engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device))
+        engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
+                        any_model_path=True)
         local_card = engine.card(args.model)
         if local_card.requires_mpp and mpp is None:
             raise QPBridgeError(f"{path} records no pixel size and model '{args.model}' needs one: "
@@ -140,7 +142,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from qpbridge.geometry import feature_collection
     from qpbridge.roi import read_roi
 
-    engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device))
+    engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
+                    any_model_path=True)
     roi = read_roi(Path(args.roi)) if args.roi else None
     slide_path = Path(args.slide)
     result = annotate_slide(engine, slide_path, args.model, mpp=args.mpp, roi=roi,
@@ -175,8 +178,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     for c in cards:
         classes = ", ".join(k["name"] for k in c["classes"] if k.get("emit", True))
+        missing = "" if c.get("available", True) else "  (weights missing: see the card's README)"
         print(f"{c['name']:<16} {c['task']:<22} {c['object_type']:<11} {c['tile_size']:>5} px @ {c['mpp']} µm/px"
-              f"  [{classes}]")
+              f"  [{classes}]{missing}")
     return 0
 
 
@@ -204,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-mb", type=float, default=512.0, help="largest request in MiB")
     s.add_argument("--max-tiles", type=int, default=256, help="most tiles in one request")
     s.add_argument("--max-tile-pixels", type=int, default=4096 * 4096, help="most pixels in one tile")
+    s.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                   help="let clients name model folders (qpbridge or WSInfer-style) by path below DIR (repeatable)")
     s.add_argument("--slide-root", action="append", default=[], metavar="DIR",
                    help="let clients run slide jobs on files below DIR (repeatable; none by default)")
     s.add_argument("--allow-remote", action="store_true",
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="run a model on a PNG/JPEG/TIFF image and write QuPath GeoJSON")
     pr.add_argument("image")
-    pr.add_argument("--model", required=True)
+    pr.add_argument("--model", required=True, help="model card name, or the path of a model folder")
     pr.add_argument("-o", "--output", required=True, help="output .geojson")
     pr.add_argument("--server", help="server address (default: run in this process)")
     pr.add_argument("--mpp", type=float, help="full-resolution pixel size in µm/px (overrides the file's)")
@@ -224,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("annotate", help="annotate a whole slide (SVS, NDPI, TIFF, OME-TIFF) and write QuPath GeoJSON")
     a.add_argument("slide")
-    a.add_argument("--model", required=True, help="model card name")
+    a.add_argument("--model", required=True, help="model card name, or the path of a model folder "
+                   "(qpbridge card or WSInfer-style config.json + torchscript_model.pt)")
     a.add_argument("-o", "--output", required=True, help="output .geojson")
     a.add_argument("--roi", help="GeoJSON file with the region to annotate (full-resolution coordinates)")
     a.add_argument("--mpp", type=float, help="full-resolution pixel size in µm/px (overrides the slide's)")

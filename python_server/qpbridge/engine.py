@@ -28,8 +28,14 @@ RESAMPLE_TOLERANCE = 0.01  # tiles within 1% of the model's pixel size are used 
 class Engine:
     """Holds the model cards and lazily loaded models; thread-safe."""
 
-    def __init__(self, models_dir: Path | None = None, device: str = "cpu") -> None:
+    def __init__(self, models_dir: Path | None = None, device: str = "cpu", *,
+                 model_roots: list[Path] | None = None, any_model_path: bool = False) -> None:
+        """``models_dir``: cards served by name beside the built-ins. A model may also be named by the path
+        of a model folder (qpbridge card or WSInfer-style): anywhere with ``any_model_path`` (the CLI),
+        else only below ``model_roots`` (a server never loads files its operator did not allow)."""
         self.device = device
+        self.model_roots = [r.resolve() for r in (model_roots or [])]
+        self.any_model_path = any_model_path
         self.cards: dict[str, ModelCard] = discover_cards(builtin_cards_dir())
         self.builtin = set(self.cards)
         if models_dir is not None:
@@ -44,12 +50,34 @@ class Engine:
         self._lock = threading.Lock()
 
     def card(self, name: str) -> ModelCard:
-        try:
-            return self.cards[name]
-        except KeyError:
-            raise UnknownModelError(
-                f"unknown model '{name}'; this server has: {', '.join(sorted(self.cards))}",
-                known_models=sorted(self.cards)) from None
+        card = self.cards.get(name)
+        if card is not None:
+            return card
+        if "/" in name or name.startswith((".", "~")) or "\\" in name:
+            return self._card_from_path(name)
+        raise UnknownModelError(
+            f"unknown model '{name}'; this server has: {', '.join(sorted(self.cards))}",
+            known_models=sorted(self.cards))
+
+    def _card_from_path(self, name: str) -> ModelCard:
+        from qpbridge.model_folders import is_model_folder, load_model_folder
+
+        path = Path(name).expanduser()
+        if not self.any_model_path:
+            real = path.resolve()
+            if not path.is_absolute() or not any(real == r or r in real.parents for r in self.model_roots):
+                where = ", ".join(str(r) for r in self.model_roots) or "nowhere (start it with --model-root DIR)"
+                raise UnknownModelError(f"model path {name} is not allowed: this server loads model folders only "
+                                        f"below {where}", known_models=sorted(self.cards))
+        if not is_model_folder(path):
+            raise UnknownModelError(f"{name} is not a model folder (config.json with a qpbridge card, or a "
+                                    "WSInfer-style config.json + torchscript_model.pt)",
+                                    known_models=sorted(self.cards))
+        card = load_model_folder(path)
+        with self._lock:
+            self.cards.setdefault(name, card)
+        log.info("model %s loaded from %s", card.name, path)
+        return self.cards[name]
 
     def model(self, name: str) -> ModelFamily:
         card = self.card(name)
