@@ -90,3 +90,16 @@ def test_engine_errors(models_dir: Path):
     assert "dark" in str(info.value) and "nuclei" in str(info.value)
     with pytest.raises(MissingPixelSizeError, match="mpp"):
         engine.check_image("nuclei", ImageInfo())
+
+
+def test_discovery_serves_wsinfer_folders_and_skips_other_configs(tmp_path: Path):
+    (tmp_path / "hf-weights").mkdir()
+    (tmp_path / "hf-weights" / "config.json").write_text(json.dumps({"model_type": "segformer"}))
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "config.json").write_text(json.dumps({
+        "spacing_um_px": 0.5, "patch_size_pixels": 128, "class_names": ["Background", "Tumor"]}))
+    (tmp_path / "ws" / "torchscript_model.pt").write_bytes(b"not loaded at discovery")
+    cards = discover_cards(tmp_path)
+    assert list(cards) == ["ws"]
+    assert cards["ws"].family == "torchscript-segmentation" and cards["ws"].mpp == 0.5
+    assert [c.name for c in cards["ws"].classes if c.emit] == ["Tumor"]
