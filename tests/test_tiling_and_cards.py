@@ -7,41 +7,41 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 
 from conftest import DARK_CARD
-from qpbridge.cards import builtin_cards_dir, discover_cards, load_card, validate_card_dict
+from qpbridge.cards import ModelCard, builtin_cards_dir, discover_cards, load_card, validate_card_dict
 from qpbridge.engine import Engine
-from qpbridge.errors import MissingPixelSizeError, ModelCardError, UnknownModelError
+from qpbridge.errors import BadRequestError, MissingPixelSizeError, ModelCardError, UnknownModelError
 from qpbridge.families import family_class, known_families
+from qpbridge.plan import make_plan
 from qpbridge.protocol import ImageInfo
-from qpbridge.tiling import grid, image_tiles
 
 
-def test_grid_covers_image_once_without_overlap():
-    boxes = grid(1000, 700, 256)
-    cover = np.zeros((700, 1000), int)
-    for x, y, w, h in boxes:
-        cover[y:y + h, x:x + w] += 1
-    assert (cover == 1).all()
-    assert len(boxes) == 4 * 3
+def test_plan_covers_the_canvas_with_overlap():
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
+    # 0.5 µm/px image into a 1 µm/px model: 300x200 full-res px -> 150x100 canvas px.
+    plan = make_plan(card, (10, 20, 300, 200), 0.5)
+    assert (plan.width, plan.height, plan.ds, plan.step) == (150, 100, 2.0, 48)
+    cover = np.zeros((plan.height, plan.width), int)
+    for t in plan.tiles:
+        cover[t.y:t.y + t.h, t.x:t.x + t.w] += 1
+    assert (cover >= 1).all() and cover.max() == 4
+    assert [t.x for t in plan.tiles if t.row == 0] == [0, 48, 96]
+    last = plan.tiles[-1]
+    assert (last.x + last.w, last.y + last.h) == (150, 100)
+    spec = plan.tile_spec(plan.tiles[4])  # row 1, col 1
+    assert (spec.x, spec.y, spec.width, spec.height, spec.downsample) == (10 + 96, 20 + 96, 64, 52, 2.0)
 
 
-def test_grid_with_overlap():
-    boxes = grid(600, 256, 256, overlap=64)
-    assert [b[0] for b in boxes] == [0, 192, 384]
-    assert boxes[-1][2] == 600 - 384
-    with pytest.raises(ValueError):
-        grid(100, 100, 64, overlap=64)
-
-
-def test_image_tiles_downsample_to_model_pixels():
-    img = np.zeros((1000, 800, 3), np.uint8)
-    tiles = list(image_tiles(img, 0.25, 0.5, 256))
-    # 800x1000 at 0.25 µm/px -> 400x500 at 0.5 µm/px -> 2x2 tiles of at most 256 px.
-    assert len(tiles) == 4
-    spec, px = tiles[-1]
-    assert (spec.x, spec.y, spec.downsample) == (512, 512, 2.0)
-    assert px.shape == (500 - 256, 400 - 256, 3)
+def test_plan_keeps_only_tiles_touching_the_keep_geometry():
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 0}})
+    keep = shapely.box(70, 70, 80, 80)
+    plan = make_plan(card, (0, 0, 256, 256), 1.0, keep)
+    assert [(t.row, t.col) for t in plan.tiles] == [(1, 1)]
+    assert make_plan(card, (0, 0, 256, 256), 1.0, shapely.Polygon()).tiles == []
+    with pytest.raises(BadRequestError):
+        make_plan(card, (0, 0, 0, 10), 1.0)
 
 
 def test_builtin_cards_validate_and_are_found():

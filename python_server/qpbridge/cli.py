@@ -71,44 +71,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from qpbridge.geometry import feature_collection
-    from qpbridge.images import read_image
+    from qpbridge.images import ArrayImage, read_image
     from qpbridge.protocol import ImageInfo
-    from qpbridge.tiling import image_tiles
 
     path = Path(args.image)
     img, file_mpp = read_image(path)
     mpp = args.mpp if args.mpp is not None else file_mpp
     image = ImageInfo(name=path.name, mpp=mpp, width=img.shape[1], height=img.shape[0])
+    source = ArrayImage(img)
+    region = (0, 0, source.width, source.height)
     t0 = time.perf_counter()
     if args.server:
         from qpbridge.client import Client
+        from qpbridge.protocol import TileSpec
 
         with Client(args.server, timeout_s=args.timeout) as client:
-            card = next((m for m in client.models() if m["name"] == args.model), None)
-            if card is None:
-                client.predict(args.model, [], image)  # the server's unknown_model error lists the models
-                return 1
-            if card["requires_mpp"] and mpp is None:
-                raise QPBridgeError(f"{path} records no pixel size and model '{args.model}' needs one: "
-                                    "pass --mpp (µm per pixel)")
-            tiles = list(image_tiles(img, mpp, card["mpp"], card["tile_size"]))
-            features = client.run_job(args.model, tiles, image, expected_tiles=len(tiles),
-                                      encoding=args.encoding)
+            plan = client.job_open_planned(args.model, image, region)
+            job, tiles_wire = plan["job"], plan["plan"]["tiles"]
+            try:
+                batch: list[Any] = []
+                for t in tiles_wire:
+                    spec = TileSpec(t["x"], t["y"], t["width"], t["height"], t["downsample"])
+                    px = source.read(spec.x, spec.y, spec.x + spec.width * spec.downsample,
+                                     spec.y + spec.height * spec.downsample, spec.width, spec.height)
+                    batch.append((spec, px))
+                    if len(batch) == 16:
+                        client.job_tiles(job, batch, args.encoding)
+                        batch = []
+                if batch:
+                    client.job_tiles(job, batch, args.encoding)
+                client.job_finish(job)
+                features = list(client.job_results(job))
+            finally:
+                client.job_close(job)
+        n_tiles = len(tiles_wire)
     else:
+        from qpbridge.annotate import run_plan
         from qpbridge.devices import resolve_device
         from qpbridge.engine import Engine
+        from qpbridge.plan import make_plan
+        from qpbridge.postprocess import FeatureBuilder
 
         engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
                         any_model_path=True)
-        local_card = engine.card(args.model)
-        if local_card.requires_mpp and mpp is None:
-            raise QPBridgeError(f"{path} records no pixel size and model '{args.model}' needs one: "
-                                "pass --mpp (µm per pixel)")
-        tiles = list(image_tiles(img, mpp, local_card.mpp, local_card.tile_size))
-        features = engine.predict(args.model, image, tiles)
+        card = engine.check_image(args.model, image)
+        plan_ = make_plan(card, region, mpp)
+        features, _ = run_plan(engine, args.model, plan_, source.read,
+                               FeatureBuilder(card, mpp, None, (source.width, source.height)))
+        n_tiles = len(plan_.tiles)
     out = Path(args.output)
     write_json_atomic(out, feature_collection(features))
-    print(f"{len(features)} features from {len(tiles)} tiles in {time.perf_counter() - t0:.2f} s -> {out}")
+    print(f"{len(features)} features from {n_tiles} tiles in {time.perf_counter() - t0:.2f} s -> {out}")
     return 0
 
 

@@ -92,3 +92,33 @@ def read_image(path: Path) -> tuple[np.ndarray, float | None]:
     if arr.dtype != np.uint8:
         raise ImageReadError(f"{path}: expected 8-bit RGB, got {arr.dtype}")
     return np.ascontiguousarray(arr[:, :, :3]), mpp
+
+
+class ArrayImage:
+    """An in-memory full-resolution RGB image with the same ``read`` as a slide (white outside)."""
+
+    def __init__(self, rgb: np.ndarray) -> None:
+        self.rgb = rgb
+        self.height, self.width = rgb.shape[:2]
+
+    def read(self, x0: float, y0: float, x1: float, y1: float, out_w: int, out_h: int) -> np.ndarray:
+        import math
+
+        import cv2
+
+        out = np.full((out_h, out_w, 3), 255, np.uint8)
+        sx, sy = (x1 - x0) / out_w, (y1 - y0) / out_h
+        cx0, cy0 = max(0, math.floor(x0)), max(0, math.floor(y0))
+        cx1, cy1 = min(self.width, math.ceil(x1)), min(self.height, math.ceil(y1))
+        if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        crop = self.rgb[cy0:cy1, cx0:cx1]
+        rw, rh = max(1, round((cx1 - cx0) / sx)), max(1, round((cy1 - cy0) / sy))
+        if (rw, rh) != (crop.shape[1], crop.shape[0]):
+            crop = cv2.resize(np.ascontiguousarray(crop), (rw, rh),
+                              interpolation=cv2.INTER_AREA if sx > 1 else cv2.INTER_LINEAR)
+        u0, v0 = round((cx0 - x0) / sx), round((cy0 - y0) / sy)
+        w, h = min(rw, out_w - u0), min(rh, out_h - v0)
+        if w > 0 and h > 0:
+            out[v0:v0 + h, u0:u0 + w] = crop[:h, :w]
+        return out
