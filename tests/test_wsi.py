@@ -89,6 +89,21 @@ def test_shapes_crossing_tiles_come_back_as_one_polygon_each(shapes_slide, model
         assert g.area == pytest.approx(truth, rel=0.02), name
 
 
+def test_sixteen_fold_overlap_is_expressible(shapes_slide, tmp_path):
+    """Histo_Unet's "16-fold overlap": overlap = 3/4 of the tile, every pixel blended from 16 tiles."""
+    path, masks = shapes_slide
+    card = {**DARK_CARD, "name": "sixteen", "tile": {"size": 64, "overlap": 48, "batch_size": 64}}
+    (tmp_path / "sixteen").mkdir()
+    (tmp_path / "sixteen" / "config.json").write_text(json.dumps(card))
+    result = annotate_slide(Engine(tmp_path), path, "sixteen")
+    cover = np.zeros((result.plan.height, result.plan.width), int)
+    for t in result.plan.tiles:
+        cover[t.y:t.y + t.h, t.x:t.x + t.w] += 1
+    assert cover[64:-64, 64:-64].min() == 16
+    areas = sorted(shape(f["geometry"]).area for f in result.features)
+    assert areas == pytest.approx(sorted(float(m.sum()) for m in masks.values()), rel=0.02)
+
+
 def test_no_tile_seams_compared_with_single_tiles(shapes_slide, models_dir):
     """Without stitching (one request per tile) the same slide breaks into many pieces."""
     path, _ = shapes_slide

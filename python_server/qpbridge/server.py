@@ -125,6 +125,8 @@ class Server:
     def serve_forever(self) -> None:
         log.info("qpbridge %s serving on %s (protocol %d, device %s, %d workers)", __version__, self.address,
                  PROTOCOL_VERSION, self.engine.device, self.workers)
+        if self.slide_roots:
+            log.info("slide jobs read files below: %s", ", ".join(str(r) for r in self.slide_roots))
         log.info("models: %s", ", ".join(f"{n} ({c.task}, {c.mpp} µm/px)" for n, c in
                                          sorted(self.engine.cards.items())))
         poller = zmq.Poller()
