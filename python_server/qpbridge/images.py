@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
 
@@ -22,10 +23,8 @@ def _tiff_mpp(path: Path) -> float | None:
         for part in desc.split("|"):
             key, _, value = part.partition("=")
             if key.strip().upper() == "MPP":
-                try:
+                with contextlib.suppress(ValueError):
                     return float(value)
-                except ValueError:
-                    pass
         tags = page.tags
         if "XResolution" not in tags or "ResolutionUnit" not in tags:
             return None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -145,8 +146,9 @@ class TorchSegmentation(ModelFamily):
                 f"{where} for where to get them and where to put them", path=str(card.weights))
         return card.weights
 
+    @abstractmethod
     def _load(self, weights: Path, device: torch.device) -> torch.nn.Module:
-        raise NotImplementedError
+        """The model from its weights, on ``device``, in eval mode."""
 
     def predict(self, tiles: Sequence[np.ndarray]) -> list[TileResult]:
         checked = [check_rgb_tile(t, i) for i, t in enumerate(tiles)]
