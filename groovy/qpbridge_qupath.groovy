@@ -14,11 +14,12 @@
 import com.google.gson.JsonArray
 import com.google.gson.JsonElement
 import com.google.gson.JsonObject
-import org.locationtech.jts.geom.Envelope
+import org.locationtech.jts.geom.Coordinate
 import org.locationtech.jts.geom.Geometry
-import org.locationtech.jts.geom.GeometryFactory
-import org.locationtech.jts.geom.prep.PreparedGeometry
-import org.locationtech.jts.geom.prep.PreparedGeometryFactory
+import org.locationtech.jts.geom.GeometryCollection
+import org.locationtech.jts.geom.LineString
+import org.locationtech.jts.geom.Polygon
+import org.locationtech.jts.simplify.TopologyPreservingSimplifier
 import org.slf4j.LoggerFactory
 import qupath.lib.images.servers.ImageServer
 import qupath.lib.io.GsonTools
@@ -26,7 +27,6 @@ import qupath.lib.objects.PathObject
 import qupath.lib.objects.hierarchy.PathObjectHierarchy
 import qupath.lib.regions.ImagePlane
 import qupath.lib.regions.RegionRequest
-import qupath.lib.roi.GeometryTools
 import qupath.lib.roi.interfaces.ROI
 
 import java.awt.image.BufferedImage
@@ -135,55 +135,84 @@ class QpbQuPath {
     }
 
     /**
-     * Keep what belongs to a parent annotation: detections whose centroid lies in its ROI, annotations clipped
-     * to it (with area, perimeter and circularity recomputed). Everything moves to the parent's z/t plane.
+     * Move objects to the parent's z/t plane (the server knows nothing of planes). No clipping here: the server
+     * already clipped every result to the job's region and the annotation's ROI.
      */
-    static List<PathObject> fitToParent(List<PathObject> objects, PathObject parent, double pixelWidth, double pixelHeight) {
-        if (parent == null || parent.isRootObject() || parent.getROI() == null) return objects
-        ROI roi = parent.getROI()
-        ImagePlane plane = roi.getImagePlane()
-        Geometry parentGeom = roi.getGeometry()
-        PreparedGeometry prepared = PreparedGeometryFactory.prepare(parentGeom)
-        List<PathObject> kept = []
+    static List<PathObject> toPlane(List<PathObject> objects, ImagePlane plane) {
+        if (plane == null || (plane.getZ() == 0 && plane.getT() == 0)) return objects
         for (PathObject o : objects) {
             ROI r = o.getROI()
-            if (r == null) continue
-            if (o.isDetection()) {
-                if (!roi.contains(r.getCentroidX(), r.getCentroidY())) continue
-            } else {
-                Geometry g = r.getGeometry()
-                if (!prepared.intersects(g)) continue
-                if (!prepared.covers(g)) {
-                    Geometry clipped = GeometryTools.homogenizeGeometryCollection(g.intersection(parentGeom))
-                    if (clipped.isEmpty() || clipped.getDimension() < 2) continue
-                    o.setROI(GeometryTools.geometryToROI(clipped, plane))
-                    remeasure(o, pixelWidth, pixelHeight)
-                    r = o.getROI()
-                }
+            if (r == null || (r.getZ() == plane.getZ() && r.getT() == plane.getT())) continue
+            try {
+                o.setROI(r.updatePlane(plane))
+            } catch (Exception ignored) {
+                // cells cannot change their ROI; they stay on the default plane
             }
-            if (r.getZ() != plane.getZ() || r.getT() != plane.getT()) {
-                try {
-                    o.setROI(r.updatePlane(plane))
-                } catch (Exception ignored) {
-                    // cells cannot change their ROI; they stay on the default plane
-                }
-            }
-            kept.add(o)
         }
-        kept
+        objects
     }
 
-    /** The server's shape measurements, recomputed for a clipped annotation. */
-    static void remeasure(PathObject o, double pw, double ph) {
-        Map m = o.getMeasurements()
-        ROI r = o.getROI()
-        double area = r.getScaledArea(pw, ph)
-        double perimeter = r.getScaledLength(pw, ph)
-        for (Object k : new ArrayList(m.keySet())) {
-            String key = (String) k
-            if (key.endsWith('Area µm^2')) m.put(key, area)
-            else if (key.endsWith('Perimeter µm')) m.put(key, perimeter)
-            else if (key.endsWith('Circularity')) m.put(key, perimeter > 0 ? 4 * Math.PI * area / (perimeter * perimeter) : 0d)
+    /**
+     * A JTS geometry as a GeoJSON Polygon or MultiPolygon (full-resolution pixels, coordinates rounded to 0.01 px),
+     * as job.open and job.slide take an annotation's ROI; null when it has no area. A ROI whose JSON would exceed
+     * maxChars (the server caps request headers at 1 MiB) is simplified, within a fraction of a pixel first.
+     */
+    static Map geometryToGeoJson(Geometry g, int maxChars = 400000, Closure log = null) {
+        Map out = polygonsToGeoJson(g)
+        double tolerance = 0.25
+        while (out != null && QpbJson.toJson(out).length() > maxChars && tolerance < 1e6) {
+            Geometry simpler = TopologyPreservingSimplifier.simplify(g, tolerance)
+            Map m = polygonsToGeoJson(simpler)
+            if (m != null) out = m
+            if (log != null && m != null && QpbJson.toJson(m).length() <= maxChars) {
+                log.call("qpbridge: the annotation has ${g.getNumPoints()} vertices; sent to the server simplified " +
+                        "within ${tolerance} px (${simpler.getNumPoints()} vertices)")
+            }
+            tolerance *= 2
+        }
+        out
+    }
+
+    private static Map polygonsToGeoJson(Geometry g) {
+        List<List> polygons = []
+        collectPolygons(g, polygons)
+        if (polygons.isEmpty()) return null
+        polygons.size() == 1 ? [type: 'Polygon', coordinates: polygons[0]] : [type: 'MultiPolygon', coordinates: polygons]
+    }
+
+    private static void collectPolygons(Geometry g, List<List> out) {
+        if (g == null || g.isEmpty()) return
+        if (g instanceof Polygon) {
+            Polygon p = (Polygon) g
+            List<List> rings = [ring(p.getExteriorRing())]
+            for (int i = 0; i < p.getNumInteriorRing(); i++) rings.add(ring(p.getInteriorRingN(i)))
+            out.add(rings)
+        } else if (g instanceof GeometryCollection) { // MultiPolygon and mixed collections
+            for (int i = 0; i < g.getNumGeometries(); i++) collectPolygons(g.getGeometryN(i), out)
+        }
+    }
+
+    private static List ring(LineString r) {
+        List pts = []
+        for (Coordinate c : r.getCoordinates()) pts.add([Math.round(c.x * 100d) / 100d, Math.round(c.y * 100d) / 100d])
+        pts
+    }
+
+    /**
+     * The image's URIs when they are the pixels QuPath shows: empty for servers that transform another
+     * (rotated, cropped, sliced, affine...), whose coordinates differ from the file's.
+     */
+    static Collection imageUris(ImageServer server) {
+        for (Class c = server.getClass(); c != null; c = c.getSuperclass()) {
+            String n = c.getSimpleName()
+            if (n.contains('Transforming') || n.contains('Rotated') || n.contains('Cropped') || n.contains('Affine') ||
+                    n.contains('Sliced') || n.contains('Sparse') || n.contains('Concatenat')) return []
+        }
+        try {
+            Collection uris = server.getURIs()
+            return uris == null ? [] : uris
+        } catch (Exception ignored) {
+            return []
         }
     }
 
@@ -223,8 +252,9 @@ class QpbQuPath {
      * Run a model on each parent (the whole image when parents is empty) and add the results below it.
      * opts: server (ImageServer, required), hierarchy (required), parents (List<PathObject>), address, model,
      * replace (true), pixelSizeUm (override, null = the image's calibration), imageName, encoding ('raw'|'png'),
-     * batchSize, timeoutS, log (Closure), client (an open QpbClient to reuse).
-     * Returns [parents, tiles, objects, removed].
+     * batchSize, timeoutS, serverSideReading (true: let a server started with --slide-root read the file itself),
+     * log (Closure), client (an open QpbClient to reuse).
+     * Returns [parents, tiles, objects, removed, slideJobs].
      */
     static Map run(Map opts) {
         ImageServer<BufferedImage> server = (ImageServer<BufferedImage>) opts.server
@@ -233,6 +263,7 @@ class QpbQuPath {
         Closure log = opts.log == null ? logger() : (Closure) opts.log
         String model = (String) opts.model
         boolean replace = opts.replace == null ? true : (boolean) opts.replace
+        boolean serverSide = opts.serverSideReading == null ? true : (boolean) opts.serverSideReading
         List<PathObject> parents = opts.parents == null ? [] : new ArrayList<PathObject>((Collection) opts.parents)
         if (parents.isEmpty()) parents.add(hierarchy.getRootObject())
         if (!server.isRGB()) {
@@ -242,55 +273,55 @@ class QpbQuPath {
         boolean ownClient = client == null
         if (ownClient) client = new QpbClient((String) (opts.address ?: QpbVersion.DEFAULT_ADDRESS))
         if (opts.timeoutS != null) client.requestTimeoutMs = (long) (((Number) opts.timeoutS).doubleValue() * 1000)
-        Map total = [parents: 0, tiles: 0, objects: 0, removed: 0]
+        Map total = [parents: 0, tiles: 0, objects: 0, removed: 0, slideJobs: 0]
         try {
             if (client.helloReply == null) client.hello()
             Map card = client.model(model)
-            Double px = pixelSizeMicrons(server, (Double) opts.pixelSizeUm)
-            double ds = QpbTiling.downsample(px, card)
-            int tileSize = ((Number) card.tile_size).intValue(), overlap = ((Number) card.overlap).intValue()
+            Double override = opts.pixelSizeUm == null ? null : ((Number) opts.pixelSizeUm).doubleValue()
+            Double px = QpbTiling.pixelSize(pixelSizeMicrons(server, override), card)
+            if (px == null) log.call("qpbridge ${model}: the image has no pixel size; model ${model} does not need one")
             List<String> types = [(String) card.object_type]
             List<String> classes = classNames(card)
             String name = (String) (opts.imageName ?: server.getMetadata().getName())
-            Map image = [name: name, mpp: px, width: server.getWidth(), height: server.getHeight()]
+            Map image = [name: name, width: server.getWidth(), height: server.getHeight()]
+            if (px != null) image.mpp = px
+            Map choice = QpbSlides.choose(client.helloReply, imageUris(server), serverSide)
             for (PathObject parent : parents) {
                 ROI roi = parent.isRootObject() ? null : parent.getROI()
-                int z = roi == null ? 0 : roi.getZ(), t = roi == null ? 0 : roi.getT()
-                List<QpbTile> tiles
-                if (roi == null) {
-                    tiles = QpbTiling.plan(0, 0, server.getWidth(), server.getHeight(), server.getWidth(), server.getHeight(),
-                            ds, tileSize, overlap)
-                } else {
-                    int x0 = (int) Math.floor(roi.getBoundsX()), y0 = (int) Math.floor(roi.getBoundsY())
-                    int x1 = (int) Math.ceil(roi.getBoundsX() + roi.getBoundsWidth())
-                    int y1 = (int) Math.ceil(roi.getBoundsY() + roi.getBoundsHeight())
-                    PreparedGeometry area = PreparedGeometryFactory.prepare(roi.getGeometry())
-                    GeometryFactory gf = new GeometryFactory()
-                    tiles = QpbTiling.plan(x0, y0, x1 - x0, y1 - y0, server.getWidth(), server.getHeight(), ds, tileSize, overlap,
-                            { int x, int y, int w, int h -> area.intersects(gf.toGeometry(new Envelope(x, x + w, y, y + h))) })
-                }
                 String where = parent.isRootObject() ? 'whole image' : parent.toString()
-                log.call("qpbridge ${model}: ${name}, ${where}: ${tiles.size()} tiles")
+                if (roi != null && !roi.isArea()) {
+                    log.call("qpbridge ${model}: skipped ${where}: only area annotations can hold results (not lines or points)")
+                    continue
+                }
+                Map region = roi == null ? [x: 0, y: 0, width: server.getWidth(), height: server.getHeight()] :
+                        QpbTiling.region(roi.getBoundsX(), roi.getBoundsY(), roi.getBoundsWidth(), roi.getBoundsHeight(),
+                                server.getWidth(), server.getHeight())
+                Map roiJson = roi == null ? null : geometryToGeoJson(roi.getGeometry(), 400000, log)
+                if (region == null || (roi != null && roiJson == null)) {
+                    log.call("qpbridge ${model}: skipped ${where}: it does not cover any part of the image")
+                    continue
+                }
+                int z = roi == null ? 0 : roi.getZ(), t = roi == null ? 0 : roi.getT()
+                Map parentChoice = choice
+                if (choice.use && (z != 0 || t != 0)) {
+                    parentChoice = [use: false, reason: "the annotation lies on plane z=${z}, t=${t}; the server reads only the first plane".toString()]
+                }
+                log.call("qpbridge ${model}: ${name}, ${where}")
                 List<PathObject> objects = []
                 QpbJobRunner runner = new QpbJobRunner(client: client, card: card, image: image, log: log,
                         tileSource: tileSource(server, z, t), encoding: (String) (opts.encoding ?: 'raw'),
                         batchSize: (Integer) opts.batchSize)
                 runner.onFeatures = { List<String> page -> objects.addAll(toObjects(page, model, log)) }
-                runner.run(tiles)
-                def cal = server.getPixelCalibration()
-                double pw = px, ph = px
-                if (cal.hasPixelSizeMicrons() && opts.pixelSizeUm == null) {
-                    pw = cal.getPixelWidthMicrons()
-                    ph = cal.getPixelHeightMicrons()
-                }
-                objects = fitToParent(objects, parent, pw, ph)
+                runner.runRegion(region, roiJson, parentChoice, override)
+                objects = toPlane(objects, roi == null ? null : roi.getImagePlane())
                 Map r = addResults(hierarchy, parent, objects, replace, model, types, classes)
                 log.call("qpbridge ${model}: added ${r.added} objects below ${where}" +
                         (replace ? ", replaced ${r.removed} earlier results" : ''))
                 total.parents = (int) total.parents + 1
-                total.tiles = (int) total.tiles + tiles.size()
+                total.tiles = (int) total.tiles + runner.tilesTotal
                 total.objects = (int) total.objects + (int) r.added
                 total.removed = (int) total.removed + (int) r.removed
+                if (runner.kind == 'slide') total.slideJobs = (int) total.slideJobs + 1
             }
         } finally {
             if (ownClient) client.close()

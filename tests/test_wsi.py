@@ -354,3 +354,19 @@ def test_planned_nuclei_job_counts_border_nuclei_once(server):
         c.job_finish(opened["job"])
         feats = list(c.job_results(opened["job"]))
     assert len(feats) == len(centres)
+
+
+def test_running_slide_job_outlives_the_job_ttl(shapes_slide, models_dir):
+    from qpbridge.protocol import Limits
+
+    path, _ = shapes_slide
+    running = start_server(models_dir, Limits(job_ttl_s=1.0), slide_roots=[path.parent])
+    try:
+        with Client(running.address) as c:
+            job = c.request({"op": "job.slide", "model": "slow", "path": str(path)})["job"]
+            time.sleep(2.5)  # no request for longer than the TTL
+            assert c.job_status(job)["state"] == "running"
+            c.job_cancel(job)
+    finally:
+        running.server.stop()
+        running.thread.join(10)

@@ -84,12 +84,14 @@ class Job:
         with self.lock:
             if self.state == RUNNING:
                 self.state = DONE
+            self.last_seen = time.monotonic()
 
     def fail(self, err: QPBridgeError) -> None:
         with self.lock:
             if self.state == RUNNING:
                 self.state = FAILED
                 self.error = err.to_wire()
+            self.last_seen = time.monotonic()
 
     def cancel(self) -> None:
         with self.lock:
@@ -183,7 +185,9 @@ class JobManager:
         """Drop jobs idle for longer than the TTL; returns their ids."""
         now = time.monotonic()
         with self._lock:
-            gone = [jid for jid, j in self._jobs.items() if now - j.last_seen > self.ttl_s]
+            # A slide job runs on the server without its client; its TTL counts from when it ends.
+            gone = [jid for jid, j in self._jobs.items() if now - j.last_seen > self.ttl_s
+                    and not (j.kind == "slide" and j.state == RUNNING)]
             for jid in gone:
                 self._jobs.pop(jid).cancel()
                 self._expired[jid] = now
