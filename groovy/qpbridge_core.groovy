@@ -403,15 +403,18 @@ class QpbClient {
     /**
      * A job whose tiles the server plans over region ([x, y, width, height], full-resolution pixels), optionally
      * limited to roi (a GeoJSON geometry). The reply's plan lists the tiles to send; the server stitches them.
-     * One attempt only: a retried open would leave a second job behind.
+     * A retry after a lost reply leaves an idle job behind, which does no work and expires after the server's TTL.
      */
     Map jobOpenPlanned(String model, Map image, Map region, Map roi = null) {
         Map h = [op: 'job.open', model: model, image: image, region: region]
         if (roi != null) h.roi = roi
-        (Map) QpbJson.plain(call(h, [], requestTimeoutMs, 1))
+        (Map) QpbJson.plain(call(h, [], requestTimeoutMs, 2))
     }
 
-    /** A slide job: the server reads the file at path itself. One attempt: a retry could start the slide twice. */
+    /**
+     * A slide job: the server reads the file at path itself. One attempt only: a retry after a lost reply would
+     * start a second job reading the whole slide.
+     */
     Map jobSlide(String model, String path, Map roi = null, Double mpp = null) {
         Map h = [op: 'job.slide', model: model, path: path]
         if (roi != null) h.roi = roi
@@ -669,7 +672,7 @@ class QpbProgress {
     /** Logs text (or the local line) when forced, at the end, or once the interval has passed. */
     void maybeLog(int done, boolean force, String text) {
         long now = System.currentTimeMillis()
-        if (done == lastDone && lastLog != 0 && !force) return
+        if (done == lastDone && lastLog != 0) return
         if (force || done >= total || now - lastLog >= intervalMs) {
             lastLog = now
             lastDone = done
@@ -850,7 +853,8 @@ class QpbJobRunner {
                 long now = System.currentTimeMillis()
                 if (expected == null) {
                     if (!waitingLogged) {
-                        log.call("qpbridge ${modelName}: the server is planning the slide (finding tissue) ...")
+                        log.call("qpbridge ${modelName}: the server is preparing the slide job (tissue detection, " +
+                                'or waiting for earlier slide jobs) ...')
                         waitingLogged = true
                     }
                 } else if (state == 'running' && now - lastLog >= progressIntervalMs) {

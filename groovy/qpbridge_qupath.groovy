@@ -1,5 +1,6 @@
 /*
- * qpbridge client library, QuPath adapter: ImageServer -> tiles, QuPath GeoJSON -> PathObjects, results into
+ * qpbridge client library, QuPath adapter: ImageServer -> the server's planned tiles (or the image file's path for
+ * a server that reads slides itself), annotation ROI -> GeoJSON, QuPath GeoJSON -> PathObjects, results into
  * the hierarchy in one event. Needs qpbridge_core.groovy inlined beside it.
  *
  * Takes everything it works on as parameters (ImageServer, PathObjectHierarchy, parent objects) and never

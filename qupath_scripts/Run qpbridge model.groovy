@@ -1,8 +1,11 @@
 /**
  * qpbridge: run a model on the selected annotations, or on the whole image when nothing is selected.
  *
- * Tiles are read at the model's resolution (from the image's pixel size), sent to a running qpbridge server
- * (`qpbridge serve`), and the objects it finds are added as children of each selected annotation.
+ * The server plans overlapping tiles at the model's resolution (from the image's pixel size) over each selected
+ * annotation; they are read here and sent to a running qpbridge server (`qpbridge serve`), which stitches them
+ * seam-free and clips the results to the annotation. The objects are added as children of each annotation.
+ * When the server was started with `--slide-root DIR` and the image file lies below DIR, the server reads the
+ * slide itself (faster; nothing is read in QuPath) unless USE_SERVER_SIDE_READING is false.
  * Progress (percent, tiles/s, ETA) goes to the log; "Kill running script" cancels the server job.
  * Works in the GUI, in "Run for project" (no selection there: whole image) and headless:
  *   QuPath script -p project.qpproj -s "Run qpbridge model.groovy"
@@ -18,6 +21,7 @@ Double PIXEL_SIZE_UM = null              // µm per pixel, only for images witho
 String ENCODING = 'raw'                  // 'raw' (same machine, fastest) or 'png' (server on another machine)
 Integer BATCH_SIZE = null                // tiles per request; null: chosen from the server's limits
 double TIMEOUT_S = 120                   // longest wait for one batch of tiles
+boolean USE_SERVER_SIDE_READING = true   // let a server started with --slide-root read the image file itself
 
 // ---- script -----------------------------------------------------------------------------------------
 def qpbLog = QpbQuPath.logger()
@@ -44,8 +48,10 @@ List parents = selected == null ? [] : selected.findAll { it != null && it.isAnn
 try {
     Map result = QpbQuPath.run(server: imageData.getServer(), hierarchy: imageData.getHierarchy(), parents: parents,
             address: SERVER, model: MODEL, replace: REPLACE_PREVIOUS, pixelSizeUm: PIXEL_SIZE_UM, imageName: imageName,
-            encoding: ENCODING, batchSize: BATCH_SIZE, timeoutS: TIMEOUT_S, log: qpbLog)
-    qpbLog.call("qpbridge ${MODEL}: ${imageName}: ${result.objects} objects from ${result.tiles} tiles")
+            encoding: ENCODING, batchSize: BATCH_SIZE, timeoutS: TIMEOUT_S, serverSideReading: USE_SERVER_SIDE_READING,
+            log: qpbLog)
+    qpbLog.call("qpbridge ${MODEL}: ${imageName}: ${result.objects} objects from ${result.tiles} tiles" +
+            (result.slideJobs ? " (${result.slideJobs} read on the server)" : ''))
 } catch (QpbCancelledException e) {
     qpbLog.call(e.getMessage())
     throw e

@@ -21,6 +21,11 @@ try {
     qpbLog.call("  limits: ${(limits.max_tiles_per_request as Number).intValue()} tiles and " +
             "${(long) ((limits.max_request_bytes as Number).longValue() / (1024 * 1024))} MiB per request, " +
             "idle jobs expire after ${(limits.job_ttl_s as Number).intValue()} s")
+    if (client.hasCapability(QpbSlides.CAPABILITY)) {
+        qpbLog.call("  server-side reading: on, for image files below ${((List) hello.slide_roots).join(', ')}")
+    } else {
+        qpbLog.call('  server-side reading: off (QuPath reads the tiles; start the server with --slide-root DIR to let it read files below DIR)')
+    }
     List<Map> models = client.models()
     qpbLog.call("  ${models.size()} model(s):")
     for (Map m : models) {

@@ -1,8 +1,9 @@
 """The Groovy client (groovy/) under plain Groovy + JeroMQ against a real qpbridge server.
 
 Drivers in tests/groovy/ are inlined exactly as `qpbridge install-qupath` inlines the QuPath scripts, run
-with Debian's groovy, and print one ``QPB <json>`` line per check. Needs: groovy, libjeromq-java,
-libgoogle-gson-java, libjts-java, libslf4j-java (jars in /usr/share/java) and JAVA_HOME.
+with Debian's groovy (the client driver is compiled once with groovyc and run with java + groovy-all.jar,
+which saves recompiling it for every check), and print one ``QPB <json>`` line per check. Needs: groovy,
+libjeromq-java, libgoogle-gson-java, libjts-java, libslf4j-java (jars in /usr/share/java) and JAVA_HOME.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,6 @@ import pytest
 from qpbridge.client import Client
 from qpbridge.install_qupath import inline_script, install_qupath
 from qpbridge.protocol import ImageInfo, TileSpec
-from qpbridge.tiling import grid
 
 pytestmark = pytest.mark.groovy
 
@@ -31,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 DRIVERS = HERE / "groovy"
 JAVA_DIR = Path(os.environ.get("QPB_JAVA_DIR", "/usr/share/java"))
 JARS = {name: JAVA_DIR / f"{name}.jar" for name in ("jeromq", "gson", "jts-core", "slf4j-api", "slf4j-simple")}
+GROOVY_ALL = JAVA_DIR / "groovy-all.jar"  # runs the drivers compiled once by groovyc (Debian: groovy package)
 MONUSEG = HERE.parent.parent / "shared" / "data" / "monuseg-train"
 MONUSEG_IMAGE = "TCGA-21-5784-01Z-00-DX1.tif"
 
@@ -72,22 +74,47 @@ def groovy() -> str:
     return exe
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """A driver compiled once with groovyc, run with plain java: saves compiling ~1000 lines on every run."""
+
+    classes: Path
+    main: str
+
+
+Driver = Path | Compiled  # a driver script, or the same compiled
+
+
 @pytest.fixture(scope="module")
-def checks_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The client test driver with the core library inlined, as the installer does it."""
-    out = tmp_path_factory.mktemp("groovy") / "client_checks.groovy"
+def checks_script(groovy: str, tmp_path_factory: pytest.TempPathFactory) -> Driver:
+    """The client test driver with the core library inlined, as the installer does it (compiled when possible)."""
+    root = tmp_path_factory.mktemp("groovy")
+    out = root / "client_checks.groovy"
     out.write_text(inline_script((DRIVERS / "client_checks.groovy").read_text(encoding="utf-8")), encoding="utf-8")
-    return out
+    groovyc = shutil.which("groovyc")
+    if groovyc is None or not GROOVY_ALL.exists():
+        return out
+    classes = root / "classes"
+    proc = subprocess.run([groovyc, "-cp", str(JARS["gson"]), "-d", str(classes), str(out)], capture_output=True,
+                          text=True, timeout=180, env=_java_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Compiled(classes, "client_checks")
 
 
-def run_groovy(groovy: str, script: Path, args: Sequence[str], jars: Sequence[str] = ("jeromq", "gson"),
+def run_groovy(groovy: str, script: Driver, args: Sequence[str], jars: Sequence[str] = ("jeromq", "gson"),
                extra_cp: Sequence[Path] = (), timeout: float = 180) -> tuple[list[dict[str, Any]], str]:
     cp = os.pathsep.join([*(str(JARS[j]) for j in jars), *(str(p) for p in extra_cp)])
-    proc = subprocess.run([groovy, "-cp", cp, str(script), *args], capture_output=True, text=True,
-                          timeout=timeout, env=_java_env())
+    if isinstance(script, Compiled):
+        java = str(Path(_java_env()["JAVA_HOME"], "bin", "java"))
+        cmd = [java, "-cp", os.pathsep.join([cp, str(GROOVY_ALL), str(script.classes)]), script.main, *args]
+        name = script.main
+    else:
+        cmd = [groovy, "-cp", cp, str(script), *args]
+        name = script.name
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_java_env())
     results = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("QPB ")]
     if proc.returncode != 0 or not results:
-        raise AssertionError(f"groovy {script.name} {' '.join(args)} failed (rc {proc.returncode}):\n"
+        raise AssertionError(f"groovy {name} {' '.join(args)} failed (rc {proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return results, proc.stderr
 
@@ -102,24 +129,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_plan_matches_server_grid(groovy: str, checks_script: Path) -> None:
+def test_plan_reads_regions_and_slide_decisions(groovy: str, checks_script: Driver) -> None:
     (plan,), _ = run_groovy(groovy, checks_script, ["plan"])
-    for case in plan["cases"]:
-        ds = case["downsample"]
-        assert ds == pytest.approx(max(1.0, 0.5 / case["mpp"]))
-        if ds == 1.0:  # the server's own grid for the same image: identical tiles
-            assert [tuple(t) for t in case["tiles"]] == grid(case["w"], case["h"], 512, 32)
-        xs = {t[0] for t in case["tiles"]}
-        assert max(t[0] + t[2] for t in case["tiles"]) == case["w"]  # covers the image, clipped to it
-        assert min(xs) == 0
-    assert [tuple(t) for t in plan["region"]] == [(1500, 900, 500, 512), (1500, 1380, 500, 120)]
-    assert plan["filtered"] == 4
+    # A server plan's tiles become reads of width*downsample x height*downsample full-res pixels (rounded),
+    # cut at the image's edges (2240 x 1000 here); the planned pixel size stays in the header.
+    assert plan["reads"] == [[100, 50, 973, 950, 1.9, 512, 512], [1012, 50, 973, 950, 1.9, 512, 512],
+                             [1924, 50, 316, 950, 1.9, 170, 512]]
+    assert plan["regions"] == [{"x": 10, "y": 20, "width": 101, "height": 51},
+                               {"x": 0, "y": 0, "width": 15, "height": 15},
+                               {"x": 990, "y": 10, "width": 10, "height": 10}, None]
     assert plan["progress"].startswith("qpbridge nuclei: 25% (50/200 tiles), ")
     assert "tiles/s, ETA " in plan["progress"]
     assert plan["eta"] == "1:02:05"
+    assert plan["server_line"] == "qpbridge x: 50% (5/10 tiles), 2.5 tiles/s, ETA 0:02"
+    assert plan["mpp"]["required"]["code"] == "missing_mpp" and "PIXEL_SIZE_UM" in plan["mpp"]["required"]["message"]
+    assert plan["mpp"].get("free") is None and plan["mpp"]["given"] == 0.25  # Gson leaves the null out
+
+    d = plan["decisions"]
+    root = plan["root"]
+    assert d["inside"]["use"] and d["inside"]["path"] == f"{root}/a b.tif" and d["inside"]["root"] == root
+    assert d["inside_str"]["use"] and d["inside_str"]["path"] == d["inside"]["path"]
+    assert d["link_in"]["use"] and d["link_in"]["path"] == d["inside"]["path"]  # a link into the root
+    for key in ("outside", "link_out"):  # a link out of the root does not count
+        assert not d[key]["use"] and "not below the server's slide roots" in d[key]["reason"]
+    assert not d["missing"]["use"] and "not a file" in d["missing"]["reason"]
+    assert not d["not_file"]["use"] and "not a local file" in d["not_file"]["reason"]
+    assert not d["two_files"]["use"] and "one file (2 URIs)" in d["two_files"]["reason"]
+    assert not d["no_uris"]["use"]
+    assert not d["no_cap"]["use"] and "--slide-root" in d["no_cap"]["reason"]
+    assert not d["disabled"]["use"] and "USE_SERVER_SIDE_READING" in d["disabled"]["reason"]
 
 
-def test_hello_models_and_errors(groovy: str, checks_script: Path, server: Any) -> None:
+def test_hello_models_and_errors(groovy: str, checks_script: Driver, server: Any) -> None:
     dead = f"tcp://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     results, _ = run_groovy(groovy, checks_script, ["hello,errors", f"address={server.address}", f"dead={dead}"])
@@ -146,7 +187,7 @@ def test_hello_models_and_errors(groovy: str, checks_script: Path, server: Any) 
     assert time.monotonic() - t0 < 60
 
 
-def test_jeromq_missing_is_a_clear_error(groovy: str, checks_script: Path) -> None:
+def test_jeromq_missing_is_a_clear_error(groovy: str, checks_script: Driver) -> None:
     (r,), _ = run_groovy(groovy, checks_script, ["nojeromq"], jars=("gson",))
     assert r["error"]["code"] == "jeromq_missing"
     assert "extensions" in r["error"]["message"] and "install-qupath" in r["error"]["message"]
@@ -162,17 +203,25 @@ def _canonical(features: list[dict[str, Any]]) -> list[str]:
     return sorted(out)
 
 
-def test_full_job_matches_python_client(groovy: str, checks_script: Path, server: Any, tmp_path: Path) -> None:
+def _geometries(features: list[dict[str, Any]]) -> list[Any]:
+    import shapely.geometry
+
+    return [shapely.geometry.shape(f["geometry"]) for f in features]
+
+
+def test_planned_job_matches_python_client(groovy: str, checks_script: Driver, server: Any, tmp_path: Path) -> None:
     image = need_data(MONUSEG / MONUSEG_IMAGE)
     out = tmp_path / "job"
-    # mpp 0.5 = the model's resolution, so the 1000 px image needs a 3 x 3 grid of 512 px tiles.
+    # mpp 0.5 = the model's resolution: the server plans a 3 x 3 grid of 512 px tiles over the 1000 px image.
     results, stderr = run_groovy(groovy, checks_script, ["job", f"address={server.address}", f"image={image}",
                                                          "mpp=0.5", f"out={out}"])
     job = by_check(results)["job"]
-    assert job["tiles"] == 9 and job["downsample"] == 1.0
+    assert job["kind"] == "tiles" and job["tiles"] == 9 and job["downsample"] == 1.0
+    assert job["plan"]["rows"] == 3 and job["plan"]["cols"] == 3 and len(job["plan"]["tiles"]) == 9
     assert job["features"] > 100  # a real H&E tile set has hundreds of nuclei
     assert any("100% (9/9 tiles)" in line for line in job["progress_lines"])
     assert "ETA" in stderr
+    assert "no 'slide-jobs' capability" in job["path_lines"][0]  # the session server reads no slides
 
     groovy_features = json.loads((out / "features.json").read_text(encoding="utf-8"))
     assert len(groovy_features) == job["features"]
@@ -182,7 +231,8 @@ def test_full_job_matches_python_client(groovy: str, checks_script: Path, server
         assert props["metadata"]["qpbridge.model"] == "nuclei"
         assert f["geometry"]["type"] in ("Polygon", "MultiPolygon")
 
-    # The very same tiles through the Python client.
+    # The same planned job through the Python client, fed the very pixels the Groovy client read, in
+    # another order and other batches: identical features (ids aside).
     sent = json.loads((out / "tiles.json").read_text(encoding="utf-8"))
     tiles = []
     for t in sent:
@@ -190,16 +240,127 @@ def test_full_job_matches_python_client(groovy: str, checks_script: Path, server
         tiles.append((TileSpec(x=t["x"], y=t["y"], width=t["width"], height=t["height"],
                                downsample=float(t["downsample"])), px))
     with Client(server.address, timeout_s=120) as client:
-        py_features = client.run_job("nuclei", tiles, ImageInfo(name=image.name, mpp=0.5, width=1000, height=1000),
-                                     expected_tiles=len(tiles), batch_size=3)
+        r = job["region"]
+        opened = client.job_open_planned("nuclei", ImageInfo(name=image.name, mpp=0.5, width=1000, height=1000),
+                                         (r["x"], r["y"], r["width"], r["height"]))
+        assert opened["plan"] == job["plan"]
+        planned = {(t["x"], t["y"]) for t in opened["plan"]["tiles"]}
+        assert {(t["x"], t["y"]) for t in sent} == planned
+        try:
+            for i in range(0, len(tiles), 4):
+                client.job_tiles(opened["job"], tiles[::-1][i:i + 4])
+            client.job_finish(opened["job"])
+            py_features = list(client.job_results(opened["job"]))
+        finally:
+            client.job_close(opened["job"])
     assert _canonical(groovy_features) == _canonical(py_features)
 
 
-def test_cancel_returns_promptly(groovy: str, checks_script: Path, server: Any) -> None:
-    image = need_data(MONUSEG / MONUSEG_IMAGE)
-    (r,), _ = run_groovy(groovy, checks_script, ["cancel", f"address={server.address}", f"image={image}",
-                                                 "mpp=0.5"])
-    assert r["tiles"] == 49
+def _dark_image(w: int, h: int) -> np.ndarray:
+    """White with one large dark ellipse (about 420 x 260 px) and a small dark square."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.full((h, w, 3), 235, np.uint8)
+    img[((xx - 250) / 210.0) ** 2 + ((yy - 170) / 130.0) ** 2 <= 1] = (40, 30, 60)
+    img[20:40, w - 60:w - 30] = 20
+    return img
+
+
+def _write_png(path: Path, img: np.ndarray) -> Path:
+    import cv2
+
+    assert cv2.imwrite(str(path), np.ascontiguousarray(img[:, :, ::-1]))
+    return path
+
+
+def test_seams_one_feature(groovy: str, checks_script: Driver, server: Any, tmp_path: Path) -> None:
+    """A dark shape across many 64 px tiles (overlap 16) of the semantic test model comes back as one polygon."""
+    import shapely.geometry
+
+    img = _dark_image(520, 360)
+    png = _write_png(tmp_path / "seams.png", img)
+    roi = {"type": "Polygon", "coordinates": [[[150.5, 60], [420, 60], [420, 300.5], [150.5, 300.5], [150.5, 60]]]}
+    (tmp_path / "roi.json").write_text(json.dumps(roi))
+    out = tmp_path / "out"
+    (r,), _ = run_groovy(groovy, checks_script, ["seams", f"address={server.address}", f"png={png}",
+                                                 f"roi={tmp_path / 'roi.json'}", f"out={out}"])
+    assert r["whole"]["tiles"] > 30
+    whole = json.loads((out / "whole.json").read_text())
+    dark = [f for f in whole if f["properties"]["classification"]["name"] == "Dark"]
+    (ellipse,) = [g for g in _geometries(dark) if g.area > 10000]  # ONE polygon across the tile seams
+    assert len(dark) == 2  # the ellipse and the small square
+    assert ellipse.area == pytest.approx(np.pi * 210 * 130, rel=0.02)
+    assert ellipse.bounds == pytest.approx((40, 40, 460, 300), abs=2)
+
+    inside = json.loads((out / "roi.json").read_text())
+    assert r["roi"]["features"] == len(inside) == 1  # clipped to the ROI, still one polygon
+    (g,) = _geometries(inside)
+    box = shapely.geometry.shape(roi)
+    assert g.difference(box).area < 1  # the server clipped it to the ROI
+    assert g.area == pytest.approx(ellipse.intersection(box).area, rel=0.01)
+
+
+def test_slide_job_and_fallbacks(groovy: str, checks_script: Driver, models_dir: Path, tmp_path: Path) -> None:
+    """job.slide through the Groovy client equals the Python client's; paths outside the roots fall back."""
+    from conftest import start_server, write_pyramid
+
+    img = _dark_image(520, 360)
+    root = tmp_path / "slides"
+    root.mkdir()
+    slide = write_pyramid(root / "slide.tif", img, 1.0, levels=2)
+    outside = write_pyramid(tmp_path / "outside.tif", img, 1.0, levels=2)
+    png = _write_png(tmp_path / "slide.png", img)
+    roi = {"type": "Polygon", "coordinates": [[[100, 30], [470, 90], [380, 330], [60, 280], [100, 30]]]}
+    (tmp_path / "roi.json").write_text(json.dumps(roi))
+    out = tmp_path / "out"
+    running = start_server(models_dir, slide_roots=[root])
+    try:
+        (r,), _ = run_groovy(groovy, checks_script, [
+            "slide", f"address={running.address}", f"png={png}", f"slide={slide}", f"outside={outside}",
+            f"roi={tmp_path / 'roi.json'}", "rx=60", "ry=30", "rw=410", "rh=300", f"out={out}"])
+        with Client(running.address, timeout_s=60) as client:
+            job = client.request({"op": "job.slide", "model": "seams", "path": str(slide), "roi": roi})["job"]
+            deadline = time.monotonic() + 60
+            while client.job_status(job)["state"] == "running" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.job_status(job)["state"] == "done"
+            py_features = list(client.job_results(job))
+            client.job_close(job)
+    finally:
+        running.server.stop()
+        running.thread.join(10)
+
+    assert "slide-jobs" in r["capabilities"] and r["slide_roots"] == [str(root)]
+    assert r["inside"]["choice"]["use"] and r["inside"]["kind"] == "slide"
+    groovy_slide = json.loads((out / "slide.json").read_text())
+    assert r["inside"]["features"] == len(groovy_slide) == len(py_features) >= 1
+    assert _canonical(groovy_slide) == _canonical(py_features)
+    assert r["inside"]["tiles"] > 10
+
+    # Outside the roots: tiles read on this side through the planned job over the same region and ROI. Same
+    # pixels, same plan, same stitching: the very same objects.
+    assert not r["outside"]["choice"]["use"] and r["outside"]["kind"] == "tiles"
+    fallback = json.loads((out / "fallback.json").read_text())
+    assert _canonical(fallback) == _canonical(groovy_slide)
+    assert r["refused"]["error"]["cls"] == "QpbSlideUnusableException"
+    assert r["refused"]["error"]["code"] == "bad_request"
+    assert "outside the server's slide roots" in r["refused"]["error"]["message"]
+    assert r["forced"] == {"kind": "tiles", "features": len(fallback)}
+    assert not r["disabled"]["use"]
+    log = "\n".join(r["log"])
+    assert "the server reads the slide itself" in log and "reading tiles in QuPath instead" in log
+    assert "reading tiles in QuPath: " in log and "(read on the server)" in log
+
+    cancel = r["cancel"]
+    assert cancel["state_before"] == "running" and cancel["expected"] > 3
+    assert cancel["outcome"]["result"] == "threw"
+    assert cancel["outcome"]["error"]["cls"] == "QpbCancelledException"
+    assert not cancel["alive"] and cancel["return_seconds"] < 5
+    assert cancel["after"] == {"error": "unknown_job"}  # cancelled, then closed on the server
+
+
+def test_cancel_returns_promptly(groovy: str, checks_script: Driver, server: Any) -> None:
+    (r,), _ = run_groovy(groovy, checks_script, ["cancel", f"address={server.address}"])
+    assert r["tiles"] == 256  # 1024 px at 64 px tiles, no overlap
     assert r["state_before"] == "running"
     assert r["outcome"]["result"] == "threw"
     assert r["outcome"]["error"]["cls"] == "QpbCancelledException"
@@ -264,3 +425,32 @@ def test_installed_status_script_runs(groovy: str, compiled: tuple[Path, dict[st
     log = proc.stderr
     assert f"at {server.address}: protocol 1" in log
     assert "nuclei" in log and "tissue" in log and "µm/px" in log
+    assert "server-side reading: off" in log
+
+
+def test_adapter_roi_geojson_and_uris(groovy: str, compiled: tuple[Path, dict[str, dict[str, Any]]],
+                                      tmp_path: Path) -> None:
+    """The adapter's QuPath-free helpers, run with the QuPath stubs: annotation ROI -> GeoJSON, image URIs."""
+    import shapely.geometry
+
+    user_dir, _ = compiled
+    stubs = user_dir.parent.parent / "work" / "stub-classes"
+    script = tmp_path / "adapter_checks.groovy"
+    script.write_text(inline_script((DRIVERS / "adapter_checks.groovy").read_text(encoding="utf-8")), encoding="utf-8")
+    (r,), _ = run_groovy(groovy, script, [], jars=("jeromq", "gson", "jts-core", "slf4j-api"), extra_cp=[stubs])
+    geo = r["geo"]
+    hole = shapely.geometry.shape(geo["hole"])
+    assert geo["hole"]["type"] == "Polygon" and len(geo["hole"]["coordinates"]) == 2 and hole.area == 8000 - 100
+    assert geo["multi"]["type"] == "MultiPolygon" and len(geo["multi"]["coordinates"]) == 2
+    assert geo["multi"]["coordinates"][1][0][1] == [30.12, 20.0]  # rounded to 0.01 px
+    assert geo["mixed"] == {"type": "Polygon", "coordinates": [[[0.0, 0.0], [4.0, 0.0], [4.0, 4.0], [0.0, 4.0],
+                                                                [0.0, 0.0]]]}
+    assert "line" not in geo and "empty" not in geo  # no area: null, left out by Gson
+    big = r["big"]
+    assert big["json_chars"] <= 400000 and big["vertices"] < 60000
+    assert len(big["log"]) == 1 and "has 60001 vertices; sent to the server simplified within 0.25 px" in big["log"][0]
+
+    uris = r["uris"]
+    assert len(uris["file"]) == 1 and uris["file"][0].startswith("file:")
+    assert uris["choice_file"]["use"] and uris["choice_file"]["path"] == r["file"]
+    assert uris["rotated"] == [] and not uris["choice_rotated"]["use"]

@@ -15,6 +15,7 @@ interface ROI {
     ImagePlane getImagePlane()
     Geometry getGeometry()
     boolean contains(double x, double y)
+    boolean isArea()
     double getScaledArea(double pixelWidth, double pixelHeight)
     double getScaledLength(double pixelWidth, double pixelHeight)
     ROI updatePlane(ImagePlane plane)
