@@ -36,6 +36,25 @@ class QpbQuPath {
     static final String MODEL_KEY = 'qpbridge.model'
 
     /** Log lines to QuPath's log (and the console of headless runs). */
+    /**
+     * The image's name (the project entry's when there is one) after logging "image i of n" in "Run for
+     * project" runs, where QuPath 0.4+ sets the batch script properties.
+     */
+    static String startImage(Script script, Object imageData, Object entry, Closure log) {
+        String name = entry != null ? entry.getImageName() : imageData.getServer().getMetadata().getName()
+        Object index = null, size = null
+        try {
+            index = script.getProperty('qupath.script.batchIndex')
+            size = script.getProperty('qupath.script.batchSize')
+        } catch (Exception ignored) {
+            // QuPath before 0.4, or a plain run: no batch information
+        }
+        if (index != null && size != null && (size as int) > 1) {
+            log.call("qpbridge: image ${(index as int) + 1} of ${size}: ${name}")
+        }
+        name
+    }
+
     static Closure logger() {
         def log = LoggerFactory.getLogger('qpbridge')
         return { String s -> log.info(s) }

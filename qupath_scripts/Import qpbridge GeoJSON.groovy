@@ -23,17 +23,7 @@ if (imageData == null) {
 }
 def server = imageData.getServer()
 def entry = getProjectEntry()
-String imageName = entry != null ? entry.getImageName() : server.getMetadata().getName()
-Object batchIndex = null, batchSize = null
-try {
-    batchIndex = getProperty('qupath.script.batchIndex')
-    batchSize = getProperty('qupath.script.batchSize')
-} catch (Exception ignored) {
-    // no batch information
-}
-if (batchIndex != null && batchSize != null && (batchSize as int) > 1) {
-    qpbLog.call("qpbridge: image ${(batchIndex as int) + 1} of ${batchSize}: ${imageName}")
-}
+String imageName = QpbQuPath.startImage(this, imageData, entry, qpbLog)
 
 // Candidate folders and base names: from the image file when the server has one, and from the image name.
 List<File> folders = []

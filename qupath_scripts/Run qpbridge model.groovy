@@ -31,17 +31,7 @@ if (imageData == null) {
     return
 }
 def entry = getProjectEntry()
-String imageName = entry != null ? entry.getImageName() : imageData.getServer().getMetadata().getName()
-Object batchIndex = null, batchSize = null
-try {
-    batchIndex = getProperty('qupath.script.batchIndex')
-    batchSize = getProperty('qupath.script.batchSize')
-} catch (Exception ignored) {
-    // QuPath before 0.4 or a plain run: no batch information
-}
-if (batchIndex != null && batchSize != null && (batchSize as int) > 1) {
-    qpbLog.call("qpbridge: image ${(batchIndex as int) + 1} of ${batchSize}: ${imageName}")
-}
+String imageName = QpbQuPath.startImage(this, imageData, entry, qpbLog)
 def selected = getSelectedObjects()
 List parents = selected == null ? [] : selected.findAll { it != null && it.isAnnotation() && it.hasROI() }
 
