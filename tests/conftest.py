@@ -105,7 +105,7 @@ def start_server(models_dir: Path | None, limits: Limits | None = None, workers:
 
 @pytest.fixture(scope="session")
 def server(models_dir: Path) -> Iterator[RunningServer]:
-    """One server for the session, serving the built-in models and the test model 'dark'."""
+    """One server for the whole test run, serving the built-in models and the test model 'dark'."""
     running = start_server(models_dir)
     yield running
     running.server.stop()

@@ -221,7 +221,7 @@ def test_planned_job_matches_python_client(groovy: str, checks_script: Driver, s
     assert job["features"] > 100  # a real H&E tile set has hundreds of nuclei
     assert any("100% (9/9 tiles)" in line for line in job["progress_lines"])
     assert "ETA" in stderr
-    assert "no 'slide-jobs' capability" in job["path_lines"][0]  # the session server reads no slides
+    assert "no 'slide-jobs' capability" in job["path_lines"][0]  # the shared test server reads no slides
 
     groovy_features = json.loads((out / "features.json").read_text(encoding="utf-8"))
     assert len(groovy_features) == job["features"]
