@@ -764,9 +764,8 @@ class QpbJobRunner {
         Map opened = client.jobOpenPlanned(modelName, image, region, roi)
         jobId = (String) opened.job
         if (onJobOpen != null) onJobOpen.call(jobId)
-        boolean closed = false
         QpbPending inFlight = null
-        try {
+        guarded {
             Map plan = (Map) opened.plan
             if (plan == null) {
                 throw new QpbException('capability', "The qpbridge server at ${client.address} returned no tile plan " +
@@ -798,19 +797,6 @@ class QpbJobRunner {
             progress.update(tiles.size(), true)
             client.jobFinish(jobId)
             fetchResults(0, true)
-            log.call("qpbridge ${modelName}: done, ${featuresReceived} objects in " +
-                    String.format(Locale.ROOT, '%.1f s', progress.elapsedSeconds()))
-            closeQuietly()
-            closed = true
-            return onFeatures == null ? collected : []
-        } catch (InterruptedException e) {
-            closed = true
-            throw cancelled()
-        } catch (java.nio.channels.ClosedByInterruptException e) {
-            closed = true
-            throw cancelled()
-        } finally {
-            if (!closed) closeQuietly()
         }
     }
 
@@ -836,11 +822,9 @@ class QpbJobRunner {
         if (onJobOpen != null) onJobOpen.call(jobId)
         log.call("qpbridge ${modelName}: slide job ${jobId} reads ${path} on the server" +
                 (roi == null ? ' (whole slide)' : ' (inside the annotation)') + (mpp == null ? '' : ", at ${mpp} µm/px"))
-        boolean closed = false
-        long start = System.nanoTime()
         long lastLog = 0
         boolean waitingLogged = false
-        try {
+        guarded {
             int offset = 0
             while (true) {
                 checkInterrupt()
@@ -890,6 +874,18 @@ class QpbJobRunner {
                 throw new QpbException(code, "qpbridge ${modelName}: the server's slide job failed: ${message}",
                         err.details instanceof Map ? (Map) err.details : null)
             }
+        }
+    }
+
+    /**
+     * Runs a job's work (the job is open); then logs the total, closes the job and returns the features. An
+     * interrupt cancels the server job; any other failure still closes it.
+     */
+    private List<String> guarded(Closure work) {
+        long start = System.nanoTime()
+        boolean closed = false
+        try {
+            work.call()
             log.call("qpbridge ${modelName}: done, ${featuresReceived} objects in " +
                     String.format(Locale.ROOT, '%.1f s', (System.nanoTime() - start) / 1e9d))
             closeQuietly()
