@@ -82,7 +82,8 @@ class PlanStitch:
                  sink: Callable[[dict[str, Any]], None]) -> None:
         self.card = card
         self.plan = plan
-        self.by_origin = {(plan.tile_spec(t).x, plan.tile_spec(t).y): t for t in plan.tiles}
+        specs = [(plan.tile_spec(t), t) for t in plan.tiles]
+        self.by_origin = {(spec.x, spec.y): t for spec, t in specs}
         self._lock = threading.Lock()
 
         def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:

@@ -157,7 +157,7 @@ def discover_cards(folder: Path) -> dict[str, ModelCard]:
                 card = load_model_folder(sub)
                 cards[card.name] = card
             continue
-        card = load_card(sub)
+        card = ModelCard.from_dict(data, folder=sub)
         if card.name != sub.name:
             raise ModelCardError(f"model card {sub / CARD_FILE} names '{card.name}' but its folder is '{sub.name}'")
         cards[card.name] = card

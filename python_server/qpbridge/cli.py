@@ -83,28 +83,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.server:
         from qpbridge.client import Client
-        from qpbridge.protocol import TileSpec
 
         with Client(args.server, timeout_s=args.timeout) as client:
-            plan = client.job_open_planned(args.model, image, region)
-            job, tiles_wire = plan["job"], plan["plan"]["tiles"]
-            try:
-                batch: list[Any] = []
-                for t in tiles_wire:
-                    spec = TileSpec(t["x"], t["y"], t["width"], t["height"], t["downsample"])
-                    px = source.read(spec.x, spec.y, spec.x + spec.width * spec.downsample,
-                                     spec.y + spec.height * spec.downsample, spec.width, spec.height)
-                    batch.append((spec, px))
-                    if len(batch) == 16:
-                        client.job_tiles(job, batch, args.encoding)
-                        batch = []
-                if batch:
-                    client.job_tiles(job, batch, args.encoding)
-                client.job_finish(job)
-                features = list(client.job_results(job))
-            finally:
-                client.job_close(job)
-        n_tiles = len(tiles_wire)
+            sent: list[int] = []
+            features = client.run_planned(args.model, image, region, source.read, encoding=args.encoding,
+                                          on_progress=lambda r: sent.append(r["tiles_done"]))
+        n_tiles = sent[-1] if sent else 0
     else:
         from qpbridge.annotate import run_plan
         from qpbridge.devices import resolve_device

@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,15 +145,21 @@ class Client:
     def job_close(self, job: str) -> dict[str, Any]:
         return self.request({"op": "job.close", "job": job})
 
-    def run_job(self, model: str, tiles: Iterable[Tile], image: ImageInfo | None = None, *,
-                expected_tiles: int | None = None, batch_size: int = 16, encoding: str = "raw",
-                on_progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """Open a job, send tiles in batches, finish, fetch every feature, close."""
-        job = self.job_open(model, image, expected_tiles)
+    def run_planned(self, model: str, image: ImageInfo, region: tuple[int, int, int, int],
+                    read: Callable[[float, float, float, float, int, int], np.ndarray], *,
+                    roi: dict[str, Any] | None = None, batch_size: int = 16, encoding: str = "raw",
+                    on_progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """A planned, seam-free job: the server plans the tiles, ``read(x0, y0, x1, y1, w, h)`` supplies
+        each one's pixels (full-resolution box, output size), then every stitched feature comes back."""
+        opened = self.job_open_planned(model, image, region, roi)
+        job = opened["job"]
         try:
             batch: list[Tile] = []
-            for tile in tiles:
-                batch.append(tile)
+            for t in opened["plan"]["tiles"]:
+                spec = TileSpec(t["x"], t["y"], t["width"], t["height"], t["downsample"])
+                px = read(spec.x, spec.y, spec.x + spec.width * spec.downsample,
+                          spec.y + spec.height * spec.downsample, spec.width, spec.height)
+                batch.append((spec, px))
                 if len(batch) >= batch_size:
                     reply = self.job_tiles(job, batch, encoding)
                     batch = []

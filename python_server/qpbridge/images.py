@@ -93,6 +93,25 @@ def read_image(path: Path) -> tuple[np.ndarray, float | None]:
     return np.ascontiguousarray(arr[:, :, :3]), mpp
 
 
+def paste_scaled(out: np.ndarray, src: np.ndarray, src_x: float, src_y: float, box_x: float, box_y: float,
+                 step: float) -> None:
+    """Resize ``src`` (source pixels from (src_x, src_y)) to ``out``'s grid, whose pixel (u, v) starts at
+    source point (box_x + u * step, box_y + v * step), and paste it where it lands, clipped on every side."""
+    import cv2
+
+    h_out, w_out = out.shape[:2]
+    rw, rh = max(1, round(src.shape[1] / step)), max(1, round(src.shape[0] / step))
+    if (rw, rh) != (src.shape[1], src.shape[0]):
+        src = cv2.resize(np.ascontiguousarray(src), (rw, rh),
+                         interpolation=cv2.INTER_AREA if step > 1 else cv2.INTER_LINEAR)
+    u0, v0 = round((src_x - box_x) / step), round((src_y - box_y) / step)
+    su, sv = max(0, -u0), max(0, -v0)
+    du, dv = max(0, u0), max(0, v0)
+    w, h = min(rw - su, w_out - du), min(rh - sv, h_out - dv)
+    if w > 0 and h > 0:
+        out[dv:dv + h, du:du + w] = src[sv:sv + h, su:su + w]
+
+
 class ArrayImage:
     """An in-memory full-resolution RGB image with the same ``read`` as a slide (white outside)."""
 
@@ -103,21 +122,9 @@ class ArrayImage:
     def read(self, x0: float, y0: float, x1: float, y1: float, out_w: int, out_h: int) -> np.ndarray:
         import math
 
-        import cv2
-
         out = np.full((out_h, out_w, 3), 255, np.uint8)
-        sx, sy = (x1 - x0) / out_w, (y1 - y0) / out_h
         cx0, cy0 = max(0, math.floor(x0)), max(0, math.floor(y0))
         cx1, cy1 = min(self.width, math.ceil(x1)), min(self.height, math.ceil(y1))
-        if cx1 <= cx0 or cy1 <= cy0:
-            return out
-        crop = self.rgb[cy0:cy1, cx0:cx1]
-        rw, rh = max(1, round((cx1 - cx0) / sx)), max(1, round((cy1 - cy0) / sy))
-        if (rw, rh) != (crop.shape[1], crop.shape[0]):
-            crop = cv2.resize(np.ascontiguousarray(crop), (rw, rh),
-                              interpolation=cv2.INTER_AREA if sx > 1 else cv2.INTER_LINEAR)
-        u0, v0 = round((cx0 - x0) / sx), round((cy0 - y0) / sy)
-        w, h = min(rw, out_w - u0), min(rh, out_h - v0)
-        if w > 0 and h > 0:
-            out[v0:v0 + h, u0:u0 + w] = crop[:h, :w]
+        if cx1 > cx0 and cy1 > cy0:
+            paste_scaled(out, self.rgb[cy0:cy1, cx0:cx1], cx0, cy0, x0, y0, (x1 - x0) / out_w)
         return out

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from qpbridge.errors import ImageReadError, MissingPixelSizeError
+from qpbridge.images import paste_scaled
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", ".qptiff"}
 
@@ -62,7 +63,6 @@ class Slide:
 
     def read(self, x0: float, y0: float, x1: float, y1: float, out_w: int, out_h: int) -> np.ndarray:
         """Full-resolution box [x0, x1) x [y0, y1) as an out_h x out_w RGB array; outside the slide is white."""
-        import cv2
 
         ds = (x1 - x0) / out_w
         level = self.level_for(ds)
@@ -85,19 +85,8 @@ class Slide:
             alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
             arr = (arr[:, :, :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
         arr = np.ascontiguousarray(arr[:, :, :3])
-        # Resize the read to output resolution, then paste it where it lands (it may start a fraction
-        # of a level pixel before the box and run past it; both sides are clipped).
-        scale = lds / ds
-        rw, rh = max(1, round((cx1 - cx0) * scale)), max(1, round((cy1 - cy0) * scale))
-        if arr.shape[1] != rw or arr.shape[0] != rh:
-            arr = cv2.resize(arr, (rw, rh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        u0, v0 = round((cx0 - lx0) * scale), round((cy0 - ly0) * scale)
-        su, sv = max(0, -u0), max(0, -v0)
-        du, dv = max(0, u0), max(0, v0)
-        w = min(rw - su, out_w - du)
-        h = min(rh - sv, out_h - dv)
-        if w > 0 and h > 0:
-            out[dv:dv + h, du:du + w] = arr[sv:sv + h, su:su + w]
+        # The read may start a fraction of a level pixel before the box and run past it.
+        paste_scaled(out, arr, cx0, cy0, lx0, ly0, ds / lds)
         return out
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
