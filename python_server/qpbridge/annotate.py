@@ -68,7 +68,9 @@ def make_stitcher(card: ModelCard, plan: TilePlan, emit: Emit) -> SemanticStitch
     if card.task == "instance-segmentation":
         return InstanceCollector(plan, emit)
     emit_classes = [i for i, c in enumerate(card.classes) if c.emit]
-    return SemanticStitcher(plan, len(card.classes), emit_classes, emit)
+    return SemanticStitcher(plan, len(card.classes), emit_classes, emit,
+                            min_area=card.min_area_um2 / card.mpp ** 2,
+                            max_hole=card.max_hole_area_um2 / card.mpp ** 2)
 
 
 class PlanStitch:
@@ -207,7 +209,7 @@ def run_plan(engine: Engine, model_name: str, plan: TilePlan, read_box: ReadBox,
     stats.tiles = done
     stats.seconds = time.perf_counter() - t0
     if isinstance(stitcher, SemanticStitcher):
-        stats.extra["stitch_buffer_bytes"] = stitcher.acc.nbytes + stitcher.wsum.nbytes
+        stats.extra["stitch_buffer_bytes"] = stitcher.buffer_bytes
     return features, stats
 
 

@@ -1,16 +1,17 @@
 """Masks to polygons to QuPath GeoJSON features.
 
-Polygons follow pixel edges: OpenCV traces contours through the centres of boundary pixels, so every
-polygon is grown by half a pixel (mitred), which restores the area the pixels cover; without it small
-nuclei would lose 10-20% of their area. All geometry is made valid and snapped to a 0.01 px grid,
-because QuPath rounds coordinates when it reads GeoJSON and rejects a whole file over one invalid ring.
+Polygons follow pixel edges exactly (their area is the pixel count): OpenCV traces contours through
+pixel centres, which would lose 10-20% of a small nucleus's area, so contours are traced on the mask
+doubled in size and mapped to pixel corners (see ``_contours``). All geometry is made valid and snapped
+to a 0.01 px grid, because QuPath rounds coordinates when it reads GeoJSON and rejects a whole file over
+one invalid ring.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -34,40 +35,116 @@ def _polygonal(geom: BaseGeometry) -> BaseGeometry:
     return shapely.union_all(parts)
 
 
-def _contours(mask: np.ndarray) -> Iterator[Polygon]:
-    """Pixel-edge polygons (with holes) of the 8-connected foreground of a binary mask."""
+def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
+              offset: tuple[float, float] = (0.0, 0.0), scale: float = 1.0) -> list[BaseGeometry]:
+    """Pixel-edge polygons (with holes) of the 8-connected foreground of a binary mask, one per region.
+
+    OpenCV traces contours through pixel centres. Traced on the mask doubled in size instead, every
+    contour point is the centre of the sub-pixel nearest one corner of its pixel, so mapping sub-pixel
+    index p to corner (p + 1) // 2 gives exactly the pixel edges: a polygon's area is its pixel count,
+    with no buffering, and rings are valid by construction (pinches: see ``_unpinch``). All rings of the
+    mask are mapped in one vectorised pass and the polygons built in one shapely call.
+
+    Regions whose filled area is surely below ``min_area`` px² and holes surely below ``max_hole`` px²
+    are left out before any polygon is built (post-processing would drop or fill them anyway): by Pick's
+    theorem a region's filled sub-pixel count is at most its contour's area + length / 2 + 1, and a
+    hole's at most its contour's area. Coordinates are ``(pixel + offset) * scale``.
+    """
     import cv2
 
     m = np.ascontiguousarray(mask, dtype=np.uint8)
-    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if hierarchy is None:
+    if m.size == 0:
+        return []
+    m2 = cv2.resize(m, (m.shape[1] * 2, m.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+    contours, hierarchy = cv2.findContours(m2, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None or not contours:
+        return []
+    parent = hierarchy[0][:, 3].astype(np.int64)
+    lens = np.fromiter((len(c) for c in contours), np.int64, len(contours))
+    p = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
+    n = len(p)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    ends = starts + lens - 1
+    ring = np.repeat(np.arange(len(lens)), lens)
+    nxt = np.arange(1, n + 1)
+    nxt[ends] = starts
+    prv = np.arange(-1, n - 1)
+    prv[starts] = ends
+    q = p[nxt]
+    d = q - p
+    is_hole = parent >= 0
+    keep_ring = np.ones(len(lens), bool)
+    if min_area > 0 or max_hole > 0:
+        area = np.abs(np.add.reduceat(p[:, 0] * q[:, 1] - q[:, 0] * p[:, 1], starts)) / 2.0
+        if min_area > 0:
+            length = np.add.reduceat(np.hypot(d[:, 0], d[:, 1]), starts)
+            keep_ring &= is_hole | (area + 0.5 * length + 1.0 >= 4.0 * min_area)
+        if max_hole > 0:
+            keep_ring &= ~is_hole | (area >= 4.0 * max_hole)
+    pts = ((p + 1) >> 1).astype(np.float64)
+    _unpinch(pts, p, d, prv, nxt, m2)
+    keep_pt = np.any(pts != pts[prv], axis=1)
+    keep_pt[starts] = True
+    n_kept = np.bincount(ring[keep_pt], minlength=len(lens))
+    keep_ring &= n_kept >= 3
+    keep_ring &= ~is_hole | keep_ring[np.maximum(parent, 0)]  # holes of dropped regions go too
+    shells = np.flatnonzero(keep_ring & ~is_hole)
+    if len(shells) == 0:
+        return []
+    sel = keep_pt & keep_ring[ring]
+    kept_rings = np.flatnonzero(keep_ring)
+    new_index = np.full(len(lens), -1, np.int64)
+    new_index[kept_rings] = np.arange(len(kept_rings))
+    xy = pts[sel]
+    if offset != (0.0, 0.0) or scale != 1.0:
+        xy = (xy + np.asarray(offset, np.float64)) * scale
+    rings = shapely.linearrings(xy, indices=new_index[ring[sel]])
+    shell_pos = np.full(len(lens), -1, np.int64)
+    shell_pos[shells] = np.arange(len(shells))
+    holes = np.flatnonzero(keep_ring & is_hole)
+    if len(holes) == 0:
+        return list(shapely.polygons(rings[new_index[shells]]))
+    # Each polygon's shell first, then its holes.
+    members = np.concatenate([shells, holes])
+    owner = np.concatenate([np.arange(len(shells)), shell_pos[parent[holes]]])
+    order = np.lexsort((np.concatenate([np.zeros(len(shells)), np.ones(len(holes))]), owner))
+    return list(shapely.polygons(rings[new_index[members[order]]], indices=owner[order]))
+
+
+PINCH = 0.02  # how far a ring backs off a corner where two pixels touch (survives the 0.01 grid)
+
+
+def _unpinch(pts: np.ndarray, p: np.ndarray, d: np.ndarray, prv: np.ndarray, nxt: np.ndarray,
+             m2: np.ndarray) -> None:
+    """Move ring points off the corners where two pixels touch only diagonally (in place).
+
+    Such a pinch is a diagonal step of a contour whose two side pixels (in ``m2``, the doubled mask) are
+    background; both its ends map to the shared corner, so the ring would pass through it twice and touch
+    itself (invalid). Instead, each pass backs off the corner by ``PINCH`` along its incoming and outgoing
+    edges, cutting the corner: the two passes stay apart, the region stays one valid polygon, as
+    8-connectivity says it is, and loses PINCH² px² per pinch.
+    """
+    diag = np.flatnonzero((np.abs(d[:, 0]) == 1) & (np.abs(d[:, 1]) == 1))
+    if len(diag) == 0:
         return
-    hier = hierarchy[0]
-    for i, c in enumerate(contours):
-        if hier[i][3] != -1:  # a hole: handled with its outer contour
-            continue
-        # OpenCV gives pixel indices; pixel i spans [i, i+1], so its centre is at i + 0.5.
-        shell = c[:, 0, :].astype(np.float64) + 0.5
-        holes = []
-        child = hier[i][2]
-        while child != -1:
-            holes.append(contours[child][:, 0, :].astype(np.float64) + 0.5)
-            child = hier[child][0]
-        yield _grow_half_pixel(shell, holes)
+    # A diagonal step that cuts a concave corner has a foreground side pixel: no pinch there.
+    side = (m2[p[diag, 1], p[diag, 0] + d[diag, 0]] > 0) | (m2[p[diag, 1] + d[diag, 1], p[diag, 0]] > 0)
+    i = diag[~side]
+    if len(i) == 0:
+        return
+    j = nxt[i]
+    corner = pts[i].copy()
+    before, after = pts[prv[i]].copy(), pts[nxt[j]].copy()
+    pts[i] = corner + PINCH * np.sign(before - corner)
+    pts[j] = corner + PINCH * np.sign(after - corner)
 
 
-def _grow_half_pixel(shell: np.ndarray, holes: list[np.ndarray]) -> Polygon:
-    if len(shell) >= 3:
-        poly: BaseGeometry = Polygon(shell, [h for h in holes if len(h) >= 3])
-        if not poly.is_valid:
-            poly = shapely.make_valid(poly)
-    elif len(shell) == 2:
-        poly = shapely.LineString(shell)
-    else:
-        poly = shapely.Point(shell[0])
-    # Lines and points (1 px wide parts) buffer to their pixel squares with square caps.
-    grown = poly.buffer(0.5, cap_style="square", join_style="mitre", mitre_limit=2.0)
-    return grown
+def trace_regions(mask: np.ndarray, x_off: float = 0.0, y_off: float = 0.0, scale: float = 1.0, *,
+                  min_area: float = 0.0, max_hole: float = 0.0) -> list[BaseGeometry]:
+    """One pixel-edge polygon (with holes) per 8-connected region of a binary mask, in the coordinates
+    ``(pixel + offset) * scale``. ``min_area`` and ``max_hole`` (mask pixels²) skip regions and holes
+    that post-processing would drop or fill."""
+    return _contours(mask, min_area, max_hole, (float(x_off), float(y_off)), float(scale))
 
 
 def mask_to_geometry(mask: np.ndarray) -> BaseGeometry:

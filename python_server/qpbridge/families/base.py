@@ -25,11 +25,14 @@ class SemanticResult:
 
     ``classes`` (H, W) holds indices into ``card.classes`` (``NO_CLASS`` for none); ``probs`` (C, H, W)
     holds per-class probabilities, which overlapping tiles blend before the argmax. A family sets at least
-    one; ``class_map()`` and ``probabilities()`` derive the other.
+    one; ``class_map()`` and ``probabilities()`` derive the other. ``scale`` is the size of one output
+    pixel in model pixels: 1 at the tile's own size, 4 for SegFormer's native quarter-resolution logits
+    (the output of a tile of h x w px is then ceil(h / 4) x ceil(w / 4)).
     """
 
     classes: np.ndarray | None = None
     probs: np.ndarray | None = None
+    scale: int = 1
 
     def class_map(self) -> np.ndarray:
         if self.classes is not None:

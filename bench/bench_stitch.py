@@ -1,0 +1,197 @@
+"""Stitching + vectorising speed on one core, without a model: prints measured numbers (not a test).
+
+    python bench/bench_stitch.py [--sizes 25 50 100] [--cases smooth noisy]
+    python bench/bench_stitch.py --end-to-end [--size 8192] [--readers 2]
+
+Stitch mode feeds a :class:`SemanticStitcher` precomputed SegFormer-shaped outputs (3 classes, 64 x 64
+softmax probabilities per 256 px tile with 64 px overlap, HOTSPoT's card) for an N x N tile plan, and
+builds the GeoJSON features as a run does. Two cases:
+
+- smooth: one class (lobule) crosses every tile and holds a hole around each disc of a second class
+  (portal tracts) laid on a lattice, with background in the corners: a few large regions;
+- noisy: independent random logits per output pixel (the worst case for the tracer).
+
+Each size runs in its own process, so the peak RSS printed is that size's own. Times cover ``add`` and
+``finish`` only (tile outputs are generated outside the clock).
+
+End-to-end mode runs the engine session on a generated JPEG pyramid with a zero-cost model that returns
+fixed quarter-resolution probabilities, so reading, the pipeline and stitching are what is measured; it
+prints tiles/s, the busy time of each stage and which stage limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CARD = {
+    "schema_version": 1, "name": "hotspot-shaped", "family": "bench-fixed", "task": "semantic-segmentation",
+    "object_type": "annotation",
+    "classes": [{"name": "Background", "color": [255, 255, 255], "emit": False},
+                {"name": "Lobule", "color": [222, 120, 160]}, {"name": "Portal tract", "color": [30, 110, 220]}],
+    "tile": {"size": 256, "overlap": 64, "batch_size": 64}, "mpp": 1.0,
+    "postprocess": {"simplify_um": 2.0, "min_area_um2": 500.0, "max_hole_area_um2": 100.0},
+    "params": {"tissue_filter": False},
+}
+OUT = 64  # output pixels per tile side (a quarter of 256)
+
+
+def smooth_tile(ox: int, oy: int, n: int, extent: int) -> np.ndarray:
+    """Probabilities of one tile at output pixel (ox, oy) of the smooth map."""
+    ys, xs = np.mgrid[oy:oy + n, ox:ox + n].astype(np.float32)
+    period, radius = 150.0, 22.0
+    dx = (xs % period) - period / 2
+    dy = (ys % period) - period / 2
+    disc = radius - np.sqrt(dx * dx + dy * dy)  # > 0 inside a portal tract
+    c = extent / 2
+    corner = np.hypot(xs - c, ys - c) - 0.62 * extent  # > 0 in the background corners
+    logits = np.stack([corner / 4, -corner / 4 - disc / 4, disc / 4 - corner / 4])
+    e = np.exp(logits - logits.max(axis=0))
+    out: np.ndarray = (e / e.sum(axis=0)).astype(np.float32)
+    return out
+
+
+def run_one(size: int, case: str) -> dict[str, float]:
+    import cv2  # noqa: F401  (imported here so that first-use imports stay off the clock)
+    import scipy.sparse.csgraph  # noqa: F401
+
+    from qpbridge.cards import ModelCard
+    from qpbridge.families import SemanticResult
+    from qpbridge.plan import make_plan
+    from qpbridge.postprocess import FeatureBuilder
+    from qpbridge.stitching import SemanticStitcher
+
+    card = ModelCard.from_dict(CARD)
+    step = card.tile_size - card.overlap
+    side = card.tile_size + (size - 1) * step
+    plan = make_plan(card, (0, 0, side, side), 1.0)
+    assert len(plan.tiles) == size * size
+    builder = FeatureBuilder(card, 1.0, None, (side, side))
+    features = []
+    build_s = 0.0
+
+    def emit(geom, cls, extra):  # type: ignore[no-untyped-def]
+        nonlocal build_s
+        t = time.perf_counter()
+        f = builder.build(geom, cls, 0, 0, 1.0, 1.0, extra)
+        build_s += time.perf_counter() - t
+        if f is not None:
+            features.append(f)
+
+    stitcher = SemanticStitcher(plan, 3, [1, 2], emit, min_area=card.min_area_um2 / card.mpp ** 2,
+                                max_hole=card.max_hole_area_um2 / card.mpp ** 2)
+    rng = np.random.default_rng(0)
+    pool = []
+    if case == "noisy":
+        for _ in range(64):
+            logits = rng.standard_normal((3, OUT, OUT)).astype(np.float32) * 2
+            e = np.exp(logits - logits.max(axis=0))
+            pool.append((e / e.sum(axis=0)).astype(np.float32))
+    extent = side // 4
+    elapsed = 0.0
+    for i, t in enumerate(plan.tiles):
+        probs = pool[i % len(pool)] if pool else smooth_tile(t.x // 4, t.y // 4, OUT, extent)
+        result = SemanticResult(probs=probs, scale=4)
+        t0 = time.perf_counter()
+        stitcher.add(t, result)
+        elapsed += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stitcher.finish()
+    elapsed += time.perf_counter() - t0
+    assert stitcher.tracer is not None
+    return {"tiles": len(plan.tiles), "ms_per_tile": 1000 * elapsed / len(plan.tiles),
+            "build_ms_per_tile": 1000 * build_s / len(plan.tiles), "features": len(features),
+            "raster_rows_peak": stitcher.tracer.peak_rows, "rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def stitch_table(sizes: list[int], cases: list[str]) -> int:
+    print("stitching + vectorising, 3 classes, 64x64 outputs per 256 px tile (overlap 64), one process per row")
+    print(f"{'case':<7} {'plan':>9} {'tiles':>7} {'ms/tile':>8} {'of which features':>18} {'features':>9} "
+          f"{'raster rows kept':>17} {'peak RSS MiB':>13}")
+    for case in cases:
+        per_tile = []
+        for size in sizes:
+            proc = subprocess.run([sys.executable, __file__, "--one", str(size), case], capture_output=True,
+                                  text=True, check=False)
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                return 1
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            per_tile.append(r["ms_per_tile"])
+            print(f"{case:<7} {size:>4}x{size:<4} {r['tiles']:>7} {r['ms_per_tile']:>8.3f} "
+                  f"{r['build_ms_per_tile']:>18.3f} {r['features']:>9} {r['raster_rows_peak']:>17} "
+                  f"{r['rss_mib']:>13.0f}")
+        print(f"{case:<7} largest / smallest ms per tile: {per_tile[-1] / per_tile[0]:.2f}")
+    return 0
+
+
+def end_to_end(size: int, readers: int, batch: int) -> int:
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_slide import synthetic_slide
+
+    from qpbridge.annotate import annotate_slide
+    from qpbridge.engine import Engine
+    from qpbridge.families import ModelFamily, SemanticResult, register_family
+
+    probs = smooth_tile(0, 0, OUT, 10_000)
+
+    @register_family("bench-fixed")
+    class Fixed(ModelFamily):
+        """Zero-cost model: the same quarter-resolution probabilities for every tile."""
+
+        def predict(self, tiles):  # type: ignore[no-untyped-def]
+            return [SemanticResult(probs=probs[:, :(t.shape[0] + 3) // 4, :(t.shape[1] + 3) // 4], scale=4)
+                    for t in tiles]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        slide = synthetic_slide(root / "slide.tif", size)
+        print(f"slide {size}x{size} px at 0.5 µm/px written in {time.perf_counter() - t:.1f} s")
+        card_dir = root / "models" / CARD["name"]
+        card_dir.mkdir(parents=True)
+        card = {**CARD, "tile": {**CARD["tile"], "batch_size": batch}}
+        (card_dir / "config.json").write_text(json.dumps(card))
+        engine = Engine(root / "models")
+        result = annotate_slide(engine, slide, CARD["name"], tissue_filter=False, readers=readers)
+        st = result.stats
+        print(f"end to end, zero-cost model: {st.tiles} tiles in {st.seconds:.2f} s = "
+              f"{st.tiles / st.seconds:.1f} tiles/s; {len(result.features)} features; "
+              f"peak RSS {peak_rss_mib():.0f} MiB")
+        print(f"model {st.model_s:.2f} s, stitching {st.stitch_s:.2f} s, waiting for pixels {st.read_wait_s:.2f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100])
+    ap.add_argument("--cases", nargs="+", default=["smooth", "noisy"], choices=["smooth", "noisy"])
+    ap.add_argument("--one", nargs=2, metavar=("SIZE", "CASE"), help=argparse.SUPPRESS)
+    ap.add_argument("--end-to-end", action="store_true")
+    ap.add_argument("--size", type=int, default=8192, help="end-to-end slide side in px at 0.5 µm/px")
+    ap.add_argument("--readers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(int(args.one[0]), args.one[1])))
+        return 0
+    if args.end_to_end:
+        return end_to_end(args.size, args.readers, args.batch)
+    return stitch_table(args.sizes, args.cases)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Linear-time stitching: class rasters traced strip by strip against whole-raster references."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import shapely
+
+from conftest import DARK_CARD
+from qpbridge.cards import ModelCard
+from qpbridge.families import NO_CLASS, SemanticResult
+from qpbridge.geometry import trace_regions
+from qpbridge.plan import make_plan
+from qpbridge.stitching import SemanticStitcher
+from qpbridge.vectorise import RegionTracer
+
+
+def blob_raster(h: int, w: int, classes: int, cell: int, seed: int) -> np.ndarray:
+    """Random regions of ``classes`` classes, about ``cell`` px across, with holes and islands."""
+    rng = np.random.default_rng(seed)
+    small = rng.random((classes, h // cell + 2, w // cell + 2)).astype(np.float32)
+    big = np.stack([cv2.resize(s, (w + 2 * cell, h + 2 * cell), interpolation=cv2.INTER_CUBIC)[cell:cell + h,
+                                                                                                  cell:cell + w]
+                    for s in small])
+    return np.argmax(big, axis=0).astype(np.uint8)
+
+
+def components(raster: np.ndarray, cls: int) -> list[int]:
+    _, labels = cv2.connectedComponents((raster == cls).astype(np.uint8), connectivity=8)
+    return sorted(np.bincount(labels.ravel())[1:].tolist())
+
+
+@pytest.mark.parametrize("cell", [3, 12, 40])
+def test_strips_trace_the_same_regions_as_the_whole_raster(cell):
+    raster = blob_raster(230, 170, 3, cell, seed=cell)
+    raster[100:110, 20:30] = NO_CLASS  # pixels no tile covered
+    got: dict[int, list[shapely.Polygon]] = {1: [], 2: []}
+    tracer = RegionTracer(170, [1, 2], lambda g, c: got[c].append(g))
+    rng = np.random.default_rng(cell)
+    y = 0
+    while y < raster.shape[0]:
+        h = int(rng.integers(1, 40))
+        tracer.add_strip(raster[y:y + h], last=y + h >= raster.shape[0])
+        y += h
+    for cls in (1, 2):
+        polys = got[cls]
+        assert all(p.is_valid and p.geom_type == "Polygon" for p in polys)
+        # one polygon per 8-connected region, covering exactly its pixels (holes cut out)
+        assert sorted(round(p.area) for p in polys) == components(raster, cls)
+        whole = shapely.union_all(polys)
+        assert whole.area == pytest.approx(float((raster == cls).sum()), abs=0.05 * len(polys))
+
+
+def test_regions_spanning_many_strips_keep_their_holes():
+    raster = np.zeros((300, 200), np.uint8)
+    cv2.circle(raster, (100, 150), 90, 1, -1)
+    for cx, cy in ((70, 120), (130, 190), (100, 100)):
+        cv2.circle(raster, (cx, cy), 12, 2, -1)  # islands of another class: holes in class 1
+    raster[150, 40] = 0  # a one-pixel hole
+    got: list[shapely.Geometry] = []
+    tracer = RegionTracer(200, [1], lambda g, c: got.append(g), max_hole=2.0)
+    for y in range(0, 300, 7):
+        tracer.add_strip(raster[y:y + 7], last=y + 7 >= 300)
+    assert len(got) == 1 and got[0].geom_type == "Polygon"
+    assert len(got[0].interiors) == 3  # the one-pixel hole is below max_hole: filled before tracing
+    assert got[0].area == pytest.approx(float((raster == 1).sum()) + 1, abs=0.1)
+
+
+def test_tracer_forgets_rows_once_regions_close():
+    tracer = RegionTracer(100, [1], lambda g, c: None)
+    strip = np.zeros((10, 100), np.uint8)
+    strip[3:6, 10:20] = 1
+    for _ in range(200):
+        tracer.add_strip(strip)
+    tracer.finish()
+    assert tracer.regions == 200 and tracer.peak_rows <= 20
+    # a region open down the whole raster keeps its rows until it closes
+    tall = RegionTracer(100, [1], lambda g, c: None)
+    strip[:, 50] = 1
+    for _ in range(50):
+        tall.add_strip(strip)
+    tall.finish()
+    assert tall.peak_rows == 500
+
+
+def test_small_regions_are_dropped_before_tracing():
+    mask = np.zeros((40, 40), np.uint8)
+    mask[2:4, 2:4] = 1  # 4 px
+    mask[10:20, 10:20] = 1  # 100 px
+    areas = sorted(p.area for p in trace_regions(mask, min_area=5.0))
+    assert areas == [100.0]
+    assert sorted(p.area for p in trace_regions(mask, 1.0, 2.0, 4.0)) == [64.0, 1600.0]
+
+
+def test_pixels_touching_at_corners_are_one_valid_polygon():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        mask = (rng.random((25, 30)) < 0.45).astype(np.uint8)
+        polys = trace_regions(mask)
+        assert all(p.is_valid and p.geom_type == "Polygon" for p in polys)
+        assert sorted(round(p.area) for p in polys) == components(mask, 1)
+
+
+def test_native_resolution_outputs_stitch_without_upsampling():
+    """Quarter-resolution probabilities (SegFormer's) blend on their own grid; polygons come back in
+    canvas pixels, one per region, with the area of the quarter-resolution truth times 16."""
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
+    plan = make_plan(card, (0, 0, 600, 440), None)
+    truth = blob_raster(110, 150, 3, 15, seed=9)  # at quarter resolution
+    onehot = (truth[None] == np.arange(3)[:, None, None]).astype(np.float32)
+    out: list[tuple[shapely.Geometry, int]] = []
+    stitcher = SemanticStitcher(plan, 3, [1, 2], lambda g, c, e: out.append((g, c)))
+    order = np.random.default_rng(1).permutation(len(plan.tiles))
+    for i in order:
+        t = plan.tiles[i]
+        probs = onehot[:, t.y // 4:t.y // 4 + (t.h + 3) // 4, t.x // 4:t.x // 4 + (t.w + 3) // 4]
+        stitcher.add(t, SemanticResult(probs=probs, scale=4))
+    stitcher.finish()
+    assert stitcher.scale == 4 and stitcher.width == 150
+    for cls in (1, 2):
+        areas = sorted(round(g.area / 16) for g, c in out if c == cls)
+        assert areas == components(truth, cls)
