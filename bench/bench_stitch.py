@@ -145,8 +145,9 @@ def end_to_end(size: int, readers: int, batch: int) -> int:
     from qpbridge.annotate import annotate_slide
     from qpbridge.engine import Engine
     from qpbridge.families import ModelFamily, SemanticResult, register_family
+    from qpbridge.session import RunOptions
 
-    probs = smooth_tile(0, 0, OUT, 10_000)
+    probs = smooth_tile(40, 40, OUT, 160)  # a portal tract inside lobule, background in a corner
 
     @register_family("bench-fixed")
     class Fixed(ModelFamily):
@@ -166,12 +167,13 @@ def end_to_end(size: int, readers: int, batch: int) -> int:
         card = {**CARD, "tile": {**CARD["tile"], "batch_size": batch}}
         (card_dir / "config.json").write_text(json.dumps(card))
         engine = Engine(root / "models")
-        result = annotate_slide(engine, slide, CARD["name"], tissue_filter=False, readers=readers)
+        result = annotate_slide(engine, slide, CARD["name"], tissue_filter=False,
+                                options=RunOptions(readers=readers))
         st = result.stats
         print(f"end to end, zero-cost model: {st.tiles} tiles in {st.seconds:.2f} s = "
               f"{st.tiles / st.seconds:.1f} tiles/s; {len(result.features)} features; "
               f"peak RSS {peak_rss_mib():.0f} MiB")
-        print(f"model {st.model_s:.2f} s, stitching {st.stitch_s:.2f} s, waiting for pixels {st.read_wait_s:.2f} s")
+        print(st.table())
     return 0
 
 

@@ -121,3 +121,61 @@ def test_native_resolution_outputs_stitch_without_upsampling():
     for cls in (1, 2):
         areas = sorted(round(g.area / 16) for g, c in out if c == cls)
         assert areas == components(truth, cls)
+
+
+# ---- the engine run session --------------------------------------------------------------------------
+
+
+def test_pipeline_reports_stage_times_and_the_limit(tmp_path, models_dir):
+    from conftest import write_pyramid
+    from qpbridge.annotate import annotate_slide
+    from qpbridge.engine import Engine
+    from qpbridge.session import RunOptions
+
+    img = np.full((700, 900, 3), 230, np.uint8)
+    cv2.circle(img, (450, 350), 250, (20, 20, 20), -1)
+    path = write_pyramid(tmp_path / "disc.tif", img, mpp=0.5, levels=1)
+    done = []
+    result = annotate_slide(Engine(models_dir), path, "seams", options=RunOptions(readers=2, queue_batches=1),
+                            on_progress=lambda p: done.append(p.tiles_done))
+    st = result.stats
+    assert st.tiles == len(result.plan.tiles) > 50 and done[-1] == st.tiles and not st.cancelled
+    assert st.read_s > 0 and st.model_s > 0 and st.stitch_s > 0 and 0 <= st.model_idle_fraction <= 1
+    assert st.limit in {"reading", "model", "stitching"} and "tiles/s" in st.table()
+    assert len(result.features) == 1
+    assert shapely.geometry.shape(result.features[0]["geometry"]).area == pytest.approx(np.pi * 250 ** 2, rel=0.02)
+
+
+def test_families_that_are_not_thread_safe_are_called_one_at_a_time(tmp_path):
+    import json
+    import threading
+    import time
+
+    from qpbridge.engine import Engine
+    from qpbridge.families import ModelFamily, register_family
+
+    @register_family("test-single-threaded")
+    class SingleThreaded(ModelFamily):
+        thread_safe = False
+        inside = 0
+        overlaps = 0
+
+        def predict(self, tiles):
+            cls = type(self)
+            cls.inside += 1
+            cls.overlaps += cls.inside > 1
+            time.sleep(0.02)
+            cls.inside -= 1
+            return [SemanticResult(classes=np.zeros(t.shape[:2], np.uint8)) for t in tiles]
+
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "config.json").write_text(json.dumps(
+        {**DARK_CARD, "name": "single", "family": "test-single-threaded"}))
+    engine = Engine(tmp_path)
+    tiles = [np.zeros((64, 64, 3), np.uint8)] * 2
+    threads = [threading.Thread(target=engine.infer, args=("single", tiles)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert SingleThreaded.overlaps == 0

@@ -370,3 +370,26 @@ def test_running_slide_job_outlives_the_job_ttl(shapes_slide, models_dir):
     finally:
         running.server.stop()
         running.thread.join(10)
+
+
+def test_planned_tiles_are_found_by_their_plan_index(server):
+    """Plans carry each tile's index; a tile sent with its index is taken even when its rounded origin is a
+    pixel off, and an index that does not match the plan is refused."""
+    image = ImageInfo(name="blank", mpp=0.5, width=500, height=400)
+    with Client(server.address) as c:
+        opened = c.job_open_planned("seams", image, (0, 0, 500, 400))
+        tiles = opened["plan"]["tiles"]
+        assert [t["index"] for t in tiles] == list(range(len(tiles)))
+        batch = []
+        for t in tiles:
+            s = TileSpec(t["x"] + (1 if t["index"] == 1 else 0), t["y"], t["width"], t["height"], t["downsample"],
+                         index=t["index"])
+            batch.append((s, np.full((s.height, s.width, 3), 240, np.uint8)))
+        for bad in (len(tiles), 0):
+            s = batch[2][0]
+            wrong = TileSpec(s.x + (0 if bad else 400), s.y, s.width, s.height, s.downsample, index=bad)
+            with pytest.raises(RemoteError) as info:
+                c.job_tiles(opened["job"], [(wrong, batch[2][1])])
+            assert info.value.code == "bad_request"
+        assert c.job_tiles(opened["job"], batch)["accepted"] == len(tiles)
+        assert c.job_finish(opened["job"])["state"] == "done"

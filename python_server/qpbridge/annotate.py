@@ -1,18 +1,14 @@
-"""Whole-slide annotation: plan tiles, read them in blocks on a thread pool while the model runs, stitch.
+"""Whole-slide annotation: tissue detection, the tile plan, and a :class:`~qpbridge.session.PlanRun`.
 
-Reading one 256 px tile at a time decodes each JPEG tile of the slide several times, so tiles of one
-row are read together as blocks of up to ``BLOCK_PX`` canvas pixels and sliced. Blocks are read ahead
-by a thread pool (bounded, so memory stays flat) while the calling thread runs the model and stitches.
+Reading, the model and stitching run as a pipeline in :mod:`qpbridge.session`; this module decides what
+to run (tissue filter, ROI, region) and collects the features.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,132 +17,31 @@ from shapely.geometry.base import BaseGeometry
 
 from qpbridge.cards import ModelCard
 from qpbridge.engine import Engine
-from qpbridge.errors import BadRequestError
-from qpbridge.families import InstanceResult, SemanticResult
-from qpbridge.plan import PlannedTile, TilePlan, make_plan
+from qpbridge.plan import TilePlan, make_plan
 from qpbridge.postprocess import FeatureBuilder
-from qpbridge.protocol import TileSpec
+from qpbridge.session import (
+    BLOCK_PX,
+    PlanRun,
+    Progress,
+    ReadBox,
+    RunOptions,
+    RunStats,
+    blocks_of,
+    make_stitcher,
+    read_block,
+)
 from qpbridge.slides import Slide
-from qpbridge.stitching import Emit, InstanceCollector, SemanticStitcher
 
 log = logging.getLogger("qpbridge")
 
-BLOCK_PX = 2048
 TISSUE_MODEL = "tissue"
 
-ReadBox = Callable[[float, float, float, float, int, int], np.ndarray]
-
-
-@dataclass
-class Progress:
-    tiles_done: int
-    tiles_total: int
-    elapsed_s: float
-
-    @property
-    def tiles_per_s(self) -> float:
-        return self.tiles_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def eta_s(self) -> float | None:
-        rate = self.tiles_per_s
-        return (self.tiles_total - self.tiles_done) / rate if rate > 0 else None
-
-
-@dataclass
-class RunStats:
-    tiles: int = 0
-    seconds: float = 0.0
-    read_wait_s: float = 0.0  # time the model thread waited for pixels: >0 means reading is the wall
-    model_s: float = 0.0
-    stitch_s: float = 0.0
-    cancelled: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def make_stitcher(card: ModelCard, plan: TilePlan, emit: Emit) -> SemanticStitcher | InstanceCollector:
-    if card.task == "instance-segmentation":
-        return InstanceCollector(plan, emit)
-    emit_classes = [i for i, c in enumerate(card.classes) if c.emit]
-    return SemanticStitcher(plan, len(card.classes), emit_classes, emit,
-                            min_area=card.min_area_um2 / card.mpp ** 2,
-                            max_hole=card.max_hole_area_um2 / card.mpp ** 2)
-
-
-class PlanStitch:
-    """Stitching for a job whose client sends the tiles of a plan the server made (any order, any batch).
-
-    Tiles are matched to the plan by their full-resolution origin; a tile read a pixel larger or smaller
-    than planned (rounding in the client's reader) is resized to the planned size.
-    """
-
-    def __init__(self, card: ModelCard, plan: TilePlan, builder: FeatureBuilder,
-                 sink: Callable[[dict[str, Any]], None]) -> None:
-        self.card = card
-        self.plan = plan
-        specs = [(plan.tile_spec(t), t) for t in plan.tiles]
-        self.by_origin = {(spec.x, spec.y): t for spec, t in specs}
-        self._lock = threading.Lock()
-
-        def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:
-            f = builder.build(geom, cls, plan.origin_x, plan.origin_y, plan.ds, plan.ds, extra)
-            if f is not None:
-                sink(f)
-
-        self.stitcher = make_stitcher(card, plan, emit)
-
-    def planned(self, spec: TileSpec, px: np.ndarray) -> tuple[PlannedTile, np.ndarray]:
-        tile = self.by_origin.get((spec.x, spec.y))
-        if tile is None:
-            raise BadRequestError(f"tile at ({spec.x}, {spec.y}) is not in this job's plan: send the tiles "
-                                  "job.open returned")
-        if px.shape[:2] != (tile.h, tile.w):
-            if abs(px.shape[0] - tile.h) > 2 or abs(px.shape[1] - tile.w) > 2:
-                raise BadRequestError(f"tile at ({spec.x}, {spec.y}) is {px.shape[1]}x{px.shape[0]} px; the plan "
-                                      f"has {tile.w}x{tile.h} at downsample {self.plan.ds:.6g}")
-            import cv2
-
-            px = cv2.resize(np.ascontiguousarray(px), (tile.w, tile.h), interpolation=cv2.INTER_LINEAR)
-        return tile, px
-
-    def add(self, tile: PlannedTile, result: Any) -> None:
-        with self._lock:
-            _add(self.stitcher, tile, result)
-
-    def finish(self) -> None:
-        with self._lock:
-            self.stitcher.finish()
-
-
-def blocks_of(plan: TilePlan, block_px: int = BLOCK_PX) -> list[list[PlannedTile]]:
-    """Tiles grouped into row blocks of consecutive tiles spanning at most ``block_px`` canvas pixels."""
-    blocks: list[list[PlannedTile]] = []
-    current: list[PlannedTile] = []
-    for t in plan.tiles:  # plan order is row-major
-        if current and (t.row != current[0].row or t.col != current[-1].col + 1
-                        or t.x + t.w - current[0].x > block_px):
-            blocks.append(current)
-            current = []
-        current.append(t)
-    if current:
-        blocks.append(current)
-    return blocks
-
-
-def read_block(plan: TilePlan, block: list[PlannedTile], read_box: ReadBox) -> list[tuple[PlannedTile, np.ndarray]]:
-    """Read the block's bounding box once, at canvas resolution, and slice its tiles."""
-    x0 = block[0].x
-    x1 = max(t.x + t.w for t in block)
-    y0 = block[0].y
-    y1 = max(t.y + t.h for t in block)
-    ds = plan.ds
-    px = read_box(plan.origin_x + x0 * ds, plan.origin_y + y0 * ds, plan.origin_x + x1 * ds,
-                  plan.origin_y + y1 * ds, x1 - x0, y1 - y0)
-    return [(t, np.ascontiguousarray(px[t.y - y0:t.y - y0 + t.h, t.x - x0:t.x - x0 + t.w])) for t in block]
+__all__ = ["BLOCK_PX", "TISSUE_MODEL", "AnnotateResult", "PlanRun", "Progress", "RunOptions", "RunStats",
+           "annotate_slide", "blocks_of", "make_stitcher", "read_block", "run_plan", "tissue_geometry"]
 
 
 def run_plan(engine: Engine, model_name: str, plan: TilePlan, read_box: ReadBox, builder: FeatureBuilder, *,
-             readers: int = 2, prefetch_blocks: int = 4,
+             readers: int = 2, prefetch_blocks: int = 8,
              on_progress: Callable[[Progress], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
              sink: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], RunStats]:
@@ -155,90 +50,11 @@ def run_plan(engine: Engine, model_name: str, plan: TilePlan, read_box: ReadBox,
     With ``sink``, each feature goes to it as soon as it is final (and the returned list stays empty),
     so a server can page results out while the slide is still running.
     """
-    card = engine.card(model_name)
-    model = engine.model(model_name)
     features: list[dict[str, Any]] = []
-    put = sink if sink is not None else features.append
-    stats = RunStats()
-
-    def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:
-        f = builder.build(geom, cls, plan.origin_x, plan.origin_y, plan.ds, plan.ds, extra)
-        if f is not None:
-            put(f)
-
-    stitcher = make_stitcher(card, plan, emit)
-
-    t0 = time.perf_counter()
-    blocks = blocks_of(plan)
-    batch_size = max(1, card.batch_size)
-    done = 0
-    pending: list[tuple[PlannedTile, np.ndarray]] = []
-
-    def flush() -> None:
-        nonlocal done
-        t = time.perf_counter()
-        results = model.predict([px for _, px in pending])
-        stats.model_s += time.perf_counter() - t
-        t = time.perf_counter()
-        for (tile, _), result in zip(pending, results, strict=True):
-            _add(stitcher, tile, result)
-        stats.stitch_s += time.perf_counter() - t
-        done += len(pending)
-        pending.clear()
-        if on_progress is not None:
-            on_progress(Progress(done, len(plan.tiles), time.perf_counter() - t0))
-
-    with ThreadPoolExecutor(max(1, readers), thread_name_prefix="qpbridge-reader") as pool:
-        for fut in _ahead(pool, blocks, plan, read_box, prefetch_blocks):
-            if should_stop is not None and should_stop():
-                stats.cancelled = True
-                break
-            t = time.perf_counter()
-            tiles = fut.result()
-            stats.read_wait_s += time.perf_counter() - t
-            for item in tiles:
-                pending.append(item)
-                if len(pending) >= batch_size:
-                    flush()
-        if pending and not stats.cancelled:
-            flush()
-    if not stats.cancelled:
-        t = time.perf_counter()
-        stitcher.finish()
-        stats.stitch_s += time.perf_counter() - t
-    stats.tiles = done
-    stats.seconds = time.perf_counter() - t0
-    if isinstance(stitcher, SemanticStitcher):
-        stats.extra["stitch_buffer_bytes"] = stitcher.buffer_bytes
+    run = PlanRun(engine, model_name, plan, builder, sink if sink is not None else features.append)
+    stats = run.run(read_box, options=RunOptions(readers=readers, prefetch_blocks=prefetch_blocks),
+                    on_progress=on_progress, should_stop=should_stop)
     return features, stats
-
-
-def _ahead(pool: ThreadPoolExecutor, blocks: list[list[PlannedTile]], plan: TilePlan, read_box: ReadBox,
-           depth: int) -> Iterator[Future[list[tuple[PlannedTile, np.ndarray]]]]:
-    """Futures of block reads in plan order, keeping at most ``depth`` reads in flight."""
-    queue: list[Future[list[tuple[PlannedTile, np.ndarray]]]] = []
-    it = iter(blocks)
-    try:
-        for b in it:
-            queue.append(pool.submit(read_block, plan, b, read_box))
-            if len(queue) >= depth:
-                yield queue.pop(0)
-        while queue:
-            yield queue.pop(0)
-    finally:
-        for f in queue:
-            f.cancel()
-
-
-def _add(stitcher: SemanticStitcher | InstanceCollector, tile: PlannedTile, result: Any) -> None:
-    if isinstance(stitcher, InstanceCollector):
-        if not isinstance(result, InstanceResult):
-            raise TypeError("an instance-segmentation card needs a family returning InstanceResult")
-        stitcher.add(tile, result)
-    else:
-        if not isinstance(result, SemanticResult):
-            raise TypeError("a semantic card needs a family returning SemanticResult")
-        stitcher.add(tile, result)
 
 
 def tissue_geometry(engine: Engine, slide: Slide, roi: BaseGeometry | None = None) -> BaseGeometry:
@@ -265,11 +81,13 @@ class AnnotateResult:
 
 def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | None = None,
                    roi: BaseGeometry | None = None, tissue_filter: bool = True, readers: int = 2,
+                   options: RunOptions | None = None,
                    on_progress: Callable[[Progress], None] | None = None,
                    should_stop: Callable[[], bool] | None = None,
                    on_plan: Callable[[TilePlan], None] | None = None,
                    sink: Callable[[dict[str, Any]], None] | None = None) -> AnnotateResult:
-    """Annotate a whole slide (or the part inside ``roi``) with a model; features in full resolution."""
+    """Annotate a whole slide (or the part inside ``roi``) with a model; features in full resolution.
+    ``options`` (readers, queue depths) overrides ``readers``."""
     slide = Slide(path, mpp)
     card: ModelCard = engine.card(model_name)
     fullres_mpp = slide.require_mpp() if card.requires_mpp else slide.mpp
@@ -291,6 +109,8 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
     if on_plan is not None:
         on_plan(plan)
     builder = FeatureBuilder(card, fullres_mpp, roi, (slide.width, slide.height))
-    features, stats = run_plan(engine, model_name, plan, slide.read, builder, readers=readers,
-                               on_progress=on_progress, should_stop=should_stop, sink=sink)
+    features: list[dict[str, Any]] = []
+    run = PlanRun(engine, model_name, plan, builder, sink if sink is not None else features.append)
+    stats = run.run(slide.read, options=options or RunOptions(readers=readers), on_progress=on_progress,
+                    should_stop=should_stop)
     return AnnotateResult(features, plan, stats, slide)

@@ -156,7 +156,7 @@ class Client:
         try:
             batch: list[Tile] = []
             for t in opened["plan"]["tiles"]:
-                spec = TileSpec(t["x"], t["y"], t["width"], t["height"], t["downsample"])
+                spec = TileSpec(t["x"], t["y"], t["width"], t["height"], t["downsample"], index=t.get("index"))
                 px = read(spec.x, spec.y, spec.x + spec.width * spec.downsample,
                           spec.y + spec.height * spec.downsample, spec.width, spec.height)
                 batch.append((spec, px))

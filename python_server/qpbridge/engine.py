@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 from qpbridge import geometry
 from qpbridge.cards import ModelCard, builtin_cards_dir, discover_cards
 from qpbridge.errors import MissingPixelSizeError, ModelCardError, TileError, UnknownModelError
-from qpbridge.families import InstanceResult, ModelFamily, SemanticResult, create_model
+from qpbridge.families import InstanceResult, ModelFamily, SemanticResult, TileResult, create_model
 from qpbridge.postprocess import FeatureBuilder
 from qpbridge.protocol import ImageInfo, TileSpec
 
@@ -34,6 +34,8 @@ class Engine:
         of a model folder (qpbridge card or WSInfer-style): anywhere with ``any_model_path`` (the CLI),
         else only below ``model_roots`` (a server never loads files its operator did not allow)."""
         self.device = device
+        # GPU outputs stay on the device for stitching there (only class rasters come back).
+        self._on_device = device.startswith("cuda")
         self.model_roots = [r.resolve() for r in (model_roots or [])]
         self.any_model_path = any_model_path
         self.cards: dict[str, ModelCard] = discover_cards(builtin_cards_dir())
@@ -97,29 +99,45 @@ class Engine:
                 "(µm per full-resolution pixel), or --mpp on the command line")
         return card
 
+    def infer(self, name: str, pixels: Sequence[np.ndarray], *, native: bool = True) -> list[TileResult]:
+        """One batch through the model (tiles already at the card's µm/px), serialised for families that
+        are not thread-safe. ``native``: semantic outputs at the model's own resolution, left on the device
+        when the model runs on a GPU (for stitching); else at the tiles' size, on the host."""
+        model = self.model(name)
+        call = (lambda: model.predict_native(pixels, on_device=self._on_device)) if native else \
+            (lambda: model.predict(pixels))
+        if model.thread_safe:
+            return call()
+        with self._locks[name]:
+            return call()
+
+    def infer_batches(self, name: str, pixels: Sequence[np.ndarray],
+                      should_stop: Callable[[], bool] | None = None, *, native: bool = True
+                      ) -> Iterator[tuple[range, list[TileResult]]]:
+        """``pixels`` through the model in the card's batches: (indices of the batch, results), polling
+        ``should_stop`` between batches."""
+        batch = max(1, self.card(name).batch_size)
+        for start in range(0, len(pixels), batch):
+            if should_stop is not None and should_stop():
+                return
+            chunk = range(start, min(start + batch, len(pixels)))
+            yield chunk, self.infer(name, [pixels[i] for i in chunk], native=native)
+
     def predict(self, name: str, image: ImageInfo, tiles: Sequence[tuple[TileSpec, np.ndarray]],
                 should_stop: Callable[[], bool] | None = None,
                 on_tile: Callable[[TileSpec, list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
-        """Features of every tile, in full-resolution coordinates.
+        """Features of every tile, each on its own, in full-resolution coordinates.
 
         ``should_stop`` is polled between batches (cancel); ``on_tile`` gets each tile's features as soon
         as they are ready (jobs record progress with it).
         """
         card = self.check_image(name, image)
-        model = self.model(name)
         features: list[dict[str, Any]] = []
-        batch = max(1, card.batch_size)
-        for start in range(0, len(tiles), batch):
-            if should_stop is not None and should_stop():
-                break
-            chunk = tiles[start:start + batch]
-            prepared = [self._to_model_pixels(card, image, spec, px) for spec, px in chunk]
-            if model.thread_safe:
-                results = model.predict([p[0] for p in prepared])
-            else:
-                with self._locks[name]:
-                    results = model.predict([p[0] for p in prepared])
-            for (spec, _), (_, sx, sy), result in zip(chunk, prepared, results, strict=True):
+        prepared = [self._to_model_pixels(card, image, spec, px) for spec, px in tiles]
+        for chunk, results in self.infer_batches(name, [p[0] for p in prepared], should_stop, native=False):
+            for i, result in zip(chunk, results, strict=True):
+                spec = tiles[i][0]
+                _, sx, sy = prepared[i]
                 tile_features = self._features(card, image, spec, sx, sy, result)
                 features.extend(tile_features)
                 if on_tile is not None:

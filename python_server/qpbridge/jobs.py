@@ -30,7 +30,7 @@ class Job:
     first_tile_at: float | None = None
     last_tile_at: float | None = None
     claimed: set[tuple[int, int, float, int, int]] = field(default_factory=set)
-    stitch: Any = None  # annotate.PlanStitch when the server planned the tiles (seam-free results)
+    stitch: Any = None  # session.PlanRun when the server planned the tiles (seam-free results)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
 

@@ -65,7 +65,7 @@ class TilePlan:
     def tile_spec(self, t: PlannedTile) -> TileSpec:
         """What a client reads for this tile: full-res origin, downsample, and the pixel size to send."""
         x0, y0, _, _ = self.fullres_box(t)
-        return TileSpec(x=round(x0), y=round(y0), width=t.w, height=t.h, downsample=self.ds)
+        return TileSpec(x=round(x0), y=round(y0), width=t.w, height=t.h, downsample=self.ds, index=t.index)
 
     def to_wire(self) -> dict[str, Any]:
         return {"downsample": self.ds, "tile_size": self.tile, "overlap": self.overlap,

@@ -69,6 +69,7 @@ class TileSpec:
     height: int
     downsample: float = 1.0
     encoding: str = "raw"
+    index: int | None = None  # the tile's index in a server-made plan (planned jobs)
 
     @property
     def key(self) -> tuple[int, int, float, int, int]:
@@ -76,8 +77,11 @@ class TileSpec:
         return (self.x, self.y, self.downsample, self.width, self.height)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"x": self.x, "y": self.y, "downsample": self.downsample, "width": self.width,
-                "height": self.height, "encoding": self.encoding}
+        out: dict[str, Any] = {"x": self.x, "y": self.y, "downsample": self.downsample, "width": self.width,
+                               "height": self.height, "encoding": self.encoding}
+        if self.index is not None:
+            out["index"] = self.index
+        return out
 
 
 def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -168,7 +172,10 @@ def parse_tiles(header: dict[str, Any], frames: Sequence[Any], limits: Limits) -
             raise LimitExceededError(
                 f"{where} is {w}x{h} = {w * h} pixels; the limit is {limits.max_tile_pixels} per tile",
                 limit=limits.max_tile_pixels)
-        specs.append(TileSpec(x=x, y=y, width=w, height=h, downsample=float(ds), encoding=enc))
+        index = t.get("index")
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+            raise BadRequestError(f"{where}: index must be a non-negative integer (the plan's tile index)")
+        specs.append(TileSpec(x=x, y=y, width=w, height=h, downsample=float(ds), encoding=enc, index=index))
     return specs
 
 

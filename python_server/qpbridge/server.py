@@ -289,20 +289,20 @@ class Server:
             job = self.jobs.open(name, image, expected)
             log.info("job %s opened: model %s, image %r, %s tiles expected", job.id, name, image.name, expected)
             return {"job": job.id, "model": card.to_wire()}
-        plan, stitch_factory = self._plan_for(card, image, region, header.get("roi"))
+        plan, stitch_factory = self._plan_for(name, card, image, region, header.get("roi"))
         job = self.jobs.open(name, image, len(plan.tiles))
         job.stitch = stitch_factory(job.add_feature)
         log.info("job %s opened: model %s, image %r, planned %d tiles", job.id, name, image.name, len(plan.tiles))
         return {"job": job.id, "model": card.to_wire(), "plan": plan.to_wire()}
 
-    def _plan_for(self, card: Any, image: Any, region: Any, roi: Any) -> tuple[Any, Any]:
-        """The server's tile plan over a region, and a factory of the stitcher fed by the job's tiles."""
+    def _plan_for(self, name: str, card: Any, image: Any, region: Any, roi: Any) -> tuple[Any, Any]:
+        """The server's tile plan over a region, and a factory of the engine run fed by the job's tiles."""
         import shapely
 
-        from qpbridge.annotate import PlanStitch
         from qpbridge.plan import make_plan
         from qpbridge.postprocess import FeatureBuilder
         from qpbridge.roi import geometry_from_geojson
+        from qpbridge.session import PlanRun
 
         if not isinstance(region, dict):
             raise BadRequestError("region must be {\"x\", \"y\", \"width\", \"height\"} in full-resolution pixels")
@@ -316,7 +316,7 @@ class Server:
         clip = clip if roi_geom is None else clip.intersection(roi_geom)
         size = (image.width, image.height) if image.width and image.height else None
         builder = FeatureBuilder(card, image.mpp, clip, size)
-        return plan, lambda sink: PlanStitch(card, plan, builder, sink)
+        return plan, lambda sink: PlanRun(self.engine, name, plan, builder, sink)
 
     def _job_tiles(self, header: dict[str, Any], frames: list[Any]) -> None:
         job = self.jobs.get(header.get("job"))
@@ -339,7 +339,14 @@ class Server:
         try:
             tiles = [(s, decode_tile(s, f.buffer)) for s, f in zip(specs, frames, strict=True)]
             if job.stitch is not None:
-                self._stitch_batch(job, tiles, processed)
+                run = job.stitch
+                planned = [run.planned(spec, px) for spec, px in tiles]
+
+                def stitched(i: int) -> None:
+                    job.record([])
+                    processed.append(specs[i])
+
+                run.process(planned, should_stop=job.cancel_event.is_set, on_tile=stitched)
             else:
                 self.engine.predict(job.model, job.image, tiles, should_stop=job.cancel_event.is_set,
                                     on_tile=on_tile)
@@ -357,22 +364,6 @@ class Server:
         status = job.status()
         return {"accepted": len(processed), "skipped": skipped, "tiles_done": status["tiles_done"],
                 "tiles_expected": status["tiles_expected"], "state": status["state"]}
-
-    def _stitch_batch(self, job: Job, tiles: list[Any], processed: list[Any]) -> None:
-        """Tiles of a planned job: model in card-sized batches, then into the job's stitcher."""
-        stitch = job.stitch
-        planned = [(spec, *stitch.planned(spec, px)) for spec, px in tiles]
-        model = self.engine.model(job.model)
-        step = max(1, stitch.card.batch_size)
-        for i in range(0, len(planned), step):
-            if job.cancel_event.is_set():
-                return
-            chunk = planned[i:i + step]
-            results = model.predict([px for _, _, px in chunk])
-            for (spec, tile, _), result in zip(chunk, results, strict=True):
-                stitch.add(tile, result)
-                job.record([])
-                processed.append(spec)
 
     def _job_slide(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
         from qpbridge.annotate import annotate_slide

@@ -85,6 +85,12 @@ class ModelFamily(ABC):
     def predict(self, tiles: Sequence[np.ndarray]) -> list[TileResult]:
         """Masks for a batch of tiles."""
 
+    def predict_native(self, tiles: Sequence[np.ndarray], *, on_device: bool = False) -> list[TileResult]:
+        """Like :meth:`predict`, with semantic outputs at the model's own resolution (``SemanticResult.scale``)
+        for stitching, which blends them on that grid. With ``on_device``, a family whose model runs on a GPU
+        may leave probabilities there as tensors (the stitcher then blends on the device)."""
+        return self.predict(tiles)
+
 
 _REGISTRY: dict[str, type[ModelFamily]] = {}
 

@@ -1,0 +1,352 @@
+"""One engine run session: a model over a tile plan, from pixels to stitched features.
+
+Every planned run goes through :class:`PlanRun`: ``annotate`` and ``predict`` in process, the server's
+planned tile jobs (tiles arrive from clients in any order and batches: :meth:`PlanRun.process`) and its
+slide jobs (the server reads the slide: :meth:`PlanRun.run`).
+
+:meth:`PlanRun.run` is a pipeline of three stages joined by bounded queues, so memory stays flat and the
+model is fed the next batch while the previous one is stitched:
+
+1. reading: row blocks of tiles (up to ``BLOCK_PX`` canvas pixels wide, read once and sliced, because
+   reading tile by tile decodes each JPEG tile of the slide several times) on a thread pool, at most
+   ``prefetch_blocks`` ahead;
+2. the model: one thread gathers tiles into the card's batches and runs them (the model's own device
+   worker batches further across callers); ``thread_safe = False`` families are called one at a time;
+3. stitching and features, on the calling thread, at most ``queue_batches`` batches behind the model.
+
+Each stage's busy time is measured; the model's idle fraction (1 - busy / wall) says how much of the
+run the model (the GPU, for a torch family on CUDA) waited for the other stages.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from shapely.geometry.base import BaseGeometry
+
+from qpbridge.errors import BadRequestError
+from qpbridge.families import InstanceResult, SemanticResult, TileResult
+from qpbridge.plan import PlannedTile, TilePlan
+from qpbridge.postprocess import FeatureBuilder
+from qpbridge.protocol import TileSpec
+from qpbridge.stitching import InstanceCollector, SemanticStitcher
+
+if TYPE_CHECKING:
+    from qpbridge.cards import ModelCard
+    from qpbridge.engine import Engine
+
+BLOCK_PX = 2048
+
+ReadBox = Callable[[float, float, float, float, int, int], np.ndarray]
+Sink = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Progress:
+    tiles_done: int
+    tiles_total: int
+    elapsed_s: float
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.tiles_per_s
+        return (self.tiles_total - self.tiles_done) / rate if rate > 0 else None
+
+
+@dataclass
+class RunOptions:
+    readers: int = 2  # threads reading blocks
+    prefetch_blocks: int = 8  # block reads in flight
+    queue_batches: int = 2  # model outputs waiting to be stitched
+
+
+@dataclass
+class RunStats:
+    """Wall time and per-stage busy time of a run (reading is summed over its threads)."""
+
+    tiles: int = 0
+    seconds: float = 0.0
+    read_s: float = 0.0
+    read_wait_s: float = 0.0  # time the model stage waited for pixels: > 0 means reading is the wall
+    model_s: float = 0.0
+    stitch_s: float = 0.0
+    stitch_wait_s: float = 0.0  # time the stitching stage waited for model outputs
+    readers: int = 1
+    cancelled: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_idle_fraction(self) -> float:
+        return max(0.0, 1.0 - self.model_s / self.seconds) if self.seconds > 0 else 0.0
+
+    @property
+    def limit(self) -> str:
+        """The stage that bounds the throughput: the busiest one (reading per reader thread)."""
+        busy = {"reading": self.read_s / max(1, self.readers), "model": self.model_s, "stitching": self.stitch_s}
+        return max(busy, key=lambda k: busy[k])
+
+    def table(self) -> str:
+        rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s); busy: reading "
+                f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s, stitching "
+                f"{self.stitch_s:.2f} s; model idle {100 * self.model_idle_fraction:.0f}% of the run "
+                f"(waiting for pixels {self.read_wait_s:.2f} s); limit: {self.limit}")
+
+
+def make_stitcher(card: ModelCard, plan: TilePlan,
+                  emit: Callable[[BaseGeometry, int, dict[str, Any] | None], None]
+                  ) -> SemanticStitcher | InstanceCollector:
+    if card.task == "instance-segmentation":
+        return InstanceCollector(plan, emit)
+    emit_classes = [i for i, c in enumerate(card.classes) if c.emit]
+    return SemanticStitcher(plan, len(card.classes), emit_classes, emit,
+                            min_area=card.min_area_um2 / card.mpp ** 2,
+                            max_hole=card.max_hole_area_um2 / card.mpp ** 2)
+
+
+def blocks_of(plan: TilePlan, block_px: int = BLOCK_PX) -> list[list[PlannedTile]]:
+    """Tiles grouped into row blocks of consecutive tiles spanning at most ``block_px`` canvas pixels."""
+    blocks: list[list[PlannedTile]] = []
+    current: list[PlannedTile] = []
+    for t in plan.tiles:  # plan order is row-major
+        if current and (t.row != current[0].row or t.col != current[-1].col + 1
+                        or t.x + t.w - current[0].x > block_px):
+            blocks.append(current)
+            current = []
+        current.append(t)
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def read_block(plan: TilePlan, block: list[PlannedTile], read_box: ReadBox) -> list[tuple[PlannedTile, np.ndarray]]:
+    """Read the block's bounding box once, at canvas resolution, and slice its tiles."""
+    x0 = block[0].x
+    x1 = max(t.x + t.w for t in block)
+    y0 = block[0].y
+    y1 = max(t.y + t.h for t in block)
+    ds = plan.ds
+    px = read_box(plan.origin_x + x0 * ds, plan.origin_y + y0 * ds, plan.origin_x + x1 * ds,
+                  plan.origin_y + y1 * ds, x1 - x0, y1 - y0)
+    return [(t, np.ascontiguousarray(px[t.y - y0:t.y - y0 + t.h, t.x - x0:t.x - x0 + t.w])) for t in block]
+
+
+_END = object()
+
+
+class PlanRun:
+    """A model over one plan: tiles in any order and batches, stitched into features for ``sink``."""
+
+    def __init__(self, engine: Engine, model_name: str, plan: TilePlan, builder: FeatureBuilder,
+                 sink: Sink) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.card = engine.card(model_name)
+        self.plan = plan
+        self.sink = sink
+        self._lock = threading.Lock()
+        self._by_origin: dict[tuple[int, int], PlannedTile] | None = None
+
+        def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:
+            f = builder.build(geom, cls, plan.origin_x, plan.origin_y, plan.ds, plan.ds, extra)
+            if f is not None:
+                sink(f)
+
+        self.stitcher = make_stitcher(self.card, plan, emit)
+
+    # ---- tiles sent by a client --------------------------------------------------------------------------
+
+    def planned(self, spec: TileSpec, px: np.ndarray) -> tuple[PlannedTile, np.ndarray]:
+        """The plan's tile for a tile a client sent: by its ``index``, else by its full-resolution origin.
+        A tile read a pixel or two off the planned size (rounding in the client's reader) is resized."""
+        tile = self._find(spec)
+        if px.shape[:2] != (tile.h, tile.w):
+            if abs(px.shape[0] - tile.h) > 2 or abs(px.shape[1] - tile.w) > 2:
+                raise BadRequestError(f"tile at ({spec.x}, {spec.y}) is {px.shape[1]}x{px.shape[0]} px; the plan "
+                                      f"has {tile.w}x{tile.h} at downsample {self.plan.ds:.6g}")
+            import cv2
+
+            px = cv2.resize(np.ascontiguousarray(px), (tile.w, tile.h), interpolation=cv2.INTER_LINEAR)
+        return tile, px
+
+    def _find(self, spec: TileSpec) -> PlannedTile:
+        tiles = self.plan.tiles
+        if spec.index is not None:
+            if spec.index >= len(tiles):
+                raise BadRequestError(f"tile index {spec.index} is not in this job's plan of {len(tiles)} tiles")
+            tile = tiles[spec.index]
+            expect = self.plan.tile_spec(tile)
+            if abs(expect.x - spec.x) > 1 or abs(expect.y - spec.y) > 1:
+                raise BadRequestError(f"tile {spec.index} of the plan is at ({expect.x}, {expect.y}), not "
+                                      f"({spec.x}, {spec.y})")
+            return tile
+        if self._by_origin is None:
+            self._by_origin = {(s.x, s.y): t for t in tiles for s in (self.plan.tile_spec(t),)}
+        found = self._by_origin.get((spec.x, spec.y))
+        if found is None:
+            raise BadRequestError(f"tile at ({spec.x}, {spec.y}) is not in this job's plan: send the tiles "
+                                  "job.open returned")
+        return found
+
+    def process(self, tiles: Sequence[tuple[PlannedTile, np.ndarray]], should_stop: Callable[[], bool] | None = None,
+                on_tile: Callable[[int], None] | None = None) -> int:
+        """Run the model over ``tiles`` in the card's batches and stitch them; returns how many were done
+        (fewer when ``should_stop`` turned true). ``on_tile(i)`` follows each stitched tile."""
+        done = 0
+        for chunk, results in self.engine.infer_batches(self.model_name, [px for _, px in tiles], should_stop):
+            for i, result in zip(chunk, results, strict=True):
+                self.stitch(tiles[i][0], result)
+                done += 1
+                if on_tile is not None:
+                    on_tile(i)
+        return done
+
+    def stitch(self, tile: PlannedTile, result: TileResult) -> None:
+        with self._lock:
+            _add(self.stitcher, tile, result)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.stitcher.finish()
+
+    # ---- the whole plan, read by the engine --------------------------------------------------------------
+
+    def run(self, read_box: ReadBox, *, options: RunOptions | None = None,
+            on_progress: Callable[[Progress], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RunStats:
+        """Read, run and stitch every tile of the plan as a pipeline; features go to the sink."""
+        opts = options or RunOptions()
+        stats = RunStats(readers=max(1, opts.readers))
+        plan = self.plan
+        batch_size = max(1, self.card.batch_size)
+        outputs: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.queue_batches))
+        stop = threading.Event()
+        read_lock = threading.Lock()
+        t0 = time.perf_counter()
+
+        def timed_read(block: list[PlannedTile]) -> list[tuple[PlannedTile, np.ndarray]]:
+            t = time.perf_counter()
+            out = read_block(plan, block, read_box)
+            with read_lock:
+                stats.read_s += time.perf_counter() - t
+            return out
+
+        def stopped() -> bool:
+            return stop.is_set() or (should_stop is not None and should_stop())
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    outputs.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def model_stage(pool: ThreadPoolExecutor) -> None:
+            try:
+                pending: list[tuple[PlannedTile, np.ndarray]] = []
+
+                def flush() -> bool:
+                    t = time.perf_counter()
+                    results = self.engine.infer(self.model_name, [px for _, px in pending])
+                    stats.model_s += time.perf_counter() - t
+                    ok = put(([tile for tile, _ in pending], results))
+                    pending.clear()
+                    return ok
+
+                reads = _ahead(pool, blocks_of(plan), timed_read, opts.prefetch_blocks)
+                try:
+                    for fut in reads:
+                        if stopped():
+                            return
+                        t = time.perf_counter()
+                        tiles = fut.result()
+                        stats.read_wait_s += time.perf_counter() - t
+                        for item in tiles:
+                            pending.append(item)
+                            if len(pending) >= batch_size and not flush():
+                                return
+                finally:
+                    reads.close()  # cancels reads not started
+                if pending and not stopped():
+                    flush()
+            except BaseException as exc:
+                put(exc)
+            finally:
+                put(_END)
+
+        done = 0
+        with ThreadPoolExecutor(stats.readers, thread_name_prefix="qpbridge-reader") as pool:
+            worker = threading.Thread(target=model_stage, args=(pool,), name="qpbridge-model-feed", daemon=True)
+            worker.start()
+            try:
+                while True:
+                    t = time.perf_counter()
+                    item = outputs.get()
+                    stats.stitch_wait_s += time.perf_counter() - t
+                    if item is _END:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    tiles, results = item
+                    t = time.perf_counter()
+                    for tile, result in zip(tiles, results, strict=True):
+                        self.stitch(tile, result)
+                    stats.stitch_s += time.perf_counter() - t
+                    done += len(tiles)
+                    if on_progress is not None:
+                        on_progress(Progress(done, len(plan.tiles), time.perf_counter() - t0))
+            finally:
+                stop.set()
+                worker.join()
+        stats.cancelled = done < len(plan.tiles)
+        if not stats.cancelled:
+            t = time.perf_counter()
+            self.finish()
+            stats.stitch_s += time.perf_counter() - t
+        stats.tiles = done
+        stats.seconds = time.perf_counter() - t0
+        if isinstance(self.stitcher, SemanticStitcher):
+            stats.extra["stitch_buffer_bytes"] = self.stitcher.buffer_bytes
+        return stats
+
+
+def _ahead(pool: ThreadPoolExecutor, blocks: list[list[PlannedTile]],
+           read: Callable[[list[PlannedTile]], list[tuple[PlannedTile, np.ndarray]]],
+           depth: int) -> Generator[Future[list[tuple[PlannedTile, np.ndarray]]], None, None]:
+    """Futures of block reads in plan order, keeping at most ``depth`` reads in flight."""
+    waiting: list[Future[list[tuple[PlannedTile, np.ndarray]]]] = []
+    try:
+        for b in blocks:
+            waiting.append(pool.submit(read, b))
+            if len(waiting) >= depth:
+                yield waiting.pop(0)
+        while waiting:
+            yield waiting.pop(0)
+    finally:
+        for f in waiting:
+            f.cancel()
+
+
+def _add(stitcher: SemanticStitcher | InstanceCollector, tile: PlannedTile, result: Any) -> None:
+    if isinstance(stitcher, InstanceCollector):
+        if not isinstance(result, InstanceResult):
+            raise TypeError("an instance-segmentation card needs a family returning InstanceResult")
+        stitcher.add(tile, result)
+    else:
+        if not isinstance(result, SemanticResult):
+            raise TypeError("a semantic card needs a family returning SemanticResult")
+        stitcher.add(tile, result)
+
