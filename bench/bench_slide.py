@@ -1,14 +1,18 @@
 """Whole-slide throughput vs the model-only ceiling, in one run: prints measured numbers (not a test).
 
-    python bench/bench_slide.py [--device auto|cpu|cuda] [--size 8192] [--precision fp32 fp16]
-                                [--batch 256] [--model-only-tiles 2048]
+    python bench/bench_slide.py [--device auto|cpu|cuda] [--size 32768] [--precision fp16 fp32]
+                                [--compile] [--batch 256] [--model-only-tiles 4096] [--readers 8]
 
 Builds SegFormer-B0 with random weights (speed only; HOTSPoT's architecture, 3 classes, 256 px tiles at
 1 µm/px), saves it as a save_pretrained folder and serves it through the real card/engine path. Writes a
-synthetic JPEG-compressed pyramidal TIFF of --size x --size px at 0.5 µm/px, then for each precision:
-- model-only: the same model object fed ready uint8 tiles already in memory (tiles/s);
-- end to end: `annotate_slide` on the slide (block reads on a thread pool, resize to 1 µm/px, model,
-  blending and polygons), tiles/s; and the ratio of the two, peak host RSS and peak GPU memory.
+synthetic JPEG-compressed pyramidal TIFF of --size x --size px at 0.5 µm/px, then for each precision and
+mode (eager; compiled too with --compile, timed once the background compile is warm):
+- model-only: the same model fed ready uint8 tiles already in memory, outputs as the run takes them
+  (native resolution, left on the GPU), synchronised at the end (tiles/s);
+- end to end: `annotate_slide` on the slide (pipelined block reads, model, device-side blending, linear
+  vectorising, features), tiles/s, the ratio of the two, each stage's busy time, the GPU's idle fraction,
+  the limiting stage, peak host RSS and peak GPU memory.
+Exits non-zero if any run fails. fp16/bf16 run on CUDA only (skipped on a CPU).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -47,83 +52,134 @@ def synthetic_slide(path: Path, size: int) -> Path:
     return path
 
 
-def make_card(root: Path, precision: str, batch: int) -> Path:
+def make_card(root: Path, precision: str, batch: int, compiled: bool) -> str:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     weights = root / "b0-weights"
     if not weights.exists():
         SegformerForSemanticSegmentation(SegformerConfig(num_labels=3)).save_pretrained(weights)  # B0 defaults
-    name = f"segformer-b0-{precision}"
-    folder = root / name
-    folder.mkdir(exist_ok=True)
+    name = f"segformer-b0-{precision}-{'compiled' if compiled else 'eager'}"
+    folder = root / "models" / name
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({
         "schema_version": 1, "name": name, "family": "segformer-hf", "task": "semantic-segmentation",
         "object_type": "annotation",
         "classes": [{"name": "Background", "color": [255, 255, 255], "emit": False},
                     {"name": "Lobule", "color": [222, 120, 160]}, {"name": "Portal tract", "color": [30, 110, 220]}],
         "tile": {"size": 256, "overlap": 64, "batch_size": batch}, "mpp": 1.0,
-        "postprocess": {"simplify_um": 2.0, "min_area_um2": 500.0},
-        "params": {"precision": precision, "tissue_filter": False}, "weights": str(weights),
+        "postprocess": {"simplify_um": 2.0, "min_area_um2": 500.0, "max_hole_area_um2": 100.0},
+        "params": {"precision": precision, "tissue_filter": False, "compile": compiled}, "weights": str(weights),
     }))
-    return folder
+    return name
+
+
+def wait_compiled(model: object, timeout_s: float) -> float:
+    worker = getattr(model, "worker", None)
+    t = time.perf_counter()
+    while worker is not None and worker.compile_state == "compiling":
+        if time.perf_counter() - t > timeout_s:
+            raise TimeoutError(f"torch.compile still warming after {timeout_s:.0f} s")
+        time.sleep(1.0)
+    if worker is not None and worker.compile_state == "failed":
+        raise RuntimeError("torch.compile failed (see the log)")
+    return time.perf_counter() - t
+
+
+def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool, args: argparse.Namespace) -> dict:
+    import torch
+
+    from qpbridge.annotate import annotate_slide
+    from qpbridge.engine import Engine
+    from qpbridge.session import RunOptions
+
+    name = make_card(root, precision, args.batch, compiled)
+    engine = Engine(root / "models", device=device)
+    model = engine.model(name)
+    cuda = device.startswith("cuda")
+    compile_s = wait_compiled(model, args.compile_timeout) if compiled else 0.0
+    rng = np.random.default_rng(1)
+    tiles = [rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for _ in range(args.batch)]
+    on_device = cuda
+    for _ in range(2):  # warm-up: kernels, allocator, pinned buffers
+        model.predict_native(tiles, on_device=on_device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    n = 0
+    t = time.perf_counter()
+    while n < args.model_only_tiles:
+        model.predict_native(tiles, on_device=on_device)
+        n += len(tiles)
+    if cuda:
+        torch.cuda.synchronize()
+    model_only = n / (time.perf_counter() - t)
+
+    result = annotate_slide(engine, slide, name, tissue_filter=False, options=RunOptions(readers=args.readers))
+    st = result.stats
+    close = getattr(model, "close", None)
+    if close is not None:
+        close()
+    return {"precision": precision, "mode": "compiled" if compiled else "eager", "compile_s": compile_s,
+            "model_only": model_only, "e2e": st.tiles / st.seconds, "stats": st, "features": len(result.features),
+            "gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--size", type=int, default=8192, help="slide side in px at 0.5 µm/px")
-    ap.add_argument("--precision", nargs="+", default=["fp32", "fp16"])
+    ap.add_argument("--size", type=int, default=32768, help="slide side in px at 0.5 µm/px")
+    ap.add_argument("--precision", nargs="+", default=["fp16", "fp32"], choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--compile", action="store_true", help="also run with torch.compile (after its warm-up)")
+    ap.add_argument("--compile-timeout", type=float, default=1800.0)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--model-only-tiles", type=int, default=2048)
-    ap.add_argument("--readers", type=int, default=4)
+    ap.add_argument("--model-only-tiles", type=int, default=4096)
+    ap.add_argument("--readers", type=int, default=8)
     args = ap.parse_args(argv)
 
-    from qpbridge.annotate import annotate_slide
-    from qpbridge.devices import resolve_device
-    from qpbridge.engine import Engine
-
-    device = resolve_device(args.device)
     import torch
 
+    from qpbridge.devices import resolve_device
+
+    device = resolve_device(args.device)
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none"
-    print(f"device {device} ({gpu}); torch {torch.__version__}; slide {args.size}x{args.size} px at 0.5 µm/px")
+    print(f"device {device} ({gpu}); torch {torch.__version__}; slide {args.size}x{args.size} px at 0.5 µm/px; "
+          f"batch {args.batch}; {args.readers} readers")
+    rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
         slide = synthetic_slide(root / "slide.tif", args.size)
-        print(f"wrote synthetic slide in {time.perf_counter() - t:.1f} s ({slide.stat().st_size / 1e6:.1f} MB)")
+        print(f"wrote synthetic slide in {time.perf_counter() - t:.1f} s ({slide.stat().st_size / 1e6:.1f} MB)",
+              flush=True)
         for precision in args.precision:
             if precision != "fp32" and not device.startswith("cuda"):
-                print(f"{precision}: skipped (mixed precision runs on CUDA only)")
+                print(f"{precision}: skipped (half precision runs on CUDA only)")
                 continue
-            make_card(root, precision, args.batch)
-            engine = Engine(root, device=device)
-            name = f"segformer-b0-{precision}"
-            model = engine.model(name)
-            rng = np.random.default_rng(1)
-            tiles = [rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for _ in range(args.batch)]
-            model.predict(tiles)  # warm-up: kernels, allocator
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            n = 0
-            t = time.perf_counter()
-            while n < args.model_only_tiles:
-                model.predict(tiles)
-                n += len(tiles)
-            model_only = n / (time.perf_counter() - t)
-
-            result = annotate_slide(engine, slide, name, tissue_filter=False, readers=args.readers)
-            st = result.stats
-            e2e = st.tiles / st.seconds
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            gpu_peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
-                        if device.startswith("cuda") else "")
-            print(f"{precision}: model-only {model_only:.1f} tiles/s; end-to-end {e2e:.1f} tiles/s "
-                  f"({st.tiles} tiles in {st.seconds:.2f} s: model {st.model_s:.2f} s, stitching {st.stitch_s:.2f} s, "
-                  f"waiting for pixels {st.read_wait_s:.2f} s); end-to-end / model-only = {e2e / model_only:.2f}; "
-                  f"{len(result.features)} polygons; peak RSS {rss:.0f} MiB{gpu_peak}")
-    return 0
+            for compiled in ([False, True] if args.compile else [False]):
+                try:
+                    r = one_run(root, slide, device, precision, compiled, args)
+                except Exception:
+                    failed += 1
+                    print(f"{precision} {'compiled' if compiled else 'eager'}: FAILED", file=sys.stderr)
+                    traceback.print_exc()
+                    continue
+                rows.append(r)
+                st = r["stats"]
+                print(f"{precision} {r['mode']}: {st.table()}", flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print()
+    print("| precision | mode | model-only tiles/s | end-to-end tiles/s | ratio | tiles | wall s | reading s "
+          "(threads) | model s | device s | stitching s | GPU idle | limit | features | peak GPU MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        st = r["stats"]
+        dev = f"{st.device_s:.2f}" if st.device_s is not None else "-"
+        print(f"| {r['precision']} | {r['mode']} | {r['model_only']:.0f} | {r['e2e']:.0f} | "
+              f"{r['e2e'] / r['model_only']:.2f} | {st.tiles} | {st.seconds:.2f} | {st.read_s:.2f} ({st.readers}) | "
+              f"{st.model_s:.2f} | {dev} | {st.stitch_s:.2f} | {100 * st.model_idle_fraction:.0f}% | {st.limit} | "
+              f"{r['features']} | {r['gpu_mib']:.0f} |")
+    print(f"peak host RSS {rss:.0f} MiB")
+    return 1 if failed or not rows else 0
 
 
 if __name__ == "__main__":

@@ -440,3 +440,111 @@ def test_server_loads_model_folders_only_below_model_roots(wsinfer_folder: Path)
         finally:
             running.server.stop()
             running.thread.join(10)
+
+
+# ---- native-resolution outputs, device blending, compile ------------------------------------------------
+
+
+def native_reference(batch: list[np.ndarray]) -> np.ndarray:
+    """The HF model by hand, without the upsampling: softmax of the quarter-size logits."""
+    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = tiny_segformer()(pixel_values=x).logits
+    return torch.softmax(logits, dim=1).numpy()
+
+
+def test_native_outputs_are_the_models_own_resolution(hf_model: TorchSegmentation) -> None:
+    full = tiles(2, seed=21)
+    edge = full[0][:40, :23].copy()
+    results = hf_model.predict_native([*full, edge])
+    assert all(isinstance(r, SemanticResult) and r.scale == 4 for r in results)
+    assert [r.probs.shape for r in results] == [(3, TILE // 4, TILE // 4)] * 2 + [(3, 10, 6)]
+    np.testing.assert_allclose(np.stack([r.probs for r in results[:2]]), native_reference(full), atol=1e-5)
+    padded = np.pad(edge, ((0, TILE - 40), (0, TILE - 23), (0, 0)), mode="reflect")
+    np.testing.assert_allclose(results[2].probs, native_reference([padded])[0][:, :10, :6], atol=1e-5)
+    # on the CPU, "on the device" is the host: results stay numpy arrays
+    assert isinstance(hf_model.predict_native(full, on_device=True)[0].probs, np.ndarray)
+
+
+def test_device_blending_matches_host_blending() -> None:
+    from qpbridge.stitching import _DeviceBlend, _HostBlend, cosine_window
+
+    rng = np.random.default_rng(4)
+    host, dev = _HostBlend(3, 40, 50), _DeviceBlend(3, 40, 50, torch.device("cpu"))
+    for y, x in ((0, 0), (0, 20), (10, 5), (16, 24)):
+        probs = rng.random((3, 16, 26)).astype(np.float32)
+        win = cosine_window(16, 26, 4)
+        host.add(probs, host.window(win), y, x)
+        dev.add(torch.from_numpy(probs), dev.window(win), y, x)
+    for partial in (False, True):
+        np.testing.assert_array_equal(host.classes(30, partial), dev.classes(30, partial))
+    host.shift(12)
+    dev.shift(12)
+    np.testing.assert_allclose(host.acc, dev.acc.numpy(), atol=1e-6)
+
+
+def test_compile_is_opt_in_and_warms_in_the_background(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of the compiled shape switch to the compiled model once it is warm; others stay eager."""
+    calls: list[tuple[int, ...]] = []
+    release = threading.Event()
+
+    def fake_compile(model: Any, **kwargs: Any) -> Any:
+        def compiled(x: torch.Tensor) -> Any:
+            release.wait(10)  # compiling takes a while: the eager model serves meanwhile
+            calls.append(tuple(x.shape))
+            return model(x)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    with DeviceWorker(Flaky(), torch.device("cpu"), name="c", n_outputs=2, max_wait_s=0.0,
+                      compile_shape=(2, 32, 32)) as worker:
+        batch = np.stack(tiles(2, seed=3, h=32, w=32))
+        eager = worker.run(batch)  # served while the compile is still warming up
+        assert worker.compile_state == "compiling" and calls == []
+        release.set()
+        for _ in range(100):
+            if worker.compile_state == "ready":
+                break
+            threading.Event().wait(0.05)
+        assert worker.compile_state == "ready" and calls == [(2, 3, 32, 32)]  # the warm-up
+        np.testing.assert_allclose(worker.run(batch), eager, atol=1e-6)
+        worker.run(batch[:1])
+        assert calls == [(2, 3, 32, 32)] * 2  # the 1-tile batch ran eager
+
+
+def test_compile_param_reaches_the_worker(hf_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    model = create_model(ModelCard.from_dict(card_dict(params={"compile": True}), folder=hf_root), "cpu")
+    assert isinstance(model, TorchSegmentation)
+    try:
+        assert model.worker.compile_shape == (model.worker.max_batch, TILE, TILE)
+    finally:
+        model.close()
+    from qpbridge.engine import Engine
+
+    engine = Engine(None, compile_models=True)  # serve --compile
+    assert engine.card("tissue").params.get("compile") is None
+    assert engine.effective_card("tissue").params["compile"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cast_weights_and_device_outputs(hf_root: Path, hf_model: TorchSegmentation) -> None:
+    model = create_model(load_card(hf_root), "cuda")
+    assert isinstance(model, TorchSegmentation)
+    try:
+        assert model.worker.weights == "cast" and model.worker.input_dtype == torch.float16
+        batch = tiles(4, seed=12)
+        on_gpu = model.predict_native(batch, on_device=True)
+        assert all(isinstance(r.probs, torch.Tensor) and r.probs.is_cuda for r in on_gpu)
+        cpu = hf_model.predict_native(batch)
+        for a, b in zip(on_gpu, cpu, strict=True):
+            np.testing.assert_allclose(a.probs.float().cpu().numpy(), b.probs, atol=2e-2)
+        for _ in range(3):  # pinned buffers are reused without mixing results up
+            host = model.predict_native(batch)
+            for a, b in zip(host, cpu, strict=True):
+                np.testing.assert_allclose(a.probs.astype(np.float32), b.probs, atol=2e-2)
+    finally:
+        model.close()

@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     engine = Engine(Path(args.models_dir) if args.models_dir else None, device=device,
-                    model_roots=[Path(r) for r in args.model_root])
+                    model_roots=[Path(r) for r in args.model_root], compile_models=args.compile)
     limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)), max_tiles_per_request=args.max_tiles,
                     max_tile_pixels=args.max_tile_pixels, job_ttl_s=args.job_ttl)
     server = Server(engine, args.bind, limits=limits, workers=args.workers, allow_remote=args.allow_remote,
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let clients run slide jobs on files below DIR (repeatable; none by default)")
     s.add_argument("--allow-remote", action="store_true",
                    help="allow binding a non-loopback address (no authentication: trusted networks only)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile every torch model (compiled in the background; eager serves meanwhile)")
     s.set_defaults(func=cmd_serve)
 
     pr = sub.add_parser("predict", help="run a model on a PNG/JPEG/TIFF image and write QuPath GeoJSON")

@@ -5,6 +5,7 @@ Used by the server (one Engine shared by all clients) and by the CLI when no ser
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -29,11 +30,14 @@ class Engine:
     """Holds the model cards and lazily loaded models; thread-safe."""
 
     def __init__(self, models_dir: Path | None = None, device: str = "cpu", *,
-                 model_roots: list[Path] | None = None, any_model_path: bool = False) -> None:
+                 model_roots: list[Path] | None = None, any_model_path: bool = False,
+                 compile_models: bool = False) -> None:
         """``models_dir``: cards served by name beside the built-ins. A model may also be named by the path
         of a model folder (qpbridge card or WSInfer-style): anywhere with ``any_model_path`` (the CLI),
-        else only below ``model_roots`` (a server never loads files its operator did not allow)."""
+        else only below ``model_roots`` (a server never loads files its operator did not allow).
+        ``compile_models`` turns on ``torch.compile`` for every card (``params.compile``)."""
         self.device = device
+        self.compile_models = compile_models
         # GPU outputs stay on the device for stitching there (only class rasters come back).
         self._on_device = device.startswith("cuda")
         self.model_roots = [r.resolve() for r in (model_roots or [])]
@@ -81,8 +85,15 @@ class Engine:
         log.info("model %s loaded from %s", card.name, path)
         return self.cards[name]
 
-    def model(self, name: str) -> ModelFamily:
+    def effective_card(self, name: str) -> ModelCard:
+        """The card as the model is built from it (server-wide options applied)."""
         card = self.card(name)
+        if self.compile_models and not card.params.get("compile"):
+            card = dataclasses.replace(card, params={**card.params, "compile": True})
+        return card
+
+    def model(self, name: str) -> ModelFamily:
+        card = self.effective_card(name)
         with self._lock:
             if name not in self._models:
                 log.info("loading model %s (%s) on %s", name, card.family, self.device)

@@ -83,12 +83,15 @@ class RunStats:
     stitch_s: float = 0.0
     stitch_wait_s: float = 0.0  # time the stitching stage waited for model outputs
     readers: int = 1
+    device_s: float | None = None  # time the model's device computed (GPU time on CUDA), when known
     cancelled: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_idle_fraction(self) -> float:
-        return max(0.0, 1.0 - self.model_s / self.seconds) if self.seconds > 0 else 0.0
+        """The part of the run the model (its device when known: the GPU's idle fraction) was not computing."""
+        busy = self.device_s if self.device_s is not None else self.model_s
+        return max(0.0, 1.0 - busy / self.seconds) if self.seconds > 0 else 0.0
 
     @property
     def limit(self) -> str:
@@ -98,8 +101,9 @@ class RunStats:
 
     def table(self) -> str:
         rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
+        device = f" (device {self.device_s:.2f} s)" if self.device_s is not None else ""
         return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s); busy: reading "
-                f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s, stitching "
+                f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s{device}, stitching "
                 f"{self.stitch_s:.2f} s; model idle {100 * self.model_idle_fraction:.0f}% of the run "
                 f"(waiting for pixels {self.read_wait_s:.2f} s); limit: {self.limit}")
 
@@ -287,6 +291,8 @@ class PlanRun:
             finally:
                 put(_END)
 
+        model = self.engine.model(self.model_name)
+        device_before = model.device_busy_s()
         done = 0
         with ThreadPoolExecutor(stats.readers, thread_name_prefix="qpbridge-reader") as pool:
             worker = threading.Thread(target=model_stage, args=(pool,), name="qpbridge-model-feed", daemon=True)
@@ -318,6 +324,9 @@ class PlanRun:
             stats.stitch_s += time.perf_counter() - t
         stats.tiles = done
         stats.seconds = time.perf_counter() - t0
+        device_after = model.device_busy_s()
+        if device_before is not None and device_after is not None:
+            stats.device_s = device_after - device_before
         if isinstance(self.stitcher, SemanticStitcher):
             stats.extra["stitch_buffer_bytes"] = self.stitcher.buffer_bytes
         return stats

@@ -85,6 +85,10 @@ class ModelFamily(ABC):
     def predict(self, tiles: Sequence[np.ndarray]) -> list[TileResult]:
         """Masks for a batch of tiles."""
 
+    def device_busy_s(self) -> float | None:
+        """Seconds the model's device has computed so far, for a family that runs on one (else None)."""
+        return None
+
     def predict_native(self, tiles: Sequence[np.ndarray], *, on_device: bool = False) -> list[TileResult]:
         """Like :meth:`predict`, with semantic outputs at the model's own resolution (``SemanticResult.scale``)
         for stitching, which blends them on that grid. With ``on_device``, a family whose model runs on a GPU

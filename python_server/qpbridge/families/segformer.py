@@ -23,9 +23,15 @@ tiles are run at their own size. Tiles are grouped by (padded) size, one worker 
 
 Card ``params``: ``precision`` ("fp32" | "fp16" | "bf16", CUDA only; CPU runs fp32), ``max_batch``
 (tiles per forward pass, default ``tile.batch_size``), ``batch_wait_ms`` (how long a part-filled batch
-waits for other callers' tiles, default 2), ``channels_last`` (default true). ``compile`` is accepted
-but not used yet (eager only). Loading runs one blank tile through the model, so a class count that does
-not match the card fails at load; a model that fails under autocast on CUDA falls back to fp32 with a warning.
+waits for other callers' tiles, default 2), ``channels_last`` (default true), ``compile`` (default false;
+``qpbridge serve --compile`` turns it on for every card): ``torch.compile`` on full batches of the card's
+tile size, compiled in the background while the eager model serves. Loading runs one blank tile through
+the model, so a class count that does not match the card fails at load. On CUDA with fp16/bf16 the
+weights are cast to that dtype; a model that fails so is reloaded and run under autocast, and one that
+fails under autocast too runs fp32, each time with a warning.
+
+For stitching, :meth:`TorchSegmentation.predict_native` returns the model's own output resolution
+(``SemanticResult.scale`` = 4 for SegFormer), left on the GPU as a tensor when asked to.
 """
 
 from __future__ import annotations
@@ -104,22 +110,27 @@ class TorchSegmentation(ModelFamily):
         max_batch = _int_param(params, "max_batch", max(1, card.batch_size), 1)
         wait_s = _float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0
         channels_last = _bool_param(params, "channels_last", True)
-        if _bool_param(params, "compile", False):
-            log.warning("model %s: params.compile is not supported yet; running eager", card.name)
+        compile_shape = (max_batch, card.tile_size, card.tile_size) if _bool_param(params, "compile", False) \
+            else None
         normalization = Normalization.from_card(card.normalization, self.default_mean, self.default_std)
         self.torch_device = resolve_torch_device(device)
         weights = self._weights_path()
-        model = self._load(weights, self.torch_device)
         settings: dict[str, Any] = {"normalization": normalization, "max_batch": max_batch, "max_wait_s": wait_s,
-                                    "channels_last": channels_last}
-        try:
-            self.worker = self._start_worker(model, precision, settings)
-        except ModelLoadError as exc:
-            if precision == "fp32" or self.torch_device.type != "cuda":
-                raise
-            # some exported (TorchScript) models do not run under autocast: fall back to fp32, loudly
-            log.warning("model %s failed under %s autocast (%s); running fp32", card.name, precision, exc)
-            self.worker = self._start_worker(model, "fp32", settings)
+                                    "channels_last": channels_last, "compile_shape": compile_shape}
+        half = precision != "fp32" and self.torch_device.type == "cuda"
+        # Weights cast to the card's dtype first; some (exported) models only run under autocast, or fp32.
+        attempts = [(precision, "cast"), (precision, "autocast"), ("fp32", "cast")] if half else [(precision, "cast")]
+        for i, (prec, mode) in enumerate(attempts):
+            model = self._load(weights, self.torch_device)
+            try:
+                self.worker = self._start_worker(model, prec, {**settings, "weights": mode})
+                break
+            except ModelLoadError as exc:
+                if i == len(attempts) - 1:
+                    raise
+                nxt = attempts[i + 1]
+                log.warning("model %s failed with %s weights (%s); trying %s", card.name,
+                            f"{prec} {mode}", exc, f"{nxt[0]} {nxt[1]}")
 
     def _start_worker(self, model: torch.nn.Module, precision: str, settings: dict[str, Any]) -> DeviceWorker:
         """A worker for ``model`` that has run one blank tile at the card's size, which checks the model's
@@ -168,6 +179,33 @@ class TorchSegmentation(ModelFamily):
                     p = np.ascontiguousarray(p[:, :h, :w])
                 results[i] = SemanticResult(probs=p)
         return [r for r in results if r is not None]
+
+    def predict_native(self, tiles: Sequence[np.ndarray], *, on_device: bool = False) -> list[TileResult]:
+        """Probabilities at the model's own output resolution (``scale`` = input / output size when the input
+        is a whole multiple of it), as tensors on the GPU with ``on_device``, for the stitcher."""
+        checked = [check_rgb_tile(t, i) for i, t in enumerate(tiles)]
+        size = self.card.tile_size
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, t in enumerate(checked):
+            groups.setdefault((max(t.shape[0], size), max(t.shape[1], size)), []).append(i)
+        futures = [((h, w), idx, self.worker.submit(np.stack([pad_to(checked[i], h, w) for i in idx]), native=True,
+                                                    on_device=on_device))
+                   for (h, w), idx in groups.items()]
+        results: list[TileResult | None] = [None] * len(checked)
+        for (h, _), idx, fut in futures:
+            probs = fut.result()
+            scale = h // int(probs.shape[-2])
+            for j, i in enumerate(idx):
+                th, tw = checked[i].shape[:2]
+                oh, ow = -(-th // scale), -(-tw // scale)
+                p = probs[j]
+                if tuple(p.shape[1:]) != (oh, ow):
+                    p = p[:, :oh, :ow]
+                results[i] = SemanticResult(probs=p, scale=scale)
+        return [r for r in results if r is not None]
+
+    def device_busy_s(self) -> float | None:
+        return self.worker.device_busy_s()
 
     def close(self) -> None:
         """Stop the device worker and release the model."""

@@ -7,19 +7,27 @@ until ``max_batch`` tiles are gathered (waiting at most ``max_wait_s`` for more 
 runs one forward pass and hands each caller its own slice of the output. So tiles from several jobs and
 clients share forward passes and the GPU sees large batches even when each caller sends a few tiles.
 
-Preprocessing happens on the device, not in the callers: uint8 NHWC tiles are copied once into a (pinned,
-on CUDA) host tensor, moved with a non-blocking copy, viewed as NCHW (which is exactly the channels-last
-layout), converted to float and normalised as ``(x / scale - mean) / std`` in one fused multiply-subtract.
-The model runs under ``torch.inference_mode`` and, on CUDA only, under autocast in the card's precision
-(``fp16`` or ``bf16``; ``fp32`` means no autocast). CPU always runs fp32.
+Preprocessing happens on the device, not in the callers: uint8 NHWC tiles are copied once into a pinned
+host buffer (on CUDA; a small ring of them is reused, each only once its previous copy to the device has
+finished), moved with a non-blocking copy, viewed as NCHW (which is exactly the channels-last layout),
+converted and normalised as ``(x / scale - mean) / std`` in one fused multiply-subtract. The model runs
+under ``torch.inference_mode``. On CUDA with ``fp16``/``bf16`` the weights themselves are converted to that
+dtype and to channels-last (``weights="cast"``); a model that cannot run so is run under autocast instead
+(``weights="autocast"``: the family retries), and fp32 is the last resort. CPU always runs fp32.
 
-Output: per-class softmax probabilities ``(N, C, H, W)`` at the *input* tile size; logits smaller than the
-input (SegFormer's are a quarter of it) are upsampled bilinearly on the device before the softmax. The
-arrays are float32 from a CPU model and float16 from a CUDA model: probabilities only need about three
-decimals for blending and argmax, and float16 halves the device-to-host traffic, which at tens of
-thousands of tiles per second is what limits throughput. On CUDA the copy back is asynchronous and a
-second thread hands results to callers, so the next batch is prepared and launched while the previous one
-is still being copied.
+Output: per-class softmax probabilities ``(N, C, h, w)``. A request asks either for the tile's own size
+(logits smaller than the input, such as SegFormer's quarter-size ones, are upsampled bilinearly on the
+device) or, with ``native=True``, for the model's own output resolution whenever the input is a whole
+multiple of it (16x fewer values for SegFormer, which the stitcher blends on that grid). The arrays are
+float32 from a CPU model and float16 from a CUDA model. On CUDA the copy back goes into reused pinned
+buffers, asynchronously, and a second thread hands results to callers, so the next batch is prepared and
+launched while the previous one is still being copied; with ``on_device=True`` the probabilities stay on
+the GPU as a tensor (for blending there) and nothing is copied back.
+
+``compile_shape`` (N, H, W) opts in to ``torch.compile``: the model is compiled and warmed on that batch
+shape on a background thread while the eager model serves, and batches of exactly that shape switch to
+the compiled model once it is ready (other shapes stay eager, so a compiled model never recompiles
+mid-job). A compile failure is logged and the eager model goes on serving.
 
 Errors inside a forward pass (including GPU out-of-memory after halving the batch down to one tile) are
 set on every waiting ``Future`` as :class:`~qpbridge.errors.ModelLoadError` with the model, batch and
@@ -120,7 +128,9 @@ def extract_logits(output: Any) -> torch.Tensor:
 @dataclass
 class _Request:
     tiles: np.ndarray  # (n, H, W, 3) uint8, C-contiguous
-    future: Future[np.ndarray]
+    future: Future[Any]
+    native: bool = False
+    on_device: bool = False
 
     @property
     def n(self) -> int:
@@ -129,6 +139,11 @@ class _Request:
     @property
     def size(self) -> tuple[int, int]:
         return int(self.tiles.shape[1]), int(self.tiles.shape[2])
+
+    @property
+    def kind(self) -> tuple[int, int, bool, bool]:
+        """Requests of one kind share a forward pass."""
+        return (*self.size, self.native, self.on_device)
 
 
 @dataclass
@@ -139,6 +154,7 @@ class _Pending:
     output: torch.Tensor | None
     event: Any = None  # torch.cuda.Event when the copy back is asynchronous
     error: BaseException | None = None
+    buffer: torch.Tensor | None = None  # the pinned buffer to give back to the pool once delivered
 
 
 _STOP = object()
@@ -155,11 +171,14 @@ class DeviceWorker:
     def __init__(self, model: Callable[[torch.Tensor], Any], device: torch.device, *, name: str = "model",
                  n_outputs: int | None = None, normalization: Normalization | None = None,
                  precision: str = "fp32", max_batch: int = 32, max_wait_s: float = DEFAULT_MAX_WAIT_S,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, weights: str = "cast",
+                 compile_shape: tuple[int, int, int] | None = None) -> None:
         if precision not in PRECISIONS:
             raise ModelCardError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if max_batch < 1 or max_wait_s < 0:
             raise ModelCardError(f"need max_batch >= 1 and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
+        if weights not in ("cast", "autocast"):
+            raise ModelCardError(f"weights must be 'cast' or 'autocast', got {weights!r}")
         self.name = name
         self.device = device
         self.n_outputs = n_outputs
@@ -168,24 +187,40 @@ class DeviceWorker:
         self.normalization = normalization or Normalization()
         self.cuda = device.type == "cuda"
         self.precision = precision if self.cuda else "fp32"
-        self.autocast = self.cuda and precision != "fp32"
+        half = self.precision != "fp32"
+        self.weights = weights if half else "fp32"
+        self.autocast = half and weights == "autocast"
+        # the dtype the model's input (and, with cast weights, its parameters) are in
+        self.input_dtype = PRECISIONS[self.precision] if half and weights == "cast" else torch.float32
         self.out_dtype = torch.float16 if self.cuda else torch.float32
         self.channels_last = channels_last
         self.forward_passes = 0
         self.tiles_processed = 0
+        self.busy_s = 0.0  # time spent in forward passes on this thread (their launch, on CUDA)
+        self._gpu_spans: list[tuple[Any, Any]] = []  # CUDA events around each forward pass
+        self._gpu_busy_s = 0.0
 
         if isinstance(model, torch.nn.Module):
             model.eval()
             model.to(device)
+            if self.input_dtype != torch.float32:
+                model.to(self.input_dtype)
             if channels_last:
                 model.to(memory_format=torch.channels_last)
         self.model: Callable[[torch.Tensor], Any] | None = model
+        self._compiled: Callable[[torch.Tensor], Any] | None = None
+        self.compile_shape = compile_shape
+        self.compile_state = "off" if compile_shape is None else "compiling"
         norm = self.normalization
         std = torch.tensor(norm.std, dtype=torch.float32)
         mean = torch.tensor(norm.mean, dtype=torch.float32)
         # (x / scale - mean) / std == x * mul - sub
-        self._mul = (1.0 / (norm.scale * std)).view(1, 3, 1, 1).to(device)
-        self._sub = (mean / std).view(1, 3, 1, 1).to(device)
+        self._mul = (1.0 / (norm.scale * std)).view(1, 3, 1, 1).to(device, self.input_dtype)
+        self._sub = (mean / std).view(1, 3, 1, 1).to(device, self.input_dtype)
+        # Reused pinned host buffers (CUDA): inputs by shape, each with the event of its last copy out.
+        self._in_pool: dict[tuple[int, ...], deque[tuple[torch.Tensor, Any]]] = {}
+        self._out_pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        self._pool_lock = threading.Lock()
 
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
@@ -202,33 +237,43 @@ class DeviceWorker:
             where += f" ({torch.cuda.get_device_name(device)})"
         if precision != self.precision:
             log.info("model %s: precision %s asked for, but %s runs fp32", name, precision, device)
-        log.info("model %s runs on %s, %s, batches of up to %d tiles", name, where, self.precision, self.max_batch)
+        log.info("model %s runs on %s, %s (%s), batches of up to %d tiles", name, where, self.precision,
+                 {"cast": "weights cast", "autocast": "autocast", "fp32": "fp32 weights"}[self.weights],
+                 self.max_batch)
+        if compile_shape is not None:
+            threading.Thread(target=self._compile, name=f"qpbridge-{name}-compile", daemon=True).start()
 
     # ---- callers' side ------------------------------------------------------------------------------
 
-    def submit(self, batch: np.ndarray | Sequence[np.ndarray]) -> Future[np.ndarray]:
+    def submit(self, batch: np.ndarray | Sequence[np.ndarray], *, native: bool = False,
+               on_device: bool = False) -> Future[Any]:
         """Queue tiles (N, H, W, 3) uint8 (or a list of same-sized (H, W, 3) tiles); the Future gives their
-        probabilities (N, C, H, W). Batches above ``max_batch`` are split and their results joined again."""
+        probabilities (N, C, H, W) as a numpy array, at the model's own output resolution with ``native``,
+        as a tensor on the device with ``on_device`` (CUDA only). Batches above ``max_batch`` are split and
+        their results joined again."""
         tiles = self._as_batch(batch)
         n = tiles.shape[0]
+        on_device = on_device and self.cuda
         if n == 0:
-            empty: Future[np.ndarray] = Future()
+            empty: Future[Any] = Future()
             empty.set_result(np.zeros((0, self.n_outputs or 0, *tiles.shape[1:3]), dtype=self._np_out_dtype()))
             return empty
-        parts: list[Future[np.ndarray]] = []
+        parts: list[Future[Any]] = []
         with self._cond:
             if self._closed:
                 raise ModelLoadError(f"model '{self.name}' is closed")
             for start in range(0, n, self.max_batch):
-                fut: Future[np.ndarray] = Future()
-                self._queue.append(_Request(tiles[start:start + self.max_batch], fut))
+                fut: Future[Any] = Future()
+                self._queue.append(_Request(tiles[start:start + self.max_batch], fut, native, on_device))
                 parts.append(fut)
             self._cond.notify_all()
         return parts[0] if len(parts) == 1 else _join(parts)
 
-    def run(self, batch: np.ndarray | Sequence[np.ndarray], timeout: float | None = None) -> np.ndarray:
+    def run(self, batch: np.ndarray | Sequence[np.ndarray], timeout: float | None = None, *,
+            native: bool = False) -> np.ndarray:
         """``submit(batch).result()``."""
-        return self.submit(batch).result(timeout)
+        out: np.ndarray = self.submit(batch, native=native).result(timeout)
+        return out
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker: requests not yet started fail with ModelLoadError; the model is released."""
@@ -303,11 +348,11 @@ class DeviceWorker:
                 first = self._queue.popleft()
                 if first.future.set_running_or_notify_cancel():
                     break
-            batch, total, size = [first], first.n, first.size
+            batch, total, kind = [first], first.n, first.kind
             deadline = time.monotonic() + self.max_wait_s
             while total < self.max_batch and not self._closed:
                 for req in list(self._queue):
-                    if req.size == size and total + req.n <= self.max_batch:
+                    if req.kind == kind and total + req.n <= self.max_batch:
                         self._queue.remove(req)
                         if req.future.set_running_or_notify_cancel():
                             batch.append(req)
@@ -321,20 +366,57 @@ class DeviceWorker:
     def _launch(self, batch: list[_Request]) -> _Pending:
         n = sum(r.n for r in batch)
         h, w = batch[0].size
+        t0 = time.perf_counter()
         try:
-            host = self._host_input(batch, n, h, w)
-            out = self._forward_split(host)
+            host, release = self._host_input(batch, n, h, w)
+            if self.cuda:
+                begin = torch.cuda.Event(enable_timing=True)
+                begin.record(torch.cuda.current_stream(self.device))
+            out = self._forward_split(host, batch[0].native)
+            if self.cuda:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(torch.cuda.current_stream(self.device))
+                with self._pool_lock:
+                    self._gpu_spans.append((begin, end))
+            release()
             self.forward_passes += 1
             self.tiles_processed += n
             if not self.cuda:
                 return _Pending(batch, out)
-            host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            if batch[0].on_device:
+                start = 0
+                for req in batch:  # the caller's stream orders its use after this pass
+                    req.future.set_result(out[start:start + req.n])
+                    start += req.n
+                return _Pending([], None)
+            host_out = self._out_buffer(tuple(out.shape), out.dtype)
             host_out.copy_(out, non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
-            return _Pending(batch, host_out, event)
+            return _Pending(batch, host_out, event, buffer=host_out)
         except BaseException as exc:
             return _Pending(batch, None, error=self._wrap(exc, n, h, w))
+        finally:
+            self.busy_s += time.perf_counter() - t0
+
+    def device_busy_s(self) -> float:
+        """Seconds the device has spent in forward passes so far (GPU time from CUDA events; on the CPU,
+        the forward passes' wall time)."""
+        if not self.cuda:
+            return self.busy_s
+        with self._pool_lock:
+            spans, self._gpu_spans = self._gpu_spans, []
+        for begin, end in spans:
+            end.synchronize()
+            self._gpu_busy_s += begin.elapsed_time(end) / 1000.0
+        return self._gpu_busy_s
+
+    def _out_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._pool_lock:
+            free = self._out_pool.setdefault((shape, dtype), [])
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def _finish_loop(self) -> None:
         assert self._done is not None
@@ -359,25 +441,53 @@ class DeviceWorker:
         for req in pending.requests:
             if error is not None or out is None:
                 req.future.set_exception(error or ModelLoadError(f"model '{self.name}' returned nothing"))
+            elif pending.buffer is not None:
+                req.future.set_result(out[start:start + req.n].copy())  # the pinned buffer is reused
             else:
                 req.future.set_result(out[start:start + req.n])
             start += req.n
+        if pending.buffer is not None:
+            with self._pool_lock:
+                free = self._out_pool.setdefault((tuple(pending.buffer.shape), pending.buffer.dtype), [])
+                if len(free) < 2:
+                    free.append(pending.buffer)
 
-    def _host_input(self, batch: list[_Request], n: int, h: int, w: int) -> torch.Tensor:
+    def _host_input(self, batch: list[_Request], n: int, h: int, w: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        """The batch as one uint8 (n, h, w, 3) host tensor, and what to call once it has been sent."""
         if len(batch) == 1 and not self.cuda and batch[0].tiles.flags.writeable:
-            return torch.from_numpy(batch[0].tiles)  # no copy: the model reads a float copy of it
-        host = torch.empty((n, h, w, 3), dtype=torch.uint8, pin_memory=self.cuda)
+            return torch.from_numpy(batch[0].tiles), _nothing  # no copy: the model reads a float copy of it
+        if not self.cuda:
+            host = torch.from_numpy(np.concatenate([r.tiles for r in batch]) if len(batch) > 1
+                                    else batch[0].tiles.copy())
+            return host, _nothing
+        key = (n, h, w)
+        with self._pool_lock:
+            ring = self._in_pool.setdefault(key, deque())
+            reuse = ring.popleft() if len(ring) >= 2 else None  # keep the newest in flight
+        if reuse is not None:
+            host, event = reuse
+            if event is not None:
+                event.synchronize()  # its last copy to the device is done
+        else:
+            host = torch.empty((n, h, w, 3), dtype=torch.uint8, pin_memory=True)
         view = host.numpy()
         start = 0
         for req in batch:
             view[start:start + req.n] = req.tiles
             start += req.n
-        return host
 
-    def _forward_split(self, host: torch.Tensor) -> torch.Tensor:
+        def release() -> None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            with self._pool_lock:
+                self._in_pool.setdefault(key, deque()).append((host, event))
+
+        return host, release
+
+    def _forward_split(self, host: torch.Tensor, native: bool = False) -> torch.Tensor:
         """One forward pass; on GPU out-of-memory, the batch is halved (down to one tile) and retried."""
         try:
-            return self._forward(host)
+            return self._forward(host, native)
         except torch.cuda.OutOfMemoryError:
             if host.shape[0] <= 1:
                 raise
@@ -386,25 +496,59 @@ class DeviceWorker:
         half = host.shape[0] // 2
         log.warning("model %s: out of GPU memory on %d tiles; retrying in halves (lower tile.batch_size)",
                     self.name, host.shape[0])
-        return torch.cat([self._forward_split(host[:half]), self._forward_split(host[half:])])
+        return torch.cat([self._forward_split(host[:half], native), self._forward_split(host[half:], native)])
 
-    def _forward(self, host: torch.Tensor) -> torch.Tensor:
+    def _forward(self, host: torch.Tensor, native: bool = False) -> torch.Tensor:
         n, h, w, _ = host.shape
         model = self.model
         if model is None:
             raise ModelLoadError(f"model '{self.name}' is closed")
+        compiled = self._compiled
+        if compiled is not None and (n, h, w) == self.compile_shape:
+            model = compiled
         with torch.inference_mode(), self._autocast():
             x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view == channels_last
             if not self.channels_last:
                 x = x.contiguous()
-            x = x.float().mul_(self._mul).sub_(self._sub)
+            x = x.to(self.input_dtype).mul_(self._mul).sub_(self._sub)
             logits = extract_logits(model(x))
             self._check_logits(logits, n, h, w)
             logits = logits.float()
-            if tuple(logits.shape[-2:]) != (h, w):
+            lh, lw = int(logits.shape[-2]), int(logits.shape[-1])
+            whole = h % lh == 0 and w % lw == 0 and h // lh == w // lw
+            if (lh, lw) != (h, w) and not (native and whole):
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
             probs = torch.softmax(logits, dim=1).to(self.out_dtype).contiguous()
         return probs
+
+    def _compile(self) -> None:
+        """Compile the model and warm it on ``compile_shape`` while the eager model serves."""
+        assert self.compile_shape is not None
+        n, h, w = self.compile_shape
+        t0 = time.perf_counter()
+        try:
+            if self.cuda:
+                torch.cuda.set_device(self.device)
+            model = self.model
+            if model is None:
+                return
+            mode = "max-autotune-no-cudagraphs" if self.cuda else None
+            compiled = torch.compile(model, mode=mode, dynamic=False)
+            with torch.inference_mode(), self._autocast():
+                x = torch.zeros((n, 3, h, w), dtype=self.input_dtype, device=self.device)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                extract_logits(compiled(x))
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            self._compiled = compiled
+            self.compile_state = "ready"
+            log.info("model %s: compiled for batches of %d tiles of %dx%d px in %.0f s", self.name, n, h, w,
+                     time.perf_counter() - t0)
+        except Exception as exc:  # an optional speed-up: never a reason to stop serving
+            self.compile_state = "failed"
+            log.warning("model %s: torch.compile failed (%s: %s); serving the eager model", self.name,
+                        type(exc).__name__, exc)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.autocast:
@@ -436,14 +580,18 @@ class DeviceWorker:
         return err
 
 
-def _join(parts: list[Future[np.ndarray]]) -> Future[np.ndarray]:
+def _nothing() -> None:
+    return None
+
+
+def _join(parts: list[Future[Any]]) -> Future[Any]:
     """One Future for the concatenated results of ``parts`` (the first failure, if any)."""
-    joined: Future[np.ndarray] = Future()
+    joined: Future[Any] = Future()
     joined.set_running_or_notify_cancel()
     lock = threading.Lock()
     left = [len(parts)]
 
-    def on_done(_: Future[np.ndarray]) -> None:
+    def on_done(_: Future[Any]) -> None:
         with lock:
             left[0] -= 1
             if left[0]:
@@ -453,7 +601,8 @@ def _join(parts: list[Future[np.ndarray]]) -> Future[np.ndarray]:
             if exc is not None:
                 joined.set_exception(exc)
                 return
-        joined.set_result(np.concatenate([p.result() for p in parts]))
+        results = [p.result() for p in parts]
+        joined.set_result(torch.cat(results) if isinstance(results[0], torch.Tensor) else np.concatenate(results))
 
     for part in parts:
         part.add_done_callback(on_done)
