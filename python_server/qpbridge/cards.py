@@ -7,6 +7,7 @@ wheel under ``qpbridge/_cards``; in a source checkout they are read from the rep
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -83,6 +84,28 @@ class ModelCard:
             raw=data,
         )
 
+    @property
+    def max_object_um(self) -> float | None:
+        """The largest object an instance model reports (µm across): ``params.max_object_um``, else the
+        diameter of a disc of ``params.max_area_um2``; None when the card says neither."""
+        value = self.params.get("max_object_um")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        area = self.params.get("max_area_um2")
+        if isinstance(area, (int, float)) and not isinstance(area, bool) and area > 0:
+            return 2.0 * math.sqrt(float(area) / math.pi)
+        return None
+
+    @property
+    def plan_overlap(self) -> int:
+        """The overlap tiles are planned with. An instance is kept by the tile whose core holds its centroid,
+        and it is whole there only if it is smaller than half the overlap, so instance cards overlap by at
+        least twice their largest object (up to half the tile)."""
+        largest = self.max_object_um
+        if self.task != "instance-segmentation" or largest is None or self.mpp <= 0:
+            return self.overlap
+        return max(self.overlap, min(math.ceil(2.0 * largest / self.mpp), self.tile_size // 2))
+
     def to_wire(self) -> dict[str, Any]:
         """The card as the ``models`` op reports it."""
         return {
@@ -93,7 +116,7 @@ class ModelCard:
             "object_type": self.object_type,
             "classes": [c.to_wire() for c in self.classes],
             "tile_size": self.tile_size,
-            "overlap": self.overlap,
+            "overlap": self.plan_overlap,
             "mpp": self.mpp,
             "requires_mpp": self.requires_mpp,
             # False for a card whose weights the user has not supplied yet (see its README).

@@ -87,7 +87,7 @@ def make_plan(card: ModelCard, region: tuple[int, int, int, int], fullres_mpp: f
     if w <= 0 or h <= 0:
         raise BadRequestError(f"region {region} is empty")
     tile = tile or card.tile_size
-    overlap = card.overlap if overlap is None else overlap
+    overlap = card.plan_overlap if overlap is None else overlap
     if not 0 <= overlap < tile:
         raise BadRequestError(f"overlap must be in [0, tile size {tile}), got {overlap}")
     ds = card.mpp / fullres_mpp if fullres_mpp else 1.0

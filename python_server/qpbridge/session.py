@@ -112,7 +112,8 @@ def make_stitcher(card: ModelCard, plan: TilePlan,
                   emit: Callable[[BaseGeometry, int, dict[str, Any] | None], None]
                   ) -> SemanticStitcher | InstanceCollector:
     if card.task == "instance-segmentation":
-        return InstanceCollector(plan, emit)
+        largest = card.max_object_um
+        return InstanceCollector(plan, emit, max_object=largest / card.mpp if largest else None)
     emit_classes = [i for i, c in enumerate(card.classes) if c.emit]
     return SemanticStitcher(plan, len(card.classes), emit_classes, emit,
                             min_area=card.min_area_um2 / card.mpp ** 2,
@@ -209,8 +210,8 @@ class PlanRun:
         (fewer when ``should_stop`` turned true). ``on_tile(i)`` follows each stitched tile."""
         done = 0
         for chunk, results in self.engine.infer_batches(self.model_name, [px for _, px in tiles], should_stop):
-            for i, result in zip(chunk, results, strict=True):
-                self.stitch(tiles[i][0], result)
+            self.stitch_batch([tiles[i][0] for i in chunk], results)
+            for i in chunk:
                 done += 1
                 if on_tile is not None:
                     on_tile(i)
@@ -219,6 +220,16 @@ class PlanRun:
     def stitch(self, tile: PlannedTile, result: TileResult) -> None:
         with self._lock:
             _add(self.stitcher, tile, result)
+
+    def stitch_batch(self, tiles: Sequence[PlannedTile], results: Sequence[TileResult]) -> None:
+        """Several tiles at once: instance tiles are polygonised in parallel."""
+        if isinstance(self.stitcher, InstanceCollector) and all(isinstance(r, InstanceResult) for r in results):
+            items = [(t, r) for t, r in zip(tiles, results, strict=True) if isinstance(r, InstanceResult)]
+            with self._lock:
+                self.stitcher.add_batch(items)
+            return
+        for tile, result in zip(tiles, results, strict=True):
+            self.stitch(tile, result)
 
     def finish(self) -> None:
         with self._lock:
@@ -308,8 +319,7 @@ class PlanRun:
                         raise item
                     tiles, results = item
                     t = time.perf_counter()
-                    for tile, result in zip(tiles, results, strict=True):
-                        self.stitch(tile, result)
+                    self.stitch_batch(tiles, results)
                     stats.stitch_s += time.perf_counter() - t
                     done += len(tiles)
                     if on_progress is not None:

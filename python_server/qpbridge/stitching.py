@@ -24,7 +24,7 @@ smaller than half the overlap) whole.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from shapely.geometry.base import BaseGeometry
 from qpbridge import geometry
 from qpbridge.families import NO_CLASS, InstanceResult, SemanticResult
 from qpbridge.plan import PlannedTile, TilePlan
+from qpbridge.pools import postprocess_pool
 from qpbridge.vectorise import RegionTracer
 
 # Called with (geometry in canvas model pixels, class index, extra measurements or None).
@@ -282,14 +283,32 @@ def _resize(probs: Any, shape: tuple[int, int]) -> Any:
     return out.reshape(shape[0], shape[1], -1).transpose(2, 0, 1)
 
 
-class InstanceCollector:
-    """Keep each instance in the one tile whose core holds its centroid."""
+# Instances of two tiles sharing more than this part of the smaller one's area are one object seen twice
+# (neighbours within one tile share at most a simplified boundary, a few percent).
+DUPLICATE_OVERLAP = 0.3
 
-    def __init__(self, plan: TilePlan, emit: Emit) -> None:
+
+class InstanceCollector:
+    """Keep each instance in the one tile whose core holds its centroid, and never one object twice.
+
+    Tiles are polygonised in parallel (:meth:`add_batch`). The same object seen by two tiles can still be
+    segmented a little differently by each, with centroids either side of the cores' border; so instances
+    near a border are remembered (in a grid of cells one step wide), and a later one from another tile
+    that shares more than ``DUPLICATE_OVERLAP`` of the smaller one's area with a kept one is dropped (any
+    pair with an IoU above 0.5 is caught, and so is a fragment of an object that another tile saw whole).
+    Memory: the instances within the largest object's size of a core border, not the whole slide's.
+    """
+
+    def __init__(self, plan: TilePlan, emit: Emit, *, max_object: float | None = None) -> None:
         self.plan = plan
         self.emit = emit
         self.kept = 0
         self.dropped = 0
+        self.duplicates = 0
+        # how far from a core border an object's copy in the next tile can reach (canvas px)
+        self.reach = max_object if max_object is not None else plan.overlap / 2.0
+        self.cell = max(1, plan.step)
+        self.near_seams: dict[tuple[int, int], list[tuple[BaseGeometry, int]]] = {}
 
     def core(self, tile: PlannedTile) -> tuple[float, float, float, float]:
         """(x0, y0, x1, y1) of the tile's core in canvas pixels; outer tiles reach to infinity."""
@@ -302,27 +321,83 @@ class InstanceCollector:
         return x0, y0, x1, y1
 
     def add(self, tile: PlannedTile, result: InstanceResult) -> None:
+        self._commit(tile, self._prepare(tile, result))
+
+    def add_batch(self, items: Sequence[tuple[PlannedTile, InstanceResult]]) -> None:
+        """Polygonise the tiles on all cores, then keep their instances in order."""
+        if len(items) <= 1:
+            for tile, result in items:
+                self.add(tile, result)
+            return
+        prepared = list(postprocess_pool().map(lambda it: self._prepare(*it), items))
+        for (tile, _), found in zip(items, prepared, strict=True):
+            self._commit(tile, found)
+
+    def _prepare(self, tile: PlannedTile,
+                 result: InstanceResult) -> list[tuple[BaseGeometry, int, dict[str, float] | None]]:
+        """The instances of one tile whose centroid is in its core, as polygons in canvas pixels."""
         from scipy import ndimage
 
         x0, y0, x1, y1 = self.core(tile)
         labels = result.labels
         n = int(labels.max()) if labels.size else 0
         if n == 0:
-            return
+            return []
         # Centroids from pixel moments first, so only the instances kept are traced into polygons.
         idx = np.arange(1, n + 1)
-        com = ndimage.center_of_mass(np.ones(labels.shape, np.float32), labels, idx)
+        com = np.asarray(ndimage.center_of_mass(np.ones(labels.shape, np.float32), labels, idx), np.float64)
+        gx, gy = com[:, 1] + 0.5 + tile.x, com[:, 0] + 0.5 + tile.y
+        inside = (x0 <= gx) & (gx < x1) & (y0 <= gy) & (gy < y1) & ~np.isnan(gx)
         keep = np.zeros(n + 1, bool)
-        for lab, (cy, cx) in zip(idx.tolist(), com, strict=True):
-            if not math.isnan(cx):
-                gx, gy = cx + 0.5 + tile.x, cy + 0.5 + tile.y
-                keep[lab] = x0 <= gx < x1 and y0 <= gy < y1
-        self.dropped += int(np.count_nonzero(~keep[1:]))
+        keep[1:] = inside
         masked = np.where(keep[labels], labels, 0)
-        for label, geom in geometry.labels_to_polygons(masked, (tile.x, tile.y)).items():
+        return [(geom, result.class_of.get(label, 0), result.measurements.get(label))
+                for label, geom in geometry.labels_to_polygons(masked, (tile.x, tile.y)).items()]
+
+    def _commit(self, tile: PlannedTile, found: list[tuple[BaseGeometry, int, dict[str, float] | None]]) -> None:
+        for geom, cls, extra in found:
+            if self._duplicate(geom, tile.index):
+                self.duplicates += 1
+                continue
             self.kept += 1
-            self.emit(geom, result.class_of.get(label, 0),
-                      result.measurements.get(label))
+            self.emit(geom, cls, extra)
+
+    def _cells(self, bounds: tuple[float, float, float, float]) -> list[tuple[int, int]]:
+        c = self.cell
+        return [(i, j) for i in range(int(bounds[0] // c), int(bounds[2] // c) + 1)
+                for j in range(int(bounds[1] // c), int(bounds[3] // c) + 1)]
+
+    def _near_seam(self, bounds: tuple[float, float, float, float]) -> bool:
+        """Whether the box comes within ``reach`` of a border between cores (where copies can be)."""
+        p = self.plan
+        half = p.overlap / 2.0
+        for lo, hi, count in ((bounds[0], bounds[2], p.cols), (bounds[1], bounds[3], p.rows)):
+            # borders at k * step + half, k = 1 .. count - 1
+            first = max(1, math.ceil((lo - self.reach - half) / p.step))
+            last = min(count - 1, math.floor((hi + self.reach - half) / p.step))
+            if first <= last:
+                return True
+        return False
+
+    def _duplicate(self, geom: BaseGeometry, tile: int) -> bool:
+        bounds = geom.bounds
+        if not self._near_seam(bounds):
+            return False
+        cells = self._cells(bounds)
+        area = geom.area
+        for key in cells:
+            for other, other_tile in self.near_seams.get(key, ()):
+                if other_tile == tile:
+                    continue
+                ob = other.bounds
+                if ob[0] > bounds[2] or ob[2] < bounds[0] or ob[1] > bounds[3] or ob[3] < bounds[1]:
+                    continue
+                shared = geom.intersection(other).area
+                if shared > DUPLICATE_OVERLAP * min(area, other.area):
+                    return True
+        for key in cells:
+            self.near_seams.setdefault(key, []).append((geom, tile))
+        return False
 
     def finish(self) -> None:
         return None

@@ -278,9 +278,14 @@ class NucleusDetector(ModelFamily):
         return segment_nuclei(rgb, self.card.mpp, self.params, self.card.min_area_um2, self._inverse)
 
     def predict(self, tiles: Sequence[np.ndarray]) -> list[TileResult]:
+        """Tiles are segmented on all cores (OpenCV, scipy and numpy release the GIL)."""
         rgbs = [check_rgb_tile(tile, i) for i, tile in enumerate(tiles)]  # all checked before any work
-        results: list[TileResult] = []
-        for rgb in rgbs:
-            labels, stains = segment_nuclei(rgb, self.card.mpp, self.params, self.card.min_area_um2, self._inverse)
-            results.append(InstanceResult(labels=labels, measurements=measure(labels, stains)))
-        return results
+        if len(rgbs) <= 1:
+            return [self._one(rgb) for rgb in rgbs]
+        from qpbridge.pools import postprocess_pool
+
+        return list(postprocess_pool().map(self._one, rgbs))
+
+    def _one(self, rgb: np.ndarray) -> TileResult:
+        labels, stains = segment_nuclei(rgb, self.card.mpp, self.params, self.card.min_area_um2, self._inverse)
+        return InstanceResult(labels=labels, measurements=measure(labels, stains))

@@ -1,0 +1,20 @@
+"""Shared thread pools: one thread per core for per-tile CPU work (OpenCV, scipy and numpy release the
+GIL, so threads use every core without the cost of sending tiles to other processes)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_POOL: ThreadPoolExecutor | None = None
+_LOCK = threading.Lock()
+
+
+def postprocess_pool() -> ThreadPoolExecutor:
+    """The process-wide pool for per-tile post-processing, created on first use."""
+    global _POOL
+    with _LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="qpbridge-post")
+        return _POOL
