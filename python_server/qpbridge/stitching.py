@@ -63,11 +63,21 @@ def _is_tensor(x: Any) -> bool:
 
 
 class _HostBlend:
-    """The rolling accumulator in numpy."""
+    """The rolling accumulator in numpy.
+
+    The window weights are summed only once some tile leaves pixels to no class (``track_weights``):
+    while every tile's probabilities sum to one, the weight sum is the sum over classes, and a pixel is
+    covered where the best class has any mass.
+    """
 
     def __init__(self, n_classes: int, h: int, w: int) -> None:
         self.acc = np.zeros((n_classes, h, w), np.float32)
         self.wsum = np.zeros((h, w), np.float32)
+        self.tracking = False
+
+    def track_weights(self) -> None:
+        self.wsum[:] = self.acc.sum(axis=0)
+        self.tracking = True
 
     @property
     def nbytes(self) -> int:
@@ -81,9 +91,10 @@ class _HostBlend:
         if _is_tensor(probs):
             probs = probs.cpu().numpy()
         self.acc[:, y:y + h, x:x + w] += np.asarray(probs, np.float32) * win
-        self.wsum[y:y + h, x:x + w] += win
+        if self.tracking:
+            self.wsum[y:y + h, x:x + w] += win
 
-    def classes(self, h: int, partial: bool) -> np.ndarray:
+    def classes(self, h: int) -> np.ndarray:
         acc, wsum = self.acc[:, :h], self.wsum[:h]
         # argmax class by class: one pass per class over contiguous rows beats a strided argmax
         best = acc[0].copy()
@@ -92,18 +103,17 @@ class _HostBlend:
             better = acc[c] > best
             cmap[better] = c
             np.maximum(best, acc[c], out=best)
-        covered = wsum > 0
-        if partial:
-            # Probability mass no class claims (one-hot maps with NO_CLASS pixels) competes as "none".
-            covered &= best >= wsum - acc.sum(axis=0)
+        # Probability mass no class claims (one-hot maps with NO_CLASS pixels) competes as "none".
+        covered = (wsum > 0) & (best >= wsum - acc.sum(axis=0)) if self.tracking else best > 0
         cmap[~covered] = NO_CLASS
         return cmap
 
     def shift(self, step: int) -> None:
         self.acc[:, :-step] = self.acc[:, step:]
         self.acc[:, -step:] = 0
-        self.wsum[:-step] = self.wsum[step:]
-        self.wsum[-step:] = 0
+        if self.tracking:
+            self.wsum[:-step] = self.wsum[step:]
+            self.wsum[-step:] = 0
 
 
 class _DeviceBlend:
@@ -117,6 +127,11 @@ class _DeviceBlend:
         self.acc = torch.zeros((n_classes, h, w), dtype=torch.float32, device=device)
         self.wsum = torch.zeros((h, w), dtype=torch.float32, device=device)
         self._windows: dict[int, Any] = {}
+        self.tracking = False
+
+    def track_weights(self) -> None:
+        self.wsum.copy_(self.acc.sum(dim=0))
+        self.tracking = True
 
     @property
     def nbytes(self) -> int:
@@ -134,14 +149,13 @@ class _DeviceBlend:
             probs = self.torch.from_numpy(np.asarray(probs))
         probs = probs.to(self.device, non_blocking=True).float()
         self.acc[:, y:y + h, x:x + w].addcmul_(probs, win)
-        self.wsum[y:y + h, x:x + w] += win
+        if self.tracking:
+            self.wsum[y:y + h, x:x + w] += win
 
-    def classes(self, h: int, partial: bool) -> np.ndarray:
+    def classes(self, h: int) -> np.ndarray:
         acc, wsum = self.acc[:, :h], self.wsum[:h]
         best, cmap = acc.max(dim=0)
-        covered = wsum > 0
-        if partial:
-            covered &= best >= wsum - acc.sum(dim=0)
+        covered = (wsum > 0) & (best >= wsum - acc.sum(dim=0)) if self.tracking else best > 0
         cmap = cmap.to(self.torch.uint8)
         cmap[~covered] = NO_CLASS
         out: np.ndarray = cmap.cpu().numpy()
@@ -150,8 +164,9 @@ class _DeviceBlend:
     def shift(self, step: int) -> None:
         self.acc[:, :-step] = self.acc[:, step:].clone()
         self.acc[:, -step:] = 0
-        self.wsum[:-step] = self.wsum[step:].clone()
-        self.wsum[-step:] = 0
+        if self.tracking:
+            self.wsum[:-step] = self.wsum[step:].clone()
+            self.wsum[-step:] = 0
 
 
 class SemanticStitcher:
@@ -215,6 +230,9 @@ class SemanticStitcher:
             probs = result.probabilities(self.n_classes)
         if self.blend is None:
             self._start(int(result.scale), probs)
+        assert self.blend is not None
+        if self.partial and not self.blend.tracking:
+            self.blend.track_weights()
         s = self.scale
         shape = (math.ceil(tile.h / s), math.ceil(tile.w / s))
         if tuple(probs.shape[1:]) != shape:
@@ -266,7 +284,7 @@ class SemanticStitcher:
         last = row == self.plan.rows - 1
         h = (self.height - row * step) if last else step
         h = max(0, min(h, self.buf_h))
-        self.tracer.add_strip(self.blend.classes(h, self.partial), last=last)
+        self.tracer.add_strip(self.blend.classes(h), last=last)
         self.blend.shift(step)
 
 
