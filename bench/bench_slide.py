@@ -90,7 +90,7 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
 
     from qpbridge.annotate import annotate_slide
     from qpbridge.engine import Engine
-    from qpbridge.session import RunOptions
+    from qpbridge.engine.session import RunOptions
 
     name = make_card(root, precision, args.batch, compiled)
     engine = Engine(root / "models", device=device)

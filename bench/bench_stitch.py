@@ -63,10 +63,10 @@ def run_one(size: int, case: str) -> dict[str, float]:
     import scipy.sparse.csgraph  # noqa: F401
 
     from qpbridge.cards import ModelCard
+    from qpbridge.engine.features import FeatureBuilder
+    from qpbridge.engine.plan import make_plan
+    from qpbridge.engine.stitching import SemanticStitcher
     from qpbridge.families import SemanticResult
-    from qpbridge.plan import make_plan
-    from qpbridge.postprocess import FeatureBuilder
-    from qpbridge.stitching import SemanticStitcher
 
     card = ModelCard.from_dict(CARD)
     step = card.tile_size - card.overlap
@@ -144,8 +144,8 @@ def end_to_end(size: int, readers: int, batch: int) -> int:
 
     from qpbridge.annotate import annotate_slide
     from qpbridge.engine import Engine
+    from qpbridge.engine.session import RunOptions
     from qpbridge.families import ModelFamily, SemanticResult, register_family
-    from qpbridge.session import RunOptions
 
     probs = smooth_tile(40, 40, OUT, 160)  # a portal tract inside lobule, background in a corner
 

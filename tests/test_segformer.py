@@ -19,10 +19,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from qpbridge.cards import ModelCard, load_card  # noqa: E402
+from qpbridge.cards import ModelCard, is_model_folder, load_card, load_model_folder, sanitize_name  # noqa: E402
 from qpbridge.errors import ModelCardError, ModelLoadError, TileError  # noqa: E402
 from qpbridge.families import SemanticResult, create_model, family_class  # noqa: E402
-from qpbridge.families.segformer import SegformerHF, TorchScriptSegmentation, TorchSegmentation  # noqa: E402
+from qpbridge.families.segformer import SegformerHF  # noqa: E402
 from qpbridge.families.torch_runtime import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,7 +30,8 @@ from qpbridge.families.torch_runtime import (  # noqa: E402
     Normalization,
     resolve_torch_device,
 )
-from qpbridge.model_folders import is_model_folder, load_model_folder, sanitize_name  # noqa: E402
+from qpbridge.families.torch_segmentation import TorchSegmentation  # noqa: E402
+from qpbridge.families.torchscript import TorchScriptSegmentation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 64
@@ -468,7 +469,7 @@ def test_native_outputs_are_the_models_own_resolution(hf_model: TorchSegmentatio
 
 
 def test_device_blending_matches_host_blending() -> None:
-    from qpbridge.stitching import _DeviceBlend, _HostBlend, cosine_window
+    from qpbridge.engine.stitching import _DeviceBlend, _HostBlend, cosine_window
 
     rng = np.random.default_rng(4)
     host, dev = _HostBlend(3, 40, 50), _DeviceBlend(3, 40, 50, torch.device("cpu"))

@@ -9,11 +9,11 @@ import shapely
 
 from conftest import DARK_CARD
 from qpbridge.cards import ModelCard
+from qpbridge.engine.plan import make_plan
+from qpbridge.engine.stitching import SemanticStitcher
+from qpbridge.engine.vectorise import RegionTracer
 from qpbridge.families import NO_CLASS, SemanticResult
 from qpbridge.geometry import trace_regions
-from qpbridge.plan import make_plan
-from qpbridge.stitching import SemanticStitcher
-from qpbridge.vectorise import RegionTracer
 
 
 def blob_raster(h: int, w: int, classes: int, cell: int, seed: int) -> np.ndarray:
@@ -130,7 +130,7 @@ def test_pipeline_reports_stage_times_and_the_limit(tmp_path, models_dir):
     from conftest import write_pyramid
     from qpbridge.annotate import annotate_slide
     from qpbridge.engine import Engine
-    from qpbridge.session import RunOptions
+    from qpbridge.engine.session import RunOptions
 
     img = np.full((700, 900, 3), 230, np.uint8)
     cv2.circle(img, (450, 350), 250, (20, 20, 20), -1)

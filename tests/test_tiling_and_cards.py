@@ -12,9 +12,9 @@ import shapely
 from conftest import DARK_CARD
 from qpbridge.cards import ModelCard, builtin_cards_dir, discover_cards, load_card, validate_card_dict
 from qpbridge.engine import Engine
+from qpbridge.engine.plan import make_plan
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, ModelCardError, UnknownModelError
 from qpbridge.families import family_class, known_families
-from qpbridge.plan import make_plan
 from qpbridge.protocol import ImageInfo
 
 

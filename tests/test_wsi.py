@@ -20,12 +20,12 @@ from qpbridge.cards import ModelCard
 from qpbridge.cli import main
 from qpbridge.client import Client
 from qpbridge.engine import Engine
+from qpbridge.engine.plan import make_plan
+from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, RemoteError
 from qpbridge.families import SemanticResult
-from qpbridge.plan import make_plan
 from qpbridge.protocol import ImageInfo, TileSpec
 from qpbridge.slides import Slide, resolve_slide_path
-from qpbridge.stitching import InstanceCollector, SemanticStitcher
 
 
 def shapes_image() -> tuple[np.ndarray, dict[str, np.ndarray]]:

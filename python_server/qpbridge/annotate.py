@@ -1,6 +1,6 @@
-"""Whole-slide annotation: tissue detection, the tile plan, and a :class:`~qpbridge.session.PlanRun`.
+"""Whole-slide annotation: tissue detection, the tile plan, and a :class:`~qpbridge.engine.session.PlanRun`.
 
-Reading, the model and stitching run as a pipeline in :mod:`qpbridge.session`; this module decides what
+Reading, the model and stitching run as a pipeline in :mod:`qpbridge.engine.session`; this module decides what
 to run (tissue filter, ROI, region) and collects the features.
 """
 
@@ -17,19 +17,10 @@ from shapely.geometry.base import BaseGeometry
 
 from qpbridge.cards import ModelCard
 from qpbridge.engine import Engine
-from qpbridge.plan import TilePlan, make_plan
-from qpbridge.postprocess import FeatureBuilder
-from qpbridge.session import (
-    BLOCK_PX,
-    PlanRun,
-    Progress,
-    ReadBox,
-    RunOptions,
-    RunStats,
-    blocks_of,
-    make_stitcher,
-    read_block,
-)
+from qpbridge.engine.features import FeatureBuilder
+from qpbridge.engine.plan import TilePlan, make_plan
+from qpbridge.engine.reading import BLOCK_PX, ReadBox, blocks_of, read_block
+from qpbridge.engine.session import PlanRun, Progress, RunOptions, RunStats, make_stitcher
 from qpbridge.slides import Slide
 
 log = logging.getLogger("qpbridge")

@@ -93,8 +93,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from qpbridge.annotate import run_plan
         from qpbridge.devices import resolve_device
         from qpbridge.engine import Engine
-        from qpbridge.plan import make_plan
-        from qpbridge.postprocess import FeatureBuilder
+        from qpbridge.engine.features import FeatureBuilder
+        from qpbridge.engine.plan import make_plan
 
         engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
                         any_model_path=True)

@@ -103,7 +103,7 @@ FAMILY_MODULES: dict[str, str] = {
     "builtin-tissue": "qpbridge.families.tissue",
     "builtin-nuclei": "qpbridge.families.nuclei",
     "segformer-hf": "qpbridge.families.segformer",
-    "torchscript-segmentation": "qpbridge.families.segformer",
+    "torchscript-segmentation": "qpbridge.families.torchscript",
 }
 
 F = TypeVar("F", bound=type[ModelFamily])

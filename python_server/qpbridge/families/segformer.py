@@ -1,215 +1,22 @@
-"""Torch semantic-segmentation families: HF SegFormer folders (``segformer-hf``) and TorchScript files
-(``torchscript-segmentation``).
-
-Both load the model once, hand it to a :class:`~qpbridge.families.torch_runtime.DeviceWorker` (which batches
-tiles across concurrent callers on one device) and return one ``SemanticResult(probs=...)`` per tile:
-softmax probabilities (C, H, W) at the tile's own size, float32 on CPU and float16 from CUDA.
-
-``segformer-hf``
-    ``card.weights`` is a ``save_pretrained`` folder (``config.json`` + ``model.safetensors``), loaded with
-    ``transformers.SegformerForSemanticSegmentation.from_pretrained``; the logits are ``outputs.logits``
-    (a quarter of the tile size, upsampled by the worker). Default normalisation: ImageNet mean/std.
-``torchscript-segmentation``
-    ``card.weights`` is a ``torch.jit.save`` file (as WSInfer ships them); the module returns N x C x h x w
-    logits as a tensor, or a tuple/dict whose first/``logits`` entry is one. Default normalisation: none
-    (``x / 255``, as WSInfer's ``ToTensor``); cards and WSInfer ``Normalize`` transforms set mean/std.
-
-Tile sizes. Tiles need not all have the same size within a call (edge tiles of a region are clipped).
-A tile smaller than ``card.tile_size`` is padded at its bottom/right to the card's size by *reflection*
-and the output is cropped back: the model always sees the input size it was trained (or traced) with,
-and reflected tissue keeps the colour statistics near the border, where zero or white padding would look
-like glass and bias predictions at the edge (the overlap blending discounts tile borders anyway). Larger
-tiles are run at their own size. Tiles are grouped by (padded) size, one worker request per group.
-
-Card ``params``: ``precision`` ("fp32" | "fp16" | "bf16", CUDA only; CPU runs fp32), ``max_batch``
-(tiles per forward pass, default ``tile.batch_size``), ``batch_wait_ms`` (how long a part-filled batch
-waits for other callers' tiles, default 2), ``channels_last`` (default true), ``compile`` (default false;
-``qpbridge serve --compile`` turns it on for every card): ``torch.compile`` on full batches of the card's
-tile size, compiled in the background while the eager model serves. Loading runs one blank tile through
-the model, so a class count that does not match the card fails at load. On CUDA with fp16/bf16 the
-weights are cast to that dtype; a model that fails so is reloaded and run under autocast, and one that
-fails under autocast too runs fp32, each time with a warning.
-
-For stitching, :meth:`TorchSegmentation.predict_native` returns the model's own output resolution
-(``SemanticResult.scale`` = 4 for SegFormer), left on the GPU as a tensor when asked to.
+"""``segformer-hf``: a ``transformers`` SegFormer saved with ``save_pretrained`` (``card.weights`` is the
+folder, ``config.json`` + ``model.safetensors``). Logits are ``outputs.logits``, a quarter of the tile
+size. Default normalisation: ImageNet mean/std. The machinery (device worker, tile sizes, card params)
+is :class:`~qpbridge.families.torch_segmentation.TorchSegmentation`'s.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import warnings
-from abc import abstractmethod
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
-import numpy as np
 import torch
 
-from qpbridge.errors import ModelCardError, ModelLoadError
-from qpbridge.families.base import ModelFamily, SemanticResult, TileResult, register_family
-from qpbridge.families.stains import check_rgb_tile
-from qpbridge.families.torch_runtime import (
-    DEFAULT_MAX_WAIT_S,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DeviceWorker,
-    Normalization,
-    precision_param,
-    resolve_torch_device,
-)
+from qpbridge.errors import ModelLoadError
+from qpbridge.families.base import register_family
+from qpbridge.families.torch_runtime import IMAGENET_MEAN, IMAGENET_STD
+from qpbridge.families.torch_segmentation import TorchSegmentation, log
 
-if TYPE_CHECKING:
-    from qpbridge.cards import ModelCard
-
-log = logging.getLogger("qpbridge")
-
-
-def _int_param(params: dict[str, Any], key: str, default: int, minimum: int) -> int:
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelCardError(f"card parameter '{key}' must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _float_param(params: dict[str, Any], key: str, default: float, minimum: float) -> float:
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise ModelCardError(f"card parameter '{key}' must be a number >= {minimum}, got {value!r}")
-    return float(value)
-
-
-def _bool_param(params: dict[str, Any], key: str, default: bool) -> bool:
-    value = params.get(key, default)
-    if not isinstance(value, bool):
-        raise ModelCardError(f"card parameter '{key}' must be true or false, got {value!r}")
-    return value
-
-
-def pad_to(tile: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``tile`` padded at the bottom/right to (height, width) by reflection (no copy when already there)."""
-    ph, pw = height - tile.shape[0], width - tile.shape[1]
-    if ph <= 0 and pw <= 0:
-        return tile
-    return np.pad(tile, ((0, max(ph, 0)), (0, max(pw, 0)), (0, 0)), mode="reflect")
-
-
-class TorchSegmentation(ModelFamily):
-    """Shared machinery of the torch semantic-segmentation families; subclasses load the module."""
-
-    thread_safe: ClassVar[bool] = True
-    default_mean: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
-    default_std: ClassVar[tuple[float, float, float]] = (1.0, 1.0, 1.0)
-    weights_kind: ClassVar[str] = "weights"
-
-    def __init__(self, card: ModelCard, device: str = "cpu") -> None:
-        super().__init__(card, device)
-        params = card.params
-        precision = precision_param(params)
-        max_batch = _int_param(params, "max_batch", max(1, card.batch_size), 1)
-        wait_s = _float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0
-        channels_last = _bool_param(params, "channels_last", True)
-        compile_shape = (max_batch, card.tile_size, card.tile_size) if _bool_param(params, "compile", False) \
-            else None
-        normalization = Normalization.from_card(card.normalization, self.default_mean, self.default_std)
-        self.torch_device = resolve_torch_device(device)
-        weights = self._weights_path()
-        settings: dict[str, Any] = {"normalization": normalization, "max_batch": max_batch, "max_wait_s": wait_s,
-                                    "channels_last": channels_last, "compile_shape": compile_shape}
-        half = precision != "fp32" and self.torch_device.type == "cuda"
-        # Weights cast to the card's dtype first; some (exported) models only run under autocast, or fp32.
-        attempts = [(precision, "cast"), (precision, "autocast"), ("fp32", "cast")] if half else [(precision, "cast")]
-        for i, (prec, mode) in enumerate(attempts):
-            model = self._load(weights, self.torch_device)
-            try:
-                self.worker = self._start_worker(model, prec, {**settings, "weights": mode})
-                break
-            except ModelLoadError as exc:
-                if i == len(attempts) - 1:
-                    raise
-                nxt = attempts[i + 1]
-                log.warning("model %s failed with %s weights (%s); trying %s", card.name,
-                            f"{prec} {mode}", exc, f"{nxt[0]} {nxt[1]}")
-
-    def _start_worker(self, model: torch.nn.Module, precision: str, settings: dict[str, Any]) -> DeviceWorker:
-        """A worker for ``model`` that has run one blank tile at the card's size, which checks the model's
-        outputs against the card at load rather than mid-job (and warms the device up)."""
-        card = self.card
-        worker = DeviceWorker(model, self.torch_device, name=card.name, n_outputs=len(card.classes),
-                              precision=precision, **settings)
-        try:
-            worker.run(np.zeros((1, card.tile_size, card.tile_size, 3), dtype=np.uint8))
-        except BaseException:
-            worker.close()
-            raise
-        return worker
-
-    def _weights_path(self) -> Path:
-        card = self.card
-        readme = card.folder / "README.md" if card.folder is not None else None
-        where = f"see {readme}" if readme is not None and readme.is_file() else "see the model card's README"
-        if card.weights is None:
-            raise ModelLoadError(f"model '{card.name}' has no 'weights' in its card; {where}")
-        if not card.weights.exists():
-            raise ModelLoadError(
-                f"model '{card.name}' needs its {self.weights_kind} at {card.weights}, which does not exist; "
-                f"{where} for where to get them and where to put them", path=str(card.weights))
-        return card.weights
-
-    @abstractmethod
-    def _load(self, weights: Path, device: torch.device) -> torch.nn.Module:
-        """The model from its weights, on ``device``, in eval mode."""
-
-    def predict(self, tiles: Sequence[np.ndarray]) -> list[TileResult]:
-        checked = [check_rgb_tile(t, i) for i, t in enumerate(tiles)]
-        size = self.card.tile_size
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, t in enumerate(checked):
-            groups.setdefault((max(t.shape[0], size), max(t.shape[1], size)), []).append(i)
-        futures = [(idx, self.worker.submit(np.stack([pad_to(checked[i], h, w) for i in idx])))
-                   for (h, w), idx in groups.items()]
-        results: list[TileResult | None] = [None] * len(checked)
-        for idx, fut in futures:
-            probs = fut.result()
-            for j, i in enumerate(idx):
-                h, w = checked[i].shape[:2]
-                p = probs[j]
-                if p.shape[1:] != (h, w):
-                    p = np.ascontiguousarray(p[:, :h, :w])
-                results[i] = SemanticResult(probs=p)
-        return [r for r in results if r is not None]
-
-    def predict_native(self, tiles: Sequence[np.ndarray], *, on_device: bool = False) -> list[TileResult]:
-        """Probabilities at the model's own output resolution (``scale`` = input / output size when the input
-        is a whole multiple of it), as tensors on the GPU with ``on_device``, for the stitcher."""
-        checked = [check_rgb_tile(t, i) for i, t in enumerate(tiles)]
-        size = self.card.tile_size
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, t in enumerate(checked):
-            groups.setdefault((max(t.shape[0], size), max(t.shape[1], size)), []).append(i)
-        futures = [((h, w), idx, self.worker.submit(np.stack([pad_to(checked[i], h, w) for i in idx]), native=True,
-                                                    on_device=on_device))
-                   for (h, w), idx in groups.items()]
-        results: list[TileResult | None] = [None] * len(checked)
-        for (h, _), idx, fut in futures:
-            probs = fut.result()
-            scale = h // int(probs.shape[-2])
-            for j, i in enumerate(idx):
-                th, tw = checked[i].shape[:2]
-                oh, ow = -(-th // scale), -(-tw // scale)
-                p = probs[j]
-                if tuple(p.shape[1:]) != (oh, ow):
-                    p = p[:, :oh, :ow]
-                results[i] = SemanticResult(probs=p, scale=scale)
-        return [r for r in results if r is not None]
-
-    def device_busy_s(self) -> float | None:
-        return self.worker.device_busy_s()
-
-    def close(self) -> None:
-        """Stop the device worker and release the model."""
-        self.worker.close()
+__all__ = ["SegformerHF", "TorchSegmentation"]
 
 
 @register_family("segformer-hf")
@@ -251,25 +58,3 @@ class SegformerHF(TorchSegmentation):
         if [n.lower() for n in names] != [n.lower() for n in card_names]:
             log.warning("model %s: checkpoint labels %s differ from the card's classes %s; check the order",
                         self.card.name, names, card_names)
-
-
-@register_family("torchscript-segmentation")
-class TorchScriptSegmentation(TorchSegmentation):
-    """A TorchScript module (``torch.jit.save``) returning N x C x h x w logits."""
-
-    weights_kind = "TorchScript file"
-
-    def _load(self, weights: Path, device: torch.device) -> torch.nn.Module:
-        if weights.is_dir():
-            raise ModelLoadError(f"model '{self.card.name}': {weights} is a folder; a TorchScript family needs "
-                                 "the .pt file itself", path=str(weights))
-        try:
-            with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; WSInfer models are TorchScript
-                warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
-                module: torch.nn.Module = torch.jit.load(str(weights), map_location=device)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"model '{self.card.name}': {weights} is not a loadable TorchScript file ({type(exc).__name__}: "
-                f"{exc}); export the model with torch.jit.trace/script and torch.jit.save (a plain state dict "
-                "needs its architecture: use a family that knows it)", path=str(weights)) from exc
-        return module

@@ -7,8 +7,7 @@ slide jobs (the server reads the slide: :meth:`PlanRun.run`).
 :meth:`PlanRun.run` is a pipeline of three stages joined by bounded queues, so memory stays flat and the
 model is fed the next batch while the previous one is stitched:
 
-1. reading: row blocks of tiles (up to ``BLOCK_PX`` canvas pixels wide, read once and sliced, because
-   reading tile by tile decodes each JPEG tile of the slide several times) on a thread pool, at most
+1. reading: row blocks of tiles (:mod:`qpbridge.engine.reading`) on a thread pool, at most
    ``prefetch_blocks`` ahead;
 2. the model: one thread gathers tiles into the card's batches and runs them (the model's own device
    worker batches further across callers); ``thread_safe = False`` families are called one at a time;
@@ -31,20 +30,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
+from qpbridge.engine.features import FeatureBuilder
+from qpbridge.engine.plan import PlannedTile, TilePlan
+from qpbridge.engine.reading import ReadBox, blocks_of, read_block
+from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
 from qpbridge.errors import BadRequestError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
-from qpbridge.plan import PlannedTile, TilePlan
-from qpbridge.postprocess import FeatureBuilder
 from qpbridge.protocol import TileSpec
-from qpbridge.stitching import InstanceCollector, SemanticStitcher
 
 if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
     from qpbridge.engine import Engine
 
-BLOCK_PX = 2048
-
-ReadBox = Callable[[float, float, float, float, int, int], np.ndarray]
 Sink = Callable[[dict[str, Any]], None]
 
 
@@ -118,33 +115,6 @@ def make_stitcher(card: ModelCard, plan: TilePlan,
     return SemanticStitcher(plan, len(card.classes), emit_classes, emit,
                             min_area=card.min_area_um2 / card.mpp ** 2,
                             max_hole=card.max_hole_area_um2 / card.mpp ** 2)
-
-
-def blocks_of(plan: TilePlan, block_px: int = BLOCK_PX) -> list[list[PlannedTile]]:
-    """Tiles grouped into row blocks of consecutive tiles spanning at most ``block_px`` canvas pixels."""
-    blocks: list[list[PlannedTile]] = []
-    current: list[PlannedTile] = []
-    for t in plan.tiles:  # plan order is row-major
-        if current and (t.row != current[0].row or t.col != current[-1].col + 1
-                        or t.x + t.w - current[0].x > block_px):
-            blocks.append(current)
-            current = []
-        current.append(t)
-    if current:
-        blocks.append(current)
-    return blocks
-
-
-def read_block(plan: TilePlan, block: list[PlannedTile], read_box: ReadBox) -> list[tuple[PlannedTile, np.ndarray]]:
-    """Read the block's bounding box once, at canvas resolution, and slice its tiles."""
-    x0 = block[0].x
-    x1 = max(t.x + t.w for t in block)
-    y0 = block[0].y
-    y1 = max(t.y + t.h for t in block)
-    ds = plan.ds
-    px = read_box(plan.origin_x + x0 * ds, plan.origin_y + y0 * ds, plan.origin_x + x1 * ds,
-                  plan.origin_y + y1 * ds, x1 - x0, y1 - y0)
-    return [(t, np.ascontiguousarray(px[t.y - y0:t.y - y0 + t.h, t.x - x0:t.x - x0 + t.w])) for t in block]
 
 
 _END = object()

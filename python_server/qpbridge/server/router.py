@@ -28,7 +28,6 @@ from qpbridge.errors import (
     QPBridgeError,
     UnknownOpError,
 )
-from qpbridge.jobs import Job, JobManager
 from qpbridge.protocol import (
     Limits,
     check_version,
@@ -40,6 +39,7 @@ from qpbridge.protocol import (
     reply_error,
     reply_ok,
 )
+from qpbridge.server.jobs import Job, JobManager
 
 log = logging.getLogger("qpbridge")
 
@@ -299,10 +299,10 @@ class Server:
         """The server's tile plan over a region, and a factory of the engine run fed by the job's tiles."""
         import shapely
 
-        from qpbridge.plan import make_plan
-        from qpbridge.postprocess import FeatureBuilder
+        from qpbridge.engine.features import FeatureBuilder
+        from qpbridge.engine.plan import make_plan
+        from qpbridge.engine.session import PlanRun
         from qpbridge.roi import geometry_from_geojson
-        from qpbridge.session import PlanRun
 
         if not isinstance(region, dict):
             raise BadRequestError("region must be {\"x\", \"y\", \"width\", \"height\"} in full-resolution pixels")

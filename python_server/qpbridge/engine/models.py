@@ -16,9 +16,9 @@ import numpy as np
 
 from qpbridge import geometry
 from qpbridge.cards import ModelCard, builtin_cards_dir, discover_cards
+from qpbridge.engine.features import FeatureBuilder
 from qpbridge.errors import MissingPixelSizeError, ModelCardError, TileError, UnknownModelError
 from qpbridge.families import InstanceResult, ModelFamily, SemanticResult, TileResult, create_model
-from qpbridge.postprocess import FeatureBuilder
 from qpbridge.protocol import ImageInfo, TileSpec
 
 log = logging.getLogger("qpbridge")
@@ -66,7 +66,7 @@ class Engine:
             known_models=sorted(self.cards))
 
     def _card_from_path(self, name: str) -> ModelCard:
-        from qpbridge.model_folders import is_model_folder, load_model_folder
+        from qpbridge.cards.folders import is_model_folder, load_model_folder
 
         path = Path(name).expanduser()
         if not self.any_model_path:

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from qpbridge.cards import CARD_FILE, ModelCard, load_card
+from qpbridge.cards.card import CARD_FILE, ModelCard, load_card
 from qpbridge.errors import ModelCardError
 
 WSINFER_MODEL_FILE = "torchscript_model.pt"

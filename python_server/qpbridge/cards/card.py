@@ -126,7 +126,7 @@ class ModelCard:
 
 @lru_cache(maxsize=1)
 def card_schema() -> dict[str, Any]:
-    path = Path(__file__).with_name("schemas") / "model_card.schema.json"
+    path = Path(__file__).parent.parent / "schemas" / "model_card.schema.json"
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return data
 
@@ -155,33 +155,7 @@ def load_card(folder: Path) -> ModelCard:
 
 def builtin_cards_dir() -> Path:
     """Where the built-in cards are: inside an installed wheel, or the checkout's models/."""
-    packaged = Path(__file__).with_name("_cards")
+    packaged = Path(__file__).parent.parent / "_cards"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parents[2] / "models"
-
-
-def discover_cards(folder: Path) -> dict[str, ModelCard]:
-    """Every model folder below ``folder``: qpbridge cards (their name must match the folder's) and
-    WSInfer-style folders (named after the folder); other ``config.json`` files (such as a Hugging Face
-    ``save_pretrained`` folder of weights) are not models and are passed over."""
-    from qpbridge.model_folders import is_wsinfer_config, load_model_folder
-
-    cards: dict[str, ModelCard] = {}
-    if not folder.is_dir():
-        return cards
-    for sub in sorted(p for p in folder.iterdir() if (p / CARD_FILE).is_file()):
-        try:
-            data = json.loads((sub / CARD_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelCardError(f"{sub / CARD_FILE} is not valid JSON: {exc}") from None
-        if isinstance(data, dict) and "schema_version" not in data:
-            if is_wsinfer_config(data):
-                card = load_model_folder(sub)
-                cards[card.name] = card
-            continue
-        card = ModelCard.from_dict(data, folder=sub)
-        if card.name != sub.name:
-            raise ModelCardError(f"model card {sub / CARD_FILE} names '{card.name}' but its folder is '{sub.name}'")
-        cards[card.name] = card
-    return cards
+    return Path(__file__).resolve().parents[3] / "models"

@@ -1,18 +1,18 @@
 """Seam-free stitching of overlapping tiles, in bounded memory.
 
-Tiles come from a :class:`~qpbridge.plan.TilePlan` laid on a canvas at the model's pixel size.
+Tiles come from a :class:`~qpbridge.engine.plan.TilePlan` laid on a canvas at the model's pixel size.
 
 Semantic models: each tile's class probabilities, at the model's own output resolution (a quarter of
 the tile for SegFormer: ``SemanticResult.scale``; never upsampled first), are weighted by a cosine
 window and added into a rolling accumulator a little taller than one tile, on the host (numpy) or, for
 results that are still tensors on the model's device, there (torch). Once every tile that touches a strip
 (one grid step tall) is in, the strip's argmax is taken and only the uint8 class strip goes on, to a
-:class:`~qpbridge.vectorise.RegionTracer`, which labels and traces it in linear time and emits one polygon
+:class:`~qpbridge.engine.vectorise.RegionTracer`, which labels and traces it in linear time and emits one polygon
 per connected region per class, however many tiles and strips the region crosses (holes kept).
 
 Memory: the accumulator is (classes + 1) x (tile + step) x width float32 at output resolution (for a
 150,000 px wide slide at 0.25 µm/px and SegFormer at 1 µm/px: 4 x 112 x 9,375 x 4 B = 17 MB); the tracer
-keeps at most one byte per output pixel (see :mod:`qpbridge.vectorise`; 59 MB for a 150,000 x 100,000 px
+keeps at most one byte per output pixel (see :mod:`qpbridge.engine.vectorise`; 59 MB for a 150,000 x 100,000 px
 slide at 0.25 µm/px), and only while a region stays open over the rows.
 
 Instance models: every tile has a *core*, the part of it closer to its own centre than to any
@@ -31,10 +31,10 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from qpbridge import geometry
+from qpbridge.engine.plan import PlannedTile, TilePlan
+from qpbridge.engine.vectorise import RegionTracer
 from qpbridge.families import NO_CLASS, InstanceResult, SemanticResult
-from qpbridge.plan import PlannedTile, TilePlan
 from qpbridge.pools import postprocess_pool
-from qpbridge.vectorise import RegionTracer
 
 # Called with (geometry in canvas model pixels, class index, extra measurements or None).
 Emit = Callable[[BaseGeometry, int, "dict[str, Any] | None"], None]

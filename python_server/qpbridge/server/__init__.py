@@ -1,0 +1,5 @@
+"""The ZeroMQ server: the socket loop and its ops (``router``) and server-side jobs (``jobs``)."""
+
+from qpbridge.server.router import CAPABILITIES, MAX_PAGE, SLIDE_CAPABILITY, Server, is_loopback_address
+
+__all__ = ["CAPABILITIES", "MAX_PAGE", "SLIDE_CAPABILITY", "Server", "is_loopback_address"]
