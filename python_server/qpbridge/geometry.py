@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,27 +60,32 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
     if hierarchy is None or not contours:
         return []
     parent = hierarchy[0][:, 3].astype(np.int64)
-    lens = np.fromiter((len(c) for c in contours), np.int64, len(contours))
-    p = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
-    n = len(p)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    ends = starts + lens - 1
-    ring = np.repeat(np.arange(len(lens)), lens)
-    nxt = np.arange(1, n + 1)
-    nxt[ends] = starts
-    prv = np.arange(-1, n - 1)
-    prv[starts] = ends
-    q = p[nxt]
-    d = q - p
     is_hole = parent >= 0
-    keep_ring = np.ones(len(lens), bool)
+    p, lens, starts, ring, nxt, prv = _ring_arrays(contours)
     if min_area > 0 or max_hole > 0:
+        # Filter whole rings first: noisy masks have many more small rings than kept ones.
+        q = p[nxt]
         area = np.abs(np.add.reduceat(p[:, 0] * q[:, 1] - q[:, 0] * p[:, 1], starts)) / 2.0
+        keep = np.ones(len(lens), bool)
         if min_area > 0:
+            d = q - p
             length = np.add.reduceat(np.hypot(d[:, 0], d[:, 1]), starts)
-            keep_ring &= is_hole | (area + 0.5 * length + 1.0 >= 4.0 * min_area)
+            keep &= is_hole | (area + 0.5 * length + 1.0 >= 4.0 * min_area)
         if max_hole > 0:
-            keep_ring &= ~is_hole | (area >= 4.0 * max_hole)
+            keep &= ~is_hole | (area >= 4.0 * max_hole)
+        keep &= ~is_hole | keep[np.maximum(parent, 0)]  # holes of dropped regions go too
+        if not keep.all():
+            kept = np.flatnonzero(keep)
+            if len(kept) == 0:
+                return []
+            new_pos = np.full(len(lens), -1, np.int64)
+            new_pos[kept] = np.arange(len(kept))
+            parent = np.where(is_hole[kept], new_pos[np.maximum(parent[kept], 0)], -1)
+            is_hole = parent >= 0
+            contours = [contours[i] for i in kept.tolist()]
+            p, lens, starts, ring, nxt, prv = _ring_arrays(contours)
+    d = p[nxt] - p
+    keep_ring = np.ones(len(lens), bool)
     pts = ((p + 1) >> 1).astype(np.float64)
     _unpinch(pts, p, d, prv, nxt, m2)
     keep_pt = np.any(pts != pts[prv], axis=1)
@@ -109,6 +114,21 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
     owner = np.concatenate([np.arange(len(shells)), shell_pos[parent[holes]]])
     order = np.lexsort((np.concatenate([np.zeros(len(shells)), np.ones(len(holes))]), owner))
     return list(shapely.polygons(rings[new_index[members[order]]], indices=owner[order]))
+
+
+def _ring_arrays(contours: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """All rings' points in one (n, 2) array, ring lengths and starts, each point's ring, next and previous."""
+    lens = np.fromiter((len(c) for c in contours), np.int64, len(contours))
+    p = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
+    n = len(p)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    ends = starts + lens - 1
+    ring = np.repeat(np.arange(len(lens)), lens)
+    nxt = np.arange(1, n + 1)
+    nxt[ends] = starts
+    prv = np.arange(-1, n - 1)
+    prv[starts] = ends
+    return p, lens, starts, ring, nxt, prv
 
 
 PINCH = 0.02  # how far a ring backs off a corner where two pixels touch (survives the 0.01 grid)

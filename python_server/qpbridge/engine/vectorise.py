@@ -39,6 +39,7 @@ from shapely.geometry.base import BaseGeometry
 from qpbridge import geometry
 
 NO_CLASS = 255
+TRACE_OVERHEAD_PX = 20_000
 
 # Called with (geometry in canvas pixels, class index).
 EmitRegion = Callable[[BaseGeometry, int], None]
@@ -212,7 +213,11 @@ class RegionTracer:
         import cv2
 
         bx0, by0, bx1, by1 = int(x0.min()), int(y0.min()), int(x1.max()), int(y1.max())
-        if len(x0) > 1 and (bx1 - bx0) * (by1 - by0) > 4 * int(((x1 - x0) * (y1 - y0)).sum()):
+        # Cost model: tracing touches the box's pixels, and each trace has a fixed cost of about
+        # TRACE_OVERHEAD_PX pixels' worth of work.
+        joint = (bx1 - bx0) * (by1 - by0)
+        separate = int(((x1 - x0) * (y1 - y0)).sum()) + TRACE_OVERHEAD_PX * len(x0)
+        if len(x0) > 1 and joint > 4 * separate:
             for i in range(len(x0)):
                 self._trace_spanning(cls, x0[i:i + 1], y0[i:i + 1], x1[i:i + 1], y1[i:i + 1], sx[i:i + 1],
                                      sy[i:i + 1])
