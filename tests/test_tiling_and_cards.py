@@ -15,7 +15,7 @@ from qpbridge.engine import Engine
 from qpbridge.engine.plan import make_plan
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, ModelCardError, UnknownModelError
 from qpbridge.families import family_class, known_families
-from qpbridge.protocol import ImageInfo
+from qpbridge.protocol import ImageInfo, planned_tile_spec
 
 
 def test_plan_covers_the_canvas_with_overlap():
@@ -30,7 +30,7 @@ def test_plan_covers_the_canvas_with_overlap():
     assert [t.x for t in plan.tiles if t.row == 0] == [0, 48, 96]
     last = plan.tiles[-1]
     assert (last.x + last.w, last.y + last.h) == (150, 100)
-    spec = plan.tile_spec(plan.tiles[4])  # row 1, col 1
+    spec = planned_tile_spec(plan, plan.tiles[4])  # row 1, col 1
     assert (spec.x, spec.y, spec.width, spec.height, spec.downsample) == (10 + 96, 20 + 96, 64, 52, 2.0)
 
 

@@ -24,7 +24,7 @@ from qpbridge.engine.plan import make_plan
 from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, RemoteError
 from qpbridge.families import SemanticResult
-from qpbridge.protocol import ImageInfo, TileSpec
+from qpbridge.protocol import ImageInfo, TileSpec, planned_tile_spec
 from qpbridge.slides import Slide, resolve_slide_path
 
 
@@ -113,7 +113,7 @@ def test_no_tile_seams_compared_with_single_tiles(shapes_slide, models_dir):
     pieces = 0
     for t in plan.tiles:
         x0, y0, x1, y1 = plan.fullres_box(t)
-        spec = plan.tile_spec(t)
+        spec = planned_tile_spec(plan, t)
         feats = engine.predict("seams", ImageInfo(mpp=0.5), [(spec, slide.read(x0, y0, x1, y1, t.w, t.h))])
         pieces += len(feats)
     assert pieces > 50

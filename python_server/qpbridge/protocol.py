@@ -1,6 +1,7 @@
 """Wire format of protocol version 1 (see docs/protocol.md): headers, tiles, limits, replies.
 
-Pure functions shared by the server and the Python client. Sizes are checked from the header (and from
+Pure functions shared by the server and the Python client; the conversion of engine types (tile plans)
+to the wire lives here too. Sizes are checked from the header (and from
 the PNG/JPEG header) before any pixel buffer is allocated.
 """
 
@@ -11,7 +12,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from qpbridge.errors import (
     TileError,
     UnsupportedVersionError,
 )
+
+if TYPE_CHECKING:
+    from qpbridge.engine.plan import PlannedTile, TilePlan
 
 ENCODINGS = ("raw", "png", "jpeg")
 MAX_HEADER_BYTES = 1 << 20
@@ -82,6 +86,19 @@ class TileSpec:
         if self.index is not None:
             out["index"] = self.index
         return out
+
+
+def planned_tile_spec(plan: TilePlan, tile: PlannedTile) -> TileSpec:
+    """What a client reads for a planned tile: full-resolution origin, downsample, the pixel size to send,
+    and the tile's index in the plan."""
+    x0, y0, _, _ = plan.fullres_box(tile)
+    return TileSpec(x=round(x0), y=round(y0), width=tile.w, height=tile.h, downsample=plan.ds, index=tile.index)
+
+
+def plan_to_wire(plan: TilePlan) -> dict[str, Any]:
+    """A tile plan as ``job.open`` answers it."""
+    return {"downsample": plan.ds, "tile_size": plan.tile, "overlap": plan.overlap, "rows": plan.rows,
+            "cols": plan.cols, "tiles": [planned_tile_spec(plan, t).to_wire() for t in plan.tiles]}
 
 
 def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -1,10 +1,12 @@
-"""Tile plans: the grid of overlapping tiles at the model's pixel size over a region of an image."""
+"""Tile plans: the grid of overlapping tiles at the model's pixel size over a region of an image.
+
+Engine types only; what a client is told to read (``TileSpec``) is made in :mod:`qpbridge.protocol`.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import shapely
@@ -12,7 +14,6 @@ from shapely.geometry.base import BaseGeometry
 
 from qpbridge.cards import ModelCard
 from qpbridge.errors import BadRequestError
-from qpbridge.protocol import TileSpec
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,6 @@ class TilePlan:
         """(x0, y0, x1, y1) of the tile in full-resolution pixels."""
         return (self.origin_x + t.x * self.ds, self.origin_y + t.y * self.ds,
                 self.origin_x + (t.x + t.w) * self.ds, self.origin_y + (t.y + t.h) * self.ds)
-
-    def tile_spec(self, t: PlannedTile) -> TileSpec:
-        """What a client reads for this tile: full-res origin, downsample, and the pixel size to send."""
-        x0, y0, _, _ = self.fullres_box(t)
-        return TileSpec(x=round(x0), y=round(y0), width=t.w, height=t.h, downsample=self.ds, index=t.index)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"downsample": self.ds, "tile_size": self.tile, "overlap": self.overlap,
-                "rows": self.rows, "cols": self.cols, "tiles": [self.tile_spec(t).to_wire() for t in self.tiles]}
 
 
 def _count(extent: int, tile: int, step: int) -> int:

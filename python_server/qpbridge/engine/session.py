@@ -36,7 +36,7 @@ from qpbridge.engine.reading import ReadBox, blocks_of, read_block
 from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
 from qpbridge.errors import BadRequestError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
-from qpbridge.protocol import TileSpec
+from qpbridge.protocol import TileSpec, planned_tile_spec
 
 if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
@@ -161,13 +161,13 @@ class PlanRun:
             if spec.index >= len(tiles):
                 raise BadRequestError(f"tile index {spec.index} is not in this job's plan of {len(tiles)} tiles")
             tile = tiles[spec.index]
-            expect = self.plan.tile_spec(tile)
+            expect = planned_tile_spec(self.plan, tile)
             if abs(expect.x - spec.x) > 1 or abs(expect.y - spec.y) > 1:
                 raise BadRequestError(f"tile {spec.index} of the plan is at ({expect.x}, {expect.y}), not "
                                       f"({spec.x}, {spec.y})")
             return tile
         if self._by_origin is None:
-            self._by_origin = {(s.x, s.y): t for t in tiles for s in (self.plan.tile_spec(t),)}
+            self._by_origin = {(s.x, s.y): t for t in tiles for s in (planned_tile_spec(self.plan, t),)}
         found = self._by_origin.get((spec.x, spec.y))
         if found is None:
             raise BadRequestError(f"tile at ({spec.x}, {spec.y}) is not in this job's plan: send the tiles "

@@ -36,6 +36,7 @@ from qpbridge.protocol import (
     parse_header,
     parse_image,
     parse_tiles,
+    plan_to_wire,
     reply_error,
     reply_ok,
 )
@@ -293,7 +294,7 @@ class Server:
         job = self.jobs.open(name, image, len(plan.tiles))
         job.stitch = stitch_factory(job.add_feature)
         log.info("job %s opened: model %s, image %r, planned %d tiles", job.id, name, image.name, len(plan.tiles))
-        return {"job": job.id, "model": card.to_wire(), "plan": plan.to_wire()}
+        return {"job": job.id, "model": card.to_wire(), "plan": plan_to_wire(plan)}
 
     def _plan_for(self, name: str, card: Any, image: Any, region: Any, roi: Any) -> tuple[Any, Any]:
         """The server's tile plan over a region, and a factory of the engine run fed by the job's tiles."""
