@@ -179,3 +179,18 @@ def test_families_that_are_not_thread_safe_are_called_one_at_a_time(tmp_path):
     for t in threads:
         t.join()
     assert SingleThreaded.overlaps == 0
+
+
+def test_pixels_no_tile_classifies_stay_out_of_every_region():
+    """Class maps with NO_CLASS pixels: blended as 'no class' mass, they become holes, not regions."""
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
+    plan = make_plan(card, (0, 0, 300, 200), None)
+    truth = np.ones((200, 300), np.uint8)
+    truth[80:120, 100:180] = NO_CLASS
+    out: list[shapely.Geometry] = []
+    stitcher = SemanticStitcher(plan, 2, [1], lambda g, c, e: out.append(g))
+    for t in plan.tiles:
+        stitcher.add(t, SemanticResult(classes=truth[t.y:t.y + t.h, t.x:t.x + t.w].copy()))
+    stitcher.finish()
+    assert len(out) == 1 and len(out[0].interiors) == 1
+    assert out[0].area == pytest.approx(300 * 200 - 40 * 80, abs=1)

@@ -149,9 +149,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     write_json_atomic(out, feature_collection(result.features))
     st = result.stats
-    print(f"{len(result.features)} features from {st.tiles} tiles in {st.seconds:.2f} s "
-          f"({st.tiles / st.seconds if st.seconds else 0:.1f} tiles/s; model {st.model_s:.2f} s, "
-          f"stitching {st.stitch_s:.2f} s, waiting for pixels {st.read_wait_s:.2f} s) -> {out}")
+    print(f"{len(result.features)} features -> {out}; {st.table()}")
     if args.overlay:
         from qpbridge.overlay import draw_overlay
 
