@@ -140,7 +140,7 @@ def end_to_end(size: int, readers: int, batch: int) -> int:
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_slide import synthetic_slide
+    from bench_slide import write_slide
 
     from qpbridge.annotate import annotate_slide
     from qpbridge.engine import Engine
@@ -160,7 +160,7 @@ def end_to_end(size: int, readers: int, batch: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        slide = synthetic_slide(root / "slide.tif", size)
+        slide = write_slide(root / "slide.tif", size)
         print(f"slide {size}x{size} px at 0.5 µm/px written in {time.perf_counter() - t:.1f} s")
         card_dir = root / "models" / CARD["name"]
         card_dir.mkdir(parents=True)
