@@ -556,3 +556,29 @@ def test_cuda_cast_weights_and_device_outputs(hf_root: Path, hf_model: TorchSegm
                 np.testing.assert_allclose(a.probs.astype(np.float32), b.probs, atol=2e-2)
     finally:
         model.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_annotate_blends_on_the_device(wsinfer_folder: Path, tmp_path: Path) -> None:
+    """A slide run on CUDA keeps the model's outputs on the GPU and blends them there; the polygons agree
+    with the CPU run's."""
+    from shapely.geometry import shape
+
+    from conftest import write_pyramid
+    from qpbridge.annotate import annotate_slide
+    from qpbridge.engine import Engine
+
+    rng = np.random.default_rng(5)
+    img = (rng.random((600, 800, 3)) * 255).astype(np.uint8)
+    slide = write_pyramid(tmp_path / "s.tif", img, mpp=0.5, levels=2)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        engine = Engine(None, device=device, any_model_path=True)
+        runs[device] = annotate_slide(engine, slide, str(wsinfer_folder), tissue_filter=False)
+    gpu, cpu = runs["cuda"], runs["cpu"]
+    assert gpu.stats.extra["blend_on"] == "device" and cpu.stats.extra["blend_on"] == "host"
+    assert gpu.stats.device_s is not None and gpu.stats.device_s > 0
+    area = {d: sum(shape(f["geometry"]).area for f in r.features) for d, r in runs.items()}
+    assert all(shape(f["geometry"]).is_valid for f in gpu.features)
+    assert area["cuda"] == pytest.approx(area["cpu"], rel=0.05)

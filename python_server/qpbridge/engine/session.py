@@ -309,6 +309,7 @@ class PlanRun:
             stats.device_s = device_after - device_before
         if isinstance(self.stitcher, SemanticStitcher):
             stats.extra["stitch_buffer_bytes"] = self.stitcher.buffer_bytes
+            stats.extra["blend_on"] = self.stitcher.blend_on
         return stats
 
 

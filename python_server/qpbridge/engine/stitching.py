@@ -195,6 +195,13 @@ class SemanticStitcher:
         self.tracer: RegionTracer | None = None
 
     @property
+    def blend_on(self) -> str:
+        """Where tiles are blended: "device" (torch, the model's GPU), "host" (numpy), or "" before any tile."""
+        if self.blend is None:
+            return ""
+        return "device" if isinstance(self.blend, _DeviceBlend) else "host"
+
+    @property
     def buffer_bytes(self) -> int:
         return (self.blend.nbytes if self.blend is not None else 0) + \
             (self.tracer.peak_rows * self.tracer.width if self.tracer is not None else 0)
