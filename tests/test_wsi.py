@@ -437,3 +437,32 @@ def test_monuseg_predict_returns_no_nucleus_twice(tmp_path):
                 if j > i:
                     b = nuclei[j]
                     assert a.intersection(b).area <= 0.5 * min(a.area, b.area), (image.name, a.centroid, b.centroid)
+
+
+def test_kept_instances_do_not_depend_on_the_order_tiles_arrive_in():
+    """A planned job's clients send tiles in any order and batches: the nuclei kept must be the same."""
+    import tifffile
+
+    from conftest import MONUSEG
+    from qpbridge.families import InstanceResult
+
+    img = tifffile.imread(sorted(need_data(MONUSEG).glob("*.tif"))[0])[:, :, :3]
+    engine = Engine()
+    card = engine.card("nuclei")
+    plan = make_plan(card, (0, 0, img.shape[1], img.shape[0]), 0.5)
+    results = engine.model("nuclei").predict([np.ascontiguousarray(img[t.y:t.y + t.h, t.x:t.x + t.w])
+                                              for t in plan.tiles])
+
+    def kept(order, batch):
+        out = []
+        collector = InstanceCollector(plan, lambda g, c, e: out.append(g.wkt), max_object=card.max_object_um / 0.5)
+        items = [(plan.tiles[i], results[i]) for i in order]
+        for k in range(0, len(items), batch):
+            collector.add_batch([(t, r) for t, r in items[k:k + batch] if isinstance(r, InstanceResult)])
+        collector.finish()
+        return sorted(out), collector.duplicates
+
+    reference, _ = kept(range(len(plan.tiles)), 1)
+    for seed, batch in ((1, 1), (2, 4), (3, 3)):
+        order = np.random.default_rng(seed).permutation(len(plan.tiles))
+        assert kept(order, batch)[0] == reference

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -317,11 +318,13 @@ class InstanceCollector:
     """Keep each instance in the one tile whose core holds its centroid, and never one object twice.
 
     Tiles are polygonised in parallel (:meth:`add_batch`). The same object seen by two tiles can still be
-    segmented a little differently by each, with centroids either side of the cores' border; so instances
-    near a border are remembered (in a grid of cells one step wide), and a later one from another tile
-    that shares more than ``DUPLICATE_OVERLAP`` of the smaller one's area with a kept one is dropped (any
-    pair with an IoU above 0.5 is caught, and so is a fragment of an object that another tile saw whole).
-    Memory: the instances within the largest object's size of a core border, not the whole slide's.
+    segmented a little differently by each, with centroids either side of the cores' border. So an
+    instance near a border is held back until every tile that could also hold it has been added; two
+    instances from different tiles that share more than ``DUPLICATE_OVERLAP`` of the smaller one's area
+    are one object (any pair with an IoU above 0.5 is caught, and so is a fragment of an object another
+    tile saw whole), and the larger is kept (then the lower tile index), so the result does not depend on
+    the order tiles arrive in. Instances away from borders are emitted at once. Memory: the instances
+    near borders of tiles whose neighbours have not arrived yet.
     """
 
     def __init__(self, plan: TilePlan, emit: Emit, *, max_object: float | None = None) -> None:
@@ -333,7 +336,12 @@ class InstanceCollector:
         # how far from a core border an object's copy in the next tile can reach (canvas px)
         self.reach = max_object if max_object is not None else plan.overlap / 2.0
         self.cell = max(1, plan.step)
-        self.near_seams: dict[tuple[int, int], list[tuple[BaseGeometry, int]]] = {}
+        self.by_grid = {(t.row, t.col): t.index for t in plan.tiles}
+        self.added: set[int] = set()
+        self._held: dict[int, _Held] = {}  # instances waiting for their neighbour tiles
+        self._waiting: dict[int, list[int]] = {}  # tile index -> held instances waiting for it
+        self._cells: dict[tuple[int, int], set[int]] = {}
+        self._next_id = 0
 
     def core(self, tile: PlannedTile) -> tuple[float, float, float, float]:
         """(x0, y0, x1, y1) of the tile's core in canvas pixels; outer tiles reach to infinity."""
@@ -380,17 +388,85 @@ class InstanceCollector:
                 for label, geom in geometry.labels_to_polygons(masked, (tile.x, tile.y)).items()]
 
     def _commit(self, tile: PlannedTile, found: list[tuple[BaseGeometry, int, dict[str, float] | None]]) -> None:
+        self.added.add(tile.index)
         for geom, cls, extra in found:
-            if self._duplicate(geom, tile.index):
+            waiting = self._neighbours(geom.bounds, tile) if self._near_seam(geom.bounds) else []
+            waiting = [i for i in waiting if i not in self.added]
+            held = _Held(geom, cls, extra, tile.index, len(waiting))
+            if not self._hold(held):
                 self.duplicates += 1
                 continue
-            self.kept += 1
-            self.emit(geom, cls, extra)
+            if not waiting:
+                self._release(held.key)
+            for i in waiting:
+                self._waiting.setdefault(i, []).append(held.key)
+        for key in self._waiting.pop(tile.index, []):
+            h = self._held.get(key)
+            if h is not None:
+                h.waiting -= 1
+                if h.waiting <= 0:
+                    self._release(key)
 
-    def _cells(self, bounds: tuple[float, float, float, float]) -> list[tuple[int, int]]:
+    def _hold(self, new: _Held) -> bool:
+        """Keep ``new`` among the held instances unless a better copy of the same object is held; copies it
+        beats are dropped. Returns whether ``new`` is kept."""
+        b = new.geom.bounds
+        rivals: set[int] = set()
+        for cell in self._cells_of(b):
+            rivals |= self._cells.get(cell, set())
+        beaten = []
+        for key in rivals:
+            other = self._held[key]
+            if other.tile == new.tile:
+                continue
+            ob = other.geom.bounds
+            if ob[0] > b[2] or ob[2] < b[0] or ob[1] > b[3] or ob[3] < b[1]:
+                continue
+            shared = new.geom.intersection(other.geom).area
+            if shared <= DUPLICATE_OVERLAP * min(new.geom.area, other.geom.area):
+                continue
+            if other.rank <= new.rank:
+                return False
+            beaten.append(key)
+        for key in beaten:
+            self.duplicates += 1
+            self._forget(key)
+        new.key = self._next_id
+        self._next_id += 1
+        self._held[new.key] = new
+        for cell in self._cells_of(b):
+            self._cells.setdefault(cell, set()).add(new.key)
+        return True
+
+    def _release(self, key: int) -> None:
+        h = self._forget(key)
+        self.kept += 1
+        self.emit(h.geom, h.cls, h.extra)
+
+    def _forget(self, key: int) -> _Held:
+        h = self._held.pop(key)
+        for cell in self._cells_of(h.geom.bounds):
+            members = self._cells.get(cell)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._cells[cell]
+        return h
+
+    def _cells_of(self, bounds: tuple[float, float, float, float]) -> list[tuple[int, int]]:
         c = self.cell
         return [(i, j) for i in range(int(bounds[0] // c), int(bounds[2] // c) + 1)
                 for j in range(int(bounds[1] // c), int(bounds[3] // c) + 1)]
+
+    def _neighbours(self, bounds: tuple[float, float, float, float], tile: PlannedTile) -> list[int]:
+        """Indices of the other planned tiles that overlap the box grown by ``reach``."""
+        p = self.plan
+        x0, y0 = bounds[0] - self.reach, bounds[1] - self.reach
+        x1, y1 = bounds[2] + self.reach, bounds[3] + self.reach
+        cols = range(max(0, math.floor((x0 - p.tile) / p.step) + 1), min(p.cols - 1, math.floor(x1 / p.step)) + 1)
+        rows = range(max(0, math.floor((y0 - p.tile) / p.step) + 1), min(p.rows - 1, math.floor(y1 / p.step)) + 1)
+        found = (self.by_grid.get((r, c)) for r in rows for c in cols)
+        return [i for i in found if i is not None and i != tile.index]
 
     def _near_seam(self, bounds: tuple[float, float, float, float]) -> bool:
         """Whether the box comes within ``reach`` of a border between cores (where copies can be)."""
@@ -404,25 +480,24 @@ class InstanceCollector:
                 return True
         return False
 
-    def _duplicate(self, geom: BaseGeometry, tile: int) -> bool:
-        bounds = geom.bounds
-        if not self._near_seam(bounds):
-            return False
-        cells = self._cells(bounds)
-        area = geom.area
-        for key in cells:
-            for other, other_tile in self.near_seams.get(key, ()):
-                if other_tile == tile:
-                    continue
-                ob = other.bounds
-                if ob[0] > bounds[2] or ob[2] < bounds[0] or ob[1] > bounds[3] or ob[3] < bounds[1]:
-                    continue
-                shared = geom.intersection(other).area
-                if shared > DUPLICATE_OVERLAP * min(area, other.area):
-                    return True
-        for key in cells:
-            self.near_seams.setdefault(key, []).append((geom, tile))
-        return False
-
     def finish(self) -> None:
-        return None
+        """Emit what is still held (tiles of the plan that never came: a cancelled run)."""
+        for key in sorted(self._held):
+            self._release(key)
+        self._waiting.clear()
+
+
+@dataclass
+class _Held:
+    geom: BaseGeometry
+    cls: int
+    extra: dict[str, float] | None
+    tile: int
+    waiting: int
+    key: int = -1
+
+    @property
+    def rank(self) -> tuple[float, int]:
+        """Of two copies of one object, the lower rank is kept: the larger, then the lower tile index."""
+        return (-round(self.geom.area, 6), self.tile)
+
