@@ -1,18 +1,20 @@
 /*
- * qpbridge client library, QuPath adapter: ImageServer -> the server's planned tiles (or the image file's path for
- * a server that reads slides itself), annotation ROI -> GeoJSON, QuPath GeoJSON -> PathObjects, results into
- * the hierarchy in one event. Needs qpbridge_core.groovy inlined beside it.
+ * qpbridge Groovy client library, QuPath adapter (needs the three qpbridge_*.groovy parts inlined beside it):
+ * ImageServer -> the server's planned tiles (or the image file's path for a server that reads slides itself),
+ * annotation ROI -> GeoJSON, QuPath GeoJSON -> PathObjects, results into the hierarchy in one event, and the
+ * one-line error report (plus a dialog in QuPath's GUI) that every script ends with on failure.
  *
  * Takes everything it works on as parameters (ImageServer, PathObjectHierarchy, parent objects) and never
  * calls QuPath's script globals, so the GUI, "Run for project", headless `QuPath script` runs and tests use it
  * alike. Methods whose names changed between QuPath 0.4 and 0.6 are called dynamically with a fallback.
  *
  * How earlier qpbridge results are recognised (for "replace"): a direct child of the parent whose metadata
- * "qpbridge.model" names the model; for detections and cells, which cannot hold metadata in every QuPath
- * version, also one without that metadata whose object type and classification match the model's output.
- * Annotations without the metadata are never touched, so hand-drawn annotations survive a re-run.
+ * "qpbridge.model" names the model. QuPath 0.5 cannot keep metadata on detections and cells (their metadata
+ * map is read-only, and its GeoJSON reader logs a stack trace for each one that carries some), so there the
+ * tag is dropped before reading and an earlier result is a detection or cell without the tag whose object
+ * type and class are the model's. Annotations without the tag are never touched, so hand-drawn annotations
+ * survive a re-run.
  */
-import com.google.gson.JsonArray
 import com.google.gson.JsonElement
 import com.google.gson.JsonObject
 import org.locationtech.jts.geom.Coordinate
@@ -25,12 +27,96 @@ import org.slf4j.LoggerFactory
 import qupath.lib.images.servers.ImageServer
 import qupath.lib.io.GsonTools
 import qupath.lib.objects.PathObject
+import qupath.lib.objects.PathObjects
 import qupath.lib.objects.hierarchy.PathObjectHierarchy
 import qupath.lib.regions.ImagePlane
 import qupath.lib.regions.RegionRequest
+import qupath.lib.roi.ROIs
 import qupath.lib.roi.interfaces.ROI
 
 import java.awt.image.BufferedImage
+
+/**
+ * How a script ends when something goes wrong: ONE error line in QuPath's log saying what failed and what to do
+ * (no re-thrown exception, so QuPath adds no Groovy stack trace), and in QuPath's GUI the same text in a dialog
+ * (a notification in "Run for project" runs, so a batch is not buried under dialogs).
+ */
+class QpbReport {
+    static final String TITLE = 'qpbridge'
+
+    /**
+     * Runs a script's body. Returns its value, or null after reporting a failure. script: the running
+     * Script (for the batch attributes); what: the script's name for the dialog title.
+     */
+    static Object run(Script script, String what, Closure body) {
+        try {
+            return body.call()
+        } catch (InterruptedException e) {
+            // "Kill running script": the server job is already cancelled; one line, no stack trace. The interrupt
+            // flag stays cleared so that QuPath's own saving after the script is not cut short; "Run for
+            // project" stops through its own cancel flag.
+            String msg = e instanceof QpbCancelledException ? e.getMessage() : "qpbridge: ${what} stopped by the user"
+            LoggerFactory.getLogger('qpbridge').warn(msg)
+        } catch (QpbException e) {
+            failure(script, what, e.getMessage())
+        } catch (Exception e) {
+            // Not one of ours: say what it was in one line; the stack trace goes to the debug log.
+            LoggerFactory.getLogger('qpbridge').debug("qpbridge: ${what} failed", e)
+            failure(script, what, "unexpected ${e.getClass().getSimpleName()}: ${e.getMessage()} " +
+                    '(set the log level to DEBUG for the stack trace, and please report it)')
+        }
+        null
+    }
+
+    static void failure(Script script, String what, String message) {
+        String line = message.startsWith('qpbridge') ? message : "qpbridge: ${message}"
+        LoggerFactory.getLogger('qpbridge').error(line)
+        showInGui("${TITLE}: ${what} failed", line, isBatch(script))
+    }
+
+    static boolean isBatch(Script script) {
+        try {
+            Object size = script?.getProperty('qupath.script.batchSize')
+            return size != null && (size as int) > 1
+        } catch (Exception ignored) {
+            return false
+        }
+    }
+
+    /**
+     * Shows the message in QuPath's GUI when there is one (QuPathGUI.getInstance() is null in headless runs,
+     * where the log line is all). Dialogs lives in qupath.fx.dialogs from 0.5, qupath.lib.gui.dialogs in 0.4.
+     * Returns whether it was shown.
+     */
+    static boolean showInGui(String title, String message, boolean notification) {
+        try {
+            Class gui = loadClass('qupath.lib.gui.QuPathGUI')
+            if (gui == null || gui.getMethod('getInstance').invoke(null) == null) return false
+            for (String name : ['qupath.fx.dialogs.Dialogs', 'qupath.lib.gui.dialogs.Dialogs']) {
+                Class dialogs = loadClass(name)
+                if (dialogs == null) continue
+                String method = notification ? 'showErrorNotification' : 'showErrorMessage'
+                dialogs.getMethod(method, String, String).invoke(null, title, message)
+                return true
+            }
+        } catch (Throwable e) {
+            LoggerFactory.getLogger('qpbridge').debug('qpbridge: could not show the error in a dialog', e)
+        }
+        false
+    }
+
+    private static Class loadClass(String name) {
+        for (ClassLoader l : [Thread.currentThread().getContextClassLoader(), QpbReport.classLoader]) {
+            if (l == null) continue
+            try {
+                return Class.forName(name, false, l)
+            } catch (ClassNotFoundException | LinkageError ignored) {
+                // try the next loader
+            }
+        }
+        null
+    }
+}
 
 class QpbQuPath {
     static final String MODEL_KEY = 'qpbridge.model'
@@ -77,23 +163,53 @@ class QpbQuPath {
         Double.isNaN(px) || px <= 0 ? null : px
     }
 
-    /** One feature (QuPath GeoJSON text) through QuPath's own reader. */
-    static PathObject toObject(String featureJson) {
-        (PathObject) GsonTools.getInstance().fromJson(featureJson, PathObject)
+    private static Boolean detectionMetadata = null
+
+    /** Whether detections keep metadata (QuPath 0.6+); 0.5's detection metadata map is read-only. */
+    static boolean detectionsKeepMetadata() {
+        if (detectionMetadata == null) {
+            boolean ok = false
+            try {
+                PathObject d = PathObjects.createDetectionObject(ROIs.createRectangleROI(0, 0, 1, 1, ImagePlane.getDefaultPlane()))
+                Map m = (Map) d.getMetadata()
+                m.put(MODEL_KEY, 'check')
+                ok = m.get(MODEL_KEY) == 'check'
+            } catch (Throwable ignored) {
+                ok = false
+            }
+            detectionMetadata = ok
+        }
+        detectionMetadata
     }
 
-    /** Features to objects, one at a time so a feature QuPath rejects costs only itself, not the batch. */
-    static List<PathObject> toObjects(List<String> features, String model, Closure log) {
+    private static boolean isAnnotationFeature(JsonObject props) {
+        String type = props == null ? null : QpbJson.stringOrNull(props, 'objectType')
+        if (type == null && props != null) type = QpbJson.stringOrNull(props, 'object_type')
+        type == null || type == 'annotation' // QuPath's reader makes unknown types annotations
+    }
+
+    /**
+     * Features (QuPath GeoJSON, as parsed by Gson) to objects through QuPath's own reader, each element read once
+     * and never serialised again. One feature QuPath rejects costs only itself. Annotations are tagged with the
+     * model; detections and cells keep the server's tag where QuPath can hold it (0.6), and lose it before
+     * reading where it cannot (0.5).
+     */
+    static List<PathObject> toObjects(List<JsonElement> features, String model, Closure log) {
         List<PathObject> out = new ArrayList<PathObject>(features.size())
+        boolean keep = detectionsKeepMetadata()
+        def gson = GsonTools.getInstance()
         int failed = 0
         String firstError = null
-        for (String f : features) {
+        for (JsonElement f : features) {
             try {
-                PathObject o = toObject(f)
+                JsonObject feature = f.getAsJsonObject()
+                JsonObject props = feature.has('properties') && feature.get('properties').isJsonObject() ?
+                        feature.getAsJsonObject('properties') : null
+                boolean annotation = isAnnotationFeature(props)
+                if (!keep && !annotation && props != null) props.remove('metadata')
+                PathObject o = (PathObject) gson.fromJson(feature, PathObject)
                 if (o == null) continue
-                // Tag annotations (QuPath keeps their metadata in every version). Detections keep what the reader
-                // gave them: a metadata map on each of 100k detections would cost memory.
-                if (model != null && o.isAnnotation() && metadataValue(o, MODEL_KEY) == null) setMetadata(o, MODEL_KEY, model)
+                if (model != null && (annotation || keep) && metadataValue(o, MODEL_KEY) == null) setMetadata(o, MODEL_KEY, model)
                 out.add(o)
             } catch (Exception e) {
                 failed++
@@ -107,7 +223,7 @@ class QpbQuPath {
     static String metadataValue(PathObject o, String key) {
         try {
             if (o.metaClass.respondsTo(o, 'getMetadata')) {
-                def m = o.getMetadata() // 0.5+: every object
+                def m = o.getMetadata() // 0.5+
                 if (m instanceof Map) return (String) m.get(key)
             }
             if (o.metaClass.respondsTo(o, 'getMetadataString', String)) return o.getMetadataString(key) // 0.4 annotations
@@ -117,7 +233,7 @@ class QpbQuPath {
         null
     }
 
-    /** Best effort: annotations in every version, other objects where QuPath supports it. */
+    /** Annotations in every version, other objects where QuPath supports it; false where it does not. */
     static boolean setMetadata(PathObject o, String key, String value) {
         try {
             if (o.metaClass.respondsTo(o, 'getMetadata')) {
@@ -137,6 +253,19 @@ class QpbQuPath {
         false
     }
 
+    /**
+     * The parents to run on: the selected area annotations (QuPath's selection is a Set; any Collection is
+     * taken), or an empty list for "the whole image" when none is selected.
+     */
+    static List<PathObject> selectedAnnotations(Collection selected) {
+        List<PathObject> out = []
+        if (selected == null) return out
+        for (Object o : selected) {
+            if (o instanceof PathObject && ((PathObject) o).isAnnotation() && ((PathObject) o).hasROI()) out.add((PathObject) o)
+        }
+        out
+    }
+
     static String objectType(PathObject o) {
         o.isCell() ? 'cell' : (o.isTile() ? 'tile' : (o.isDetection() ? 'detection' : (o.isAnnotation() ? 'annotation' : 'other')))
     }
@@ -145,7 +274,8 @@ class QpbQuPath {
     static boolean isPreviousResult(PathObject o, String model, Collection<String> objectTypes, Collection<String> classNames) {
         String tag = metadataValue(o, MODEL_KEY)
         if (tag != null) return tag == model
-        if (o.isAnnotation()) return false
+        // Untagged: only detections and cells in a QuPath that cannot tag them (0.5) are matched by type and class.
+        if (o.isAnnotation() || detectionsKeepMetadata()) return false
         String cls = o.getPathClass() == null ? null : o.getPathClass().toString()
         objectTypes.contains(objectType(o)) && cls != null && classNames.contains(cls)
     }
@@ -331,7 +461,7 @@ class QpbQuPath {
                 QpbJobRunner runner = new QpbJobRunner(client: client, card: card, image: image, log: log,
                         tileSource: tileSource(server, z, t), encoding: (String) (opts.encoding ?: 'raw'),
                         batchSize: (Integer) opts.batchSize)
-                runner.onFeatures = { List<String> page -> objects.addAll(toObjects(page, model, log)) }
+                runner.onFeatures = { List<JsonElement> page -> objects.addAll(toObjects(page, model, log)) }
                 runner.runRegion(region, roiJson, parentChoice, override)
                 objects = toPlane(objects, roi == null ? null : roi.getImagePlane())
                 Map r = addResults(hierarchy, parent, objects, replace, model, types, classes)
@@ -349,30 +479,101 @@ class QpbQuPath {
         total
     }
 
-    /** Read a GeoJSON file (FeatureCollection, Feature or array) as QuPath objects, grouped by qpbridge model. */
+    /**
+     * A GeoJSON file (FeatureCollection, Feature or array of Features) as QuPath objects grouped by the qpbridge
+     * model that made them ('' for features without a tag). Parsed once into a tree; each feature goes to
+     * QuPath's reader as it is.
+     */
     static Map<String, List<PathObject>> readSidecar(File file, Closure log) {
-        JsonObject root = null
-        JsonArray features
-        def parsed = QpbJson.GSON.fromJson(file.getText('UTF-8'), JsonElement)
-        if (parsed.isJsonArray()) {
-            features = parsed.getAsJsonArray()
-        } else {
-            root = parsed.getAsJsonObject()
-            features = root.has('features') ? root.getAsJsonArray('features') : new JsonArray()
-            if (!root.has('features')) features.add(root)
+        JsonElement parsed
+        Reader reader = new InputStreamReader(new FileInputStream(file), 'UTF-8')
+        try {
+            parsed = com.google.gson.JsonParser.parseReader(reader)
+        } catch (Exception e) {
+            throw new QpbException('bad_sidecar', "${file} is not valid GeoJSON (${e.getMessage()}); re-create it with " +
+                    '`qpbridge annotate SLIDE --model NAME --sidecar`')
+        } finally {
+            reader.close()
         }
-        Map<String, List<String>> byModel = new LinkedHashMap<String, List<String>>()
+        List<JsonElement> features = []
+        if (parsed != null && parsed.isJsonArray()) {
+            features = QpbJson.elements(parsed.getAsJsonArray())
+        } else if (parsed != null && parsed.isJsonObject()) {
+            JsonObject root = parsed.getAsJsonObject()
+            if (root.has('features') && root.get('features').isJsonArray()) features = QpbJson.elements(root.getAsJsonArray('features'))
+            else if (QpbJson.stringOrNull(root, 'type') == 'Feature') features = [(JsonElement) root]
+        }
+        if (features.isEmpty()) log.call("qpbridge: ${file} holds no GeoJSON features")
+        Map<String, List<JsonElement>> byModel = new LinkedHashMap<String, List<JsonElement>>()
         for (JsonElement f : features) {
             String model = ''
-            JsonObject props = f.getAsJsonObject().getAsJsonObject('properties')
-            if (props != null && props.has('metadata') && props.get('metadata').isJsonObject()) {
+            JsonObject props = f.isJsonObject() && f.getAsJsonObject().get('properties') instanceof JsonObject ?
+                    f.getAsJsonObject().getAsJsonObject('properties') : null
+            if (props != null && props.get('metadata') instanceof JsonObject) {
                 model = QpbJson.stringOrNull(props.getAsJsonObject('metadata'), MODEL_KEY) ?: ''
             }
-            if (!byModel.containsKey(model)) byModel.put(model, new ArrayList<String>())
-            byModel.get(model).add(QpbJson.toJson(f))
+            if (!byModel.containsKey(model)) byModel.put(model, new ArrayList<JsonElement>())
+            byModel.get(model).add(f)
         }
         Map<String, List<PathObject>> out = new LinkedHashMap<String, List<PathObject>>()
         for (String model : byModel.keySet()) out.put(model, toObjects(byModel.get(model), model ?: null, log))
         out
+    }
+}
+
+/**
+ * Where the sidecar GeoJSON of an image is: the file `qpbridge annotate --sidecar` writes is
+ * "<image file name>.qpbridge.geojson" (python_server/qpbridge/sidecars.py; keep the two in step).
+ */
+class QpbSidecars {
+    static final String SUFFIX = '.qpbridge.geojson'
+
+    /** Candidate file names, best first, for the image's file names and its (project) name. */
+    static List<String> names(List<String> imageNames) {
+        LinkedHashSet<String> out = new LinkedHashSet<String>()
+        for (String n : imageNames) if (n) out.add(n + SUFFIX)
+        for (String n : imageNames) {
+            if (!n) continue
+            String stem = n.contains('.') ? n.substring(0, n.lastIndexOf('.')) : n
+            out.add(stem + SUFFIX)
+            out.add(stem + '.geojson')
+        }
+        new ArrayList<String>(out)
+    }
+
+    /**
+     * The sidecar to import: `given` itself when it is a file; else the first candidate name found in `given`
+     * (a folder) or, when given is null, in the folder of each of the image's files. A clear error otherwise.
+     */
+    static File find(File given, Collection uris, String imageName) {
+        if (given != null && given.isFile()) return given
+        if (given != null && !given.exists()) {
+            throw new QpbException('no_sidecar', "SIDECAR ${given} does not exist: set it to the .geojson file, or to " +
+                    'the folder `qpbridge annotate --sidecar DIR` wrote into')
+        }
+        List<File> folders = []
+        List<String> fileNames = []
+        for (Object uri : uris == null ? [] : uris) {
+            File f = QpbSlides.localFile(uri)
+            if (f == null) continue
+            fileNames.add(f.getName())
+            if (given == null && f.getParentFile() != null) folders.add(f.getParentFile())
+        }
+        if (given != null) folders.add(given)
+        if (imageName != null) fileNames.add(imageName)
+        List<String> candidates = names(fileNames)
+        for (File d : folders) {
+            for (String c : candidates) {
+                File f = new File(d, c)
+                if (f.isFile()) return f
+            }
+        }
+        if (folders.isEmpty()) {
+            throw new QpbException('no_sidecar', "${imageName} is not a local file, so there is no folder to look in: " +
+                    'set SIDECAR to the .geojson file or its folder')
+        }
+        throw new QpbException('no_sidecar', "no sidecar GeoJSON for ${imageName}: looked for ${candidates.join(', ')} in " +
+                "${folders.collect { it.getAbsolutePath() }.unique().join(', ')}. Write one with `qpbridge annotate " +
+                'IMAGE --model NAME --sidecar`, or set SIDECAR to the file or folder')
     }
 }

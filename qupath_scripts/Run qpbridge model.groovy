@@ -24,31 +24,21 @@ double TIMEOUT_S = 120                   // longest wait for one batch of tiles
 boolean USE_SERVER_SIDE_READING = true   // let a server started with --slide-root read the image file itself
 
 // ---- script -----------------------------------------------------------------------------------------
-def qpbLog = QpbQuPath.logger()
-def imageData = getCurrentImageData()
-if (imageData == null) {
-    qpbLog.call('qpbridge: no image is open')
-    return
-}
-def entry = getProjectEntry()
-String imageName = QpbQuPath.startImage(this, imageData, entry, qpbLog)
-def selected = getSelectedObjects()
-List parents = selected == null ? [] : selected.findAll { it != null && it.isAnnotation() && it.hasROI() }
-
-try {
+QpbReport.run(this, 'Run qpbridge model') {
+    def qpbLog = QpbQuPath.logger()
+    def imageData = getCurrentImageData()
+    if (imageData == null) throw new QpbException('no_image', 'no image is open: open one, then run the script again')
+    String imageName = QpbQuPath.startImage(this, imageData, getProjectEntry(), qpbLog)
+    List parents = QpbQuPath.selectedAnnotations(getSelectedObjects())
     Map result = QpbQuPath.run(server: imageData.getServer(), hierarchy: imageData.getHierarchy(), parents: parents,
             address: SERVER, model: MODEL, replace: REPLACE_PREVIOUS, pixelSizeUm: PIXEL_SIZE_UM, imageName: imageName,
             encoding: ENCODING, batchSize: BATCH_SIZE, timeoutS: TIMEOUT_S, serverSideReading: USE_SERVER_SIDE_READING,
             log: qpbLog)
     qpbLog.call("qpbridge ${MODEL}: ${imageName}: ${result.objects} objects from ${result.tiles} tiles" +
             (result.slideJobs ? " (${result.slideJobs} read on the server)" : ''))
-} catch (QpbCancelledException e) {
-    qpbLog.call(e.getMessage())
-    throw e
-} catch (QpbException e) {
-    org.slf4j.LoggerFactory.getLogger('qpbridge').error("qpbridge: ${e.getMessage()}")
-    throw e
 }
 
-// @qpbridge-include qpbridge_core.groovy
+// @qpbridge-include qpbridge_transport.groovy
+// @qpbridge-include qpbridge_client.groovy
+// @qpbridge-include qpbridge_jobs.groovy
 // @qpbridge-include qpbridge_qupath.groovy

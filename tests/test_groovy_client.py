@@ -1,21 +1,16 @@
-"""The Groovy client (groovy/) under plain Groovy + JeroMQ against a real qpbridge server.
+"""The Groovy client (groovy/) with Groovy 4 on QuPath 0.6.0's core jars, against a real qpbridge server.
 
-Drivers in tests/groovy/ are inlined exactly as `qpbridge install-qupath` inlines the QuPath scripts, run
-with Debian's groovy (the client driver is compiled once with groovyc and run with java + groovy-all.jar,
-which saves recompiling it for every check), and print one ``QPB <json>`` line per check. Needs: groovy,
-libjeromq-java, libgoogle-gson-java, libjts-java, libslf4j-java (jars in /usr/share/java) and JAVA_HOME.
+Drivers in tests/groovy/ are inlined exactly as `qpbridge install-qupath` inlines the QuPath scripts, compiled
+once with Groovy 4's groovyc against the real classes of ../shared/qupath, and print one ``QPB <json>`` line
+per check. The installed scripts themselves run on real QuPath objects in tests/test_qupath_scripts.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +18,17 @@ import numpy as np
 import pytest
 
 from qpbridge.client import Client
-from qpbridge.install_qupath import inline_script, install_qupath
+from qpbridge.install_qupath import inline_script
 from qpbridge.protocol import ImageInfo, TileSpec
+from qupath_tools import QUPATH, VERSIONS, compile_groovy, run_groovy
 
 pytestmark = pytest.mark.groovy
 
 HERE = Path(__file__).resolve().parent
 DRIVERS = HERE / "groovy"
-JAVA_DIR = Path(os.environ.get("QPB_JAVA_DIR", "/usr/share/java"))
-JARS = {name: JAVA_DIR / f"{name}.jar" for name in ("jeromq", "gson", "jts-core", "slf4j-api", "slf4j-simple")}
-GROOVY_ALL = JAVA_DIR / "groovy-all.jar"  # runs the drivers compiled once by groovyc (Debian: groovy package)
 MONUSEG = HERE.parent.parent / "shared" / "data" / "monuseg-train"
 MONUSEG_IMAGE = "TCGA-21-5784-01Z-00-DX1.tif"
+VERSION = "0.6.0"  # the client library is QuPath-free: one QuPath version is enough for it
 
 
 def need_data(path: Path) -> Path:
@@ -43,79 +37,25 @@ def need_data(path: Path) -> Path:
     return path
 
 
-def _java_env() -> dict[str, str]:
-    env = dict(os.environ)
-    if not env.get("JAVA_HOME"):
-        for cand in ("/usr/lib/jvm/java-17-openjdk-amd64", "/usr/lib/jvm/default-java"):
-            if Path(cand, "bin", "java").exists():
-                env["JAVA_HOME"] = cand
-                break
-    return env
-
-
-def _unavailable(reason: str) -> None:
-    """Skip on a developer machine; fail where CI promised the Java side (QPBRIDGE_REQUIRE_GROOVY=1)."""
-    if os.environ.get("QPBRIDGE_REQUIRE_GROOVY"):
-        pytest.fail(f"Groovy tests required but {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
-def groovy() -> str:
-    exe = shutil.which("groovy")
-    if exe is None:
-        _unavailable("groovy is not installed (Debian: apt install groovy)")
-    missing = [str(p) for p in JARS.values() if not p.exists()]
-    if missing:
-        _unavailable(f"jars missing: {', '.join(missing)} (Debian: apt install libjeromq-java "
-                    "libgoogle-gson-java libjts-java libslf4j-java)")
-    if not Path(_java_env().get("JAVA_HOME", ""), "bin", "java").exists():
-        _unavailable("no JDK found: set JAVA_HOME (e.g. /usr/lib/jvm/java-17-openjdk-amd64)")
-    return exe
-
-
-@dataclass(frozen=True)
-class Compiled:
-    """A driver compiled once with groovyc, run with plain java: saves compiling ~1000 lines on every run."""
-
-    classes: Path
-    main: str
-
-
-Driver = Path | Compiled  # a driver script, or the same compiled
-
-
-@pytest.fixture(scope="module")
-def checks_script(groovy: str, tmp_path_factory: pytest.TempPathFactory) -> Driver:
-    """The client test driver with the core library inlined, as the installer does it (compiled when possible)."""
+def checks_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The client test driver with the library inlined, as the installer does it, compiled once."""
     root = tmp_path_factory.mktemp("groovy")
-    out = root / "client_checks.groovy"
-    out.write_text(inline_script((DRIVERS / "client_checks.groovy").read_text(encoding="utf-8")), encoding="utf-8")
-    groovyc = shutil.which("groovyc")
-    if groovyc is None or not GROOVY_ALL.exists():
-        return out
-    classes = root / "classes"
-    proc = subprocess.run([groovyc, "-cp", str(JARS["gson"]), "-d", str(classes), str(out)], capture_output=True,
-                          text=True, timeout=180, env=_java_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return Compiled(classes, "client_checks")
+    src = root / "client_checks.groovy"
+    src.write_text(inline_script((DRIVERS / "client_checks.groovy").read_text(encoding="utf-8")), encoding="utf-8")
+    return compile_groovy(VERSION, [src], root / "classes")
 
 
-def run_groovy(groovy: str, script: Driver, args: Sequence[str], jars: Sequence[str] = ("jeromq", "gson"),
-               extra_cp: Sequence[Path] = (), timeout: float = 180) -> tuple[list[dict[str, Any]], str]:
-    cp = os.pathsep.join([*(str(JARS[j]) for j in jars), *(str(p) for p in extra_cp)])
-    if isinstance(script, Compiled):
-        java = str(Path(_java_env()["JAVA_HOME"], "bin", "java"))
-        cmd = [java, "-cp", os.pathsep.join([cp, str(GROOVY_ALL), str(script.classes)]), script.main, *args]
-        name = script.main
+def run_checks(classes: Path, args: Sequence[str], without_jeromq: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """Runs the compiled driver; without_jeromq leaves the JeroMQ jar off the classpath."""
+    extra: list[Path | str] = [classes]
+    if without_jeromq:
+        # Only what the library needs besides JeroMQ: Groovy and Gson.
+        results, proc = run_groovy(VERSION, "", args, main_class="client_checks", timeout=300,
+                                   classpath_override=[classes, *sorted((QUPATH / "common").glob("groovy-*.jar")),
+                                                       *sorted((QUPATH / VERSION).glob("gson-*.jar"))])
     else:
-        cmd = [groovy, "-cp", cp, str(script), *args]
-        name = script.name
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_java_env())
-    results = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("QPB ")]
-    if proc.returncode != 0 or not results:
-        raise AssertionError(f"groovy {name} {' '.join(args)} failed (rc {proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        results, proc = run_groovy(VERSION, "", args, main_class="client_checks", extra_cp=extra, timeout=300)
     return results, proc.stderr
 
 
@@ -129,8 +69,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_plan_reads_regions_and_slide_decisions(groovy: str, checks_script: Driver) -> None:
-    (plan,), _ = run_groovy(groovy, checks_script, ["plan"])
+def test_plan_reads_regions_and_slide_decisions(checks_classes: Path) -> None:
+    (plan,), _ = run_checks(checks_classes, ["plan"])
     # A server plan's tiles become reads of width*downsample x height*downsample full-res pixels (rounded),
     # cut at the image's edges (2240 x 1000 here); the planned pixel size stays in the header.
     assert plan["reads"] == [[100, 50, 973, 950, 1.9, 512, 512], [1012, 50, 973, 950, 1.9, 512, 512],
@@ -160,10 +100,10 @@ def test_plan_reads_regions_and_slide_decisions(groovy: str, checks_script: Driv
     assert not d["disabled"]["use"] and "USE_SERVER_SIDE_READING" in d["disabled"]["reason"]
 
 
-def test_hello_models_and_errors(groovy: str, checks_script: Driver, server: Any) -> None:
+def test_hello_models_and_errors(checks_classes: Path, server: Any) -> None:
     dead = f"tcp://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
-    results, _ = run_groovy(groovy, checks_script, ["hello,errors", f"address={server.address}", f"dead={dead}"])
+    results, _ = run_checks(checks_classes, ["hello,errors", f"address={server.address}", f"dead={dead}"])
     r = by_check(results)
     hello = r["hello"]
     assert hello["protocol"] == 1
@@ -187,8 +127,8 @@ def test_hello_models_and_errors(groovy: str, checks_script: Driver, server: Any
     assert time.monotonic() - t0 < 60
 
 
-def test_jeromq_missing_is_a_clear_error(groovy: str, checks_script: Driver) -> None:
-    (r,), _ = run_groovy(groovy, checks_script, ["nojeromq"], jars=("gson",))
+def test_jeromq_missing_is_a_clear_error(checks_classes: Path) -> None:
+    (r,), _ = run_checks(checks_classes, ["nojeromq"], without_jeromq=True)
     assert r["error"]["code"] == "jeromq_missing"
     assert "extensions" in r["error"]["message"] and "install-qupath" in r["error"]["message"]
 
@@ -209,11 +149,11 @@ def _geometries(features: list[dict[str, Any]]) -> list[Any]:
     return [shapely.geometry.shape(f["geometry"]) for f in features]
 
 
-def test_planned_job_matches_python_client(groovy: str, checks_script: Driver, server: Any, tmp_path: Path) -> None:
+def test_planned_job_matches_python_client(checks_classes: Path, server: Any, tmp_path: Path) -> None:
     image = need_data(MONUSEG / MONUSEG_IMAGE)
     out = tmp_path / "job"
     # mpp 0.5 = the model's resolution: the server plans a 3 x 3 grid of 512 px tiles over the 1000 px image.
-    results, stderr = run_groovy(groovy, checks_script, ["job", f"address={server.address}", f"image={image}",
+    results, stderr = run_checks(checks_classes, ["job", f"address={server.address}", f"image={image}",
                                                          "mpp=0.5", f"out={out}"])
     job = by_check(results)["job"]
     assert job["kind"] == "tiles" and job["tiles"] == 9 and job["downsample"] == 1.0
@@ -272,7 +212,7 @@ def _write_png(path: Path, img: np.ndarray) -> Path:
     return path
 
 
-def test_seams_one_feature(groovy: str, checks_script: Driver, server: Any, tmp_path: Path) -> None:
+def test_seams_one_feature(checks_classes: Path, server: Any, tmp_path: Path) -> None:
     """A dark shape across many 64 px tiles (overlap 16) of the semantic test model comes back as one polygon."""
     import shapely.geometry
 
@@ -281,7 +221,7 @@ def test_seams_one_feature(groovy: str, checks_script: Driver, server: Any, tmp_
     roi = {"type": "Polygon", "coordinates": [[[150.5, 60], [420, 60], [420, 300.5], [150.5, 300.5], [150.5, 60]]]}
     (tmp_path / "roi.json").write_text(json.dumps(roi))
     out = tmp_path / "out"
-    (r,), _ = run_groovy(groovy, checks_script, ["seams", f"address={server.address}", f"png={png}",
+    (r,), _ = run_checks(checks_classes, ["seams", f"address={server.address}", f"png={png}",
                                                  f"roi={tmp_path / 'roi.json'}", f"out={out}"])
     assert r["whole"]["tiles"] > 30
     whole = json.loads((out / "whole.json").read_text())
@@ -299,7 +239,7 @@ def test_seams_one_feature(groovy: str, checks_script: Driver, server: Any, tmp_
     assert g.area == pytest.approx(ellipse.intersection(box).area, rel=0.01)
 
 
-def test_slide_job_and_fallbacks(groovy: str, checks_script: Driver, models_dir: Path, tmp_path: Path) -> None:
+def test_slide_job_and_fallbacks(checks_classes: Path, models_dir: Path, tmp_path: Path) -> None:
     """job.slide through the Groovy client equals the Python client's; paths outside the roots fall back."""
     from conftest import start_server, write_pyramid
 
@@ -314,7 +254,7 @@ def test_slide_job_and_fallbacks(groovy: str, checks_script: Driver, models_dir:
     out = tmp_path / "out"
     running = start_server(models_dir, slide_roots=[root])
     try:
-        (r,), _ = run_groovy(groovy, checks_script, [
+        (r,), _ = run_checks(checks_classes, [
             "slide", f"address={running.address}", f"png={png}", f"slide={slide}", f"outside={outside}",
             f"roi={tmp_path / 'roi.json'}", "rx=60", "ry=30", "rw=410", "rh=300", f"out={out}"])
         with Client(running.address, timeout_s=60) as client:
@@ -358,8 +298,8 @@ def test_slide_job_and_fallbacks(groovy: str, checks_script: Driver, models_dir:
     assert cancel["after"] == {"error": "unknown_job"}  # cancelled, then closed on the server
 
 
-def test_cancel_returns_promptly(groovy: str, checks_script: Driver, server: Any) -> None:
-    (r,), _ = run_groovy(groovy, checks_script, ["cancel", f"address={server.address}"])
+def test_cancel_returns_promptly(checks_classes: Path, server: Any) -> None:
+    (r,), _ = run_checks(checks_classes, ["cancel", f"address={server.address}"])
     assert r["tiles"] == 256  # 1024 px at 64 px tiles, no overlap
     assert r["state_before"] == "running"
     assert r["outcome"]["result"] == "threw"
@@ -370,74 +310,14 @@ def test_cancel_returns_promptly(groovy: str, checks_script: Driver, server: Any
     assert any("state cancelled" in line for line in r["cancel_lines"])
 
 
-@pytest.fixture(scope="module")
-def compiled(groovy: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, Any]]]:
-    """Installs the scripts, compiles them (and three broken ones) against the QuPath stubs in one JVM.
-
-    Returns the QuPath user directory and the compile result per script name.
-    """
-    root = tmp_path_factory.mktemp("compile")
-    user_dir = root / "QuPath" / "v0.6"
-    assert install_qupath(user_dir, JARS["jeromq"], out=lambda s: None) == 0
-    installed = sorted((user_dir / "scripts" / "qpbridge").glob("*.groovy"))
-    bad = root / "bad"
-    bad.mkdir()
-    (bad / "bad_import.groovy").write_text("import qupath.lib.nope.Missing\nprintln 1\n")
-    (bad / "bad_lambda.groovy").write_text("def f = (x) -> x * 2\nprintln f(2)\n")  # Groovy 2.4 rejects lambdas
-    (bad / "bad_class.groovy").write_text("def d = getCurrentImageData()\nnew QpbNope()\n")
-    results, _ = run_groovy(groovy, DRIVERS / "compile_check.groovy",
-                            [str(DRIVERS / "stubs"), str(root / "work"), *map(str, installed),
-                             *map(str, sorted(bad.glob("*.groovy")))],
-                            jars=("gson", "jts-core", "slf4j-api"))
-    return user_dir, {r["script"]: r for r in results}
-
-
-def test_scripts_compile(compiled: tuple[Path, dict[str, dict[str, Any]]]) -> None:
-    """Every installed (inlined) QuPath script compiles against the QuPath API stubs; broken ones do not."""
-    user_dir, status = compiled
-    installed = sorted((user_dir / "scripts" / "qpbridge").glob("*.groovy"))
-    assert len(installed) == 4
-    for script in installed:
-        assert status[script.name]["ok"], f"{script.name}: {status[script.name].get('error')}"
-    for name in ("bad_import.groovy", "bad_lambda.groovy", "bad_class.groovy"):
-        assert not status[name]["ok"]
-    assert "unable to resolve class qupath.lib.nope.Missing" in status["bad_import.groovy"]["error"]
-
-
-def test_installed_status_script_runs(groovy: str, compiled: tuple[Path, dict[str, dict[str, Any]]],
-                                      tmp_path: Path, server: Any) -> None:
-    """The installed, self-contained 'qpbridge server status' script, run as is (parameters edited)."""
-    user_dir, _ = compiled
-    script = user_dir / "scripts" / "qpbridge" / "qpbridge server status.groovy"
-    text = script.read_text(encoding="utf-8")
-    assert "@qpbridge-include" not in text
-    edited = text.replace("String SERVER = 'tcp://127.0.0.1:5555'", f"String SERVER = '{server.address}'", 1)
-    assert edited != text
-    runnable = tmp_path / "status.groovy"
-    runnable.write_text(edited, encoding="utf-8")
-    # The QuPath classes it links to come from the stubs compiled by the `compiled` fixture.
-    stubs = user_dir.parent.parent / "work" / "stub-classes"
-    cp = os.pathsep.join([*(str(JARS[j]) for j in ("jeromq", "gson", "jts-core", "slf4j-api", "slf4j-simple")),
-                          str(stubs)])
-    proc = subprocess.run([groovy, "-cp", cp, str(runnable)], capture_output=True, text=True, timeout=120,
-                          env=_java_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stderr
-    assert f"at {server.address}: protocol 1" in log
-    assert "nuclei" in log and "tissue" in log and "µm/px" in log
-    assert "server-side reading: off" in log
-
-
-def test_adapter_roi_geojson_and_uris(groovy: str, compiled: tuple[Path, dict[str, dict[str, Any]]],
-                                      tmp_path: Path) -> None:
-    """The adapter's QuPath-free helpers, run with the QuPath stubs: annotation ROI -> GeoJSON, image URIs."""
+@pytest.mark.parametrize("version", VERSIONS)
+def test_adapter_roi_geojson_and_uris(version: str, tmp_path: Path) -> None:
+    """The adapter's helpers on QuPath's real classes: annotation ROI -> GeoJSON, image URIs (file, rotated)."""
     import shapely.geometry
 
-    user_dir, _ = compiled
-    stubs = user_dir.parent.parent / "work" / "stub-classes"
     script = tmp_path / "adapter_checks.groovy"
     script.write_text(inline_script((DRIVERS / "adapter_checks.groovy").read_text(encoding="utf-8")), encoding="utf-8")
-    (r,), _ = run_groovy(groovy, script, [], jars=("jeromq", "gson", "jts-core", "slf4j-api"), extra_cp=[stubs])
+    (r,), _ = run_groovy(version, script, [])
     geo = r["geo"]
     hole = shapely.geometry.shape(geo["hole"])
     assert geo["hole"]["type"] == "Polygon" and len(geo["hole"]["coordinates"]) == 2 and hole.area == 8000 - 100

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,9 @@ from qpbridge.cli import main
 from qpbridge.errors import QPBridgeError
 from qpbridge.install_qupath import (
     INCLUDE_RE,
+    JEROMQ_SHA256,
+    JEROMQ_URL,
+    download_jar,
     find_jeromq,
     find_user_dir,
     inline_script,
@@ -64,8 +72,11 @@ def test_every_script_names_only_existing_library_files() -> None:
     libs = {p.name for p in library_dir().glob("*.groovy")}
     for text in scripts.values():
         assert {m.group(1) for m in INCLUDE_RE.finditer(text)} <= libs
-    # Scripts that talk to the server carry the core library.
-    assert "qpbridge_core.groovy" in scripts["Run qpbridge model.groovy"]
+    # Every script carries the whole library, in dependency order.
+    for text in scripts.values():
+        names = [m.group(1) for m in INCLUDE_RE.finditer(text)]
+        assert names == ["qpbridge_transport.groovy", "qpbridge_client.groovy", "qpbridge_jobs.groovy",
+                         "qpbridge_qupath.groovy"]
 
 
 def test_find_user_dir_picks_newest_version(tmp_path: Path) -> None:
@@ -116,6 +127,101 @@ def test_install_reports_missing_jar(tmp_path: Path) -> None:
     assert install_qupath(user, None, out=log, home=tmp_path, jar_search_dirs=[tmp_path / "none"]) == 2
     assert len(list((user / "scripts" / "qpbridge").glob("*.groovy"))) == 4
     assert "MISSING: a JeroMQ jar" in log.text and "--jeromq" in log.text
+    assert JEROMQ_URL in log.text and JEROMQ_SHA256 in log.text  # the manual way, with the checksum
+
+
+class JarServer:
+    """A real HTTP server on a random loopback port serving one jar (as Maven Central would) and counting GETs."""
+
+    def __init__(self, body: bytes) -> None:
+        outer = self
+        self.gets = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.gets += 1
+                if not self.path.endswith(".jar"):
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def jar_server() -> Iterator[tuple[JarServer, bytes]]:
+    body = b"PK\x03\x04" + bytes(range(256)) * 64  # any bytes: only the checksum decides
+    srv = JarServer(body)
+    yield srv, body
+    srv.close()
+
+
+def test_download_checks_sha256(tmp_path: Path, jar_server: tuple[JarServer, bytes]) -> None:
+    srv, body = jar_server
+    url = srv.url("/maven2/org/zeromq/jeromq/0.3.6/jeromq-0.3.6.jar")
+    user = tmp_path / "u"
+    log = Log()
+    good = hashlib.sha256(body).hexdigest()
+    assert install_qupath(user, None, out=log, home=tmp_path, jar_search_dirs=[], download_url=url,
+                          download_sha256=good) == 0
+    jar = user / "extensions" / "jeromq-0.3.6.jar"
+    assert jar.read_bytes() == body and "SHA-256 checked" in log.text
+    assert [p.name for p in (user / "extensions").iterdir()] == ["jeromq-0.3.6.jar"]  # no temporary file left
+
+
+def test_download_with_wrong_sha256_installs_nothing(tmp_path: Path, jar_server: tuple[JarServer, bytes]) -> None:
+    srv, body = jar_server
+    user = tmp_path / "u"
+    log = Log()
+    assert install_qupath(user, None, out=log, home=tmp_path, jar_search_dirs=[],
+                          download_url=srv.url("/jeromq-0.3.6.jar"), download_sha256="0" * 64) == 2
+    assert srv.gets == 1
+    assert list((user / "extensions").iterdir()) == []  # neither the jar nor a partial file
+    assert "NOT installed" in log.text and hashlib.sha256(body).hexdigest() in log.text and "--jeromq" in log.text
+
+
+def test_download_offline_says_what_to_do(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on: connection refused, as offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    user = tmp_path / "u"
+    log = Log()
+    assert install_qupath(user, None, out=log, home=tmp_path, jar_search_dirs=[],
+                          download_url=f"http://127.0.0.1:{port}/jeromq-0.3.6.jar", download_sha256="0" * 64) == 2
+    assert "could not download JeroMQ" in log.text and "offline" in log.text and "--jeromq PATH" in log.text
+    assert list((user / "extensions").iterdir()) == []
+
+
+def test_download_refuses_a_url_that_is_no_jar(tmp_path: Path, jar_server: tuple[JarServer, bytes]) -> None:
+    srv, _ = jar_server
+    with pytest.raises(QPBridgeError, match=r"\.jar"):
+        download_jar(srv.url("/index.html"), "0" * 64, tmp_path)
+
+
+def test_cli_download_needs_a_checksum(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       jar_server: tuple[JarServer, bytes]) -> None:
+    srv, body = jar_server
+    url = srv.url("/jeromq-0.6.0.jar")
+    assert main(["install-qupath", "--user-dir", str(tmp_path / "u"), "--jeromq-url", url]) == 1
+    assert "--jeromq-sha256" in capsys.readouterr().err
+    assert main(["install-qupath", "--user-dir", str(tmp_path / "u"), "--jeromq-url", url,
+                 "--jeromq-sha256", hashlib.sha256(body).hexdigest()]) == 0
+    assert (tmp_path / "u" / "extensions" / "jeromq-0.6.0.jar").read_bytes() == body
 
 
 def test_explicit_jar_replaces_other_versions(tmp_path: Path) -> None:

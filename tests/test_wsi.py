@@ -223,6 +223,23 @@ def test_missing_mpp_is_an_error_unless_overridden(tmp_path, capsys):
                  "--quiet"]) == 0
 
 
+def test_annotate_sidecar_names_and_output_required(tmp_path, capsys, models_dir):
+    img, _ = shapes_image()
+    dark = ["--model", "dark", "--models-dir", str(models_dir), "--quiet"]
+    path = write_pyramid(tmp_path / "case 1.tif", img[:400, :400], mpp=1.0, levels=1)
+    assert main(["annotate", str(path), *dark]) == 1
+    assert "--sidecar" in capsys.readouterr().err and not list(tmp_path.glob("*.geojson"))
+    out = tmp_path / "copy.geojson"
+    assert main(["annotate", str(path), *dark, "--sidecar", "-o", str(out)]) == 0
+    beside = tmp_path / "case 1.tif.qpbridge.geojson"  # the name QuPath's Import script looks for first
+    assert json.loads(beside.read_text()) == json.loads(out.read_text())
+    assert json.loads(beside.read_text())["features"]
+    folder = tmp_path / "sidecars"
+    assert main(["annotate", str(path), *dark, "--sidecar", str(folder)]) == 0
+    assert [p.name for p in folder.iterdir()] == ["case 1.tif.qpbridge.geojson"]
+    assert str(folder / "case 1.tif.qpbridge.geojson") in capsys.readouterr().out
+
+
 def test_cmu_svs_end_to_end_cli(tmp_path, capsys):
     svs = need_data(CMU_SVS)
     out, overlay = tmp_path / "tissue.geojson", tmp_path / "tissue.png"

@@ -138,7 +138,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from qpbridge.engine import Engine
     from qpbridge.geometry import feature_collection
     from qpbridge.roi import read_roi
+    from qpbridge.sidecars import sidecar_path
 
+    if not args.output and args.sidecar is None:
+        raise QPBridgeError("say where the results go: -o FILE.geojson, and/or --sidecar [DIR] (the file QuPath's "
+                            "'Import qpbridge GeoJSON' script finds)")
     engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
                     any_model_path=True)
     roi = read_roi(Path(args.roi)) if args.roi else None
@@ -146,8 +150,13 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     result = annotate_slide(engine, slide_path, args.model, mpp=args.mpp, roi=roi,
                             tissue_filter=not args.no_tissue_filter, readers=args.readers,
                             on_progress=ProgressLine(slide_path.name, not args.quiet))
-    out = Path(args.output)
-    write_json_atomic(out, feature_collection(result.features))
+    outputs = [Path(args.output)] if args.output else []
+    if args.sidecar is not None:
+        outputs.append(sidecar_path(slide_path, args.sidecar or None))
+    collection = feature_collection(result.features)
+    for path in outputs:
+        write_json_atomic(path, collection)
+    out = ", ".join(str(p) for p in outputs)
     st = result.stats
     print(f"{len(result.features)} features -> {out}; {st.table()}")
     if args.overlay:
@@ -180,10 +189,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_install_qupath(args: argparse.Namespace) -> int:
-    from qpbridge.install_qupath import install_qupath
+    from qpbridge.install_qupath import JEROMQ_SHA256, JEROMQ_URL, install_qupath
 
+    if args.jeromq_url and not args.jeromq_sha256:
+        raise QPBridgeError("--jeromq-url needs --jeromq-sha256: a downloaded jar is installed only when its "
+                            "checksum is known")
+    url = None if args.no_download else (args.jeromq_url or JEROMQ_URL)
     return install_qupath(Path(args.user_dir) if args.user_dir else None,
-                          Path(args.jeromq) if args.jeromq else None)
+                          Path(args.jeromq) if args.jeromq else None,
+                          download_url=url, download_sha256=args.jeromq_sha256 or JEROMQ_SHA256)
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -229,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("slide")
     a.add_argument("--model", required=True, help="model card name, or the path of a model folder "
                    "(qpbridge card or WSInfer-style config.json + torchscript_model.pt)")
-    a.add_argument("-o", "--output", required=True, help="output .geojson")
+    a.add_argument("-o", "--output", help="output .geojson")
+    a.add_argument("--sidecar", nargs="?", const="", metavar="DIR",
+                   help="also write <slide file name>.qpbridge.geojson beside the slide (or in DIR), the file "
+                        "QuPath's 'Import qpbridge GeoJSON' script finds for this image")
     a.add_argument("--roi", help="GeoJSON file with the region to annotate (full-resolution coordinates)")
     a.add_argument("--mpp", type=float, help="full-resolution pixel size in µm/px (overrides the slide's)")
     a.add_argument("--overlay", help="also write a PNG of the results over a thumbnail")
@@ -250,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("install-qupath", help="install the QuPath scripts and the JeroMQ jar")
     q.add_argument("--user-dir", help="QuPath user directory (default: the newest ~/QuPath/v*)")
     q.add_argument("--jeromq", help="path to a jeromq-*.jar to copy into the extensions folder")
+    q.add_argument("--jeromq-url", default=None,
+                   help="where to download JeroMQ when no jar is given or found (default: the pinned "
+                        "release on Maven Central)")
+    q.add_argument("--jeromq-sha256", default=None, help="the SHA-256 the downloaded jar must have (with --jeromq-url)")
+    q.add_argument("--no-download", action="store_true", help="never download JeroMQ; only report it missing")
     q.set_defaults(func=cmd_install_qupath)
     return p
 

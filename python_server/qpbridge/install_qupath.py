@@ -3,18 +3,33 @@
 QuPath cannot import a separate ``.groovy`` file from a script, so each script names the library files it
 needs on a line ``// @qpbridge-include FILE.groovy`` and the installed copy has those files inlined there:
 every installed script is self-contained. The tests inline scripts with the same :func:`inline_script`.
+
+JeroMQ: a jar given with ``--jeromq``, one already in ``extensions/``, one found on this system (Debian's
+``/usr/share/java``, the local Maven repository), or else the pinned release downloaded from Maven Central
+and checked against its SHA-256 before it is installed (:data:`JEROMQ_URL`, :data:`JEROMQ_SHA256`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from qpbridge import __version__
 from qpbridge.errors import QPBridgeError
+
+# The JeroMQ release the scripts are tested with on QuPath 0.5.1 (Java 17) and 0.6.0 (Java 21), as Maven Central
+# publishes it (org.zeromq:jeromq). A mirror or another release: --jeromq-url URL --jeromq-sha256 HEX.
+JEROMQ_VERSION = "0.3.6"
+JEROMQ_URL = f"https://repo1.maven.org/maven2/org/zeromq/jeromq/{JEROMQ_VERSION}/jeromq-{JEROMQ_VERSION}.jar"
+JEROMQ_SHA256 = "94d3895cb9a9a6f17cea82ea4d4d52f8bb9a6efd48ea6bebe62508a1f7e1d9e4"
+_MAX_JAR_BYTES = 32 << 20
 
 INCLUDE_RE = re.compile(r"^[ \t]*//[ \t]*@qpbridge-include[ \t]+(\S+)[ \t]*$", re.MULTILINE)
 SCRIPTS_SUBDIR = "qpbridge"
@@ -96,12 +111,54 @@ def find_jeromq(search_dirs: Iterable[Path] | None = None, home: Path | None = N
     return max(found, key=_version_key)
 
 
+def download_jar(url: str, sha256: str, dest_dir: Path, *, timeout: float = 30.0) -> Path:
+    """Download a jar into ``dest_dir`` and keep it only if its SHA-256 is ``sha256``.
+
+    The bytes go to a temporary file beside the target and are renamed into place after the check, so a
+    failed or tampered download never leaves a jar QuPath would load. Raises QPBridgeError with the manual way.
+    """
+    name = url.rsplit("/", 1)[-1].split("?", 1)[0]
+    if not name.endswith(".jar") or "/" in name or name.startswith("."):
+        raise QPBridgeError(f"the JeroMQ URL must end in a .jar file name: {url}")
+    manual = (f"Download it yourself ({url}), check `sha256sum` gives {sha256}, and re-run with --jeromq PATH, "
+              f"or copy it into {dest_dir}")
+    digest = hashlib.sha256()
+    size = 0
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp:
+                    while chunk := resp.read(1 << 16):
+                        size += len(chunk)
+                        if size > _MAX_JAR_BYTES:
+                            raise QPBridgeError(f"{url} is larger than {_MAX_JAR_BYTES >> 20} MiB: not a JeroMQ jar")
+                        digest.update(chunk)
+                        fh.write(chunk)
+            except (urllib.error.URLError, OSError, ValueError) as err:
+                reason = getattr(err, "reason", err)
+                raise QPBridgeError(f"could not download JeroMQ from {url} ({reason}); this machine may be "
+                                    f"offline. {manual}.") from err
+        if digest.hexdigest() != sha256.lower():
+            raise QPBridgeError(f"the file downloaded from {url} has SHA-256 {digest.hexdigest()}, not the expected "
+                                f"{sha256}: it was NOT installed. {manual}.")
+        target = dest_dir / name
+        os.replace(tmp, target)
+        return target
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def install_qupath(user_dir: Path | None, jeromq: Path | None, *, out: Callable[[str], None] = print,
-                   home: Path | None = None, jar_search_dirs: Iterable[Path] | None = None) -> int:
+                   home: Path | None = None, jar_search_dirs: Iterable[Path] | None = None,
+                   download_url: str | None = None, download_sha256: str = JEROMQ_SHA256) -> int:
     """Install the scripts (library inlined) and JeroMQ into a QuPath user directory.
 
-    Returns 0 when everything is in place, 2 when the scripts were installed but no JeroMQ jar was found,
-    and 1 when nothing could be installed. ``home`` and ``jar_search_dirs`` exist for tests.
+    Without a jar given, present or found, JeroMQ is downloaded from ``download_url`` (None: no download) and
+    installed only when its SHA-256 is ``download_sha256``. Returns 0 when everything is in place, 2 when the
+    scripts were installed but no JeroMQ jar could be had, and 1 when nothing could be installed.
+    ``home`` and ``jar_search_dirs`` exist for tests.
     """
     target = user_dir.expanduser() if user_dir is not None else find_user_dir(home)
     if target is None:
@@ -148,10 +205,17 @@ def install_qupath(user_dir: Path | None, jeromq: Path | None, *, out: Callable[
         if found is not None:
             shutil.copy2(found, ext / found.name)
             out(f"copied JeroMQ {found} -> {ext / found.name}")
+        elif download_url is not None:
+            try:
+                jar = download_jar(download_url, download_sha256, ext)
+                out(f"downloaded JeroMQ {download_url} -> {jar} (SHA-256 checked)")
+            except QPBridgeError as err:
+                status = 2
+                out(f"MISSING: a JeroMQ jar: {err}")
         else:
             status = 2
             out("MISSING: a JeroMQ jar. None was found in /usr/share/java (Debian/Ubuntu: apt install "
-                "libjeromq-java) or ~/.m2. Download jeromq-0.6.0.jar (Maven Central, org.zeromq:jeromq) and "
+                f"libjeromq-java) or ~/.m2. Download {JEROMQ_URL}, check its SHA-256 is {JEROMQ_SHA256}, and "
                 f"re-run with --jeromq PATH, or copy it into {ext}.")
 
     out("next: restart QuPath (it loads jars from extensions/ at start), start the server with "

@@ -1,38 +1,36 @@
 /*
- * Checks of the QuPath adapter's QuPath-free helpers (annotation ROI -> GeoJSON for job.open/job.slide, the
- * image's file URIs for server-side reading), run under plain Groovy with the QuPath API stubs compiled by
- * compile_check.groovy on the classpath. The library is inlined at the include lines, as the installer does.
- * Prints one "QPB <json>" line.
+ * Checks of the QuPath adapter's helpers on QuPath's REAL classes (annotation ROI -> GeoJSON for
+ * job.open/job.slide, the image's file URIs for server-side reading), run with Groovy 4 on QuPath's core jars.
+ * The library is inlined at the include lines, as the installer does. Prints one "QPB <json>" line.
  *
- * usage: groovy -cp jeromq.jar:gson.jar:jts-core.jar:slf4j-api.jar:STUB_CLASSES adapter_checks.groovy
+ * usage: groovy -cp <QuPath core jars> adapter_checks.groovy
  */
 import org.locationtech.jts.geom.Coordinate
 import org.locationtech.jts.geom.Geometry
 import org.locationtech.jts.geom.GeometryFactory
 import org.locationtech.jts.io.WKTReader
-import qupath.lib.images.servers.ImageServer
-import qupath.lib.images.servers.ImageServerMetadata
-import qupath.lib.images.servers.PixelCalibration
-import qupath.lib.regions.RegionRequest
+import qupath.lib.images.servers.RotatedImageServer
+import qupath.lib.images.servers.WrappedBufferedImageServer
 
-// @qpbridge-include qpbridge_core.groovy
+import java.awt.image.BufferedImage
+
+// @qpbridge-include qpbridge_transport.groovy
+// @qpbridge-include qpbridge_client.groovy
+// @qpbridge-include qpbridge_jobs.groovy
 // @qpbridge-include qpbridge_qupath.groovy
 
-/** An ImageServer over one file, like QuPath's readers. */
-class FakeFileImageServer implements ImageServer<Object> {
-    Collection<URI> uris
-    String getPath() { 'fake' }
-    int getWidth() { 100 }
-    int getHeight() { 100 }
-    boolean isRGB() { true }
-    PixelCalibration getPixelCalibration() { new PixelCalibration() }
-    ImageServerMetadata getMetadata() { new ImageServerMetadata() }
-    Collection<URI> getURIs() { uris }
-    Object readRegion(RegionRequest request) { null }
-}
+/** A real QuPath ImageServer over pixels read from one file, reporting the file's URI as QuPath's readers do. */
+class FileServer extends WrappedBufferedImageServer {
+    final URI uri
 
-/** Named like QuPath's wrappers whose coordinates differ from the file's. */
-class FakeRotatedImageServer extends FakeFileImageServer {}
+    FileServer(File f) {
+        super(f.getName(), new BufferedImage(64, 64, BufferedImage.TYPE_INT_RGB))
+        uri = f.toURI()
+    }
+
+    @Override
+    Collection<URI> getURIs() { [uri] }
+}
 
 WKTReader wkt = new WKTReader()
 Map geo = [
@@ -55,8 +53,10 @@ Map bigJson = QpbQuPath.geometryToGeoJson(big, 400000, { String s -> lines.add(s
 
 File f = File.createTempFile('qpb-adapter', '.tif')
 Map hello = [capabilities: ['jobs', 'slide-jobs'], slide_roots: [f.getParentFile().getPath()]]
-Collection fileUris = QpbQuPath.imageUris(new FakeFileImageServer(uris: [f.toURI()]))
-Collection rotatedUris = QpbQuPath.imageUris(new FakeRotatedImageServer(uris: [f.toURI()]))
+FileServer server = new FileServer(f)
+Collection fileUris = QpbQuPath.imageUris(server)
+// A rotated view of the same file: its coordinates are not the file's, so the server must not read the file.
+Collection rotatedUris = QpbQuPath.imageUris(new RotatedImageServer(server, RotatedImageServer.Rotation.ROTATE_90))
 Map uris = [file: fileUris.collect { it.toString() }, rotated: rotatedUris.collect { it.toString() },
             choice_file: QpbSlides.choose(hello, fileUris, true), choice_rotated: QpbSlides.choose(hello, rotatedUris, true)]
 f.delete()

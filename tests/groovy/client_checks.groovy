@@ -1,5 +1,5 @@
 /*
- * Test driver for the qpbridge Groovy client, run under plain Groovy 2.4+ after the library is inlined at the
+ * Test driver for the qpbridge Groovy client, run with Groovy 4 on QuPath's core jars after the library is inlined at the
  * include line below (tests/test_groovy_client.py does that with qpbridge.install_qupath.inline_script, the
  * same code the installer uses). Each check prints one line "QPB <json>" that pytest reads.
  *
@@ -17,7 +17,9 @@ import javax.imageio.ImageIO
 import java.awt.RenderingHints
 import java.awt.image.BufferedImage
 
-// @qpbridge-include qpbridge_core.groovy
+// @qpbridge-include qpbridge_transport.groovy
+// @qpbridge-include qpbridge_client.groovy
+// @qpbridge-include qpbridge_jobs.groovy
 
 void emit(Map m) { println 'QPB ' + QpbJson.toJson(m) }
 
@@ -97,10 +99,10 @@ if (check == 'hello') {
                 image: image, progressIntervalMs: 0, onPlan: { Map p -> plan = p })
         Map region = QpbTiling.region(0, 0, img.getWidth(), img.getHeight(), img.getWidth(), img.getHeight())
         long t0 = System.nanoTime()
-        List<String> features = runner.runRegion(region, null, QpbSlides.choose(c.helloReply, [new File(opt.image).toURI()], true), null)
+        List features = runner.runRegion(region, null, QpbSlides.choose(c.helloReply, [new File(opt.image).toURI()], true), null)
         double seconds = (System.nanoTime() - t0) / 1e9d
         new File(outDir, 'tiles.json').text = QpbJson.toJson(sent)
-        new File(outDir, 'features.json').text = '[' + features.join(',') + ']'
+        new File(outDir, 'features.json').text = QpbJson.toJson(features)
         emit([check: 'job', tiles: runner.tilesTotal, kind: runner.kind, plan: plan, region: region,
               downsample: QpbTiling.downsample(mpp, card), features: features.size(), seconds: seconds,
               progress_lines: logLines.findAll { it.contains('tiles/s') }, job: runner.jobId,
@@ -124,7 +126,7 @@ if (check == 'hello') {
         for (String mode : ['whole', 'roi']) {
             QpbJobRunner runner = new QpbJobRunner(client: c, card: card, tileSource: bufferedImageSource(img), log: log,
                     image: image, batchSize: 7)
-            List<String> features
+            List features
             if (mode == 'whole') {
                 features = runner.runPlanned(QpbTiling.region(0, 0, img.getWidth(), img.getHeight(), img.getWidth(), img.getHeight()))
             } else {
@@ -133,7 +135,7 @@ if (check == 'hello') {
                 double y0 = ring.collect { ((Number) it[1]).doubleValue() }.min(), y1 = ring.collect { ((Number) it[1]).doubleValue() }.max()
                 features = runner.runPlanned(QpbTiling.region(x0, y0, x1 - x0, y1 - y0, img.getWidth(), img.getHeight()), roi)
             }
-            new File(outDir, "${mode}.json").text = '[' + features.join(',') + ']'
+            new File(outDir, "${mode}.json").text = QpbJson.toJson(features)
             out[mode] = [features: features.size(), tiles: runner.tilesTotal]
         }
         emit(out)
@@ -161,14 +163,14 @@ if (check == 'hello') {
         // 1. The file lies below the root: the server reads it.
         Map inside = QpbSlides.choose(hello, [new File(opt.slide).toURI()], true)
         QpbJobRunner r1 = (QpbJobRunner) make.call()
-        List<String> f1 = r1.runRegion(region, roi, inside, null)
-        new File(outDir, 'slide.json').text = '[' + f1.join(',') + ']'
+        List f1 = r1.runRegion(region, roi, inside, null)
+        new File(outDir, 'slide.json').text = QpbJson.toJson(f1)
         out.inside = [choice: inside, kind: r1.kind, features: f1.size(), tiles: r1.tilesTotal]
         // 2. Outside the roots: decided here, the tiles are read on this side.
         Map outside = QpbSlides.choose(hello, [new File(opt.outside).toURI()], true)
         QpbJobRunner r2 = (QpbJobRunner) make.call()
-        List<String> f2 = r2.runRegion(region, roi, outside, null)
-        new File(outDir, 'fallback.json').text = '[' + f2.join(',') + ']'
+        List f2 = r2.runRegion(region, roi, outside, null)
+        new File(outDir, 'fallback.json').text = QpbJson.toJson(f2)
         out.outside = [choice: outside, kind: r2.kind, features: f2.size(), tiles: r2.tilesTotal]
         // 3. The server refuses a path outside its roots: a clear error from runSlide ...
         try {
@@ -179,7 +181,7 @@ if (check == 'hello') {
         }
         // ... and runRegion falls back when the client thought the server could read it.
         QpbJobRunner r4 = (QpbJobRunner) make.call()
-        List<String> f4 = r4.runRegion(region, roi, [use: true, path: new File(opt.outside).getAbsolutePath(),
+        List f4 = r4.runRegion(region, roi, [use: true, path: new File(opt.outside).getAbsolutePath(),
                                                       reason: 'forced by the test'], null)
         out.forced = [kind: r4.kind, features: f4.size()]
         // 4. Switched off by the script parameter.
@@ -313,7 +315,7 @@ if (check == 'hello') {
         }
         // The server's own missing_mpp reply, for a client that sends no pixel size.
         try {
-            c.jobOpen('nuclei', [name: 'x'], 1)
+            c.jobOpenPlanned('nuclei', [name: 'x', width: 100, height: 100], [x: 0, y: 0, width: 100, height: 100])
             emit([check: 'server_missing_mpp', error: null])
         } catch (Exception e) {
             emit([check: 'server_missing_mpp', error: errorInfo(e)])

@@ -1,15 +1,7 @@
 /*
- * qpbridge client library, QuPath-free core (protocol v1, see docs/protocol.md).
- *
- * Needs only the JDK, Gson (bundled with QuPath) and JeroMQ (loaded by reflection, so a missing jar is a
- * clear error at run time instead of a compile error). Written in syntax that Groovy 2.4 (Debian, tests)
- * and Groovy 4/5 (QuPath 0.4-0.7) both accept: no lambdas, no method references, no try-with-resources.
- *
- * No package statement: `qpbridge install-qupath` inlines this file into each QuPath script (QuPath cannot
- * import a separate .groovy file), and the tests inline it the same way.
+ * qpbridge Groovy client library, part 3 of 3: running a model as a server job (needs qpbridge_transport.groovy
+ * and qpbridge_client.groovy): the server's tile plans, tile reads and encoding, progress, slide jobs.
  */
-import com.google.gson.Gson
-import com.google.gson.GsonBuilder
 import com.google.gson.JsonArray
 import com.google.gson.JsonElement
 import com.google.gson.JsonObject
@@ -17,445 +9,11 @@ import groovy.transform.CompileStatic
 
 import javax.imageio.ImageIO
 import java.awt.image.BufferedImage
-import java.util.concurrent.Callable
-import java.util.concurrent.ExecutionException
-import java.util.concurrent.ExecutorService
-import java.util.concurrent.Executors
-import java.util.concurrent.Future
-import java.util.concurrent.ThreadFactory
-import java.util.concurrent.TimeUnit
-import java.util.concurrent.TimeoutException
-import java.util.concurrent.atomic.AtomicBoolean
-
-/** Version constants shared by every part of the library. */
-class QpbVersion {
-    static final String LIBRARY = '0.1.0'
-    static final int PROTOCOL = 1
-    static final String DEFAULT_ADDRESS = 'tcp://127.0.0.1:5555'
-}
-
-/** Every error the library raises on purpose: a stable code plus a message that says what to do. */
-class QpbException extends RuntimeException {
-    final String code
-    final Map details
-
-    QpbException(String code, String message, Map details = null, Throwable cause = null) {
-        super(message, cause)
-        this.code = code
-        this.details = details == null ? [:] : details
-    }
-}
-
-/** Thrown when the user stops the script ("Kill running script"): the server job was cancelled. */
-class QpbCancelledException extends InterruptedException {
-    QpbCancelledException(String message) { super(message) }
-}
-
-/** Gson helpers; groovy.json is not shipped with QuPath. */
-class QpbJson {
-    static final Gson GSON = new GsonBuilder().disableHtmlEscaping().create()
-
-    static String toJson(Object o) { GSON.toJson(o) }
-
-    static JsonObject parseObject(String s) { GSON.fromJson(s, JsonObject) }
-
-    /** A JSON tree as plain Groovy values (Map, List, String, Double, Boolean, null). */
-    static Object plain(JsonElement e) { e == null || e.isJsonNull() ? null : GSON.fromJson(e, Object) }
-
-    static Integer intOrNull(JsonObject o, String key) {
-        JsonElement e = o.get(key)
-        e == null || e.isJsonNull() ? null : e.getAsInt()
-    }
-
-    static String stringOrNull(JsonObject o, String key) {
-        JsonElement e = o.get(key)
-        e == null || e.isJsonNull() ? null : e.getAsString()
-    }
-
-    /** Each element of an array as its own JSON text; numbers keep their exact original spelling. */
-    static List<String> elementsAsJson(JsonArray a) {
-        List<String> out = new ArrayList<String>(a == null ? 0 : a.size())
-        if (a != null) {
-            for (JsonElement e : a) out.add(GSON.toJson(e))
-        }
-        out
-    }
-}
-
-/**
- * One ZeroMQ DEALER connection. All socket work happens on one private daemon thread, so an interrupt of the
- * caller (QuPath's "Kill running script") can never reach JeroMQ, whose NIO pipes are closed by interrupts;
- * the caller only waits on a Future and can give up at once.
- */
-class QpbConnection {
-    final String address
-    long connectTimeoutMs = 5000
-    private final ExecutorService io
-    private Object context
-    private Object socket
-    private long nextId = 1
-    private boolean everAnswered = false
-
-    QpbConnection(String address) {
-        this.address = address
-        QpbZmq.check()
-        this.io = Executors.newSingleThreadExecutor({ Runnable r ->
-            Thread t = new Thread(r, 'qpbridge-io')
-            t.setDaemon(true)
-            t
-        } as ThreadFactory)
-    }
-
-    /** Send one request and wait for its reply header; server errors become QpbException(code). */
-    JsonObject request(Map header, List<byte[]> payloads = [], long timeoutMs = 60000, int attempts = 2) {
-        await(submit(header, payloads, timeoutMs, attempts))
-    }
-
-    /** Start a request on the I/O thread; pair with await(). */
-    QpbPending submit(Map header, List<byte[]> payloads = [], long timeoutMs = 60000, int attempts = 2) {
-        final Map h = new LinkedHashMap(header)
-        if (!h.containsKey('v')) h.v = QpbVersion.PROTOCOL
-        final List<byte[]> frames = payloads == null ? [] : payloads
-        final AtomicBoolean abort = new AtomicBoolean(false)
-        final long timeout = timeoutMs
-        final int tries = attempts
-        Future<JsonObject> f = io.submit({ -> exchange(h, frames, timeout, tries, abort) } as Callable<JsonObject>)
-        new QpbPending(future: f, abort: abort)
-    }
-
-    /** Wait for a submitted request. On interrupt the I/O thread is told to stop waiting, then we rethrow. */
-    JsonObject await(QpbPending p) {
-        try {
-            return p.future.get()
-        } catch (InterruptedException e) {
-            p.abort.set(true)
-            throw e
-        } catch (ExecutionException e) {
-            throw e.getCause()
-        }
-    }
-
-    private JsonObject exchange(Map header, List<byte[]> payloads, long timeoutMs, int attempts, AtomicBoolean abort) {
-        String op = String.valueOf(header.op)
-        for (int attempt = 1; attempt <= attempts; attempt++) {
-            ensureSocket()
-            Object id = nextId++
-            header.id = id
-            socket.sendMore(new byte[0])
-            byte[] head = QpbJson.toJson(header).getBytes('UTF-8')
-            if (payloads.isEmpty()) {
-                socket.send(head, 0)
-            } else {
-                socket.sendMore(head)
-                for (int i = 0; i < payloads.size(); i++) {
-                    if (i < payloads.size() - 1) socket.sendMore(payloads[i]) else socket.send(payloads[i], 0)
-                }
-            }
-            long wait = everAnswered ? timeoutMs : Math.min(timeoutMs, connectTimeoutMs)
-            long deadline = System.nanoTime() + wait * 1000000L
-            while (System.nanoTime() < deadline) {
-                if (abort.get()) throw new QpbException('aborted', "request '${op}' abandoned")
-                List<byte[]> parts = receive()
-                if (parts == null) continue
-                JsonObject reply
-                try {
-                    reply = QpbJson.parseObject(new String(parts[parts.size() - 1], 'UTF-8'))
-                } catch (Exception ignored) {
-                    continue
-                }
-                if (reply == null || !idMatches(reply, id)) continue // a late reply to a request we gave up on
-                everAnswered = true
-                return checkReply(reply)
-            }
-            // No reply: drop the socket with its queued messages (linger 0) and try again on a fresh one.
-            closeSocket()
-            if (!everAnswered) break
-        }
-        if (!everAnswered) {
-            throw new QpbException('server_unavailable',
-                    "No qpbridge server answered at ${address} within ${seconds(Math.min(timeoutMs, connectTimeoutMs))} s. " +
-                    "Start one with `qpbridge serve` (it listens on ${QpbVersion.DEFAULT_ADDRESS} by default), " +
-                    'check the address in the script parameters, and for a server on another machine that it was ' +
-                    'started with --bind tcp://0.0.0.0:PORT --allow-remote and that no firewall blocks the port.',
-                    [address: address])
-        }
-        throw new QpbException('timeout',
-                "The qpbridge server at ${address} did not answer '${op}' within ${seconds(timeoutMs)} s " +
-                "(${attempts} attempt(s)). It may be overloaded or stopped: check its log, or raise the timeout.",
-                [address: address, op: op])
-    }
-
-    private static boolean idMatches(JsonObject reply, Object id) {
-        JsonElement e = reply.get('id')
-        if (e == null || e.isJsonNull()) {
-            // A server that could not read our header (e.g. unsupported_version) cannot echo the id.
-            JsonElement ok = reply.get('ok')
-            return ok != null && ok.isJsonPrimitive() && !ok.getAsBoolean()
-        }
-        e.isJsonPrimitive() && e.getAsJsonPrimitive().isNumber() && e.getAsLong() == ((Number) id).longValue()
-    }
-
-    private static String seconds(long ms) { String.format(Locale.ROOT, '%.1f', ms / 1000d) }
-
-    private JsonObject checkReply(JsonObject reply) {
-        JsonElement ok = reply.get('ok')
-        if (ok != null && ok.isJsonPrimitive() && ok.getAsBoolean()) return reply
-        JsonObject err = reply.has('error') && reply.get('error').isJsonObject() ? reply.getAsJsonObject('error') : new JsonObject()
-        String code = QpbJson.stringOrNull(err, 'code') ?: 'error'
-        String message = QpbJson.stringOrNull(err, 'message') ?: 'the server reported an error without a message'
-        Map details = err.has('details') ? (Map) QpbJson.plain(err.get('details')) : [:]
-        throw new QpbException(code, message, details)
-    }
-
-    /** One whole multipart message, or null after the short receive timeout. */
-    private List<byte[]> receive() {
-        byte[] first = socket.recv(0)
-        if (first == null) return null
-        List<byte[]> parts = [first]
-        while (socket.hasReceiveMore()) parts.add(socket.recv(0))
-        parts
-    }
-
-    private void ensureSocket() {
-        if (socket != null) return
-        if (context == null) context = QpbZmq.newContext()
-        socket = QpbZmq.dealer(context)
-        socket.connect(address)
-    }
-
-    private void closeSocket() {
-        if (socket == null) return
-        try {
-            socket.close()
-        } catch (Exception ignored) {
-            // closing a broken socket must not hide the real error
-        }
-        socket = null
-    }
-
-    private Object closeAll() {
-        closeSocket()
-        if (context != null) {
-            try {
-                QpbZmq.closeContext(context)
-            } catch (Exception ignored) {
-                // best effort
-            }
-            context = null
-        }
-        null
-    }
-
-    /** Close the socket and context on the I/O thread; never blocks the caller for more than a few seconds. */
-    void close() {
-        Future f = io.submit({ -> closeAll() } as Callable<Object>)
-        boolean interrupted = Thread.interrupted()
-        try {
-            f.get(3, TimeUnit.SECONDS)
-        } catch (InterruptedException e) {
-            interrupted = true
-        } catch (TimeoutException e) {
-            // a close stuck in JeroMQ is left to the daemon thread
-        } catch (ExecutionException e) {
-            // best effort
-        } finally {
-            io.shutdown()
-            if (interrupted) Thread.currentThread().interrupt()
-        }
-    }
-}
-
-/** A request in flight: its Future and the flag that tells the I/O thread to stop waiting for it. */
-class QpbPending {
-    Future<JsonObject> future
-    AtomicBoolean abort
-}
-
-/** JeroMQ through reflection, so the library compiles and fails with a useful message without the jar. */
-class QpbZmq {
-    static final String INSTALL_HINT =
-            'JeroMQ is not on the classpath. Run `qpbridge install-qupath` (it copies the jar), or copy a ' +
-            'jeromq-0.5.x/0.6.x jar into the "extensions" folder of your QuPath user directory ' +
-            '(Edit > Preferences > QuPath user directory, e.g. ~/QuPath/v0.6/extensions), then restart QuPath. ' +
-            'Outside QuPath put the jar on the classpath (-cp).'
-
-    static Class load(String name) {
-        List<ClassLoader> loaders = [QpbZmq.classLoader, Thread.currentThread().getContextClassLoader()]
-        for (ClassLoader l : loaders) {
-            if (l == null) continue
-            try {
-                return Class.forName(name, true, l)
-            } catch (ClassNotFoundException ignored) {
-                // try the next loader
-            } catch (NoClassDefFoundError ignored) {
-                // same
-            }
-        }
-        throw new QpbException('jeromq_missing', INSTALL_HINT, [missing: name])
-    }
-
-    static void check() { load('org.zeromq.ZMQ') }
-
-    static Object newContext() { load('org.zeromq.ZContext').getDeclaredConstructor().newInstance() }
-
-    static Object dealer(Object context) {
-        Class zmq = load('org.zeromq.ZMQ')
-        // Integer socket types exist in JeroMQ 0.3 to 0.6 (SocketType only from 0.5).
-        Object s = context.createSocket(zmq.getField('DEALER').getInt(null))
-        s.setLinger(0)
-        s.setReceiveTimeOut(100)
-        s.setSendTimeOut(5000)
-        s
-    }
-
-    static void closeContext(Object context) {
-        // ZContext.close() exists in 0.3.6+, destroy() in all versions.
-        if (context.metaClass.respondsTo(context, 'close')) context.close() else context.destroy()
-    }
-
-    static String version() {
-        try {
-            return String.valueOf(load('org.zeromq.ZMQ').getMethod('getVersionString').invoke(null))
-        } catch (Exception ignored) {
-            return 'unknown'
-        }
-    }
-}
-
-/** Protocol operations. One client per script run; close() it in a finally block. */
-class QpbClient {
-    final String address
-    final QpbConnection conn
-    int protocolVersion = QpbVersion.PROTOCOL
-    long helloTimeoutMs = 5000
-    long requestTimeoutMs = 120000
-    Map helloReply
-
-    QpbClient(String address = QpbVersion.DEFAULT_ADDRESS, long connectTimeoutMs = 5000) {
-        this.address = address
-        this.conn = new QpbConnection(address)
-        this.conn.connectTimeoutMs = connectTimeoutMs
-    }
-
-    JsonObject call(Map header, List<byte[]> payloads = [], Long timeoutMs = null, int attempts = 2) {
-        Map h = new LinkedHashMap(header)
-        h.v = protocolVersion
-        conn.request(h, payloads, timeoutMs == null ? requestTimeoutMs : timeoutMs, attempts)
-    }
-
-    /** Handshake; checks the protocol version and that the server runs jobs. */
-    Map hello() {
-        JsonObject r
-        try {
-            r = call([op: 'hello', client: [name: 'qpbridge-groovy', version: QpbVersion.LIBRARY]], [], helloTimeoutMs)
-        } catch (QpbException e) {
-            if (e.code == 'unsupported_version') throw mismatch(e.details.server_protocol, null)
-            throw e
-        }
-        Map m = (Map) QpbJson.plain(r)
-        int serverProtocol = ((Number) m.protocol).intValue()
-        if (serverProtocol != protocolVersion) throw mismatch(serverProtocol, m.server_version)
-        if (!(m.capabilities as List).contains('jobs')) {
-            throw new QpbException('capability', "The qpbridge server at ${address} does not offer jobs " +
-                    "(capabilities: ${m.capabilities}); upgrade it.")
-        }
-        helloReply = m
-        m
-    }
-
-    private QpbException mismatch(Object serverProtocol, Object serverVersion) {
-        if (serverProtocol instanceof Number) serverProtocol = ((Number) serverProtocol).intValue()
-        String sv = serverVersion == null ? '' : " (qpbridge ${serverVersion})"
-        new QpbException('protocol_mismatch',
-                "Protocol mismatch: the qpbridge server at ${address} speaks protocol ${serverProtocol}${sv}, " +
-                "this QuPath script speaks protocol ${protocolVersion} (qpbridge-groovy ${QpbVersion.LIBRARY}). " +
-                'Use matching versions: upgrade the older side (pip install -U qpbridge) and re-install the ' +
-                'scripts with `qpbridge install-qupath`.',
-                [server_protocol: serverProtocol, client_protocol: protocolVersion])
-    }
-
-    List<Map> models() { (List<Map>) QpbJson.plain(call([op: 'models'], [], helloTimeoutMs * 2).get('models')) }
-
-    /** The card of one model; unknown names list the served ones. */
-    Map model(String name) {
-        List<Map> all = models()
-        Map card = all.find { Map c -> c.name == name }
-        if (card == null) {
-            throw new QpbException('unknown_model', "The server at ${address} has no model '${name}'. " +
-                    "Models served: ${all.collect { Map c -> c.name }.join(', ')}.", [known_models: all.collect { Map c -> c.name }])
-        }
-        card
-    }
-
-    /** Single-shot prediction on a few tiles; features as JSON texts. */
-    List<String> predict(String model, Map image, List<QpbEncodedTile> tiles) {
-        JsonObject r = call([op: 'predict', model: model, image: image, tiles: tiles.collect { it.header }],
-                tiles.collect { it.bytes })
-        QpbJson.elementsAsJson(r.getAsJsonArray('features'))
-    }
-
-    Map jobOpen(String model, Map image, Integer expectedTiles) {
-        Map h = [op: 'job.open', model: model, image: image]
-        if (expectedTiles != null) h.expected_tiles = expectedTiles
-        (Map) QpbJson.plain(call(h, [], helloTimeoutMs * 2))
-    }
-
-    /**
-     * A job whose tiles the server plans over region ([x, y, width, height], full-resolution pixels), optionally
-     * limited to roi (a GeoJSON geometry). The reply's plan lists the tiles to send; the server stitches them.
-     * A retry after a lost reply leaves an idle job behind, which does no work and expires after the server's TTL.
-     */
-    Map jobOpenPlanned(String model, Map image, Map region, Map roi = null) {
-        Map h = [op: 'job.open', model: model, image: image, region: region]
-        if (roi != null) h.roi = roi
-        (Map) QpbJson.plain(call(h, [], requestTimeoutMs, 2))
-    }
-
-    /**
-     * A slide job: the server reads the file at path itself. One attempt only: a retry after a lost reply would
-     * start a second job reading the whole slide.
-     */
-    Map jobSlide(String model, String path, Map roi = null, Double mpp = null) {
-        Map h = [op: 'job.slide', model: model, path: path]
-        if (roi != null) h.roi = roi
-        if (mpp != null) h.mpp = mpp
-        (Map) QpbJson.plain(call(h, [], requestTimeoutMs, 1))
-    }
-
-    boolean hasCapability(String name) {
-        helloReply != null && helloReply.capabilities instanceof List && ((List) helloReply.capabilities).contains(name)
-    }
-
-    QpbPending jobTilesAsync(String job, List<QpbEncodedTile> tiles) {
-        Map h = [op: 'job.tiles', job: job, tiles: tiles.collect { it.header }, v: protocolVersion]
-        // Re-sending a batch is safe (the server skips tiles already done), so one retry is allowed.
-        conn.submit(h, tiles.collect { it.bytes }, requestTimeoutMs, 2)
-    }
-
-    Map jobTiles(String job, List<QpbEncodedTile> tiles) { (Map) QpbJson.plain(conn.await(jobTilesAsync(job, tiles))) }
-
-    Map jobStatus(String job) { (Map) QpbJson.plain(call([op: 'job.status', job: job], [], helloTimeoutMs * 2)) }
-
-    JsonObject jobResults(String job, int offset, int limit) {
-        call([op: 'job.results', job: job, offset: offset, limit: limit])
-    }
-
-    Map jobFinish(String job) { (Map) QpbJson.plain(call([op: 'job.finish', job: job])) }
-
-    Map jobCancel(String job, long timeoutMs = 5000) {
-        (Map) QpbJson.plain(call([op: 'job.cancel', job: job], [], timeoutMs, 1))
-    }
-
-    Map jobClose(String job, long timeoutMs = 5000) {
-        (Map) QpbJson.plain(call([op: 'job.close', job: job], [], timeoutMs, 1))
-    }
-
-    void close() { conn.close() }
-}
-
 
 /** A tile to read: full-resolution origin and extent, the downsample to read it at, and its planned pixel size. */
 class QpbTile {
+    /** The tile's index in the server's plan (null for plans that carry none). */
+    Integer index
     int x, y, width, height
     double downsample
     int outWidth, outHeight
@@ -524,7 +82,8 @@ class QpbTiling {
             int fw = (int) Math.round(w * ds), fh = (int) Math.round(h * ds)
             if (imageWidth > 0) fw = Math.min(fw, imageWidth - x)
             if (imageHeight > 0) fh = Math.min(fh, imageHeight - y)
-            out.add(new QpbTile(x: x, y: y, width: Math.max(1, fw), height: Math.max(1, fh), downsample: ds,
+            Integer index = t.index == null ? null : ((Number) t.index).intValue()
+            out.add(new QpbTile(index: index, x: x, y: y, width: Math.max(1, fw), height: Math.max(1, fh), downsample: ds,
                     outWidth: w, outHeight: h))
         }
         out
@@ -630,8 +189,10 @@ class QpbPixels {
 
     static QpbEncodedTile encode(QpbTile t, BufferedImage img, String encoding) {
         byte[] bytes = encoding == 'png' ? png(img) : rgb(img)
-        new QpbEncodedTile(header: [x: t.x, y: t.y, downsample: t.downsample, width: img.getWidth(),
-                                    height: img.getHeight(), encoding: encoding], bytes: bytes)
+        Map header = [x: t.x, y: t.y, downsample: t.downsample, width: img.getWidth(), height: img.getHeight(),
+                      encoding: encoding]
+        if (t.index != null) header.index = t.index
+        new QpbEncodedTile(header: header, bytes: bytes)
     }
 }
 
@@ -711,7 +272,7 @@ class QpbJobRunner {
     /** How often a slide job's status is asked for. */
     long pollIntervalMs = 1000
     long progressIntervalMs = 2000
-    /** Called with each page of features (JSON texts); when null, the run methods return them all. */
+    /** Called with each page of features (Gson elements, as parsed from the reply); when null, the run methods return them all. */
     Closure onFeatures = null
     /** Called with the job id once it is open (tests use it to watch the job). */
     Closure onJobOpen = null
@@ -723,7 +284,7 @@ class QpbJobRunner {
     int tilesSent = 0
     int tilesTotal = 0
     int featuresReceived = 0
-    private List<String> collected = []
+    private List<JsonElement> collected = []
 
     String getModelName() { (String) card.name }
 
@@ -732,7 +293,7 @@ class QpbJobRunner {
      * take (a path it refuses, a file it cannot open) falls back to the tile job; a slide without a pixel size
      * is retried once with image.mpp (QuPath's calibration).
      */
-    List<String> runRegion(Map region, Map roi, Map choice, Double mppOverride) {
+    List<JsonElement> runRegion(Map region, Map roi, Map choice, Double mppOverride) {
         if (choice != null && choice.use) {
             log.call("qpbridge ${modelName}: the server reads the slide itself: ${choice.reason}")
             Double mpp = mppOverride
@@ -759,7 +320,7 @@ class QpbJobRunner {
     }
 
     /** The planned, seam-free tile job over region [x, y, width, height] (and roi, a GeoJSON geometry). */
-    List<String> runPlanned(Map region, Map roi = null) {
+    List<JsonElement> runPlanned(Map region, Map roi = null) {
         reset('tiles')
         Map opened = client.jobOpenPlanned(modelName, image, region, roi)
         jobId = (String) opened.job
@@ -769,7 +330,7 @@ class QpbJobRunner {
             Map plan = (Map) opened.plan
             if (plan == null) {
                 throw new QpbException('capability', "The qpbridge server at ${client.address} returned no tile plan " +
-                        'for job.open with a region: it is too old for this script; upgrade it (pip install -U qpbridge).')
+                        'for job.open with a region: it is too old for this script; upgrade it.')
             }
             if (onPlan != null) onPlan.call(plan)
             int imgW = image?.width == null ? 0 : ((Number) image.width).intValue()
@@ -780,7 +341,7 @@ class QpbJobRunner {
             progress.intervalMs = progressIntervalMs
             int perBatch = effectiveBatchSize()
             log.call("qpbridge ${modelName}: job ${jobId}, ${tiles.size()} tiles planned by the server " +
-                    "(${plan.rows} x ${plan.cols} grid of ${num(plan.tile_size)} px, overlap ${num(plan.overlap)}, " +
+                    "(${num(plan.rows)} x ${num(plan.cols)} grid of ${num(plan.tile_size)} px, overlap ${num(plan.overlap)}, " +
                     String.format(Locale.ROOT, 'downsample %.3f', ((Number) plan.downsample).doubleValue()) +
                     "), ${perBatch} per batch")
             for (int i = 0; i < tiles.size(); i += perBatch) {
@@ -806,7 +367,7 @@ class QpbJobRunner {
      * from job.status; results are paged while the job runs. A refusal or a failure before any result throws
      * QpbSlideUnusableException (runRegion falls back on it); a later failure throws QpbException.
      */
-    List<String> runSlide(String path, Map roi = null, Double mpp = null) {
+    List<JsonElement> runSlide(String path, Map roi = null, Double mpp = null) {
         reset('slide')
         Map opened
         try {
@@ -881,7 +442,7 @@ class QpbJobRunner {
      * Runs a job's work (the job is open); then logs the total, closes the job and returns the features. An
      * interrupt cancels the server job; any other failure still closes it.
      */
-    private List<String> guarded(Closure work) {
+    private List<JsonElement> guarded(Closure work) {
         long start = System.nanoTime()
         boolean closed = false
         try {
@@ -921,7 +482,7 @@ class QpbJobRunner {
         while (true) {
             checkInterrupt()
             JsonObject page = client.jobResults(jobId, offset, pageSize)
-            List<String> features = QpbJson.elementsAsJson(page.getAsJsonArray('features'))
+            List<JsonElement> features = QpbJson.elements(page.getAsJsonArray('features'))
             featuresReceived += features.size()
             if (!features.isEmpty()) {
                 if (onFeatures != null) onFeatures.call(features) else collected.addAll(features)

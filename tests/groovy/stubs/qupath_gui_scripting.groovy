@@ -1,6 +1,0 @@
-package qupath.lib.gui.scripting
-
-import qupath.lib.scripting.QP
-
-class QPEx extends QP {
-}

@@ -1,5 +1,0 @@
-package qupath.lib.objects.classes
-
-class PathClass {
-    String toString() { '' }
-}
