@@ -1,4 +1,4 @@
-"""Command line: ``qpbridge serve | predict | annotate | annotate-project | models | install-qupath``.
+"""Command line: ``qpbridge serve | predict | annotate | annotate-project | models | install-qupath | doctor``.
 
 ``main(argv) -> int`` is the whole CLI (tested in process); errors of the package become one-line
 messages and exit code 1, usage errors exit code 2.
@@ -218,6 +218,12 @@ def cmd_annotate_project(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from qpbridge.doctor import run_doctor
+
+    return run_doctor(args.server, Path(args.user_dir) if args.user_dir else None)
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qpbridge", description="Bridge between QuPath and deep-learning models.")
@@ -309,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--user-dir", help="QuPath user directory (default: the newest ~/QuPath/v*)")
     q.add_argument("--jeromq", help="path to a jeromq-*.jar to copy into the extensions folder")
     q.set_defaults(func=cmd_install_qupath)
+    dr = sub.add_parser("doctor", help="check the installation: packages, torch and CUDA, paquo and QuPath, "
+                        "JeroMQ in QuPath, the server and model weights")
+    dr.add_argument("--server", help="server address to check (default: tcp://127.0.0.1:5555, a warning if absent)")
+    dr.add_argument("--user-dir", help="QuPath user directory (default: the newest ~/QuPath/v*)")
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 
