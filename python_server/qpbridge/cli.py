@@ -92,6 +92,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
                         any_model_path=True)
         card = engine.check_image(args.model, image)
+        from qpbridge.projects import require_weights
+
+        require_weights(card.to_wire())
         plan_ = make_plan(card, region, mpp)
         features, _ = run_plan(engine, args.model, plan_, source.read,
                                FeatureBuilder(card, mpp, None, (source.width, source.height)))
@@ -132,10 +135,16 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from qpbridge.geometry import feature_collection
     from qpbridge.roi import read_roi
 
+    slide_path = Path(args.slide)
+    if slide_path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        raise QPBridgeError(f"{slide_path.name} is a plain image, not a slide: use `qpbridge predict {args.slide} "
+                            f"--model {args.model} -o {args.output}` (it also takes TIFF images)")
     engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
                     any_model_path=True)
+    from qpbridge.projects import require_weights
+
+    require_weights(engine.card(args.model).to_wire())  # before any work: tissue detection runs first
     roi = read_roi(Path(args.roi)) if args.roi else None
-    slide_path = Path(args.slide)
     result = annotate_slide(engine, slide_path, args.model, mpp=args.mpp, roi=roi,
                             tissue_filter=not args.no_tissue_filter, readers=args.readers,
                             on_progress=ProgressLine(slide_path.name, not args.quiet))
@@ -328,7 +337,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # The reader of our output has gone (`qpbridge models --json | head`): not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except QPBridgeError as err:
         print(f"qpbridge: error: {err}", file=sys.stderr)
         return 1
