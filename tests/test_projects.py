@@ -195,6 +195,10 @@ def test_roi_class_and_rotated_entry(paquo_env, tmp_path):
     assert all(box.buffer(0.01).contains(shapely.from_wkb(bytes.fromhex(o["wkb"]))) for o in tissue)
     assert not [o for o in d["rotated 90"] if o["model"] == "tissue"]  # not selected by --images
 
+    r = qpbridge(paquo_env, "annotate-project", str(proj), "--model", "tissue", "--mpp", MPP, "--roi-class", "Stroma",
+                 "--images", "*.tif", "--quiet")
+    assert r.returncode == 0 and "no 'Stroma' annotation" in r.stdout and "1 skipped" in r.stdout
+
 
 def test_one_failing_image_does_not_stop_the_batch(paquo_env, tmp_path):
     proj = make_project(paquo_env, tmp_path, n_tif=2, png=False)

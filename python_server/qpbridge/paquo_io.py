@@ -66,7 +66,9 @@ def _start() -> Any:
     version, where = qupath_for_paquo()
     if version is None:
         raise PaquoUnavailableError(where)
-    logging.getLogger("paquo").setLevel(logging.WARNING)
+    if log.getEffectiveLevel() > logging.DEBUG:  # QuPath's own INFO lines only with --log-level debug
+        for name in ("paquo", "qupath"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         import paquo.projects
     except Exception as exc:  # JVM start failures come as several types
@@ -164,7 +166,9 @@ class PaquoProject:
             try:
                 self.qp = projects.QuPathProject(path, mode="r+" if writable else "r")
             except Exception as exc:
-                raise ProjectError(f"QuPath cannot open the project {path}: {type(exc).__name__}: {exc}") from None
+                raise ProjectError(f"QuPath {qupath_for_paquo()[0]} (through paquo) cannot open the project {path}: "
+                                   f"{type(exc).__name__}: {exc}; --sidecars writes sidecar files without "
+                                   "opening it") from None
         self.writable = writable
         self._entries = {str(e.entry_id): e for e in self.qp.images}
         self.version = str(self.qp.version)

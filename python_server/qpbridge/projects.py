@@ -70,6 +70,7 @@ class BatchResult:
     mode: str  # "paquo" | "sidecars"
     outcomes: list[ImageOutcome] = field(default_factory=list)
     stopped: bool = False
+    dry_run: bool = False
     messages: list[str] = field(default_factory=list)
 
     @property
@@ -458,9 +459,8 @@ def annotate_project(project_path: Path, opts: BatchOptions, *, out: Callable[[s
                 out(f"[{i}/{len(images)}] {image.name}")
                 t0 = time.perf_counter()
                 try:
-                    _one_image(image, opts, runner, writer, outcome,
-                               progress_factory(f"  {image.name}") if progress_factory else None)
-                    outcome.status = "done"
+                    outcome.status = _one_image(image, opts, runner, writer, outcome,
+                                                progress_factory(f"  {image.name}") if progress_factory else None)
                 except QPBridgeError as exc:
                     outcome.status = "failed"
                     outcome.note = str(exc)
@@ -471,6 +471,8 @@ def annotate_project(project_path: Path, opts: BatchOptions, *, out: Callable[[s
                 outcome.seconds = time.perf_counter() - t0
                 if outcome.status == "failed":
                     out(f"  failed: {outcome.note}")
+                elif outcome.status == "skipped":
+                    out(f"  skipped: {outcome.note}")
                 else:
                     out(f"  {outcome.added} objects added, {outcome.removed} earlier ones removed "
                         f"({outcome.seconds:.1f} s){' ' + outcome.note if outcome.note else ''}")
@@ -516,6 +518,9 @@ def _choose_mode(opts: BatchOptions) -> tuple[str, str | None]:
 
 def _dry_run(result: BatchResult, images: list[ProjectImage], opts: BatchOptions, card: dict[str, Any], mode: str,
              out: Callable[[str], None]) -> BatchResult:
+    from qpbridge import project_safety as safety
+
+    result.dry_run = True
     action = "replace" if opts.replace else "append to"
     target = ("the project through paquo" if mode == "paquo" else
               f"sidecar files ({'in ' + str(opts.sidecar_dir) if opts.sidecar_dir else 'beside the images'})")
@@ -534,13 +539,21 @@ def _dry_run(result: BatchResult, images: list[ProjectImage], opts: BatchOptions
                 notes.append(f"(moved from {image.moved_from})")
             if not image.placement.identity:
                 notes.append(f"(entry {'/'.join(image.builder_types)})")
+            problem = safety.data_file_problem(image.data_file) if mode == "paquo" else None
+            if problem:
+                notes.append(f"({problem}: would be restored from QuPath's data.qpdata.bkp when intact)")
             outcome.note = " ".join(notes)
         result.outcomes.append(outcome)
+    if mode == "paquo":
+        for pid, has_it, why in safety.qupath_processes(result.project.folder):
+            out(f"note: QuPath (pid {pid}) " + (f"has this project open ({why}): close it before the real run"
+                                                if has_it else "is running: close this project in it first"))
     return result
 
 
 def _one_image(image: ProjectImage, opts: BatchOptions, runner: Any, writer: Any, outcome: ImageOutcome,
-               on_progress: OnProgress | None) -> None:
+               on_progress: OnProgress | None) -> str:
+    """Run and write one image; returns its status ("done", or "skipped" when there was nothing to run on)."""
     if image.problem:
         raise ProjectError(image.problem)
     assert image.path is not None
@@ -553,7 +566,7 @@ def _one_image(image: ProjectImage, opts: BatchOptions, runner: Any, writer: Any
         rois = writer.rois(handle, opts.roi_class)
         if not rois:
             outcome.note = f"no '{opts.roi_class}' annotation: nothing to do"
-            return
+            return "skipped"
         for parent, geom in rois:
             res = _run_entry(runner, image, mpp, geom, on_progress)
             outcome.tiles += res[1]
@@ -565,6 +578,7 @@ def _one_image(image: ProjectImage, opts: BatchOptions, runner: Any, writer: Any
     added, removed, note = writer.write(handle, groups)
     outcome.added, outcome.removed = added, removed
     outcome.note = " ".join(n for n in (outcome.note, note) if n)
+    return "done"
 
 
 def _run_entry(runner: Any, image: ProjectImage, mpp: float | None, entry_roi: BaseGeometry | None,
@@ -606,9 +620,16 @@ def summary_table(result: BatchResult) -> str:
     for r in rows:
         cells = [r[i][:widths[i]].ljust(widths[i]) if i in (0, 1) else r[i].rjust(widths[i]) for i in range(6)]
         lines.append("  ".join(cells) + ("  " + r[6] if r[6] else ""))
+    if result.dry_run:
+        would = sum(1 for o in result.outcomes if o.status == "would run")
+        lines.append(f"dry run: {would} of {len(result.outcomes)} images would be annotated "
+                     f"{'into the project' if result.mode == 'paquo' else 'as sidecar files'}; nothing was written")
+        return "\n".join(lines)
     done = sum(1 for o in result.outcomes if o.status == "done")
     total_objects = sum(o.added for o in result.outcomes)
+    skipped = sum(1 for o in result.outcomes if o.status == "skipped")
     lines.append(f"{done} of {len(result.outcomes)} images annotated, {total_objects} objects, "
-                 f"{len(result.failed)} failed" + (" (stopped early)" if result.stopped else "")
+                 + (f"{skipped} skipped, " if skipped else "")
+                 + f"{len(result.failed)} failed" + (" (stopped early)" if result.stopped else "")
                  + f"; written {'into the project' if result.mode == 'paquo' else 'as sidecar files'}")
     return "\n".join(lines)
