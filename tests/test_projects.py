@@ -325,7 +325,12 @@ def test_kill_9_leaves_each_image_before_or_complete(paquo_env, tmp_path):
                 if n != "classes"}
 
     full = {n: len(ids) for n, ids in detections().items()}
-    for delay in (0.0, 0.4, 1.0):
+    # How long image 2 takes from its "[2/3]" line to its result line: the kills land across that span, the
+    # last ones in the final part, where the data file is written and renamed.
+    lines = r.stdout.splitlines()
+    second = next(ln for ln in lines[lines.index(next(x for x in lines if x.startswith("[2/3]"))):] if " s)" in ln)
+    span = float(second.rsplit("(", 1)[1].split(" s)")[0])
+    for delay in (0.0, 0.5 * span, 0.85 * span, 0.95 * span, 1.0 * span):
         before = detections()
         p = subprocess.Popen([sys.executable, "-m", "qpbridge", "--log-level", "warning", "annotate-project",
                               str(proj), "--model", "nuclei", "--mpp", MPP, "--quiet"], env=paquo_env,
@@ -347,9 +352,26 @@ def test_kill_9_leaves_each_image_before_or_complete(paquo_env, tmp_path):
         for name, objs in d.items():
             if name != "classes":
                 assert {o["name"] for o in objs if o["type"] == "annotation"} == {x["name"] for x in PATHOLOGIST}
+    # A kill while QuPath writes the new data file (caught by watching for it): the old file stays in place.
+    before = detections()
+    p = subprocess.Popen([sys.executable, "-m", "qpbridge", "--log-level", "warning", "annotate-project",
+                          str(proj), "--model", "nuclei", "--mpp", MPP, "--quiet"], env=paquo_env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    caught = []
+    while not caught and p.poll() is None and time.monotonic() < deadline:
+        caught = list(proj.glob("data/*/data.qpdata.qpbridge-tmp"))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert caught, "the run ended before its first data file was written"
+    after = detections()
+    for name, ids in after.items():
+        assert ids == before[name] or (len(ids) == full[name] and not ids & before[name]), name
     # A run after the kills takes over the stale lock, cleans up and completes.
+    left = list(proj.glob("data/*/*.qpbridge-tmp"))
     r = qpbridge(paquo_env, "annotate-project", str(proj), "--model", "nuclei", "--mpp", MPP, "--quiet")
     assert r.returncode == 0, r.stderr + r.stdout
+    assert not left or "left by an interrupted run" in r.stdout
     assert not list(proj.glob("data/*/*.qpbridge-tmp")) and not (proj / ".qpbridge.lock").exists()
 
 
