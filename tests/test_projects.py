@@ -627,3 +627,22 @@ def test_refuses_while_qupath_has_the_project_open(paquo_env, tmp_path):
     assert r.returncode == 1
     assert f"QuPath (pid {fake.pid}) has this project open" in r.stderr and "--force" in r.stderr
     assert not (proj / ".qpbridge.lock").exists() and not (proj / "data").exists()
+
+
+def test_java_that_does_not_start_falls_back_to_sidecars(paquo_env, tmp_path):
+    bad = tmp_path / "qupath-without-java"
+    (bad / "lib" / "runtime" / "lib" / "server").mkdir(parents=True)
+    (bad / "lib" / "runtime" / "lib" / "server" / "libjvm.so").write_bytes(b"")  # found, but no JVM
+    (bad / "lib" / "app").symlink_to(Path(paquo_env["PAQUO_QUPATH_DIR"]) / "lib" / "app")
+    img = tmp_path / "a.png"
+    im = np.full((200, 200, 3), 235, np.uint8)
+    im[50:150, 50:150] = (150, 60, 140)
+    cv2.imwrite(str(img), im)
+    proj = qupath_json_project(tmp_path, [img])
+    r = qpbridge({**paquo_env, "PAQUO_QUPATH_DIR": str(bad)}, "annotate-project", str(proj), "--model", "tissue",
+                 "--mpp", "2", "--quiet")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "paquo cannot start QuPath" in r.stdout and "writing sidecar GeoJSON files instead" in r.stdout
+    fc = json.loads((tmp_path / "a.png.qpbridge.geojson").read_text())
+    assert len(fc["features"]) == 1 and fc["features"][0]["properties"]["classification"]["name"] == "Tissue"
+    assert not (proj / ".qpbridge.lock").exists()

@@ -445,8 +445,19 @@ def annotate_project(project_path: Path, opts: BatchOptions, *, out: Callable[[s
             if mode == "paquo":
                 for p in safety.clean_leftovers(project.folder):
                     out(f"removed {p} (left by an interrupted run; the data file it was meant for is unchanged)")
-            writer: Any = (PaquoWriter(project, card, opts.model, opts.replace) if mode == "paquo"
-                           else SidecarWriter(opts.model, opts.replace, opts.sidecar_dir))
+            writer: Any = None
+            if mode == "paquo":
+                from qpbridge.paquo_io import PaquoUnavailableError
+
+                try:
+                    writer = PaquoWriter(project, card, opts.model, opts.replace)
+                except PaquoUnavailableError as exc:  # QuPath was found but Java did not start
+                    if opts.sidecars is False or opts.roi_class:
+                        raise
+                    mode = result.mode = "sidecars"
+                    out(f"{exc}: writing sidecar GeoJSON files instead, for QuPath's Import script")
+            if writer is None:
+                writer = SidecarWriter(opts.model, opts.replace, opts.sidecar_dir)
             if after_setup is not None:
                 after_setup()
             for i, image in enumerate(images, 1):
