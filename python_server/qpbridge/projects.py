@@ -430,7 +430,7 @@ def annotate_project(project_path: Path, opts: BatchOptions, *, out: Callable[[s
     if why:
         out(why)
 
-    runner: Any = (ServerRunner(opts.model, opts.server, opts.timeout, opts.tissue_filter) if opts.server else
+    runner: Runner = (ServerRunner(opts.model, opts.server, opts.timeout, opts.tissue_filter) if opts.server else
                    InProcessRunner(opts.model, opts.models_dir, opts.device, opts.tissue_filter, opts.readers))
     card = runner.card()
     try:
@@ -445,7 +445,7 @@ def annotate_project(project_path: Path, opts: BatchOptions, *, out: Callable[[s
             if mode == "paquo":
                 for p in safety.clean_leftovers(project.folder):
                     out(f"removed {p} (left by an interrupted run; the data file it was meant for is unchanged)")
-            writer: Any = None
+            writer: Writer | None = None
             if mode == "paquo":
                 from qpbridge.paquo_io import PaquoUnavailableError
 
@@ -562,7 +562,7 @@ def _dry_run(result: BatchResult, images: list[ProjectImage], opts: BatchOptions
     return result
 
 
-def _one_image(image: ProjectImage, opts: BatchOptions, runner: Any, writer: Any, outcome: ImageOutcome,
+def _one_image(image: ProjectImage, opts: BatchOptions, runner: Runner, writer: Writer, outcome: ImageOutcome,
                on_progress: OnProgress | None) -> str:
     """Run and write one image; returns its status ("done", or "skipped" when there was nothing to run on)."""
     if image.problem:
@@ -592,7 +592,7 @@ def _one_image(image: ProjectImage, opts: BatchOptions, runner: Any, writer: Any
     return "done"
 
 
-def _run_entry(runner: Any, image: ProjectImage, mpp: float | None, entry_roi: BaseGeometry | None,
+def _run_entry(runner: Runner, image: ProjectImage, mpp: float | None, entry_roi: BaseGeometry | None,
                on_progress: OnProgress | None) -> tuple[list[dict[str, Any]], int]:
     """Run on the image file with an ROI given in entry coordinates; features back in entry coordinates."""
     assert image.path is not None
