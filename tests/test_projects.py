@@ -646,3 +646,21 @@ def test_java_that_does_not_start_falls_back_to_sidecars(paquo_env, tmp_path):
     fc = json.loads((tmp_path / "a.png.qpbridge.geojson").read_text())
     assert len(fc["features"]) == 1 and fc["features"][0]["properties"]["classification"]["name"] == "Tissue"
     assert not (proj / ".qpbridge.lock").exists()
+
+
+def test_an_image_qupath_cannot_open_here_is_reported_before_running(paquo_env, tmp_path):
+    """The CMU slide through OpenSlide without libopenslide: QuPath cannot build the entry's image server."""
+    import ctypes.util
+
+    svs = need_data(CMU_SVS)
+    if ctypes.util.find_library("openslide") is not None:
+        pytest.skip("libopenslide is installed: QuPath opens the slide here")
+    proj = qupath_style_project(paquo_env, tmp_path, svs, "qupath.lib.images.servers.openslide.OpenslideServerBuilder")
+    entry = proj / "data" / "1"
+    (entry / "data.qpdata").unlink()
+    r = qpbridge(paquo_env, "annotate-project", str(proj), "--model", "nuclei", "--images", "CMU*", "--quiet")
+    assert r.returncode == 1
+    assert "QuPath cannot open this image here" in r.stdout and "--sidecars" in r.stdout
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("CMU-1-Small-Region.svs "))
+    assert row.split()[1:5] == ["failed", "0", "0", "0"]  # no objects, nothing removed, no tile run
+    assert not (entry / "data.qpdata").exists()

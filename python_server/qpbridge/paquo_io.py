@@ -29,6 +29,8 @@ from qpbridge.qpproj import ProjectImage
 
 log = logging.getLogger("qpbridge")
 MODEL_KEY = "qpbridge.model"
+SIDECAR_HINT = ("Install the image reader QuPath used for it (e.g. libopenslide0 for OpenSlide), or write sidecar "
+                "files with --sidecars and import them in QuPath")
 
 
 class PaquoUnavailableError(ProjectError):
@@ -229,6 +231,15 @@ class EntryData:
             raise ProjectError(f"{image.name}: {note}")
         self.image_data = self._read()
         self.hierarchy = self.image_data.getHierarchy()
+        try:
+            server = self.image_data.getServer()
+        except Exception as exc:
+            server, why = None, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "no image server"
+        if server is None:  # QuPath cannot write an entry without its image server
+            raise ProjectError(f"{image.name}: QuPath cannot open the image file here ({why}; reader "
+                               f"{image.provider or '?'}); nothing written. {SIDECAR_HINT}")
 
     def _read(self) -> Any:
         path_io = _jclass("qupath.lib.io.PathIO")
@@ -239,7 +250,7 @@ class EntryData:
                 data = self.entry_dir / safety.DATA_FILE
                 if not data.is_file():
                     raise ProjectError(f"{self.image.name}: QuPath cannot open this image here ({first}) and the "
-                                       "entry has no data yet; nothing written") from None
+                                       f"entry has no data yet; nothing written. {SIDECAR_HINT}") from None
                 try:  # the data file carries its own server description: use it (as paquo does)
                     return path_io.readImageData(_jclass("java.io.File")(str(data)), None, None,
                                                  _jclass("java.awt.image.BufferedImage"))
