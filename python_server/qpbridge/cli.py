@@ -1,4 +1,4 @@
-"""Command line: ``qpbridge serve | predict | models | install-qupath``.
+"""Command line: ``qpbridge serve | predict | annotate | annotate-project | models | install-qupath | doctor``.
 
 ``main(argv) -> int`` is the whole CLI (tested in process); errors of the package become one-line
 messages and exit code 1, usage errors exit code 2.
@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,16 +29,10 @@ def _setup_logging(level: str) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to the target, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, allow_nan=False, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically with the user's normal file mode (see :mod:`qpbridge.files`)."""
+    from qpbridge.files import write_json_atomic as write
+
+    write(path, data)
 
 
 # ---- commands -------------------------------------------------------------------------------------
@@ -99,6 +92,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
                         any_model_path=True)
         card = engine.check_image(args.model, image)
+        from qpbridge.projects import require_weights
+
+        require_weights(card.to_wire())
         plan_ = make_plan(card, region, mpp)
         features, _ = run_plan(engine, args.model, plan_, source.read,
                                FeatureBuilder(card, mpp, None, (source.width, source.height)))
@@ -143,10 +139,16 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if not args.output and args.sidecar is None:
         raise QPBridgeError("say where the results go: -o FILE.geojson, and/or --sidecar [DIR] (the file QuPath's "
                             "'Import qpbridge GeoJSON' script finds)")
+    slide_path = Path(args.slide)
+    if slide_path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        raise QPBridgeError(f"{slide_path.name} is a plain image, not a slide: use `qpbridge predict {args.slide} "
+                            f"--model {args.model} -o {args.output or 'out.geojson'}` (it also takes TIFF images)")
     engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
                     any_model_path=True)
+    from qpbridge.projects import require_weights
+
+    require_weights(engine.card(args.model).to_wire())  # before any work: tissue detection runs first
     roi = read_roi(Path(args.roi)) if args.roi else None
-    slide_path = Path(args.slide)
     result = annotate_slide(engine, slide_path, args.model, mpp=args.mpp, roi=roi,
                             tissue_filter=not args.no_tissue_filter, readers=args.readers,
                             on_progress=ProgressLine(slide_path.name, not args.quiet))
@@ -198,6 +200,49 @@ def cmd_install_qupath(args: argparse.Namespace) -> int:
     return install_qupath(Path(args.user_dir) if args.user_dir else None,
                           Path(args.jeromq) if args.jeromq else None,
                           download_url=url, download_sha256=args.jeromq_sha256 or JEROMQ_SHA256)
+
+
+def cmd_annotate_project(args: argparse.Namespace) -> int:
+    from qpbridge.projects import BatchOptions, StopFlag, annotate_project, summary_table
+
+    opts = BatchOptions(model=args.model, images=args.images, replace=not args.append, dry_run=args.dry_run,
+                        server=args.server, mpp=args.mpp, roi_class=args.roi_class,
+                        sidecars=True if args.sidecars else (False if args.paquo else None),
+                        sidecar_dir=Path(args.sidecar_dir) if args.sidecar_dir else None,
+                        models_dir=Path(args.models_dir) if args.models_dir else None, device=args.device,
+                        tissue_filter=not args.no_tissue_filter, timeout=args.timeout, force=args.force)
+    stop = StopFlag()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nqpbridge: stopping after the current image (Ctrl-C again to stop at once; the current image "
+              "is then left as it was)", file=sys.stderr, flush=True)
+
+    def handle_sigint() -> None:
+        signal.signal(signal.SIGINT, on_sigint)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = annotate_project(Path(args.project), opts, out=lambda s: print(s, flush=True),
+                                  progress_factory=lambda label: ProgressLine(label, not args.quiet), stop=stop,
+                                  after_setup=handle_sigint)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print()
+    print(summary_table(result))
+    for m in result.messages:
+        print(m)
+    if result.stopped:
+        return 130
+    return 1 if result.failed else 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from qpbridge.doctor import run_doctor
+
+    return run_doctor(args.server, Path(args.user_dir) if args.user_dir else None)
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -264,6 +309,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--timeout", type=float, default=10.0)
     m.set_defaults(func=cmd_models)
 
+    ap = sub.add_parser("annotate-project", help="run a model over the images of a QuPath project (paquo, or "
+                        "sidecar GeoJSON files without Java)")
+    ap.add_argument("project", help="project folder or its project.qpproj")
+    ap.add_argument("--model", required=True, help="model card name, or the path of a model folder")
+    ap.add_argument("--images", metavar="GLOB", help="only images whose name matches (e.g. '*.svs')")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--replace", action="store_true", default=True,
+                      help="remove earlier results of this model first (default; never touches other objects)")
+    mode.add_argument("--append", action="store_true", help="keep earlier results of this model")
+    ap.add_argument("--dry-run", action="store_true", help="list what would be done; run and write nothing")
+    ap.add_argument("--server", help="server address (default: run in this process)")
+    ap.add_argument("--mpp", type=float, help="full-resolution pixel size in µm/px for images that record none")
+    ap.add_argument("--roi-class", metavar="NAME", help="run only inside annotations of this class; results go "
+                    "below them (needs paquo)")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--sidecars", action="store_true", help="write <image>.qpbridge.geojson files instead of "
+                     "the project (no Java needed; import them with QuPath's Import script)")
+    out.add_argument("--paquo", action="store_true", help="write through paquo only (fail if it cannot start)")
+    ap.add_argument("--sidecar-dir", metavar="DIR",
+                    help="folder for the sidecar files (implies --sidecars; default: beside each image)")
+    ap.add_argument("--force", action="store_true", help="write even when QuPath seems to have the project open")
+    ap.add_argument("--no-tissue-filter", action="store_true", help="run on background tiles too")
+    ap.add_argument("--models-dir", help="extra model cards (in-process runs)")
+    ap.add_argument("--device", default="auto", help="in-process device: auto, cpu, cuda or cuda:N")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a server reply")
+    ap.add_argument("--quiet", action="store_true", help="no tile progress lines")
+    ap.set_defaults(func=cmd_annotate_project)
+
     q = sub.add_parser("install-qupath", help="install the QuPath scripts and the JeroMQ jar")
     q.add_argument("--user-dir", help="QuPath user directory (default: the newest ~/QuPath/v*)")
     q.add_argument("--jeromq", help="path to a jeromq-*.jar to copy into the extensions folder")
@@ -273,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--jeromq-sha256", default=None, help="the SHA-256 the downloaded jar must have (with --jeromq-url)")
     q.add_argument("--no-download", action="store_true", help="never download JeroMQ; only report it missing")
     q.set_defaults(func=cmd_install_qupath)
+    dr = sub.add_parser("doctor", help="check the installation: packages, torch and CUDA, paquo and QuPath, "
+                        "JeroMQ in QuPath, the server and model weights")
+    dr.add_argument("--server", help="server address to check (default: tcp://127.0.0.1:5555, a warning if absent)")
+    dr.add_argument("--user-dir", help="QuPath user directory (default: the newest ~/QuPath/v*)")
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 
@@ -281,7 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # The reader of our output has gone (`qpbridge models --json | head`): not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except QPBridgeError as err:
         print(f"qpbridge: error: {err}", file=sys.stderr)
         return 1

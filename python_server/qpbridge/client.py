@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 
 from qpbridge import PROTOCOL_VERSION, __version__
-from qpbridge.errors import BadRequestError, RemoteError, ServerUnavailableError
+from qpbridge.errors import BadRequestError, ClientError, RemoteError, ServerUnavailableError
 from qpbridge.protocol import ImageInfo, TileSpec, encode_tile
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -27,6 +27,8 @@ Tile = tuple[TileSpec, np.ndarray]
 class Client:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout_s: float = 60.0,
                  context: zmq.Context | None = None) -> None:
+        if not address.startswith(("tcp://", "ipc://", "inproc://")) or address.endswith("://"):
+            raise ClientError(f"invalid address {address!r}: write it as tcp://HOST:PORT, e.g. {DEFAULT_ADDRESS}")
         self.address = address
         self.timeout_s = timeout_s
         self._own_ctx = context is None

@@ -115,3 +115,15 @@ class RemoteError(ClientError):
     def __init__(self, code: str, message: str, **details: Any) -> None:
         super().__init__(message, **details)
         self.code = code
+
+
+class ProjectError(QPBridgeError):
+    """A QuPath project that cannot be read, or written safely."""
+
+    code = "project"
+
+
+class ProjectBusyError(ProjectError):
+    """QuPath (or another qpbridge run) has the project open."""
+
+    code = "project_busy"

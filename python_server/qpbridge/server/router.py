@@ -49,6 +49,14 @@ SLIDE_CAPABILITY = "slide-jobs"
 MAX_PAGE = 10000
 
 
+def check_bind_address(address: str) -> None:
+    """A ZeroMQ endpoint as the server takes it: tcp://HOST:PORT, ipc://PATH or inproc://NAME."""
+    if address.startswith(("ipc://", "inproc://")):
+        return
+    if not address.startswith("tcp://") or ":" not in address[len("tcp://"):]:
+        raise QPBridgeError(f"invalid address {address!r}: write it as tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555")
+
+
 def is_loopback_address(address: str) -> bool:
     """True for tcp://127.x, tcp://[::1], tcp://localhost and ipc:// / inproc:// endpoints."""
     if not address.startswith("tcp://"):
@@ -73,6 +81,7 @@ class Server:
     def __init__(self, engine: Engine, bind: str = "tcp://127.0.0.1:5555", *, limits: Limits | None = None,
                  workers: int = 2, allow_remote: bool = False, slide_roots: list[Path] | None = None,
                  slide_jobs: int = 1) -> None:
+        check_bind_address(bind)
         if not is_loopback_address(bind) and not allow_remote:
             raise QPBridgeError(
                 f"refusing to bind {bind}: it is reachable from other machines and the protocol has no "
@@ -88,7 +97,14 @@ class Server:
         # libzmq refuses larger frames before allocating them (the peer is disconnected).
         self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self._router.bind(bind)
+        try:
+            self._router.bind(bind)
+        except zmq.ZMQError as exc:
+            self._router.close(linger=0)
+            self._ctx.term()
+            hint = (" (another qpbridge server, or another program, uses it: stop that one or choose another port "
+                    "with --bind)" if exc.errno == zmq.EADDRINUSE else "")
+            raise QPBridgeError(f"cannot bind {bind}: {exc.strerror}{hint}") from None
         self.address = str(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
         self._reply_addr = f"inproc://qpbridge-replies-{id(self)}"
         self._replies = self._ctx.socket(zmq.PULL)
@@ -128,8 +144,9 @@ class Server:
                  PROTOCOL_VERSION, self.engine.device, self.workers)
         if self.slide_roots:
             log.info("slide jobs read files below: %s", ", ".join(str(r) for r in self.slide_roots))
-        log.info("models: %s", ", ".join(f"{n} ({c.task}, {c.mpp} µm/px)" for n, c in
-                                         sorted(self.engine.cards.items())))
+        log.info("models: %s", ", ".join(
+            f"{n} ({c.task}, {c.mpp} µm/px{'' if c.to_wire()['available'] else ', weights missing'})"
+            for n, c in sorted(self.engine.cards.items())))
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
