@@ -207,9 +207,12 @@ class QpbQuPath {
                         feature.getAsJsonObject('properties') : null
                 boolean annotation = isAnnotationFeature(props)
                 if (!keep && !annotation && props != null) props.remove('metadata')
+                // Read the tag from the JSON: no reflective metadata call per object when the server tagged it.
+                boolean tagged = props != null && props.get('metadata') instanceof JsonObject &&
+                        props.getAsJsonObject('metadata').has(MODEL_KEY)
                 PathObject o = (PathObject) gson.fromJson(feature, PathObject)
                 if (o == null) continue
-                if (model != null && (annotation || keep) && metadataValue(o, MODEL_KEY) == null) setMetadata(o, MODEL_KEY, model)
+                if (model != null && (annotation || keep) && !tagged) setMetadata(o, MODEL_KEY, model)
                 out.add(o)
             } catch (Exception e) {
                 failed++

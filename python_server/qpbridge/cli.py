@@ -28,13 +28,6 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON atomically with the user's normal file mode (see :mod:`qpbridge.files`)."""
-    from qpbridge.files import write_json_atomic as write
-
-    write(path, data)
-
-
 # ---- commands -------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from qpbridge.devices import resolve_device
@@ -63,6 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from qpbridge.files import write_json_atomic
     from qpbridge.geometry import feature_collection
     from qpbridge.images import ArrayImage, read_image
     from qpbridge.protocol import ImageInfo
@@ -83,22 +77,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                           on_progress=lambda r: sent.append(r["tiles_done"]))
         n_tiles = sent[-1] if sent else 0
     else:
-        from qpbridge.annotate import run_plan
+        from qpbridge.annotate import annotate_image
+        from qpbridge.cards import require_weights
         from qpbridge.devices import resolve_device
         from qpbridge.engine import Engine
-        from qpbridge.engine.features import FeatureBuilder
-        from qpbridge.engine.plan import make_plan
 
         engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
                         any_model_path=True)
-        card = engine.check_image(args.model, image)
-        from qpbridge.projects import require_weights
-
-        require_weights(card.to_wire())
-        plan_ = make_plan(card, region, mpp)
-        features, _ = run_plan(engine, args.model, plan_, source.read,
-                               FeatureBuilder(card, mpp, None, (source.width, source.height)))
-        n_tiles = len(plan_.tiles)
+        require_weights(engine.card(args.model).to_wire())
+        features, stats = annotate_image(engine, args.model, img, mpp, name=path.name)
+        n_tiles = stats.tiles
     out = Path(args.output)
     write_json_atomic(out, feature_collection(features))
     print(f"{len(features)} features from {n_tiles} tiles in {time.perf_counter() - t0:.2f} s -> {out}")
@@ -132,6 +120,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from qpbridge.annotate import annotate_slide
     from qpbridge.devices import resolve_device
     from qpbridge.engine import Engine
+    from qpbridge.files import write_json_atomic
     from qpbridge.geometry import feature_collection
     from qpbridge.roi import read_roi
     from qpbridge.sidecars import sidecar_path
@@ -145,7 +134,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                             f"--model {args.model} -o {args.output or 'out.geojson'}` (it also takes TIFF images)")
     engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
                     any_model_path=True)
-    from qpbridge.projects import require_weights
+    from qpbridge.cards import require_weights
 
     require_weights(engine.card(args.model).to_wire())  # before any work: tissue detection runs first
     roi = read_roi(Path(args.roi)) if args.roi else None

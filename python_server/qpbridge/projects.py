@@ -24,9 +24,10 @@ import shapely
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from qpbridge.annotate import Progress
-from qpbridge.cards import ModelCard
-from qpbridge.errors import ModelLoadError, ProjectError, QPBridgeError, UnknownModelError
+from qpbridge.annotate import roi_region
+from qpbridge.cards import ModelCard, require_weights
+from qpbridge.engine.session import Progress
+from qpbridge.errors import ProjectError, QPBridgeError, UnknownModelError
 from qpbridge.qpproj import Placement, ProjectImage, QuPathProjectFile, read_project
 
 log = logging.getLogger("qpbridge")
@@ -144,23 +145,13 @@ class InProcessRunner:
 
     def _run_plain(self, path: Path, mpp: float | None, roi: BaseGeometry | None,
                    on_progress: OnProgress | None) -> FileResult:
-        from qpbridge.annotate import run_plan
-        from qpbridge.engine.features import FeatureBuilder
-        from qpbridge.engine.plan import make_plan
-        from qpbridge.images import ArrayImage, read_image
-        from qpbridge.protocol import ImageInfo
+        from qpbridge.annotate import annotate_image
+        from qpbridge.images import read_image
 
         rgb, file_mpp = read_image(path)
-        mpp = mpp if mpp is not None else file_mpp
-        source = ArrayImage(rgb)
-        card = self.engine.check_image(self.model, ImageInfo(name=path.name, mpp=mpp, width=source.width,
-                                                             height=source.height))
-        region = _region(roi, source.width, source.height)
-        plan = make_plan(card, region, mpp, roi)
-        features, stats = run_plan(self.engine, self.model, plan, source.read,
-                                   FeatureBuilder(card, mpp, roi, (source.width, source.height)),
-                                   on_progress=on_progress)
-        return FileResult(features, source.width, source.height, stats.tiles)
+        features, stats = annotate_image(self.engine, self.model, rgb, mpp if mpp is not None else file_mpp,
+                                         name=path.name, roi=roi, on_progress=on_progress)
+        return FileResult(features, rgb.shape[1], rgb.shape[0], stats.tiles)
 
 
 class ServerRunner:
@@ -246,7 +237,7 @@ class ServerRunner:
             source = Slide(path, mpp)
             mpp = source.mpp
         image = ImageInfo(name=path.name, mpp=mpp, width=source.width, height=source.height)
-        region = _region(roi, source.width, source.height)
+        region = roi_region(roi, source.width, source.height)
         t0 = time.monotonic()
 
         done: list[int] = []
@@ -259,22 +250,6 @@ class ServerRunner:
         features = self.client.run_planned(self.model, image, region, source.read,
                                            roi=mapping(roi) if roi is not None else None, on_progress=progress)
         return FileResult(features, source.width, source.height, done[-1] if done else 0)
-
-
-def require_weights(card: dict[str, Any], where: str = "") -> None:
-    if not card.get("available", True):
-        raise ModelLoadError(f"model '{card['name']}' has no weights installed{where}: see the model card's README "
-                             "(qpbridge models lists what is installed); nothing was run")
-
-
-def _region(roi: BaseGeometry | None, width: int, height: int) -> tuple[int, int, int, int]:
-    if roi is None or roi.is_empty:
-        return (0, 0, width, height)
-    import math
-
-    x0, y0, x1, y1 = roi.bounds
-    x0, y0 = max(0, int(x0)), max(0, int(y0))
-    return (x0, y0, min(width, math.ceil(x1)) - x0, min(height, math.ceil(y1)) - y0)
 
 
 # ---- coordinates between the file and the project entry -------------------------------------------

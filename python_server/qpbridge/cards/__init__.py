@@ -8,6 +8,7 @@ from qpbridge.cards.card import (
     builtin_cards_dir,
     card_schema,
     load_card,
+    require_weights,
     validate_card_dict,
 )
 from qpbridge.cards.discovery import discover_cards
@@ -30,6 +31,7 @@ __all__ = [
     "is_wsinfer_config",
     "load_card",
     "load_model_folder",
+    "require_weights",
     "sanitize_name",
     "validate_card_dict",
     "wsinfer_card_dict",

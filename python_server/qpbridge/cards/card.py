@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from qpbridge.errors import ModelCardError
+from qpbridge.errors import ModelCardError, ModelLoadError
 
 CARD_FILE = "config.json"
 
@@ -159,3 +159,10 @@ def builtin_cards_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[3] / "models"
+
+
+def require_weights(card: dict[str, Any], where: str = "") -> None:
+    """Refuse, before any work, a model whose card (as the ``models`` op reports it) has no weights installed."""
+    if not card.get("available", True):
+        raise ModelLoadError(f"model '{card['name']}' has no weights installed{where}: see the model card's README "
+                             "(qpbridge models lists what is installed); nothing was run")
