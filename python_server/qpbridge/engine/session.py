@@ -11,7 +11,11 @@ model is fed the next batch while the previous one is stitched:
    ``prefetch_blocks`` ahead;
 2. the model: one thread gathers tiles into the card's batches and runs them (the model's own device
    worker batches further across callers); ``thread_safe = False`` families are called one at a time;
-3. stitching and features, on the calling thread, at most ``queue_batches`` batches behind the model.
+3. stitching (blending and tracing), on the calling thread, at most ``queue_batches`` batches behind the
+   model;
+4. features: the traced polygons of each batch are cleaned, measured and turned into GeoJSON in chunks on
+   the shared post-processing pool (vectorised shapely calls, which release the GIL), at most a few chunks
+   per thread behind the stitcher, and handed to the sink in the order they were traced.
 
 Each stage's busy time is measured; the model's idle fraction (1 - busy / wall) says how much of the
 run the model (the GPU, for a torch family on CUDA) waited for the other stages.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ from qpbridge.engine.reading import ReadBox, blocks_of, read_block
 from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
 from qpbridge.errors import BadRequestError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
+from qpbridge.pools import pool_size, postprocess_pool
 from qpbridge.protocol import TileSpec, planned_tile_spec
 
 if TYPE_CHECKING:
@@ -79,6 +85,8 @@ class RunStats:
     model_s: float = 0.0
     stitch_s: float = 0.0
     stitch_wait_s: float = 0.0  # time the stitching stage waited for model outputs
+    features_s: float = 0.0  # building features, summed over the pool's threads
+    features: int = 0
     readers: int = 1
     device_s: float | None = None  # time the model's device computed (GPU time on CUDA), when known
     cancelled: bool = False
@@ -93,7 +101,8 @@ class RunStats:
     @property
     def limit(self) -> str:
         """The stage that bounds the throughput: the busiest one (reading per reader thread)."""
-        busy = {"reading": self.read_s / max(1, self.readers), "model": self.model_s, "stitching": self.stitch_s}
+        busy = {"reading": self.read_s / max(1, self.readers), "model": self.model_s, "stitching": self.stitch_s,
+                "features": self.features_s / pool_size()}
         return max(busy, key=lambda k: busy[k])
 
     def table(self) -> str:
@@ -101,7 +110,8 @@ class RunStats:
         device = f" (device {self.device_s:.2f} s)" if self.device_s is not None else ""
         return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s); busy: reading "
                 f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s{device}, stitching "
-                f"{self.stitch_s:.2f} s; model idle {100 * self.model_idle_fraction:.0f}% of the run "
+                f"{self.stitch_s:.2f} s, features {self.features_s:.2f} s over {pool_size()} threads "
+                f"({self.features} features); model idle {100 * self.model_idle_fraction:.0f}% of the run "
                 f"(waiting for pixels {self.read_wait_s:.2f} s); limit: {self.limit}")
 
 
@@ -118,6 +128,7 @@ def make_stitcher(card: ModelCard, plan: TilePlan,
 
 
 _END = object()
+FEATURE_CHUNK = 512  # polygons per feature-building task
 
 
 class PlanRun:
@@ -130,15 +141,44 @@ class PlanRun:
         self.card = engine.card(model_name)
         self.plan = plan
         self.sink = sink
+        self.builder = builder
         self._lock = threading.Lock()
         self._by_origin: dict[tuple[int, int], PlannedTile] | None = None
+        self._traced: list[tuple[BaseGeometry, int, dict[str, Any] | None]] = []
+        self._building: deque[Future[list[dict[str, Any] | None]]] = deque()
+        self._stats_lock = threading.Lock()
+        self.features_s = 0.0
+        self.features = 0
 
         def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:
-            f = builder.build(geom, cls, plan.origin_x, plan.origin_y, plan.ds, plan.ds, extra)
-            if f is not None:
-                sink(f)
+            self._traced.append((geom, cls, extra))
 
         self.stitcher = make_stitcher(self.card, plan, emit)
+
+    # ---- features, built off the stitching thread --------------------------------------------------------
+
+    def _build(self, items: list[tuple[BaseGeometry, int, dict[str, Any] | None]]) -> list[dict[str, Any] | None]:
+        t = time.perf_counter()
+        plan = self.plan
+        out = self.builder.build_many([g for g, _, _ in items], [c for _, c, _ in items], plan.origin_x,
+                                      plan.origin_y, plan.ds, plan.ds, [e for _, _, e in items])
+        with self._stats_lock:
+            self.features_s += time.perf_counter() - t
+        return out
+
+    def _dispatch(self, wait: bool = False) -> None:
+        """Send the polygons traced so far to the pool, and the features built so far (in order) to the
+        sink; with ``wait``, all of them. Called with ``_lock`` held."""
+        traced, self._traced = self._traced, []
+        pool = postprocess_pool()
+        for k in range(0, len(traced), FEATURE_CHUNK):
+            self._building.append(pool.submit(self._build, traced[k:k + FEATURE_CHUNK]))
+        backlog = 4 * pool_size()  # bounded: the stitcher waits rather than queue without limit
+        while self._building and (wait or self._building[0].done() or len(self._building) > backlog):
+            for f in self._building.popleft().result():
+                if f is not None:
+                    self.features += 1
+                    self.sink(f)
 
     # ---- tiles sent by a client --------------------------------------------------------------------------
 
@@ -185,11 +225,14 @@ class PlanRun:
                 done += 1
                 if on_tile is not None:
                     on_tile(i)
+        with self._lock:  # a client's request is the unit: its features are in before the reply
+            self._dispatch(wait=True)
         return done
 
     def stitch(self, tile: PlannedTile, result: TileResult) -> None:
         with self._lock:
             _add(self.stitcher, tile, result)
+            self._dispatch()
 
     def stitch_batch(self, tiles: Sequence[PlannedTile], results: Sequence[TileResult]) -> None:
         """Several tiles at once: instance tiles are polygonised in parallel."""
@@ -197,13 +240,18 @@ class PlanRun:
             items = [(t, r) for t, r in zip(tiles, results, strict=True) if isinstance(r, InstanceResult)]
             with self._lock:
                 self.stitcher.add_batch(items)
+                self._dispatch()
             return
-        for tile, result in zip(tiles, results, strict=True):
-            self.stitch(tile, result)
+        with self._lock:
+            for tile, result in zip(tiles, results, strict=True):
+                _add(self.stitcher, tile, result)
+            self._dispatch()
 
     def finish(self) -> None:
+        """Close every region and hand every feature to the sink."""
         with self._lock:
             self.stitcher.finish()
+            self._dispatch(wait=True)
 
     # ---- the whole plan, read by the engine --------------------------------------------------------------
 
@@ -304,6 +352,7 @@ class PlanRun:
             stats.stitch_s += time.perf_counter() - t
         stats.tiles = done
         stats.seconds = time.perf_counter() - t0
+        stats.features_s, stats.features = self.features_s, self.features
         device_after = model.device_busy_s()
         if device_before is not None and device_after is not None:
             stats.device_s = device_after - device_before
