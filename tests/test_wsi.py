@@ -68,6 +68,47 @@ def test_slide_reading_picks_the_pyramid_level(shapes_slide):
     assert (edge[150:, 150:] == 255).all()
 
 
+def _zarr_level(s: Slide, level: int) -> np.ndarray:
+    """A whole pyramid level as tiffslide's zarr store decodes it."""
+    grp = s._handle().ts_zarr_grp
+    arr = grp[str(level)] if hasattr(grp, "keys") and str(level) in grp else grp
+    return np.asarray(arr[:])
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib", None])
+def test_direct_tile_reads_equal_tiffslide(tmp_path, compression):
+    """Tiled levels are read by pread + tifffile's decoder; their pixels must be those of tiffslide's zarr
+    store, at every level, across tile borders and in the partial tiles at the image's edges."""
+    rng = np.random.default_rng(5)
+    img = cv2.resize(rng.integers(0, 255, (37, 51, 3), dtype=np.uint8), (1310, 950), interpolation=cv2.INTER_CUBIC)
+    s = Slide(write_pyramid(tmp_path / f"p-{compression}.tif", img, mpp=0.5, compression=compression))
+    assert s._direct is not None and all(s._direct.can_read(i) for i in range(3))
+    for level, (w, h) in enumerate(s.level_dimensions):
+        ref = _zarr_level(s, level)
+        assert ref.shape == (h, w, 3)
+        boxes = ((0, 0, w, h), (w // 5, h // 3, w - 7, h - 1), (w - 60, h - 50, w, h), (3, 250, 300, 260))
+        for x0, y0, x1, y1 in boxes:
+            x1, y1 = min(x1, w), min(y1, h)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            np.testing.assert_array_equal(s._direct.read(level, x0, y0, x1, y1), ref[y0:y1, x0:x1],
+                                          err_msg=f"level {level} box {(x0, y0, x1, y1)}")
+    full = s.read(-40, -30, 1400, 1000, 1440, 1030)  # whole image at level 0, with white past the edges
+    np.testing.assert_array_equal(full[30:980, 40:1350], _zarr_level(s, 0))
+    assert (full[:30] == 255).all() and (full[:, 1350:] == 255).all()
+    s.close()
+    assert s._direct is None
+
+
+def test_direct_reads_of_the_cmu_svs_equal_tiffslide():
+    s = Slide(need_data(CMU_SVS))
+    assert s._direct is not None
+    box = (333.3, 101.9, 2100.0, 1900.0, 900, 917)
+    got = s.read(*box)
+    s.close()  # the same read through tiffslide's read_region (level 0: exact coordinates)
+    np.testing.assert_array_equal(got, s.read(*box))
+
+
 def test_shapes_crossing_tiles_come_back_as_one_polygon_each(shapes_slide, models_dir):
     path, masks = shapes_slide
     engine = Engine(models_dir)
