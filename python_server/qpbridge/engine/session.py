@@ -7,8 +7,9 @@ slide jobs (the server reads the slide: :meth:`PlanRun.run`).
 :meth:`PlanRun.run` is a pipeline of three stages joined by bounded queues, so memory stays flat and the
 model is fed the next batch while the previous one is stitched:
 
-1. reading: row blocks of tiles (:mod:`qpbridge.engine.reading`) on a thread pool, at most
-   ``prefetch_blocks`` ahead;
+1. reading: row blocks of tiles (:mod:`qpbridge.engine.reading`) on a thread pool, at least
+   ``prefetch_blocks`` and at least two model batches' worth of tiles ahead (so the next batch is read
+   while the model runs this one);
 2. the model: one thread gathers tiles into the card's batches and runs them (the model's own device
    worker batches further across callers); ``thread_safe = False`` families are called one at a time;
 3. stitching (blending and tracing), on the calling thread, at most ``queue_batches`` batches behind the
@@ -70,7 +71,7 @@ class Progress:
 @dataclass
 class RunOptions:
     readers: int = 2  # threads reading blocks
-    prefetch_blocks: int = 8  # block reads in flight
+    prefetch_blocks: int = 8  # block reads in flight (at least two batches' worth)
     queue_batches: int = 2  # model outputs waiting to be stitched
 
 
@@ -243,8 +244,11 @@ class PlanRun:
                 self._dispatch()
             return
         with self._lock:
-            for tile, result in zip(tiles, results, strict=True):
-                _add(self.stitcher, tile, result)
+            if isinstance(self.stitcher, SemanticStitcher) and all(isinstance(r, SemanticResult) for r in results):
+                self.stitcher.add_batch(tiles, [r for r in results if isinstance(r, SemanticResult)])
+            else:
+                for tile, result in zip(tiles, results, strict=True):
+                    _add(self.stitcher, tile, result)
             self._dispatch()
 
     def finish(self) -> None:
@@ -299,7 +303,10 @@ class PlanRun:
                     pending.clear()
                     return ok
 
-                reads = _ahead(pool, blocks_of(plan), timed_read, opts.prefetch_blocks)
+                blocks = blocks_of(plan)
+                per_block = max(1, len(plan.tiles) // max(1, len(blocks)))
+                depth = max(opts.prefetch_blocks, -(-2 * batch_size // per_block))
+                reads = _ahead(pool, blocks, timed_read, depth)
                 try:
                     for fut in reads:
                         if stopped():
