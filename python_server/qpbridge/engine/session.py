@@ -10,8 +10,10 @@ model is fed the next batch while the previous one is stitched:
 1. reading: row blocks of tiles (:mod:`qpbridge.engine.reading`) on a thread pool, at least
    ``prefetch_blocks`` and at least two model batches' worth of tiles ahead (so the next batch is read
    while the model runs this one);
-2. the model: one thread gathers tiles into the card's batches and runs them (the model's own device
-   worker batches further across callers); ``thread_safe = False`` families are called one at a time;
+2. the model: one thread gathers tiles into the card's batches and hands them to ``feeders`` threads
+   that call the model (so the next batch is stacked and handed over while the device worker launches
+   this one; the worker batches further across callers); results go on in plan order;
+   ``thread_safe = False`` families are called one at a time;
 3. stitching (blending and tracing), on the calling thread, at most ``queue_batches`` batches behind the
    model;
 4. features: the traced polygons of each batch are cleaned, measured and turned into GeoJSON in chunks on
@@ -73,6 +75,7 @@ class RunOptions:
     readers: int = 2  # threads reading blocks
     prefetch_blocks: int = 8  # block reads in flight (at least two batches' worth)
     queue_batches: int = 2  # model outputs waiting to be stitched
+    feeders: int = 2  # threads calling the model, each with one batch
 
 
 @dataclass
@@ -83,7 +86,8 @@ class RunStats:
     seconds: float = 0.0
     read_s: float = 0.0
     read_wait_s: float = 0.0  # time the model stage waited for pixels: > 0 means reading is the wall
-    model_s: float = 0.0
+    model_s: float = 0.0  # in model calls, summed over the feeder threads
+    feeders: int = 1
     stitch_s: float = 0.0
     stitch_wait_s: float = 0.0  # time the stitching stage waited for model outputs
     features_s: float = 0.0  # building features, summed over the pool's threads
@@ -96,13 +100,14 @@ class RunStats:
     @property
     def model_idle_fraction(self) -> float:
         """The part of the run the model (its device when known: the GPU's idle fraction) was not computing."""
-        busy = self.device_s if self.device_s is not None else self.model_s
+        busy = self.device_s if self.device_s is not None else self.model_s / max(1, self.feeders)
         return max(0.0, 1.0 - busy / self.seconds) if self.seconds > 0 else 0.0
 
     @property
     def limit(self) -> str:
         """The stage that bounds the throughput: the busiest one (reading per reader thread)."""
-        busy = {"reading": self.read_s / max(1, self.readers), "model": self.model_s, "stitching": self.stitch_s,
+        busy = {"reading": self.read_s / max(1, self.readers), "model": self.model_s / max(1, self.feeders),
+                "stitching": self.stitch_s,
                 "features": self.features_s / pool_size()}
         return max(busy, key=lambda k: busy[k])
 
@@ -110,10 +115,11 @@ class RunStats:
         rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
         device = f" (device {self.device_s:.2f} s)" if self.device_s is not None else ""
         return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s); busy: reading "
-                f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s{device}, stitching "
-                f"{self.stitch_s:.2f} s, features {self.features_s:.2f} s over {pool_size()} threads "
-                f"({self.features} features); model idle {100 * self.model_idle_fraction:.0f}% of the run "
-                f"(waiting for pixels {self.read_wait_s:.2f} s); limit: {self.limit}")
+                f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s over {self.feeders} "
+                f"feeders{device}, stitching {self.stitch_s:.2f} s, features {self.features_s:.2f} s over "
+                f"{pool_size()} threads ({self.features} features); model idle "
+                f"{100 * self.model_idle_fraction:.0f}% of the run (waiting for pixels {self.read_wait_s:.2f} s); "
+                f"limit: {self.limit}")
 
 
 def make_stitcher(card: ModelCard, plan: TilePlan,
@@ -264,7 +270,7 @@ class PlanRun:
             should_stop: Callable[[], bool] | None = None) -> RunStats:
         """Read, run and stitch every tile of the plan as a pipeline; features go to the sink."""
         opts = options or RunOptions()
-        stats = RunStats(readers=max(1, opts.readers))
+        stats = RunStats(readers=max(1, opts.readers), feeders=max(1, opts.feeders))
         plan = self.plan
         batch_size = max(1, self.card.batch_size)
         outputs: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.queue_batches))
@@ -291,17 +297,31 @@ class PlanRun:
                     continue
             return False
 
-        def model_stage(pool: ThreadPoolExecutor) -> None:
+        def timed_infer(pixels: list[np.ndarray]) -> list[TileResult]:
+            t = time.perf_counter()
+            results = self.engine.infer(self.model_name, pixels)
+            with read_lock:
+                stats.model_s += time.perf_counter() - t
+            return results
+
+        def model_stage(pool: ThreadPoolExecutor, feed: ThreadPoolExecutor) -> None:
+            inflight: deque[tuple[list[PlannedTile], Future[list[TileResult]]]] = deque()
             try:
                 pending: list[tuple[PlannedTile, np.ndarray]] = []
 
+                def deliver(keep: int) -> bool:
+                    """Results of the oldest batches in flight, in order, until ``keep`` are left."""
+                    while len(inflight) > keep:
+                        tiles, fut = inflight.popleft()
+                        if not put((tiles, fut.result())):
+                            return False
+                    return True
+
                 def flush() -> bool:
-                    t = time.perf_counter()
-                    results = self.engine.infer(self.model_name, [px for _, px in pending])
-                    stats.model_s += time.perf_counter() - t
-                    ok = put(([tile for tile, _ in pending], results))
+                    inflight.append(([tile for tile, _ in pending], feed.submit(timed_infer,
+                                                                               [px for _, px in pending])))
                     pending.clear()
-                    return ok
+                    return deliver(stats.feeders - 1)
 
                 blocks = blocks_of(plan)
                 per_block = max(1, len(plan.tiles) // max(1, len(blocks)))
@@ -322,16 +342,22 @@ class PlanRun:
                     reads.close()  # cancels reads not started
                 if pending and not stopped():
                     flush()
+                if not stopped():
+                    deliver(0)
             except BaseException as exc:
                 put(exc)
             finally:
+                for _, waiting in inflight:
+                    waiting.cancel()
                 put(_END)
 
         model = self.engine.model(self.model_name)
         device_before = model.device_busy_s()
         done = 0
-        with ThreadPoolExecutor(stats.readers, thread_name_prefix="qpbridge-reader") as pool:
-            worker = threading.Thread(target=model_stage, args=(pool,), name="qpbridge-model-feed", daemon=True)
+        with ThreadPoolExecutor(stats.readers, thread_name_prefix="qpbridge-reader") as pool, \
+                ThreadPoolExecutor(stats.feeders, thread_name_prefix="qpbridge-feed") as feed:
+            worker = threading.Thread(target=model_stage, args=(pool, feed), name="qpbridge-model-feed",
+                                      daemon=True)
             worker.start()
             try:
                 while True:
