@@ -21,6 +21,7 @@ from qpbridge.cli import main
 from qpbridge.client import Client
 from qpbridge.engine import Engine
 from qpbridge.engine.plan import make_plan
+from qpbridge.engine.session import RunOptions
 from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, RemoteError
 from qpbridge.families import SemanticResult
@@ -187,6 +188,41 @@ def test_nuclei_on_tile_borders_are_counted_once(tmp_path):
     for f in result.features:
         area = f["properties"]["measurements"]["Nucleus: Area µm^2"]
         assert area == pytest.approx(np.pi * 7.0 ** 2 * 0.25, rel=0.12)
+
+
+def test_a_cancelled_run_keeps_the_nuclei_it_found_on_seams(tmp_path):
+    """Instances near a core border wait for the neighbour tile; when the run stops before that tile, they
+    are emitted anyway (nothing already found is lost), each once, and equal to the full run's."""
+    h, w = 1000, 1500
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = (226, 170, 200)
+    centres = [(x, y) for x in (150, 470, 490, 800, 950, 975, 1300) for y in (150, 482, 880)]
+    for x, y in centres:
+        cv2.circle(img, (x, y), 7, (90, 40, 140), -1)
+    path = write_pyramid(tmp_path / "nuclei.tif", img, mpp=0.5, levels=1)
+    engine = Engine()
+    full = annotate_slide(engine, path, "nuclei", tissue_filter=False)
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 2  # polled once per row block: the first two rows (one batch) run, the third not
+
+    cut = annotate_slide(engine, path, "nuclei", tissue_filter=False, should_stop=stop,
+                         options=RunOptions(readers=1, prefetch_blocks=1, feeders=1))
+    assert cut.stats.cancelled and 0 < cut.stats.tiles < len(cut.plan.tiles)
+    done = cut.plan.tiles[:cut.stats.tiles]
+    full_c = [shape(f["geometry"]).centroid for f in full.features]
+    got = [shape(f["geometry"]).centroid for f in cut.features]
+    assert len(got) == len({(round(p.x), round(p.y)) for p in got})  # none twice
+    for p in got:  # each is one of the full run's nuclei
+        assert min(abs(p.x - q.x) + abs(p.y - q.y) for q in full_c) < 1.0
+    # nuclei just above the border of the row that never ran waited for it; they are kept all the same
+    border = max(t.row for t in done) * cut.plan.step + cut.plan.step + cut.plan.overlap / 2
+    waiting = [(x, y) for x, y in centres if border - 12 < y < border]
+    assert waiting
+    for x, y in waiting:
+        assert sum(abs(p.x - x) < 3 and abs(p.y - y) < 3 for p in got) == 1, (x, y)
 
 
 def test_instance_cores_partition_the_canvas(models_dir):

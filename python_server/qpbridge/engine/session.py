@@ -379,10 +379,17 @@ class PlanRun:
                 stop.set()
                 worker.join()
         stats.cancelled = done < len(plan.tiles)
+        t = time.perf_counter()
         if not stats.cancelled:
-            t = time.perf_counter()
             self.finish()
-            stats.stitch_s += time.perf_counter() - t
+        else:
+            # Nothing already found is lost: features traced so far, and instances held back for neighbour
+            # tiles that will never come now.
+            with self._lock:
+                if isinstance(self.stitcher, InstanceCollector):
+                    self.stitcher.finish()
+                self._dispatch(wait=True)
+        stats.stitch_s += time.perf_counter() - t
         stats.tiles = done
         stats.seconds = time.perf_counter() - t0
         stats.features_s, stats.features = self.features_s, self.features
