@@ -218,6 +218,8 @@ def guided_filter(guide: torch.Tensor, p: torch.Tensor, r: int, eps: float) -> t
 class GradCAMNet(nn.Module):
     """A classifier and the layer to explain -> (Grad-CAM maps (N, K, H, W) in [0, 1] x confidence, scores)."""
 
+    thresholds: torch.Tensor
+
     def __init__(self, classifier: nn.Module, kind: str, target: str | None, scores: str,
                  thresholds: torch.Tensor) -> None:
         super().__init__()

@@ -59,6 +59,9 @@ MPP_TOLERANCE = 0.01
 class _Normalize(nn.Module):
     """RGB 0..255 (float) -> ``(x / scale - mean) / std`` in float32, as the worker normalises uint8 tiles."""
 
+    mul: torch.Tensor
+    sub: torch.Tensor
+
     def __init__(self, norm: Normalization) -> None:
         super().__init__()
         std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
