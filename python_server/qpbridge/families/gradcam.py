@@ -11,8 +11,11 @@ Classifier (``card.weights``), the file itself says which:
 - a state dict of a torchvision model named by ``params.arch`` (built with ``weights=None`` and
   ``num_classes`` = the classifier's outputs, so nothing is downloaded), or of a timm model with
   ``arch: "timm:<name>"`` when timm is installed (not a dependency of qpbridge);
-- a TorchScript file whose module returns ``(logits N x K, activations N x C x h x w)``: hooks do not work in
-  TorchScript, so the export wraps the classifier to return the activations of the layer to explain too.
+- a TorchScript file whose module has the methods ``forward_features(x) -> activations N x C x h x w`` (the
+  layer to explain) and ``forward_head(activations) -> logits N x K`` (timm's names): hooks do not work in
+  TorchScript, and gradients with respect to an intermediate output of one scripted call are not reliable
+  (the executor may fuse it away), so the export keeps the two halves apart (``@torch.jit.export`` on both
+  when scripting; ``torch.jit.trace_module`` with both methods when tracing).
 
 The layer explained: ``params.target_layer`` (a module name, e.g. ``layer4``); by default ``layer4`` for
 torchvision ResNets, ``features`` for models that have it (DenseNet, VGG, EfficientNet, MobileNet, ConvNeXt),
@@ -155,7 +158,10 @@ class Adjustment:
 
     def __call__(self, cams: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
         """Classifier maps (N, K, H, W) in [0, 1] and the tiles' RGB (N, 3, H, W, 0..255) -> (N, C, H, W)."""
-        n, _, h, w = cams.shape
+        n, k, h, w = cams.shape
+        if k != len(self.clf_to_card):
+            raise ModelLoadError(f"the classifier has {k} outputs but the card's classifier_classes name "
+                                 f"{len(self.clf_to_card)}; list the classifier's outputs in order")
         out = cams.new_zeros((n, self.n_classes, h, w))
         out[:, list(self.clf_to_card)] = cams
         if self.background is not None:
@@ -224,7 +230,7 @@ class GradCAMNet(nn.Module):
                  thresholds: torch.Tensor) -> None:
         super().__init__()
         self.classifier = classifier
-        self.kind = kind  # "module" (forward hook on ``target``), "timm" (forward_features/head), "torchscript"
+        self.kind = kind  # "module" (forward hook on ``target``), "timm"/"torchscript" (forward_features/head)
         self.scores = scores
         self.register_buffer("thresholds", thresholds, persistent=False)
         self._acts: list[torch.Tensor] = []
@@ -233,34 +239,35 @@ class GradCAMNet(nn.Module):
             layer = dict(classifier.named_modules()).get(target)
             if layer is None:
                 raise ModelCardError(f"the classifier has no layer '{target}' (card parameter 'target_layer')")
-            layer.register_forward_hook(lambda _m, _i, out: self._acts.append(out))
+            layer.register_forward_hook(self._hook)
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kind == "timm":
-            acts = self.classifier.forward_features(x)  # type: ignore[operator]
+        """(logits, activations), with the activations a leaf of the graph: the backward passes then run only
+        through the layers after them (the classifier's head), and never depend on how the rest was built."""
+        if self.kind in ("timm", "torchscript"):
+            acts = self.classifier.forward_features(x).detach().requires_grad_(True)  # type: ignore[operator]
             return self.classifier.forward_head(acts), acts  # type: ignore[operator]
-        if self.kind == "torchscript":
-            out = self.classifier(x)
-            if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                raise ModelLoadError("a TorchScript classifier for Grad-CAM must return (logits, activations)")
-            return out[0], out[1]
         self._acts.clear()
         logits = self.classifier(x)
         if not self._acts:
             raise ModelLoadError("the explained layer did not run in the classifier's forward pass")
         return logits, self._acts[-1]
 
+    def _hook(self, _module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        leaf = out.detach().requires_grad_(True)  # what the rest of the classifier computes from
+        self._acts.append(leaf)
+        return leaf
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = int(x.shape[-2]), int(x.shape[-1])
         with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
             logits, acts = self._run(x)
             if logits.ndim != 2 or acts.ndim != 4 or logits.shape[0] != x.shape[0]:
                 raise ModelLoadError(f"Grad-CAM needs logits N x K and activations N x C x h x w, got "
                                      f"{tuple(logits.shape)} and {tuple(acts.shape)}")
             k = int(logits.shape[1])
             weights = []
-            for c in range(k):  # one backward pass per class, sharing the forward graph
+            for c in range(k):  # one backward pass per class through the head, sharing its forward graph
                 (grad,) = torch.autograd.grad(logits[:, c].sum(), acts, retain_graph=c < k - 1)
                 weights.append(grad.float().mean(dim=(2, 3)))
         w_all = torch.stack(weights, dim=1)  # (N, K, C)
@@ -314,8 +321,12 @@ class GradCAMSegmentation(TorchSegmentation):
         if target is not None and not isinstance(target, str):
             raise ModelCardError(f"card parameter 'target_layer' must be a module name, got {target!r}")
         if weights.is_file() and is_torchscript(weights):
-            net = GradCAMNet(load_torchscript(weights, self.card.name, device), "torchscript", None, self.scores,
-                             self._thresholds())
+            module = load_torchscript(weights, self.card.name, device)
+            if not (hasattr(module, "forward_features") and hasattr(module, "forward_head")):
+                raise ModelLoadError(f"model '{self.card.name}': the TorchScript classifier {weights} needs the "
+                                     "methods forward_features(x) and forward_head(activations) for Grad-CAM "
+                                     "(see the gradcam family's documentation)", path=str(weights))
+            net = GradCAMNet(module, "torchscript", None, self.scores, self._thresholds())
         else:
             arch = params.get("arch")
             if not isinstance(arch, str) or not arch:
