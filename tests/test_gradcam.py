@@ -119,8 +119,10 @@ def test_each_class_map_peaks_on_its_colour(colours: GradCAMSegmentation) -> Non
     assert isinstance(result, SemanticResult) and result.probs is not None and result.classes is not None
     probs = result.probs
     red, green, blue, bg = probs[1], probs[2], probs[3], probs[0]
-    assert np.unravel_index(red.argmax(), red.shape)[0] < h and np.unravel_index(red.argmax(), red.shape)[1] < h
-    assert np.unravel_index(green.argmax(), green.shape)[0] < h and np.unravel_index(green.argmax(), green.shape)[1] >= h
+    red_peak = np.unravel_index(red.argmax(), red.shape)
+    green_peak = np.unravel_index(green.argmax(), green.shape)
+    assert red_peak[0] < h and red_peak[1] < h
+    assert green_peak[0] < h and green_peak[1] >= h
     assert blue.max() == 0.0  # below score_threshold: no map at all
     assert bg[h + 4:, 4:TILE - 4].min() > 0.3  # the white half is glass
     core = result.classes
