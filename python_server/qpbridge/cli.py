@@ -233,8 +233,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     for c in cards:
         classes = ", ".join(k["name"] for k in c["classes"] if k.get("emit", True))
         missing = "" if c.get("available", True) else "  (weights missing: see the card's README)"
-        print(f"{c['name']:<16} {c['task']:<22} {c['object_type']:<11} {c['tile_size']:>5} px @ {c['mpp']} µm/px"
-              f"  [{classes}]{missing}")
+        translator = c["task"] == "image-translation"  # no objects: previewed with `qpbridge translate`
+        kind = "-" if translator else c["object_type"]
+        makes = "(translate)" if translator else f"[{classes}]"
+        stages = f"  pipeline: {' -> '.join(c['pipeline'])}" if c.get("pipeline") else ""
+        print(f"{c['name']:<16} {c['task']:<22} {kind:<11} {c['tile_size']:>5} px @ {c['mpp']} µm/px"
+              f"  {makes}{stages}{missing}")
     return 0
 
 

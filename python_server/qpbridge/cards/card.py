@@ -108,6 +108,16 @@ class ModelCard:
             return self.overlap
         return max(self.overlap, min(math.ceil(2.0 * largest / self.mpp), self.tile_size // 2))
 
+    def weights_available(self) -> bool:
+        """False for a card whose weights the user has not supplied yet (for a pipeline: any stage's)."""
+        if self.weights is not None and not self.weights.exists():
+            return False
+        if self.pipeline and self.family == "pipeline":
+            from qpbridge.cards.stages import stages_available
+
+            return stages_available(self)
+        return True
+
     def to_wire(self) -> dict[str, Any]:
         """The card as the ``models`` op reports it."""
         return {
@@ -122,7 +132,7 @@ class ModelCard:
             "mpp": self.mpp,
             "requires_mpp": self.requires_mpp,
             # False for a card whose weights the user has not supplied yet (see its README).
-            "available": self.weights is None or self.weights.exists(),
+            "available": self.weights_available(),
             **({"pipeline": list(self.pipeline)} if self.pipeline else {}),
         }
 

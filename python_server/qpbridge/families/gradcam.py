@@ -56,8 +56,9 @@ Pixels where every adjusted map is 0 belong to no class (the stitcher's "no clas
 have a background class. Per-tile normalisation (step 1) is HistoSegNet's; overlapping tiles are blended with
 the engine's cosine window, which is what keeps tile borders from showing.
 
-Card ``params`` besides the above: ``classifier_classes`` (card class names in the classifier's output order;
-default: the card's classes other than the background and other classes), ``precision``, ``max_batch``,
+Card ``params`` besides the above: ``classifier_classes`` (card class names in the classifier's output order,
+``null`` for an output this card does not segment, such as the morphological types of a classifier trained on
+all of ADP's; default: the card's classes other than the background and other classes), ``precision``, ``max_batch``,
 ``batch_wait_ms``, ``channels_last`` as for the other torch families (fp32 is advised: gradients in fp16 can
 underflow).
 """
@@ -97,7 +98,7 @@ class Adjustment:
     """HistoSegNet's inter-class adjustment and the refinement, in the card's class indices."""
 
     n_classes: int
-    clf_to_card: tuple[int, ...]  # card class index of each classifier output
+    clf_to_card: tuple[int, ...]  # card class index of each classifier output (-1: not segmented)
     background: int | None = None
     bg_max: float = 0.75
     bg_white: float = 240.0
@@ -132,10 +133,12 @@ class Adjustment:
         other_index = index(other["class"], "other.class") if other else None
         derived = {i for i in (bg_index, other_index) if i is not None}
         clf_names = params.get("classifier_classes", [n for i, n in enumerate(names) if i not in derived])
-        if not isinstance(clf_names, list) or not clf_names:
+        if not isinstance(clf_names, list) or not any(n is not None for n in clf_names):
             raise ModelCardError("card parameter 'classifier_classes' must list the classifier's outputs by class name")
-        clf_to_card = tuple(index(n, "classifier_classes") for n in clf_names)
-        if derived & set(clf_to_card) or len(set(clf_to_card)) != len(clf_to_card):
+        # null: an output of the classifier that this card does not segment
+        clf_to_card = tuple(-1 if n is None else index(n, "classifier_classes") for n in clf_names)
+        used = [i for i in clf_to_card if i >= 0]
+        if derived & set(used) or len(set(used)) != len(used):
             raise ModelCardError("card parameter 'classifier_classes' must name each class once, and not the "
                                  "background or other class (those are derived, not classified)")
         refine = params.get("refine", "guided")
@@ -163,7 +166,8 @@ class Adjustment:
             raise ModelLoadError(f"the classifier has {k} outputs but the card's classifier_classes name "
                                  f"{len(self.clf_to_card)}; list the classifier's outputs in order")
         out = cams.new_zeros((n, self.n_classes, h, w))
-        out[:, list(self.clf_to_card)] = cams
+        used = [i for i, c in enumerate(self.clf_to_card) if c >= 0]
+        out[:, [self.clf_to_card[i] for i in used]] = cams[:, used]
         if self.background is not None:
             grey = rgb.mean(dim=1, keepdim=True)
             bg = self.bg_max * torch.sigmoid(self.bg_slope * (grey - self.bg_white))

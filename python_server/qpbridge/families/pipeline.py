@@ -20,8 +20,11 @@ running the model by hand (the tests check this), and a ``translate`` preview sh
 A last stage without a device worker (the built-in CPU models) gets the translated tiles copied back as
 uint8 and runs on them on the host: this is the one case with a host round trip, and it says so in the log.
 
-Stage names resolve like model names, relative to the pipeline card: a sibling card folder (the same models
-directory), then the built-in cards; a name with a ``/`` is a model folder path relative to the card's folder.
+Stage names resolve relative to the pipeline card (:mod:`qpbridge.cards.stages`): a sibling card folder (the
+same models directory), then the built-in cards; a name with a ``/`` is a model folder path relative to the
+card's folder. The card repeats what the engine reads of the last stage: task, object type and classes, and
+for instance models the largest object (``params.max_object_um`` or ``max_area_um2``, which sets the tile
+overlap); these are checked at load. Post-processing (``postprocess``) is the pipeline card's own.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from qpbridge.cards.stages import stage_card
 from qpbridge.errors import ModelCardError
 from qpbridge.families.base import ModelFamily, TileResult, create_model, register_family
 from qpbridge.families.cyclegan import (
@@ -116,22 +119,6 @@ def _chained_head(head: Head) -> Head:
     return chained
 
 
-def stage_card(card: ModelCard, name: str) -> ModelCard:
-    """The card of the stage ``name`` of ``card``'s pipeline (see the module doc for where it is looked up)."""
-    from qpbridge.cards import builtin_cards_dir, is_model_folder, load_model_folder
-
-    if "/" in name or "\\" in name:
-        path = Path(name).expanduser()
-        candidates = [path if path.is_absolute() or card.folder is None else card.folder / path]
-    else:
-        candidates = ([card.folder.parent / name] if card.folder is not None else []) + [builtin_cards_dir() / name]
-    for folder in candidates:
-        if folder != card.folder and is_model_folder(folder):
-            return load_model_folder(folder)
-    raise ModelCardError(f"pipeline '{card.name}': no model card '{name}' (looked in "
-                         f"{', '.join(str(c) for c in candidates)})")
-
-
 def check_stages(card: ModelCard, stages: Sequence[ModelCard]) -> None:
     """Refuse a pipeline whose stages cannot chain, or whose card does not describe what its last stage makes."""
     *front, last = stages
@@ -147,6 +134,10 @@ def check_stages(card: ModelCard, stages: Sequence[ModelCard]) -> None:
     if mine != theirs:
         raise ModelCardError(f"pipeline '{card.name}' must describe what its last stage '{last.name}' makes: task, "
                              f"object type and classes {theirs}, but the card has {mine}")
+    if card.max_object_um != last.max_object_um:
+        raise ModelCardError(f"pipeline '{card.name}' must give the largest object its last stage '{last.name}' "
+                             f"gives (params max_object_um / max_area_um2: {last.max_object_um} µm), which the "
+                             f"engine plans tile overlaps with; the card gives {card.max_object_um}")
     for st in stages:
         if abs(st.mpp / card.mpp - 1.0) > MPP_TOLERANCE:
             raise ModelCardError(f"pipeline '{card.name}' runs at {card.mpp} µm/px but its stage '{st.name}' "
