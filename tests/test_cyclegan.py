@@ -100,7 +100,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(gen.state_dict(), half / "latest_net_G_A.pth")
     write_card(root, pipeline_card("gen-nuclei", ["gen-half", "nuclei"], task="instance-segmentation",
                                    object_type="detection", classes=[{"name": "Nucleus", "color": [30, 60, 200]}],
-                                   tile={"size": 128, "overlap": 32}, mpp=0.5))
+                                   tile={"size": 128, "overlap": 32}, mpp=0.5,
+                                   params={"max_area_um2": 400.0, "tissue_filter": False}))
     return root
 
 
@@ -281,6 +282,53 @@ def test_pipeline_cards_are_checked(zoo: Path, tmp_path: Path) -> None:
                 link.symlink_to(zoo / name)
         with pytest.raises(ModelCardError, match=match):
             create_model(load_card(folder))
+
+
+def test_pipeline_availability_and_largest_object(zoo: Path, tmp_path: Path) -> None:
+    """A pipeline is available once every stage's weights are there; an instance pipeline must plan its
+    overlaps with the last stage's largest object."""
+    from qpbridge.cards.stages import stage_card
+
+    assert load_card(zoo / "gen-seg").to_wire()["available"] is True
+    assert load_card(zoo / "gen-seg").to_wire()["pipeline"] == ["gen", "seg"]
+    lonely = write_card(tmp_path, pipeline_card("lonely", ["gen", "seg"]))  # no stages beside it
+    assert load_card(lonely).to_wire()["available"] is False
+    (tmp_path / "gen").symlink_to(zoo / "gen")
+    (tmp_path / "seg").symlink_to(zoo / "seg")
+    assert load_card(lonely).to_wire()["available"] is True
+    assert stage_card(load_card(lonely), "nuclei").family == "builtin-nuclei"  # then the built-in cards
+    assert stage_card(load_card(lonely), "../lonely/../gen").name == "gen"  # a path, from the card's folder
+    moved = tmp_path / "gen-weights"
+    (zoo / "gen" / "latest_net_G_A.pth").rename(moved)
+    try:
+        assert load_card(lonely).to_wire()["available"] is False
+    finally:
+        moved.rename(zoo / "gen" / "latest_net_G_A.pth")
+    card = {**json.loads((zoo / "gen-nuclei" / "config.json").read_text()), "name": "big", "params": {}}
+    (tmp_path / "gen-half").symlink_to(zoo / "gen-half")
+    with pytest.raises(ModelCardError, match="largest object"):
+        create_model(load_card(write_card(tmp_path, card)))
+
+
+def test_shipped_cards_name_their_weights(tmp_path: Path) -> None:
+    """The cards in models/ validate, and without weights fail at load naming the path and their README."""
+    from qpbridge.cards import builtin_cards_dir
+
+    root = builtin_cards_dir()
+    ihc = load_card(root / "ihc2he")
+    assert ihc.family == "cyclegan" and ihc.task == "image-translation" and ihc.classes == ()
+    pipe = load_card(root / "ihc2he-nuclei")
+    assert pipe.pipeline == ("ihc2he", "nuclei") and pipe.to_wire()["available"] == ihc.to_wire()["available"]
+    nuclei = _builtin("nuclei")
+    assert (pipe.task, pipe.object_type, pipe.classes, pipe.max_object_um) == \
+        (nuclei.task, nuclei.object_type, nuclei.classes, nuclei.max_object_um)
+    if not ihc.to_wire()["available"]:
+        with pytest.raises(ModelLoadError, match="README"):
+            create_model(ihc)
+        with pytest.raises(ModelLoadError, match="latest_net_G_A"):
+            create_model(pipe)
+    for name in ("ihc2he", "ihc2he-nuclei"):
+        assert (root / name / "README.md").is_file()
 
 
 # ---- server and CLI --------------------------------------------------------------------------------------

@@ -191,6 +191,11 @@ def test_adjustment_and_guided_filter() -> None:
     # background only on glass, and not where a class claims more (0.8 > 0.75 at columns 0-3)
     assert (out[2, 6:, 4:] > 0).all() and (out[2, :5] == 0).all() and (out[2, 6:, :4] == 0).all()
     assert torch.allclose(out[3, :5, :2], torch.tensor(0.05 * 0.2))  # "other" is not subtracted
+    # a classifier output the card does not segment (null in classifier_classes) is left out
+    skip = Adjustment(n_classes=2, clf_to_card=(0, -1, 1), refine="none", subtract=False)
+    three = torch.rand(1, 3, 8, 8)
+    got = skip(three, rgb)[0]
+    assert torch.equal(got[0], three[0, 0]) and torch.equal(got[1], three[0, 2])
     flat = torch.full((1, 2, 16, 16), 0.4)
     guide = torch.rand(1, 1, 16, 16)
     assert torch.allclose(guided_filter(guide, flat, 3, 1e-2), flat, atol=1e-5)
@@ -218,6 +223,58 @@ def test_card_errors(zoo: Path) -> None:
     three = {**resnet_card(), "classes": [*RESNET_CLASSES, {"name": "Fat", "color": [250, 250, 0]}]}
     with pytest.raises(ModelLoadError, match="does not fit"):  # 3 classifier outputs in the card, 2 in the file
         create_model(ModelCard.from_dict(three, folder=zoo / "resnet-cam"))
+
+
+def test_shipped_card(tmp_path: Path) -> None:
+    """models/histosegnet-func validates, names its weights, and runs once given a classifier in the
+    TorchScript layout its README shows (forward_features / forward_head)."""
+    import shutil
+
+    from qpbridge.cards import builtin_cards_dir
+
+    src = builtin_cards_dir() / "histosegnet-func"
+    card = load_card(src)
+    assert card.family == "gradcam" and (src / "README.md").is_file()
+    adj = Adjustment.from_card(card)
+    assert adj.background == 0 and adj.other == 1 and adj.clf_to_card == (2, 3, 4) and adj.bg_exceptions == (2, 3, 4)
+    folder = tmp_path / "histosegnet-func"
+    shutil.copytree(src, folder)
+    if (folder / "classifier.pth").exists():
+        (folder / "classifier.pth").unlink()
+    with pytest.raises(ModelLoadError, match="README"):
+        create_model(load_card(folder))
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=3)
+
+    class Split(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(*list(net.children())[:-2])
+            self.head = torch.nn.Sequential(net.avgpool, torch.nn.Flatten(1), net.fc)
+
+        @torch.jit.export
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+        @torch.jit.export
+        def forward_head(self, a: torch.Tensor) -> torch.Tensor:
+            return self.head(a)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Split().eval()), str(folder / "classifier.pth"))
+    model = create_model(load_card(folder))
+    try:
+        tile = np.random.default_rng(1).integers(0, 256, (card.tile_size, card.tile_size, 3), dtype=np.uint8)
+        tile[:40] = 252  # glass
+        (result,) = model.predict([tile])
+        assert result.probs is not None and result.probs.shape == (5, card.tile_size, card.tile_size)
+        assert result.probs[0, 5:35, 5:-5].min() > 0  # the glass band is Background
+    finally:
+        model.close()
 
 
 @pytest.fixture(scope="module")
