@@ -10,8 +10,9 @@ On the device. When the last stage's family runs its model on a
 pipeline builds one module, :class:`Chain`: generator(s), then the conversion to the next stage's input
 (tanh output -> RGB 0..255 -> that stage's ``(x / scale - mean) / std``), then the last model; a new worker
 runs it with the first stage's normalisation and the last stage's precision, batching, head and autograd
-settings, and replaces the last stage's worker, so the last family's own ``predict`` (padding, grouping,
-post-processing) runs the whole chain. Nothing is copied to the host between stages.
+settings (``compile`` when the pipeline card or ``serve --compile`` asks for it), and replaces the last
+stage's worker, so the last family's own ``predict`` (padding, grouping, post-processing) runs the whole
+chain. Nothing is copied to the host between stages.
 
 The RGB between stages is rounded to whole grey levels on the device (``tanh_to_rgb``): the chained model
 then sees exactly the pixels ``translate`` returns as uint8, so chained results equal translating and
@@ -29,6 +30,7 @@ overlap); these are checked at load. Post-processing (``postprocess``) is the pi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -44,12 +46,15 @@ from qpbridge.families.base import ModelFamily, TileResult, create_model, regist
 from qpbridge.families.cyclegan import (
     CycleGANTranslator,
     generator_normalization,
+    group_by_size,
     load_generator,
     rgb_head,
     tanh_to_rgb,
     worker_settings,
 )
+from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import DeviceWorker, Head, Normalization, resolve_torch_device
+from qpbridge.families.torch_segmentation import pad_to
 
 if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
@@ -157,6 +162,8 @@ class Pipeline(ModelFamily):
                                  f"{list(card.pipeline)}")
         stages = [stage_card(card, name) for name in card.pipeline]
         check_stages(card, stages)
+        if card.params.get("compile") is True:  # `serve --compile` (or the card) compiles the fused chain
+            stages[-1] = dataclasses.replace(stages[-1], params={**stages[-1].params, "compile": True})
         self.stages = stages
         self.torch_device = resolve_torch_device(device)
         front = stages[:-1]
@@ -188,10 +195,6 @@ class Pipeline(ModelFamily):
             raise
 
     def _translated(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
-        from qpbridge.families.cyclegan import group_by_size
-        from qpbridge.families.stains import check_rgb_tile
-        from qpbridge.families.torch_segmentation import pad_to
-
         checked = [check_rgb_tile(t, i) for i, t in enumerate(tiles)]
         out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(checked)
         for (h, w), idx in group_by_size(checked, self.card.tile_size).items():
