@@ -95,6 +95,17 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(TinySeg().eval(), torch.rand(1, 3, TILE, TILE)), str(seg / "seg.pt"))
     write_card(root, pipeline_card("gen-seg", ["gen", "seg"]))
+    # a last stage with a head and gradients: Grad-CAM of a ResNet-18 (state dict)
+    import torchvision
+
+    cam_classes = [{"name": "Tumour", "color": [200, 0, 0]}, {"name": "Stroma", "color": [0, 150, 0]}]
+    cam = write_card(root, {"schema_version": 1, "name": "cam", "family": "gradcam", "task": "semantic-segmentation",
+                            "object_type": "annotation", "classes": cam_classes,
+                            "tile": {"size": TILE, "overlap": 16, "batch_size": 4}, "mpp": 1.0,
+                            "requires_mpp": False, "params": {"arch": "resnet18"}, "weights": "classifier.pth"})
+    torch.manual_seed(2)
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), cam / "classifier.pth")
+    write_card(root, pipeline_card("gen-cam", ["gen", "cam"], classes=cam_classes))
     # the built-in (CPU) nucleus model after a translator at its 0.5 µm/px
     half = write_card(root, gen_card("gen-half", mpp=0.5))
     torch.save(gen.state_dict(), half / "latest_net_G_A.pth")
@@ -232,6 +243,23 @@ def test_pipeline_equals_translating_then_segmenting(zoo: Path, translator: Cycl
         model.close()
 
 
+def test_pipeline_into_a_model_with_a_head_and_gradients(zoo: Path, translator: CycleGANTranslator) -> None:
+    """The last stage's head reads the input it was given (the translated, renormalised tiles) and its
+    gradients flow inside the fused chain: Grad-CAM after the generator equals Grad-CAM of the translation."""
+    model = create_model(load_card(zoo / "gen-cam"))
+    cam = create_model(load_card(zoo / "cam"))
+    try:
+        assert isinstance(model, Pipeline) and model.on_device and model.worker.autograd
+        batch = tiles(2, seed=12)
+        for a, b in zip(model.predict(batch), cam.predict(translator.translate(batch)), strict=True):
+            assert a.probs is not None and b.probs is not None
+            np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+            assert a.probs.max() > 0
+    finally:
+        model.close()
+        cam.close()
+
+
 def test_pipeline_with_a_host_model_gives_its_instances(zoo: Path) -> None:
     """A last stage without a device worker (the built-in nucleus detector) runs on the translated tiles."""
     model = create_model(load_card(zoo / "gen-nuclei"))
@@ -357,9 +385,16 @@ def test_translate_op_on_real_tiles(zoo_server: RunningServer, translator: Cycle
             assert [o.shape for o in out] == [(TILE, TILE, 3), (50, TILE, 3)]
             for a, b in zip(out, local, strict=True):
                 np.testing.assert_array_equal(a, b)  # lossless both ways, same model, same batch
+        # tiles at half the model's pixel size: resampled to it, translated, and back to their own size
+        half = c.translate("gen", specs, ImageInfo(mpp=0.5))
+        assert [o.shape for o in half] == [(TILE, TILE, 3), (50, TILE, 3)]
+        assert not np.array_equal(half[0], out[0])
         with pytest.raises(RemoteError) as info:
             c.translate("seg", specs)
         assert info.value.code == "bad_request" and "image-translation" in info.value.message
+        with pytest.raises(RemoteError) as info:
+            c.translate("gen-seg", specs)
+        assert info.value.code == "bad_request" and "translator is 'gen'" in info.value.message
         with pytest.raises(RemoteError) as info:
             c.predict("gen", specs, ImageInfo(mpp=1.0))
         assert info.value.code == "bad_request" and "translates images" in info.value.message

@@ -27,8 +27,9 @@ def translator(engine: Engine, name: str) -> Translate:
     """The ``translate`` function of the model ``name``; a model that does not translate images is refused."""
     card = engine.card(name)
     if card.task != "image-translation":
+        hint = f" (this pipeline's translator is '{card.pipeline[0]}')" if card.pipeline else ""
         raise BadRequestError(f"model '{name}' is a {card.task} model ({card.family}); translate needs an "
-                              "image-translation model such as a cyclegan card")
+                              f"image-translation model such as a cyclegan card{hint}")
     fn: Translate = getattr(engine.model(name), "translate")  # noqa: B009 - the family is known by its task
     return fn
 

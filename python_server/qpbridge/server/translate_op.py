@@ -32,7 +32,7 @@ def handle(server: Server, header: dict[str, Any], frames: list[Any]) -> None:
         raise BadRequestError("field 'model' must name a model; the 'models' op lists them")
     card = server.engine.card(name)
     if card.task != "image-translation":
-        raise BadRequestError(f"model '{name}' is a {card.task} model; translate needs an image-translation model")
+        translator(server.engine, name)  # refuses, naming a pipeline's translator
     image = parse_image(header["image"]) if header.get("image") is not None else ImageInfo()
     specs = parse_tiles(header, frames, server.limits)
     encoding = header.get("encoding", "png")
