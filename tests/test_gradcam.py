@@ -323,6 +323,9 @@ def test_annotate_colour_slide_finds_the_colours(zoo: Path, tmp_path: Path) -> N
         name = f["properties"]["classification"]["name"]
         by_class[name] = g if name not in by_class else by_class[name].union(g)
     assert set(by_class) == {"Red", "Green"}
+    # blended across the tile overlaps: each colour block is one region, not one piece per tile
+    names = [f["properties"]["classification"]["name"] for f in feats]
+    assert names.count("Red") == 1 and names.count("Green") == 1
     from shapely.geometry import box
 
     red, green = box(10, 20, 110, 140), box(130, 20, 230, 140)
