@@ -66,6 +66,7 @@ underflow).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,8 @@ class GradCAMNet(nn.Module):
         self.kind = kind  # "module" (forward hook on ``target``), "timm"/"torchscript" (forward_features/head)
         self.scores = scores
         self.register_buffer("thresholds", thresholds, persistent=False)
-        self._acts: list[torch.Tensor] = []
+        # per thread: the worker serves while a torch.compile warm-up may run the model on another thread
+        self._local = threading.local()
         if kind == "module":
             assert target is not None
             layer = dict(classifier.named_modules()).get(target)
@@ -251,15 +253,16 @@ class GradCAMNet(nn.Module):
         if self.kind in ("timm", "torchscript"):
             acts = self.classifier.forward_features(x).detach().requires_grad_(True)  # type: ignore[operator]
             return self.classifier.forward_head(acts), acts  # type: ignore[operator]
-        self._acts.clear()
+        self._local.acts = []
         logits = self.classifier(x)
-        if not self._acts:
+        if not self._local.acts:
             raise ModelLoadError("the explained layer did not run in the classifier's forward pass")
-        return logits, self._acts[-1]
+        explained: torch.Tensor = self._local.acts[-1]
+        return logits, explained
 
     def _hook(self, _module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
         leaf = out.detach().requires_grad_(True)  # what the rest of the classifier computes from
-        self._acts.append(leaf)
+        self._local.acts.append(leaf)
         return leaf
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
