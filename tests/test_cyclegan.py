@@ -6,7 +6,9 @@ repository's key names, TorchScript) and loaded through a card.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,6 +241,27 @@ def test_pipeline_equals_translating_then_segmenting(zoo: Path, translator: Cycl
         before = model.worker.forward_passes
         model.predict_native(batch[:3])
         assert model.worker.forward_passes == before + 1  # both stages in one pass
+    finally:
+        model.close()
+
+
+def test_pipeline_compiles_the_fused_chain_when_asked(zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled: list[Any] = []
+
+    def fake_compile(model: Any, **kwargs: Any) -> Any:
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    card = load_card(zoo / "gen-seg")
+    model = create_model(dataclasses.replace(card, params={**card.params, "compile": True}))
+    try:
+        assert isinstance(model, Pipeline) and model.worker.compile_shape == (4, TILE, TILE)
+        for _ in range(100):
+            if model.worker.compile_state != "compiling":
+                break
+            time.sleep(0.05)
+        assert [type(m).__name__ for m in compiled] == ["Chain"]  # the chain, never the last stage alone
     finally:
         model.close()
 

@@ -162,8 +162,11 @@ class Pipeline(ModelFamily):
                                  f"{list(card.pipeline)}")
         stages = [stage_card(card, name) for name in card.pipeline]
         check_stages(card, stages)
-        if card.params.get("compile") is True:  # `serve --compile` (or the card) compiles the fused chain
-            stages[-1] = dataclasses.replace(stages[-1], params={**stages[-1].params, "compile": True})
+        last = stages[-1]
+        # `serve --compile` (the pipeline card's params) or the last stage's card compiles the fused chain; the
+        # last stage itself is built uncompiled, so that no compile of it alone runs in the background
+        compile_chain = card.params.get("compile") is True or last.params.get("compile") is True
+        stages[-1] = dataclasses.replace(last, params={**last.params, "compile": False})
         self.stages = stages
         self.torch_device = resolve_torch_device(device)
         front = stages[:-1]
@@ -179,7 +182,8 @@ class Pipeline(ModelFamily):
                 chain, self.torch_device, name=card.name, n_outputs=old.n_outputs, normalization=norms[0],
                 precision=old.precision, max_batch=old.max_batch, max_wait_s=old.max_wait_s,
                 channels_last=old.channels_last, weights="autocast" if old.weights == "autocast" else "cast",
-                compile_shape=old.compile_shape, head=_chained_head(old.head) if old.head is not None else None,
+                compile_shape=(old.max_batch, last.tile_size, last.tile_size) if compile_chain else None,
+                head=_chained_head(old.head) if old.head is not None else None,
                 autograd=old.autograd)
             old.close()
             setattr(self.final, "worker", self.worker)  # noqa: B010 - the last family's predict runs the chain
