@@ -522,3 +522,20 @@ def test_cuda_pipeline_matches_cpu(zoo: Path) -> None:
     finally:
         gpu.close()
         cpu.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_translation_matches_cpu(zoo: Path, translator: CycleGANTranslator) -> None:
+    card = load_card(zoo / "gen")
+    model = create_model(dataclasses.replace(card, params={**card.params, "precision": "fp16"}), "cuda")
+    try:
+        assert isinstance(model, CycleGANTranslator) and model.worker.precision == "fp16"
+        batch = tiles(4, seed=13)
+        gpu = np.stack(model.translate(batch)).astype(int)
+        cpu = np.stack(translator.translate(batch)).astype(int)
+        diff = np.abs(gpu - cpu)
+        # fp16 weights and activations: a grey level or two, never a different image
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8
+    finally:
+        model.close()
