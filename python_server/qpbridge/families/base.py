@@ -104,6 +104,9 @@ FAMILY_MODULES: dict[str, str] = {
     "builtin-nuclei": "qpbridge.families.nuclei",
     "segformer-hf": "qpbridge.families.segformer",
     "torchscript-segmentation": "qpbridge.families.torchscript",
+    "cyclegan": "qpbridge.families.cyclegan",
+    "pipeline": "qpbridge.families.pipeline",
+    "gradcam": "qpbridge.families.gradcam",
 }
 
 F = TypeVar("F", bound=type[ModelFamily])
