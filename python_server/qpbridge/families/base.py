@@ -104,6 +104,8 @@ FAMILY_MODULES: dict[str, str] = {
     "builtin-nuclei": "qpbridge.families.nuclei",
     "segformer-hf": "qpbridge.families.segformer",
     "torchscript-segmentation": "qpbridge.families.torchscript",
+    "smp": "qpbridge.families.smp",
+    "maskrcnn": "qpbridge.families.maskrcnn",
 }
 
 F = TypeVar("F", bound=type[ModelFamily])
