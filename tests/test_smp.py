@@ -274,6 +274,13 @@ def test_morphology_and_windows_in_a_sixteen_fold_run(tmp_path: Path) -> None:
     geoms = [shape(f["geometry"]) for f in morph.features]
     assert len(geoms) == 1 and geoms[0].is_valid
     assert geoms[0].area == pytest.approx(240 * 320, rel=0.02)
+    # a tile on its own (predict, no stitching) is filtered the same way
+    from qpbridge.protocol import ImageInfo, TileSpec
+
+    tile = (TileSpec(200, 290, 64, 64), np.ascontiguousarray(img[290:354, 200:264]))
+    spot = (TileSpec(20, 330, 64, 64), np.ascontiguousarray(img[330:394, 20:84]))
+    assert len(engine.predict("plain", ImageInfo(mpp=1.0), [tile, spot])) == 3  # two halves, the speck
+    assert len(engine.predict("morph", ImageInfo(mpp=1.0), [tile, spot])) == 1
     _dark_card(tmp_path, "bad", blend_window="box")
     with pytest.raises(ModelCardError, match="blend_window"):
         annotate_slide(Engine(models), slide, "bad", tissue_filter=False)
