@@ -412,8 +412,7 @@ def _paint(labels: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor, thres
     """Paste each (1, M, M) mask into its box and give its pixels above ``threshold`` label i + 1 where no
     earlier (higher-scoring) detection holds them."""
     h, w = labels.shape
-    for i in range(len(boxes)):
-        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+    for i, (x0, y0, x1, y1) in enumerate(boxes.cpu().tolist()):  # one copy to the host, not one sync per box
         ix0, iy0 = max(0, math.floor(x0)), max(0, math.floor(y0))
         ix1, iy1 = min(w, math.ceil(x1)), min(h, math.ceil(y1))
         if ix1 <= ix0 or iy1 <= iy0 or x1 <= x0 or y1 <= y0:
