@@ -169,6 +169,31 @@ def test_checkpoint_has_detectron2_names_and_shapes(d2_state: dict[str, np.ndarr
                                   tv["backbone.body.conv1.weight"][:, 2].numpy())
 
 
+def test_network_computes_what_detectron2_computes(original: torch.nn.Module) -> None:
+    """The parts where torchvision's defaults differ from detectron2's R50-FPN are switched over."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    net: Any = original
+    body = net.backbone.body
+    for layer in (body.layer2, body.layer3, body.layer4):  # STRIDE_IN_1X1: the 1x1 convolution strides
+        assert layer[0].conv1.stride == (2, 2) and layer[0].conv2.stride == (1, 1)
+    assert body.layer1[0].conv1.stride == (1, 1)
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and body.bn1.eps == 1e-5
+    cells = net.rpn.anchor_generator.cell_anchors  # sizes 32-512 on P2-P6, ratios 0.5, 1, 2, not rounded
+    assert len(cells) == 5 and all(c.shape == (3, 4) for c in cells)
+    np.testing.assert_allclose(cells[0][0].numpy(), [-22.627417, -11.313708, 22.627417, 11.313708], rtol=1e-6)
+    for pool, size in ((net.roi_heads.box_roi_pool, 7), (net.roi_heads.mask_roi_pool, 14)):
+        assert pool.output_size == (size, size) and pool.sampling_ratio == 0
+    # ROIAlignV2 on the level detectron2 assigns: a 224 px box pools from P4 (1/16) with aligned=True
+    from torchvision.ops import roi_align
+
+    feats = {str(i): torch.rand(1, 256, 64 // 2 ** i, 64 // 2 ** i) for i in range(4)}
+    box = torch.tensor([[10.0, 20.0, 234.0, 244.0]])
+    pooled = net.roi_heads.box_roi_pool(feats, [box], [(256, 256)])
+    want = roi_align(feats["2"], [box], (7, 7), spatial_scale=1 / 16, sampling_ratio=0, aligned=True)
+    torch.testing.assert_close(pooled, want)
+
+
 def test_loaded_checkpoint_is_the_original_network(d2_model: MaskRCNNFamily, original: torch.nn.Module) -> None:
     assert family_class("maskrcnn") is MaskRCNNFamily
     n = d2_model.normalization  # detectron2's BGR pixel mean, in RGB, on 0-255 pixels
