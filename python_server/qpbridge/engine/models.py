@@ -17,6 +17,7 @@ import numpy as np
 from qpbridge import geometry
 from qpbridge.cards import ModelCard, builtin_cards_dir, discover_cards
 from qpbridge.engine.features import FeatureBuilder
+from qpbridge.engine.morphology import Morphology
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, ModelCardError, TileError, UnknownModelError
 from qpbridge.families import InstanceResult, ModelFamily, SemanticResult, TileResult, create_model
 from qpbridge.protocol import ImageInfo, TileSpec
@@ -191,6 +192,9 @@ class Engine:
                         out.append(f)
             return out
         cmap = result.class_map()
+        morphology = Morphology.from_card(card)
+        if morphology is not None:  # the tile on its own (model pixels): its borders are the raster's
+            cmap = morphology.apply(cmap)
         for cls_index, cls in enumerate(card.classes):
             if not cls.emit:
                 continue

@@ -39,10 +39,11 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from qpbridge.engine.features import FeatureBuilder
+from qpbridge.engine.morphology import Morphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
 from qpbridge.engine.reading import ReadBox, blocks_of, read_block
-from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
-from qpbridge.errors import BadRequestError
+from qpbridge.engine.stitching import BLEND_WINDOWS, InstanceCollector, SemanticStitcher
+from qpbridge.errors import BadRequestError, ModelCardError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
 from qpbridge.pools import pool_size, postprocess_pool
 from qpbridge.protocol import TileSpec, planned_tile_spec
@@ -131,7 +132,16 @@ def make_stitcher(card: ModelCard, plan: TilePlan,
     emit_classes = [i for i, c in enumerate(card.classes) if c.emit]
     return SemanticStitcher(plan, len(card.classes), emit_classes, emit,
                             min_area=card.min_area_um2 / card.mpp ** 2,
-                            max_hole=card.max_hole_area_um2 / card.mpp ** 2)
+                            max_hole=card.max_hole_area_um2 / card.mpp ** 2,
+                            window=blend_window_param(card), morphology=Morphology.from_card(card))
+
+
+def blend_window_param(card: ModelCard) -> str:
+    """The card's ``params.blend_window`` (default ``cosine``), checked."""
+    kind = card.params.get("blend_window", "cosine")
+    if kind not in BLEND_WINDOWS:
+        raise ModelCardError(f"card parameter 'blend_window' must be one of {', '.join(BLEND_WINDOWS)}, got {kind!r}")
+    return str(kind)
 
 
 _END = object()

@@ -3,12 +3,16 @@
 Tiles come from a :class:`~qpbridge.engine.plan.TilePlan` laid on a canvas at the model's pixel size.
 
 Semantic models: each tile's class probabilities, at the model's own output resolution (a quarter of
-the tile for SegFormer: ``SemanticResult.scale``; never upsampled first), are weighted by a cosine
-window and added into a rolling accumulator a little taller than one tile, on the host (numpy) or, for
-results that are still tensors on the model's device, there (torch). Once every tile that touches a strip
+the tile for SegFormer: ``SemanticResult.scale``; never upsampled first), are weighted by a window
+(cosine ramps over the overlap by default; a card may name a spline or Gaussian window over the whole
+tile, as overlap-tile inference with 3/4 overlap, "16-fold", uses) and added into a rolling accumulator a
+little taller than one tile, on the host (numpy) or, for results that are still tensors on the model's
+device, there (torch). Once every tile that touches a strip
 (one grid step tall) is in, the strip's argmax is taken and only the uint8 class strip goes on, to a
 :class:`~qpbridge.engine.vectorise.RegionTracer`, which labels and traces it in linear time and emits one polygon
-per connected region per class, however many tiles and strips the region crosses (holes kept).
+per connected region per class, however many tiles and strips the region crosses (holes kept). A card's
+morphological opening/closing runs on the class strips on their way to the tracer, a few rows behind
+(:mod:`qpbridge.engine.morphology`).
 
 Memory: the accumulator is (classes + 1) x (tile + step) x width float32 at output resolution (for a
 150,000 px wide slide at 0.25 µm/px and SegFormer at 1 µm/px: 4 x 112 x 9,375 x 4 B = 17 MB); the tracer
@@ -32,6 +36,7 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from qpbridge import geometry
+from qpbridge.engine.morphology import Morphology, StripMorphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
 from qpbridge.engine.vectorise import RegionTracer
 from qpbridge.families import NO_CLASS, InstanceResult, SemanticResult
@@ -57,6 +62,47 @@ def cosine_window(h: int, w: int, overlap: int) -> np.ndarray:
         return np.maximum(out, WINDOW_FLOOR)
 
     return np.outer(ramp(h), ramp(w))
+
+
+def spline_window(h: int, w: int) -> np.ndarray:
+    """The squared-spline window of "smooth tiled predictions" (Chevalier, 2017), used with 50-75 % overlap:
+    a piecewise quadratic bump over the whole tile, 1 at its centre and 0 at its edges (floored as above)."""
+
+    def spline(n: int) -> np.ndarray:
+        t = (np.arange(n, dtype=np.float64) + 0.5) / n  # pixel centres in (0, 1)
+        tri = 1.0 - np.abs(2.0 * t - 1.0)  # 0 at the edges, 1 at the centre
+        out = np.where(tri <= 0.5, 2.0 * tri ** 2, 1.0 - 2.0 * (1.0 - tri) ** 2)
+        return np.maximum(out.astype(np.float32), WINDOW_FLOOR)
+
+    return np.outer(spline(h), spline(w))
+
+
+def gaussian_window(h: int, w: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """A Gaussian centred on the tile with sigma = ``sigma_scale`` x its size (nnU-Net's sliding-window
+    weighting), normalised to 1 at the centre (floored as above)."""
+
+    def gauss(n: int) -> np.ndarray:
+        t = np.arange(n, dtype=np.float64) + 0.5 - n / 2.0
+        out = np.exp(-0.5 * (t / max(sigma_scale * n, 1e-6)) ** 2)
+        return np.maximum(out.astype(np.float32), WINDOW_FLOOR)
+
+    return np.outer(gauss(h), gauss(w))
+
+
+BLEND_WINDOWS = ("cosine", "spline", "gaussian")
+
+
+def blend_window(kind: str, h: int, w: int, overlap: int) -> np.ndarray:
+    """The weights a tile's probabilities are blended with (card ``params.blend_window``): ``cosine`` (default: a
+    Hann ramp over the overlap, flat in the middle; with an overlap of half the tile or more, a Hann window over
+    the whole tile), ``spline`` or ``gaussian`` (over the whole tile, whatever the overlap)."""
+    if kind == "cosine":
+        return cosine_window(h, w, overlap)
+    if kind == "spline":
+        return spline_window(h, w)
+    if kind == "gaussian":
+        return gaussian_window(h, w)
+    raise ValueError(f"unknown blend window {kind!r}; known: {', '.join(BLEND_WINDOWS)}")
 
 
 def _is_tensor(x: Any) -> bool:
@@ -189,11 +235,19 @@ class SemanticStitcher:
     """Blend probability tiles and emit one polygon per connected region per class.
 
     ``min_area`` and ``max_hole`` (canvas pixels²: the card's post-processing) let the tracer skip regions
-    and holes that would be dropped or filled later anyway.
+    and holes that would be dropped or filled later anyway. ``window`` names the blending window
+    (:func:`blend_window`); ``morphology`` (radii in canvas pixels) filters the class raster strip by strip
+    before it is traced (:mod:`qpbridge.engine.morphology`).
     """
 
     def __init__(self, plan: TilePlan, n_classes: int, emit_classes: list[int], emit: Emit, *,
-                 min_area: float = 0.0, max_hole: float = 0.0) -> None:
+                 min_area: float = 0.0, max_hole: float = 0.0, window: str = "cosine",
+                 morphology: Morphology | None = None) -> None:
+        if window not in BLEND_WINDOWS:
+            raise ValueError(f"unknown blend window {window!r}; known: {', '.join(BLEND_WINDOWS)}")
+        self.window_kind = window
+        self.morphology = morphology
+        self.filter: StripMorphology | None = None
         self.plan = plan
         self.n_classes = n_classes
         self.emit_classes = emit_classes
@@ -237,11 +291,13 @@ class SemanticStitcher:
             self.blend = _HostBlend(self.n_classes, self.buf_h, self.width)
         self.tracer = RegionTracer(self.width, self.emit_classes, lambda g, c: self.emit(g, c, None),
                                    scale=s, min_area=self.min_area, max_hole=self.max_hole)
+        if self.morphology is not None:
+            self.filter = StripMorphology(self.morphology.at_scale(s), self.tracer.add_strip)
 
     def _window(self, h: int, w: int) -> np.ndarray:
         key = (h, w)
         if key not in self.windows:
-            self.windows[key] = cosine_window(h, w, self.overlap)
+            self.windows[key] = blend_window(self.window_kind, h, w, self.overlap)
         return self.windows[key]
 
     def add(self, tile: PlannedTile, result: SemanticResult) -> None:
@@ -349,7 +405,11 @@ class SemanticStitcher:
         last = row == self.plan.rows - 1
         h = (self.height - row * step) if last else step
         h = max(0, min(h, self.buf_h))
-        self.tracer.add_strip(self.blend.classes(h), last=last)
+        classes = self.blend.classes(h)
+        if self.filter is not None:
+            self.filter.add_strip(classes, last=last)
+        else:
+            self.tracer.add_strip(classes, last=last)
         self.blend.shift(step)
 
 

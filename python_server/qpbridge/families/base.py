@@ -107,6 +107,8 @@ FAMILY_MODULES: dict[str, str] = {
     "cyclegan": "qpbridge.families.cyclegan",
     "pipeline": "qpbridge.families.pipeline",
     "gradcam": "qpbridge.families.gradcam",
+    "smp": "qpbridge.families.smp",
+    "maskrcnn": "qpbridge.families.maskrcnn",
 }
 
 F = TypeVar("F", bound=type[ModelFamily])
