@@ -108,12 +108,12 @@ def test_coco_ap_perfect_and_half_recall() -> None:
     true[2:12, 2:12] = 1
     true[20:32, 20:30] = 2
     perfect = coco_metrics([InstanceImage(true)], [InstanceImage(true.copy())])
-    for k in ("bbox_ap", "bbox_ap50", "bbox_ap75", "segm_ap", "segm_ap50", "segm_ap75"):
+    for k in ("bbox_ap", "bbox_ap50", "bbox_ap75", "ap", "ap50", "ap75"):
         assert perfect[k] == pytest.approx(1.0), k
     half = np.where(true == 2, 2, 0)
     m = coco_metrics([InstanceImage(true)], [InstanceImage(half)])
     # Precision 1 up to recall 0.5, nothing after: 51 of COCO's 101 recall points.
-    assert m["segm_ap50"] == pytest.approx(51 / 101) and m["bbox_ap"] == pytest.approx(51 / 101)
+    assert m["ap50"] == pytest.approx(51 / 101) and m["bbox_ap"] == pytest.approx(51 / 101)
 
 
 def test_mean_skips_nan() -> None:

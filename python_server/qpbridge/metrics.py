@@ -198,9 +198,9 @@ def _coco_objects(img: InstanceImage, image_id: int, with_score: bool) -> list[d
 
 def coco_metrics(truth: Sequence[InstanceImage], preds: Sequence[InstanceImage],
                  categories: Sequence[str] = ("Nucleus",)) -> dict[str, float]:
-    """COCO AP, AP50, AP75 for boxes (``bbox_ap``...) and masks (``segm_ap``...) over all images at once, the
-    way pycocotools' COCOeval reports them (AP averaged over IoU 0.50:0.95, 100 detections per image raised to
-    cover every object). Category i+1 is ``categories[i]``."""
+    """COCO AP, AP50, AP75 for masks (``ap``, ``ap50``, ``ap75``) and boxes (``bbox_ap``...) over all images at
+    once, as pycocotools' COCOeval computes them (AP averaged over IoU 0.50:0.95 and categories), with the limit
+    of detections per image raised from 100 to cover every object. Category i+1 is ``categories[i]``."""
     import contextlib
     import io
 
@@ -218,7 +218,7 @@ def coco_metrics(truth: Sequence[InstanceImage], preds: Sequence[InstanceImage],
         a["id"] = k
     out: dict[str, float] = {}
     if not gt_anns:
-        return {f"{kind}_{m}": math.nan for kind in ("bbox", "segm") for m in ("ap", "ap50", "ap75")}
+        return {_coco_key(kind, m): math.nan for kind in ("bbox", "segm") for m in ("ap", "ap50", "ap75")}
     cats = [{"id": i + 1, "name": n} for i, n in enumerate(categories)]
     max_dets = max(100, max((len(_coco_ids(p)) for p in preds), default=0))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and tables
@@ -227,19 +227,26 @@ def coco_metrics(truth: Sequence[InstanceImage], preds: Sequence[InstanceImage],
         gt.createIndex()
         for kind in ("bbox", "segm"):
             if not dt_anns:
-                out.update({f"{kind}_ap": 0.0, f"{kind}_ap50": 0.0, f"{kind}_ap75": 0.0})
+                out.update({_coco_key(kind, m): 0.0 for m in ("ap", "ap50", "ap75")})
                 continue
             dt = gt.loadRes([dict(a) for a in dt_anns])
             ev = COCOeval(gt, dt, kind)
             ev.params.maxDets = [1, 10, max_dets]
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
-            # stats[0..2]: AP@[.5:.95], AP@.5, AP@.75 at the largest maxDets; -1 means undefined.
-            for j, m in enumerate(("ap", "ap50", "ap75")):
-                v = float(ev.stats[j])
-                out[f"{kind}_{m}"] = v if v >= 0 else math.nan
+            # COCOeval.summarize() reads AP@[.5:.95] at 100 detections per image whatever maxDets says, too few
+            # for nuclei: read the accumulated precision [iou, recall, class, area, maxDets] at our maxDets.
+            prec = ev.eval["precision"][:, :, :, 0, -1]
+            ious = list(np.round(ev.params.iouThrs, 2))
+            for m, sel in (("ap", slice(None)), ("ap50", ious.index(0.5)), ("ap75", ious.index(0.75))):
+                p = prec[sel]
+                p = p[p > -1]  # -1: a class without any object
+                out[_coco_key(kind, m)] = float(p.mean()) if p.size else math.nan
     return out
+
+
+def _coco_key(kind: str, metric: str) -> str:
+    return metric if kind == "segm" else f"{kind}_{metric}"
 
 
 def _coco_ids(img: InstanceImage) -> np.ndarray:

@@ -1,0 +1,438 @@
+"""Training tiles from annotated images: ``qpbridge export-tiles``.
+
+Writes the folder described in docs/training.md ("Dataset layout"), the same one QuPath's *Export training
+tiles* script writes: ``images/`` + ``masks/`` under QuPath's tile names, ``labels.json``, and ``dataset.json``
+with every tile's source, region and split; ``types/``, ``coco/`` and ``points/`` by format.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from shapely.geometry.base import BaseGeometry
+
+from qpbridge import __version__
+from qpbridge.annotation_files import AnnotatedObject
+from qpbridge.dataset import (
+    DATASET_JSON,
+    DEFAULT_SEED,
+    DEFAULT_VAL_FRACTION,
+    LABELS_JSON,
+    mode_of,
+    split_sources,
+    tile_name,
+)
+from qpbridge.errors import BadRequestError, MissingPixelSizeError
+
+log = logging.getLogger("qpbridge")
+
+__all__ = ["ExportOptions", "ExportResult", "Source", "export_tiles", "open_image", "paint_geometry"]
+
+# Colours for classes that bring none (QuPath's default-ish palette).
+_PALETTE = [(200, 0, 0), (0, 150, 0), (30, 60, 200), (200, 150, 0), (150, 0, 150), (0, 150, 150), (255, 120, 0),
+            (120, 80, 40), (90, 90, 90), (255, 0, 255)]
+
+
+class _Image:
+    """Width, height, pixel size and ``read(x0, y0, x1, y1, out_w, out_h)`` of a plain image or a slide."""
+
+    def __init__(self, width: int, height: int, mpp: float | None, read: Callable[..., np.ndarray]) -> None:
+        self.width, self.height, self.mpp, self.read = width, height, mpp, read
+
+
+def open_image(path: Path, mpp: float | None = None) -> _Image:
+    """PNG/JPEG read whole (as ``predict`` does); TIFF and slide formats through tiffslide, region by region."""
+    from qpbridge.images import ArrayImage, read_image
+    from qpbridge.projects import PLAIN_IMAGE_SUFFIXES
+    from qpbridge.slides import Slide
+
+    if mpp is not None and (not math.isfinite(mpp) or mpp <= 0):
+        raise BadRequestError(f"--mpp must be a positive number of µm/px, got {mpp}")
+    if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
+        rgb, file_mpp = read_image(path)
+        arr = ArrayImage(rgb)
+        return _Image(arr.width, arr.height, mpp if mpp is not None else file_mpp, arr.read)
+    slide = Slide(path, mpp)
+    mpp_ = slide.mpp
+    if mpp_ is None and path.suffix.lower() in (".tif", ".tiff"):  # resolution tags tiffslide does not read
+        from qpbridge.images import _tiff_mpp
+
+        mpp_ = _tiff_mpp(path)
+    return _Image(slide.width, slide.height, mpp_, slide.read)
+
+
+@dataclass
+class Source:
+    """One image (or slide) and its annotations."""
+
+    name: str                     # unique in the dataset; the tile names start with it
+    path: Path
+    objects: list[AnnotatedObject]
+    annotations: str | None = None  # where the objects came from (a file, or "<project>#<entry>")
+    mpp: float | None = None      # full-resolution µm/px, overriding the file's
+
+
+@dataclass
+class ExportOptions:
+    out: Path
+    fmt: str = "semantic"
+    tile_mpp: float | None = None          # µm/px of the tiles; None: full resolution
+    size: int = 256
+    overlap: int = 0
+    classes: list[str] | None = None       # label order 1..n; None: every class found, sorted by name
+    default_class: str = "Nucleus"         # the class of unclassified objects
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    seed: int = DEFAULT_SEED
+    all_tiles: bool = False                # also tiles without any object
+    licence: str | None = None
+    image_ext: str = ".png"
+
+
+@dataclass
+class ExportResult:
+    tiles: int = 0
+    objects: int = 0
+    per_source: dict[str, int] = field(default_factory=dict)
+    split: dict[str, str] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+
+
+def _class_table(sources: list[Source], opts: ExportOptions) -> list[dict[str, Any]]:
+    found: dict[str, tuple[int, int, int] | None] = {}
+    for s in sources:
+        for o in s.objects:
+            name = o.class_name or opts.default_class
+            if found.get(name) is None:
+                found[name] = o.color
+    names = list(opts.classes) if opts.classes else sorted(found)
+    if len(set(names)) != len(names):
+        raise BadRequestError(f"--classes names a class twice: {', '.join(names)}")
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        where = [f"{s.name} ({s.annotations})" for s in sources
+                 if any((o.class_name or opts.default_class) in unknown for o in s.objects)]
+        raise BadRequestError(f"unknown class{'es' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+                              f"{'; '.join(where[:3])}: not in --classes ({', '.join(names)}); add "
+                              f"{'them' if len(unknown) > 1 else 'it'} to --classes (label order) or fix the "
+                              "annotations")
+    if len(names) > 255:
+        raise BadRequestError(f"{len(names)} classes do not fit an 8-bit mask (at most 255)")
+    return [{"name": n, "label": i + 1, "color": list(found.get(n) or _PALETTE[i % len(_PALETTE)])}
+            for i, n in enumerate(names)]
+
+
+def _tile_grid(width: int, height: int, downsample: float, size: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Tile regions (x, y, w, h) in full-resolution pixels; tiles at the right and bottom edges are smaller, as
+    QuPath's TileExporter keeps them."""
+    full = max(1, round(size * downsample))
+    step = max(1, round((size - overlap) * downsample))
+    out = []
+    for y in range(0, height, step):
+        for x in range(0, width, step):
+            out.append((x, y, min(full, width - x), min(full, height - y)))
+            if x + full >= width:
+                break
+        if y + full >= height:
+            break
+    return out
+
+
+def paint_geometry(mask: np.ndarray, geom: BaseGeometry, x: float, y: float, d: float, value: int) -> None:
+    """Paint ``geom`` (full-resolution pixels) into ``mask``, the tile whose corner is (x, y) at downsample d: a
+    pixel is painted when its centre lies inside the geometry (holes excluded), as QuPath's labelled servers do,
+    so a 10 x 10 px square paints 100 pixels."""
+    from skimage.draw import polygon as fill_polygon
+
+    h, w = mask.shape[:2]
+
+    def ring(coords: Any) -> tuple[np.ndarray, np.ndarray]:
+        pts = (np.asarray(coords, np.float64)[:, :2] - (x, y)) / d - 0.5  # pixel centres at integers
+        return pts[:, 1], pts[:, 0]
+
+    for p in getattr(geom, "geoms", [geom]):
+        if p.is_empty or p.geom_type != "Polygon":
+            continue
+        rr, cc = fill_polygon(*ring(p.exterior.coords), shape=(h, w))
+        if rr.size == 0:
+            continue
+        if p.interiors:  # clear the holes in a local box around the polygon
+            r0, c0 = rr.min(), cc.min()
+            part = np.zeros((rr.max() - r0 + 1, cc.max() - c0 + 1), bool)
+            part[rr - r0, cc - c0] = True
+            for hole in p.interiors:
+                hr, hc = fill_polygon(*ring(hole.coords), shape=(h, w))
+                keep = (hr >= r0) & (hc >= c0) & (hr - r0 < part.shape[0]) & (hc - c0 < part.shape[1])
+                part[hr[keep] - r0, hc[keep] - c0] = False
+            rr, cc = np.nonzero(part)
+            rr, cc = rr + r0, cc + c0
+        mask[rr, cc] = value
+
+
+def _write_png(path: Path, arr: np.ndarray, palette: list[list[int]] | None = None) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if palette is not None:
+        arr8 = np.ascontiguousarray(arr, dtype=np.uint8)
+        img = Image.frombytes("P", (arr8.shape[1], arr8.shape[0]), arr8.tobytes())
+        flat = [0, 0, 0] + [c for rgb in palette for c in rgb]
+        img.putpalette(flat + [0] * (768 - len(flat)))
+        img.save(path)
+    elif arr.dtype == np.uint16:
+        import cv2
+
+        if not cv2.imwrite(str(path), arr):  # a 16-bit grey PNG
+            raise OSError(f"cannot write {path}")
+    else:
+        Image.fromarray(arr).save(path)
+
+
+def _coco_polygons(geom: BaseGeometry, x: int, y: int, d: float) -> list[list[float]]:
+    out = []
+    for p in getattr(geom, "geoms", [geom]):
+        if p.is_empty or p.geom_type != "Polygon":
+            continue
+        coords = (np.asarray(p.exterior.coords)[:-1, :2] - (x, y)) / d
+        if len(coords) >= 3:
+            out.append([round(float(v), 2) for v in coords.ravel()])
+    return out
+
+
+def _check_inside(src: Source, width: int, height: int) -> None:
+    from shapely.geometry import box
+
+    frame = box(0, 0, width, height)
+    outside = [o for o in src.objects if not o.geometry.intersects(frame)]
+    if outside:
+        b = outside[0].geometry.bounds
+        raise BadRequestError(
+            f"{src.name}: {len(outside)} of {len(src.objects)} annotations lie outside the image ({width} x "
+            f"{height} px), the first at x {b[0]:.0f}..{b[2]:.0f}, y {b[1]:.0f}..{b[3]:.0f}: are they from another "
+            "image, or in other units than full-resolution pixels?")
+
+
+def _existing(out: Path, mode: str, fmt: str, tile_mpp: float | None) -> dict[str, Any] | None:
+    """The folder's dataset.json when exports are being added to it; refuses a folder of another kind."""
+    import json
+
+    path = out / DATASET_JSON
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text(encoding="utf-8"))
+    old_mpp = info.get("mpp")
+    same_mpp = (old_mpp is None and tile_mpp is None) or (
+        old_mpp is not None and tile_mpp is not None and abs(old_mpp - tile_mpp) < 1e-6)
+    if info.get("mode") != mode or info.get("format") != fmt or not same_mpp:
+        raise BadRequestError(f"{out} already holds a {info.get('format')} dataset at {old_mpp} µm/px; export "
+                              f"{fmt} tiles at {tile_mpp} µm/px into another folder (-o)")
+    return info
+
+
+def export_tiles(sources: list[Source], opts: ExportOptions,
+                 on_source: Callable[[str, int], None] | None = None) -> ExportResult:
+    """Export tiles of every source into ``opts.out``; adds to a folder that holds an export of the same kind
+    (tiles of the sources exported again are replaced) and re-splits all its sources."""
+    import shapely
+
+    mode = mode_of(opts.fmt)
+    if opts.size < 8:
+        raise BadRequestError(f"--size must be at least 8 px, got {opts.size}")
+    if not 0 <= opts.overlap < opts.size:
+        raise BadRequestError(f"--overlap must be in [0, size), got {opts.overlap}")
+    if not sources:
+        raise BadRequestError("no image to export")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise BadRequestError(f"two images are named {', '.join(dup)}: tiles are named after the image; rename one")
+    classes = _class_table(sources, opts)
+    label_of = {c["name"]: c["label"] for c in classes}
+    palette = [c["color"] for c in classes]
+    out = opts.out
+    existing = _existing(out, mode, opts.fmt, opts.tile_mpp)
+    if existing is not None and [c["name"] for c in existing.get("classes", [])] != [c["name"] for c in classes]:
+        raise BadRequestError(f"{out} holds tiles with the classes {[c['name'] for c in existing['classes']]}, not "
+                              f"{[c['name'] for c in classes]}: give --classes in that order, or another folder")
+    for sub in ("images", "masks"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    result = ExportResult()
+    tiles: list[dict[str, Any]] = []
+    infos: list[dict[str, Any]] = []
+    coco: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    for src in sources:
+        img = open_image(src.path, src.mpp)
+        if opts.tile_mpp is not None and img.mpp is None:
+            raise MissingPixelSizeError(
+                f"{src.path.name} records no pixel size (µm/px): pass --mpp (its full-resolution pixel size, e.g. "
+                "0.25 for MoNuSeg's 40x images) to export tiles at --tile-mpp")
+        d = 1.0 if opts.tile_mpp is None or img.mpp is None else opts.tile_mpp / img.mpp
+        if d < 1:
+            log.warning("%s is coarser (%.3g µm/px) than --tile-mpp %.3g: exporting at full resolution", src.name,
+                        img.mpp, opts.tile_mpp)
+            d = 1.0
+        _check_inside(src, img.width, img.height)
+        objs = sorted(src.objects, key=lambda o: -o.geometry.area)  # small objects on top of large ones
+        tree = shapely.STRtree([o.geometry for o in objs]) if objs else None
+        n_tiles = 0
+        for (x, y, w, h) in _tile_grid(img.width, img.height, d, opts.size, opts.overlap):
+            tbox = shapely.box(x, y, x + w, y + h)
+            hits = sorted(int(i) for i in tree.query(tbox, predicate="intersects")) if tree is not None else []
+            if not hits and not opts.all_tiles:
+                continue
+            ow, oh = max(1, round(w / d)), max(1, round(h / d))
+            rgb = img.read(x, y, x + w, y + h, ow, oh)
+            base = tile_name(src.name, x, y, w, h, d)
+            entry: dict[str, Any] = {"image": f"images/{base}{opts.image_ext}", "mask": f"masks/{base}.png",
+                                     "source": src.name, "x": x, "y": y, "w": w, "h": h,
+                                     "downsample": round(d, 6), "mpp": None if img.mpp is None else img.mpp * d,
+                                     "objects": len(hits)}
+            if mode == "semantic":
+                mask = np.zeros((oh, ow), np.uint8)
+                for i in hits:
+                    paint_geometry(mask, objs[i].geometry, x, y, d, label_of[objs[i].class_name or opts.default_class])
+                _write_png(out / entry["mask"], mask, palette)
+            else:
+                inst = np.zeros((oh, ow), np.uint16)
+                types = np.zeros((oh, ow), np.uint8)
+                if len(hits) > 65535:
+                    raise BadRequestError(f"{base}: more than 65535 objects in one tile; use a smaller --size")
+                for k, i in enumerate(hits, start=1):
+                    paint_geometry(inst, objs[i].geometry, x, y, d, k)
+                    paint_geometry(types, objs[i].geometry, x, y, d, label_of[objs[i].class_name or opts.default_class])
+                # Objects hidden by others or thinner than a pixel at this resolution leave no label: skip them
+                # in the points and COCO files too, so that every listed object is in the mask.
+                present = set(np.unique(inst).tolist())
+                kept = [(k, i) for k, i in enumerate(hits, start=1) if k in present]
+                entry["objects"] = len(kept)
+                _write_png(out / entry["mask"], inst)
+                entry["types"] = f"types/{base}.png"
+                _write_png(out / entry["types"], types, palette)
+                if opts.fmt == "points":
+                    pts = []
+                    for _k, i in kept:
+                        c = objs[i].geometry.centroid
+                        u, v = (c.x - x) / d, (c.y - y) / d
+                        if 0 <= u < ow and 0 <= v < oh:
+                            cls = objs[i].class_name or opts.default_class
+                            pts.append({"x": round(u, 3), "y": round(v, 3), "label": label_of[cls], "class": cls})
+                    entry["points"] = f"points/{base}.json"
+                    _write_json(out / entry["points"], pts)
+                if opts.fmt == "coco":
+                    anns = []
+                    for _k, i in kept:
+                        part = objs[i].geometry.intersection(tbox)
+                        polys = _coco_polygons(part, x, y, d)
+                        if not polys:
+                            continue
+                        bx0, by0, bx1, by1 = part.bounds
+                        anns.append({"category_id": label_of[objs[i].class_name or opts.default_class],
+                                     "segmentation": polys, "iscrowd": 0, "area": round(part.area / (d * d), 3),
+                                     "bbox": [round((bx0 - x) / d, 3), round((by0 - y) / d, 3),
+                                              round((bx1 - bx0) / d, 3), round((by1 - by0) / d, 3)]})
+                    coco.append(({"file_name": base + opts.image_ext, "width": ow, "height": oh,
+                                  "source": src.name}, anns))
+            _write_rgb(out / entry["image"], rgb)
+            tiles.append(entry)
+            n_tiles += 1
+            result.objects += entry["objects"]
+        result.per_source[src.name] = n_tiles
+        result.tiles += n_tiles
+        infos.append({"name": src.name, "path": str(src.path.resolve()), "annotations": src.annotations,
+                      "width": img.width, "height": img.height, "mpp": img.mpp, "downsample": round(d, 6),
+                      "tiles": n_tiles, "objects": len(src.objects)})
+        if on_source is not None:
+            on_source(src.name, n_tiles)
+
+    # Merge with an earlier export into the same folder: the sources exported now replace their old entries.
+    exported = set(names)
+    if existing is not None:
+        now = {t["image"] for t in tiles}
+        for t in existing.get("tiles", []):
+            if t["source"] in exported and t["image"] not in now:  # a tile of the earlier grid: remove its files
+                for key in ("image", "mask", "types", "points"):
+                    if t.get(key):
+                        (out / t[key]).unlink(missing_ok=True)
+        tiles = [t for t in existing.get("tiles", []) if t["source"] not in exported] + tiles
+        infos = [s for s in existing.get("sources", []) if s["name"] not in exported] + infos
+    split = split_sources([s["name"] for s in infos], opts.val_fraction, opts.seed)
+    for t in tiles:
+        t["split"] = split[t["source"]]
+    for s in infos:
+        s["split"] = split[s["name"]]
+    dataset = {
+        "version": 1, "created_by": f"qpbridge export-tiles {__version__}", "format": opts.fmt, "mode": mode,
+        "mpp": opts.tile_mpp, "tile_size": opts.size, "overlap": opts.overlap, "background": 0,
+        "classes": classes, "licence": opts.licence if opts.licence is not None else
+        (existing or {}).get("licence"),
+        "split": {"method": "sha256-rank", "val_fraction": opts.val_fraction, "seed": opts.seed,
+                  "train": sorted(n for n, v in split.items() if v == "train"),
+                  "val": sorted(n for n, v in split.items() if v == "val")},
+        "sources": infos, "tiles": tiles,
+    }
+    if opts.fmt == "coco":
+        _write_coco(out, coco, classes, split, existing is not None, exported)
+    _write_json(out / LABELS_JSON, {
+        "mode": mode, "labels": {c["name"]: c["label"] for c in classes} if mode == "semantic" else {},
+        "background": 0, "instance_objects": "annotations" if mode == "instances" else None,
+        "mask_bits": 8 if mode == "semantic" else 16, "tile_size": opts.size, "overlap": opts.overlap,
+        "pixel_size_um": opts.tile_mpp, "images": "images", "masks": "masks"})
+    _write_json(out / DATASET_JSON, dataset)
+    result.split = split
+    result.dataset = dataset
+    return result
+
+
+def _write_rgb(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        Image.fromarray(rgb).save(path, quality=95)
+    else:
+        Image.fromarray(rgb).save(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from qpbridge.files import write_json_atomic
+
+    write_json_atomic(path, data)
+
+
+def _write_coco(out: Path, coco: list[tuple[dict[str, Any], list[dict[str, Any]]]], classes: list[dict[str, Any]],
+                split: dict[str, str], merge: bool, exported: set[str]) -> None:
+    """coco/train.json and coco/val.json; images of sources exported before (into this folder) are kept."""
+    import json
+
+    old: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    if merge:
+        for which in ("train", "val"):
+            path = out / "coco" / f"{which}.json"
+            if not path.is_file():
+                continue
+            data = json.loads(path.read_text(encoding="utf-8"))
+            by_image: dict[int, list[dict[str, Any]]] = {}
+            for a in data.get("annotations", []):
+                by_image.setdefault(a["image_id"], []).append(a)
+            old += [(im, by_image.get(im["id"], [])) for im in data.get("images", [])
+                    if im.get("source") not in exported]
+    cats = [{"id": c["label"], "name": c["name"], "supercategory": "object"} for c in classes]
+    for which in ("train", "val"):
+        images: list[dict[str, Any]] = []
+        anns: list[dict[str, Any]] = []
+        for im, objs in old + coco:
+            if split.get(im.get("source", "")) != which:
+                continue
+            image_id = len(images) + 1
+            images.append({**{k: v for k, v in im.items() if k != "id"}, "id": image_id})
+            for a in objs:
+                anns.append({**{k: v for k, v in a.items() if k not in ("id", "image_id")}, "id": len(anns) + 1,
+                             "image_id": image_id})
+        _write_json(out / "coco" / f"{which}.json", {"images": images, "annotations": anns, "categories": cats,
+                                                     "info": {"description": "qpbridge export-tiles"}})
