@@ -12,6 +12,7 @@ from qpbridge.metrics import (
     centroid_metrics,
     centroids,
     coco_metrics,
+    coco_metrics_per_image,
     instance_metrics,
     mean_metrics,
     semantic_metrics,
@@ -114,6 +115,25 @@ def test_coco_ap_perfect_and_half_recall() -> None:
     m = coco_metrics([InstanceImage(true)], [InstanceImage(half)])
     # Precision 1 up to recall 0.5, nothing after: 51 of COCO's 101 recall points.
     assert m["ap50"] == pytest.approx(51 / 101) and m["bbox_ap"] == pytest.approx(51 / 101)
+
+
+def test_coco_many_objects_and_per_image() -> None:
+    """More than COCO's default 100 detections per image, and per-image AP from one pass equal to each alone."""
+    grid = np.zeros((300, 300), np.int32)
+    for i in range(15):
+        for j in range(10):
+            grid[i * 20 + 2:i * 20 + 14, j * 30 + 2:j * 30 + 20] = i * 10 + j + 1  # 150 objects
+    assert coco_metrics([InstanceImage(grid)], [InstanceImage(grid.copy())])["ap"] == pytest.approx(1.0)
+    second = np.where(grid % 3 == 0, grid, 0)
+    shifted = np.roll(second, 3, axis=1)      # 12 x 18 boxes moved 3 px: IoU 15/21 = 0.71
+    pooled, per = coco_metrics_per_image([InstanceImage(grid), InstanceImage(second)],
+                                         [InstanceImage(grid.copy()), InstanceImage(shifted)])
+    alone = coco_metrics([InstanceImage(second)], [InstanceImage(shifted)])
+    assert per[0]["ap"] == pytest.approx(1.0) and per[1] == pytest.approx(alone)
+    assert alone["ap50"] == pytest.approx(1.0) and alone["ap75"] == 0.0 and alone["bbox_ap50"] == pytest.approx(1.0)
+    # IoU 0.71 passes the thresholds 0.50 .. 0.70 (5 of 10): AP 0.5.
+    assert alone["ap"] == pytest.approx(0.5)
+    assert per[1]["ap"] < pooled["ap"] < 1
 
 
 def test_mean_skips_nan() -> None:

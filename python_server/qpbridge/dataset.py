@@ -89,6 +89,7 @@ class Tile:
     split: str
     types: Path | None = None
     points: Path | None = None
+    mpp: float | None = None      # µm/px of the tile, when the source's is known
 
 
 @dataclass
@@ -128,7 +129,8 @@ def load_dataset(root: Path) -> Dataset:
             tiles.append(Tile(image=root / t["image"], mask=root / t["mask"], source=t["source"], x=int(t["x"]),
                               y=int(t["y"]), w=int(t["w"]), h=int(t["h"]), downsample=float(t["downsample"]),
                               split=t["split"], types=root / t["types"] if t.get("types") else None,
-                              points=root / t["points"] if t.get("points") else None))
+                              points=root / t["points"] if t.get("points") else None,
+                              mpp=float(t["mpp"]) if t.get("mpp") else None))
         return Dataset(root=root, mode=info["mode"], format=info.get("format", "semantic"), mpp=info.get("mpp"),
                        classes=info.get("classes", []), tiles=tiles, licence=info.get("licence"), info=info)
     if not (root / LABELS_JSON).is_file():
@@ -148,7 +150,9 @@ def _from_labels_json(root: Path, labels: dict[str, Any]) -> Dataset:
         if img.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff") and mask.is_file() and parsed:
             found.append((img, mask, parsed))
     split = split_sources([p["source"] for _, _, p in found])
-    tiles = [Tile(image=img, mask=mask, split=split[p["source"]], **p) for img, mask, p in found]
+    tile_mpp = labels.get("pixel_size_um")
+    tiles = [Tile(image=img, mask=mask, split=split[p["source"]], mpp=float(tile_mpp) if tile_mpp else None, **p)
+             for img, mask, p in found]
     if mode == "semantic":
         classes = [{"name": n, "label": int(v), "color": None} for n, v in labels.get("labels", {}).items()]
     else:

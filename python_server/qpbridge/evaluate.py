@@ -69,7 +69,7 @@ def find_items(data: Path, pattern: str | None = None) -> tuple[list[EvalItem], 
             log.warning("%s has no validation tiles: evaluating on all %d tiles", data, len(tiles))
         for t in tiles:
             items.append(EvalItem(t.image.name, t.image, mask=t.mask, mask_mode=ds.mode, types=t.types,
-                                  mpp=None if ds.mpp is None else float(ds.mpp)))
+                                  mpp=t.mpp if t.mpp is not None else (None if ds.mpp is None else float(ds.mpp))))
         classes = ["Background", *[str(c["name"]) for c in sorted(ds.classes, key=lambda c: int(c["label"]))]]
     else:
         for f in sorted(data.iterdir()):
@@ -91,20 +91,21 @@ def find_items(data: Path, pattern: str | None = None) -> tuple[list[EvalItem], 
 
 
 def _read_mask(path: Path) -> tuple[np.ndarray, str]:
-    """A label mask and how to read it: 16-bit = instances, 8-bit = classes."""
-    import cv2
+    """A label mask and how to read it: 16-bit = instances, 8-bit (grey or palette indices) = classes."""
+    from PIL import Image, UnidentifiedImageError
 
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise BadRequestError(f"cannot read the mask {path}")
-    if arr.ndim == 3:
-        raise BadRequestError(f"{path}: a mask must be one channel of labels (8-bit classes or 16-bit instances)")
-    if arr.dtype == np.uint8:
-        from PIL import Image
-
-        arr = np.asarray(Image.open(path))  # palette PNGs: the indices, not the colours
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            arr = np.asarray(img)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise BadRequestError(f"cannot read the mask {path}: {exc}") from None
+    if mode in ("P", "L"):
         return arr.astype(np.int64), "semantic"
-    return arr.astype(np.int64), "instances"
+    if mode.startswith("I") and arr.ndim == 2:
+        return arr.astype(np.int64), "instances"
+    raise BadRequestError(f"{path}: a mask must be one channel of labels (8-bit classes or 16-bit instances), "
+                          f"not {mode}")
 
 
 def _rasterise(objects: list[tuple[Any, str | None]], shape: tuple[int, int], label_of: Callable[[str | None], int]
@@ -140,7 +141,7 @@ def evaluate(opts: EvalOptions, out: Callable[[str], None] = print) -> dict[str,
         InstanceImage,
         centroid_metrics,
         centroids,
-        coco_metrics,
+        coco_metrics_per_image,
         instance_metrics,
         mean_metrics,
         semantic_metrics,
@@ -163,6 +164,7 @@ def evaluate(opts: EvalOptions, out: Callable[[str], None] = print) -> dict[str,
     rows: list[dict[str, Any]] = []
     coco_truth: list[InstanceImage] = []
     coco_pred: list[InstanceImage] = []
+    coco_rows: list[int] = []
     for n, item in enumerate(items, 1):
         rgb, file_mpp = read_image(item.image)
         mpp = opts.mpp or item.mpp or file_mpp
@@ -207,22 +209,24 @@ def evaluate(opts: EvalOptions, out: Callable[[str], None] = print) -> dict[str,
             row.update(instance_metrics(true_inst, pred_inst, opts.match_iou))
             px = opts.radius_um / mpp if mpp else opts.radius_um
             row.update(centroid_metrics(centroids(true_inst), centroids(pred_inst), px))
-            t_img = InstanceImage(true_inst, true_cls)
-            p_img = InstanceImage(pred_inst, pred_cls)
-            row.update(coco_metrics([t_img], [p_img], classes[1:]))
-            coco_truth.append(t_img)
-            coco_pred.append(p_img)
+            coco_rows.append(len(rows))
+            coco_truth.append(InstanceImage(true_inst, true_cls))
+            coco_pred.append(InstanceImage(pred_inst, pred_cls))
         row.update(semantic_metrics(true_types, pred_types, classes))
         rows.append(row)
         out(f"[{n}/{len(items)}] {item.name}: " + ", ".join(
             f"{k} {row[k]:.3f}" for k in ("pq", "aji", "dice", "f1", "miou") if k in row and _num(row[k])))
+    pooled: dict[str, float] = {}
+    if coco_truth:  # one COCO matching pass gives the AP of each image and of all together
+        pooled, per_image = coco_metrics_per_image(coco_truth, coco_pred, classes[1:])
+        for idx, ap in zip(coco_rows, per_image, strict=True):
+            rows[idx].update(ap)
     report: dict[str, Any] = {"model": opts.model, "data": str(opts.data), "mpp": opts.mpp,
                               "radius_um": opts.radius_um, "match_iou": opts.match_iou, "classes": classes}
     means = mean_metrics(rows)
     # Class IoUs of classes that appeared only in later images: NaN where the class never showed.
     report.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in means.items()})
-    if coco_truth:
-        pooled = coco_metrics(coco_truth, coco_pred, classes[1:])
+    if pooled:
         report["coco_pooled"] = {k: (None if math.isnan(v) else v) for k, v in pooled.items()}
     report["images"] = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                         for r in rows]

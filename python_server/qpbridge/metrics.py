@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INSTANCE_KEYS", "InstanceImage", "centroid_metrics", "centroids", "coco_metrics", "instance_metrics",
+__all__ = ["INSTANCE_KEYS", "InstanceImage", "centroid_metrics", "centroids", "coco_metrics", "coco_metrics_per_image",
+           "instance_metrics",
            "mean_metrics", "pair_counts", "semantic_metrics"]
 
 INSTANCE_KEYS = ("dice", "dice2", "aji", "aji_plus", "dq", "sq", "pq")
@@ -178,20 +179,25 @@ class InstanceImage:
 
 def _coco_objects(img: InstanceImage, image_id: int, with_score: bool) -> list[dict[str, Any]]:
     from pycocotools import mask as mask_utils
+    from scipy import ndimage
 
+    labels = np.asarray(img.labels)
+    ok = labels.size and labels.max() > 0 and labels.min() >= 0
+    boxes = ndimage.find_objects(labels.astype(np.int64)) if ok else []
     objs = []
-    for obj_id in np.unique(img.labels):
-        if obj_id == 0:
+    for idx, sl in enumerate(boxes, start=1):
+        if sl is None:
             continue
-        m = np.asfortranarray((img.labels == obj_id).astype(np.uint8))
+        m = np.zeros(labels.shape, np.uint8, order="F")
+        m[sl] = labels[sl] == idx
         rle = mask_utils.encode(m)
         area = float(mask_utils.area(rle))
         bbox = [float(v) for v in mask_utils.toBbox(rle)]
         rle["counts"] = rle["counts"].decode("ascii")
-        obj: dict[str, Any] = {"image_id": image_id, "category_id": (img.classes or {}).get(int(obj_id), 1),
+        obj: dict[str, Any] = {"image_id": image_id, "category_id": (img.classes or {}).get(idx, 1),
                                "segmentation": rle, "bbox": bbox, "area": area, "iscrowd": 0}
         if with_score:
-            obj["score"] = float((img.scores or {}).get(int(obj_id), 1.0))
+            obj["score"] = float((img.scores or {}).get(idx, 1.0))
         objs.append(obj)
     return objs
 
@@ -201,7 +207,15 @@ def coco_metrics(truth: Sequence[InstanceImage], preds: Sequence[InstanceImage],
     """COCO AP, AP50, AP75 for masks (``ap``, ``ap50``, ``ap75``) and boxes (``bbox_ap``...) over all images at
     once, as pycocotools' COCOeval computes them (AP averaged over IoU 0.50:0.95 and categories), with the limit
     of detections per image raised from 100 to cover every object. Category i+1 is ``categories[i]``."""
+    return coco_metrics_per_image(truth, preds, categories)[0]
+
+
+def coco_metrics_per_image(truth: Sequence[InstanceImage], preds: Sequence[InstanceImage],
+                           categories: Sequence[str] = ("Nucleus",)
+                           ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """:func:`coco_metrics` over all images, and for each image alone (one matching pass serves both)."""
     import contextlib
+    import copy
     import io
 
     from pycocotools.coco import COCO
@@ -209,6 +223,7 @@ def coco_metrics(truth: Sequence[InstanceImage], preds: Sequence[InstanceImage],
 
     if len(truth) != len(preds):
         raise ValueError("truth and predictions hold different numbers of images")
+    keys = [_coco_key(kind, m) for kind in ("segm", "bbox") for m in ("ap", "ap50", "ap75")]
     gt_anns, dt_anns, images = [], [], []
     for i, (t, p) in enumerate(zip(truth, preds, strict=True), start=1):
         images.append({"id": i, "width": int(t.labels.shape[1]), "height": int(t.labels.shape[0])})
@@ -216,32 +231,53 @@ def coco_metrics(truth: Sequence[InstanceImage], preds: Sequence[InstanceImage],
         dt_anns += _coco_objects(p, i, with_score=True)
     for k, a in enumerate(gt_anns, start=1):
         a["id"] = k
-    out: dict[str, float] = {}
+    pooled: dict[str, float] = dict.fromkeys(keys, math.nan)
+    per_image: list[dict[str, float]] = [dict.fromkeys(keys, math.nan) for _ in images]
     if not gt_anns:
-        return {_coco_key(kind, m): math.nan for kind in ("bbox", "segm") for m in ("ap", "ap50", "ap75")}
+        return pooled, per_image
     cats = [{"id": i + 1, "name": n} for i, n in enumerate(categories)]
     max_dets = max(100, max((len(_coco_ids(p)) for p in preds), default=0))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and tables
         gt = COCO()
         gt.dataset = {"images": images, "annotations": gt_anns, "categories": cats}
         gt.createIndex()
-        for kind in ("bbox", "segm"):
+        for kind in ("segm", "bbox"):
             if not dt_anns:
-                out.update({_coco_key(kind, m): 0.0 for m in ("ap", "ap50", "ap75")})
+                zero = {_coco_key(kind, m): 0.0 for m in ("ap", "ap50", "ap75")}
+                pooled.update(zero)
+                for row in per_image:
+                    row.update(zero)
                 continue
             dt = gt.loadRes([dict(a) for a in dt_anns])
             ev = COCOeval(gt, dt, kind)
             ev.params.maxDets = [1, 10, max_dets]
+            ev.params.areaRng, ev.params.areaRngLbl = [[0.0, 1e10]], ["all"]  # small/medium/large: not reported
             ev.evaluate()
             ev.accumulate()
-            # COCOeval.summarize() reads AP@[.5:.95] at 100 detections per image whatever maxDets says, too few
-            # for nuclei: read the accumulated precision [iou, recall, class, area, maxDets] at our maxDets.
-            prec = ev.eval["precision"][:, :, :, 0, -1]
-            ious = list(np.round(ev.params.iouThrs, 2))
-            for m, sel in (("ap", slice(None)), ("ap50", ious.index(0.5)), ("ap75", ious.index(0.75))):
-                p = prec[sel]
-                p = p[p > -1]  # -1: a class without any object
-                out[_coco_key(kind, m)] = float(p.mean()) if p.size else math.nan
+            pooled.update(_ap_from(ev, kind))
+            n_img, n_cat = len(images), len(ev._paramsEval.catIds)
+            for idx in range(n_img):
+                # accumulate() over one image: its slice of the per-image matches (ordered category, area, image)
+                sub = copy.copy(ev)
+                sub._paramsEval = copy.deepcopy(ev._paramsEval)
+                sub._paramsEval.imgIds = [ev._paramsEval.imgIds[idx]]
+                sub.params = copy.deepcopy(sub._paramsEval)
+                sub.evalImgs = [ev.evalImgs[k * n_img + idx] for k in range(n_cat)]
+                sub.accumulate()
+                per_image[idx].update(_ap_from(sub, kind))
+    return pooled, per_image
+
+
+def _ap_from(ev: Any, kind: str) -> dict[str, float]:
+    """AP, AP50, AP75 from accumulated precision [iou, recall, class, area, maxDets] at the largest maxDets
+    (COCOeval.summarize() reads AP@[.5:.95] at 100 detections whatever maxDets says: too few for nuclei)."""
+    prec = ev.eval["precision"][:, :, :, 0, -1]
+    ious = [round(float(v), 2) for v in ev.params.iouThrs]
+    out = {}
+    for m, sel in (("ap", slice(None)), ("ap50", ious.index(0.5)), ("ap75", ious.index(0.75))):
+        p = prec[sel]
+        p = p[p > -1]  # -1: a class without any object
+        out[_coco_key(kind, m)] = float(p.mean()) if p.size else math.nan
     return out
 
 

@@ -226,8 +226,10 @@ def _existing(out: Path, mode: str, fmt: str, tile_mpp: float | None) -> dict[st
         return None
     info = json.loads(path.read_text(encoding="utf-8"))
     old_mpp = info.get("mpp")
-    same_mpp = (old_mpp is None and tile_mpp is None) or (
-        old_mpp is not None and tile_mpp is not None and abs(old_mpp - tile_mpp) < 1e-6)
+    if tile_mpp is None:  # full resolution, as before?
+        same_mpp = all(abs(float(t.get("downsample", 1)) - 1) < 1e-9 for t in info.get("tiles", []))
+    else:
+        same_mpp = old_mpp is not None and abs(old_mpp - tile_mpp) < 1e-6
     if info.get("mode") != mode or info.get("format") != fmt or not same_mpp:
         raise BadRequestError(f"{out} already holds a {info.get('format')} dataset at {old_mpp} µm/px; export "
                               f"{fmt} tiles at {tile_mpp} µm/px into another folder (-o)")
@@ -366,9 +368,12 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
         t["split"] = split[t["source"]]
     for s in infos:
         s["split"] = split[s["name"]]
+    tile_mpps = {t["mpp"] for t in tiles}
     dataset = {
         "version": 1, "created_by": f"qpbridge export-tiles {__version__}", "format": opts.fmt, "mode": mode,
-        "mpp": opts.tile_mpp, "tile_size": opts.size, "overlap": opts.overlap, "background": 0,
+        # µm/px of the tiles: the one asked for, else (full resolution) the sources' when they all have the same
+        "mpp": opts.tile_mpp if opts.tile_mpp is not None else
+        (tile_mpps.pop() if len(tile_mpps) == 1 else None), "tile_size": opts.size, "overlap": opts.overlap, "background": 0,
         "classes": classes, "licence": opts.licence if opts.licence is not None else
         (existing or {}).get("licence"),
         "split": {"method": "sha256-rank", "val_fraction": opts.val_fraction, "seed": opts.seed,
@@ -382,7 +387,7 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
         "mode": mode, "labels": {c["name"]: c["label"] for c in classes} if mode == "semantic" else {},
         "background": 0, "instance_objects": "annotations" if mode == "instances" else None,
         "mask_bits": 8 if mode == "semantic" else 16, "tile_size": opts.size, "overlap": opts.overlap,
-        "pixel_size_um": opts.tile_mpp, "images": "images", "masks": "masks"})
+        "pixel_size_um": dataset["mpp"], "images": "images", "masks": "masks"})
     _write_json(out / DATASET_JSON, dataset)
     result.split = split
     result.dataset = dataset
