@@ -373,7 +373,8 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
         "version": 1, "created_by": f"qpbridge export-tiles {__version__}", "format": opts.fmt, "mode": mode,
         # µm/px of the tiles: the one asked for, else (full resolution) the sources' when they all have the same
         "mpp": opts.tile_mpp if opts.tile_mpp is not None else
-        (tile_mpps.pop() if len(tile_mpps) == 1 else None), "tile_size": opts.size, "overlap": opts.overlap, "background": 0,
+        (tile_mpps.pop() if len(tile_mpps) == 1 else None),
+        "tile_size": opts.size, "overlap": opts.overlap, "background": 0,
         "classes": classes, "licence": opts.licence if opts.licence is not None else
         (existing or {}).get("licence"),
         "split": {"method": "sha256-rank", "val_fraction": opts.val_fraction, "seed": opts.seed,
