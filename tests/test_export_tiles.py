@@ -72,10 +72,10 @@ def test_semantic_tiles_masks_palette_and_dataset_json(tmp_path: Path, capsys) -
     assert labels["mode"] == "semantic" and labels["labels"] == {"Stroma": 1, "Tumor": 2}
     full = np.zeros((150, 200), np.uint8)
     for t in ds["tiles"]:
-        assert t["source"] == "slide a.png" and t["split"] == "train" and t["downsample"] == 1
+        assert t["source"] == "slide a" and t["split"] == "train" and t["downsample"] == 1
         name = Path(t["image"]).stem
-        assert name == tile_name("slide a.png", t["x"], t["y"], t["w"], t["h"], 1.0)
-        assert parse_tile_name(name) == {"source": "slide a.png", "x": t["x"], "y": t["y"], "w": t["w"],
+        assert name == tile_name("slide a", t["x"], t["y"], t["w"], t["h"], 1.0)
+        assert parse_tile_name(name) == {"source": "slide a", "x": t["x"], "y": t["y"], "w": t["w"],
                                          "h": t["h"], "downsample": 1.0}
         tile = cv2.cvtColor(cv2.imread(str(out / t["image"])), cv2.COLOR_BGR2RGB)
         assert np.array_equal(tile, rgb[t["y"]:t["y"] + t["h"], t["x"]:t["x"] + t["w"]])
@@ -109,7 +109,7 @@ def test_instance_coco_points_at_half_resolution(tmp_path: Path) -> None:
         # objects.
         assert [(t.x, t.y, t.w, t.h, t.downsample) for t in ds.tiles] == [(0, 0, 200, 200, 2.0)]
         t = ds.tiles[0]
-        assert t.image.name == "img.png [d=2,x=0,y=0,w=200,h=200].png"
+        assert t.image.name == "img [d=2,x=0,y=0,w=200,h=200].png"
         inst = cv2.imread(str(t.mask), cv2.IMREAD_UNCHANGED)
         assert inst.dtype == np.uint16 and inst.shape == (100, 100)
         ids = [int(i) for i in np.unique(inst) if i]
@@ -125,7 +125,7 @@ def test_instance_coco_points_at_half_resolution(tmp_path: Path) -> None:
     anns = sorted(coco["annotations"], key=lambda a: a["bbox"])
     assert [a["bbox"] for a in anns] == [[5, 5, 10, 10], [13, 7, 12, 13], [60, 60, 20, 15]]
     assert [a["area"] for a in anns] == [100, 156, 300] and all(a["iscrowd"] == 0 for a in anns)
-    assert coco["images"][0]["file_name"] == "img.png [d=2,x=0,y=0,w=200,h=200].png"
+    assert coco["images"][0]["file_name"] == "img [d=2,x=0,y=0,w=200,h=200].png"
     from pycocotools.coco import COCO
 
     api = COCO(str(tmp_path / "coco" / "coco" / "train.json"))
@@ -138,6 +138,7 @@ def test_instance_coco_points_at_half_resolution(tmp_path: Path) -> None:
 
 def test_split_by_image_deterministic_and_order_free(tmp_path: Path) -> None:
     names = [f"img{i}.png" for i in range(5)]
+    stems = [Path(n).stem for n in names]
     for n in names:
         _image(tmp_path / n, 64, 64)
         (tmp_path / (Path(n).stem + ".geojson")).write_text(json.dumps(_qupath_geojson()["features"][:1]))
@@ -150,7 +151,7 @@ def test_split_by_image_deterministic_and_order_free(tmp_path: Path) -> None:
                    "--size", "32", "--seed", "3") == 0
     da, db = json.loads((a / "dataset.json").read_text()), json.loads((b / "dataset.json").read_text())
     assert da["split"] == db["split"] and len(da["split"]["val"]) == 2 and len(da["split"]["train"]) == 3
-    assert da["split"]["val"] == sorted(n for n, s in split_sources(names, 0.4, 3).items() if s == "val")
+    assert da["split"]["val"] == sorted(n for n, s in split_sources(stems, 0.4, 3).items() if s == "val")
     by_tile = {t["image"]: t["split"] for t in da["tiles"]}
     assert by_tile == {t["image"]: t["split"] for t in db["tiles"]} and len(by_tile) == 5 * 4
     for t in da["tiles"]:
@@ -158,10 +159,10 @@ def test_split_by_image_deterministic_and_order_free(tmp_path: Path) -> None:
     # A folder with only labels.json (an older QuPath script): the same tiles and split, rebuilt from names.
     (a / "dataset.json").unlink()
     old = load_dataset(a)
-    default = split_sources(names)  # labels.json records no split: the default fraction and seed
+    default = split_sources(stems)  # labels.json records no split: the default fraction and seed
     assert {t.image.name: t.split for t in old.tiles} == {Path(k).name: default[v["source"]]
                                                           for k, v in ((t["image"], t) for t in da["tiles"])}
-    assert len(old.tiles) == 20 and old.mode == "semantic" and {t.source for t in old.tiles} == set(names)
+    assert len(old.tiles) == 20 and old.mode == "semantic" and {t.source for t in old.tiles} == set(stems)
 
 
 def test_clear_errors(tmp_path: Path, capsys) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ def split_sources(names: list[str], val_fraction: float = DEFAULT_VAL_FRACTION,
                   seed: int = DEFAULT_SEED) -> dict[str, str]:
     """Train/val split by image: ``{name: "train"|"val"}``.
 
-    Names ranked by ``sha256(f"{seed}:{name}")``; the first ``round(val_fraction * n)`` are validation. With
+    Names ranked by ``sha256(f"{seed}:{name}")``; the first ``floor(val_fraction * n + 0.5)`` are validation. With
     ``0 < val_fraction < 1`` and at least two images, each split keeps at least one. The QuPath export script
     implements the same rule, so both give the same split for the same set of images.
     """
@@ -66,7 +67,7 @@ def split_sources(names: list[str], val_fraction: float = DEFAULT_VAL_FRACTION,
         raise BadRequestError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     unique = sorted(set(names))
     n = len(unique)
-    n_val = round(val_fraction * n)
+    n_val = math.floor(val_fraction * n + 0.5)  # half up, as Groovy's Math.round (Python's round is half-even)
     if val_fraction > 0 and n >= 2:
         n_val = min(max(n_val, 1), n - 1)
     ranked = sorted(unique, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())

@@ -71,7 +71,8 @@ def open_image(path: Path, mpp: float | None = None) -> _Image:
 class Source:
     """One image (or slide) and its annotations."""
 
-    name: str                     # unique in the dataset; the tile names start with it
+    name: str                     # unique in the dataset; the tile names start with it (the file name without
+    #                               extension, as QuPath's TileExporter writes it)
     path: Path
     objects: list[AnnotatedObject]
     annotations: str | None = None  # where the objects came from (a file, or "<project>#<entry>")
@@ -252,7 +253,8 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise BadRequestError(f"two images are named {', '.join(dup)}: tiles are named after the image; rename one")
+        raise BadRequestError(f"two images are named {', '.join(dup)} (without extension): tiles are named after "
+                              "the image, as QuPath names them; rename one")
     classes = _class_table(sources, opts)
     label_of = {c["name"]: c["label"] for c in classes}
     palette = [c["color"] for c in classes]

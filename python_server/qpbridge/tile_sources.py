@@ -68,7 +68,7 @@ def sources_from_paths(inputs: list[Path], annotations: Path | None, *, mpp: flo
         objs = _keep(read_annotations(ann, use_nuclei=nuclei), objects)
         if not objs:
             log.warning("%s: no polygonal %s in %s", img.name, "object" if objects == "all" else objects, ann)
-        out.append(Source(name=img.name, path=img, objects=objs, annotations=str(ann.resolve()), mpp=mpp))
+        out.append(Source(name=img.stem, path=img, objects=objs, annotations=str(ann.resolve()), mpp=mpp))
     return out
 
 
@@ -156,7 +156,9 @@ def project_sources(project: Path, *, images: str | None = None, sidecar_dir: Pa
                 side = side2
             objs, where = read_annotations(side), str(side.resolve())
         objs = _keep(objs, objects)
-        name = im.name if im.name not in used else f"{im.name} ({im.entry_id})"
+        # Tiles are named after the entry without its extension, as QuPath's TileExporter names them.
+        base = Path(im.name).stem if Path(im.name).suffix.lower() in IMAGE_SUFFIXES else im.name
+        name = base if base not in used else f"{base} ({im.entry_id})"
         used.add(name)
         sources.append(Source(name=name, path=im.path, objects=objs, annotations=where,
                               mpp=mpp if mpp is not None else im.mpp))
