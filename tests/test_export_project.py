@@ -12,7 +12,10 @@ from PIL import Image
 
 from qpbridge.dataset import load_dataset
 from qpbridge.sidecars import sidecar_path
-from test_projects import PATHOLOGIST, make_project, paquo_env, qpbridge  # noqa: F401  (paquo_env: a fixture)
+import test_projects
+from test_projects import PATHOLOGIST, make_project, qpbridge
+
+paquo_env = test_projects.paquo_env  # the session fixture: QuPath's classes laid out for paquo
 
 pytestmark = pytest.mark.slow
 
