@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import test_projects
 from qpbridge.dataset import load_dataset
 from qpbridge.sidecars import sidecar_path
-import test_projects
 from test_projects import PATHOLOGIST, make_project, qpbridge
 
 paquo_env = test_projects.paquo_env  # the session fixture: QuPath's classes laid out for paquo
