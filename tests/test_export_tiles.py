@@ -225,3 +225,20 @@ def test_monuseg_xml_instances(tmp_path: Path) -> None:
 
     true_fg = union_all([o.geometry for o in objs]).area / 4  # full-res px -> tile px at downsample 2
     assert fg == pytest.approx(true_fg, rel=0.03)
+
+
+def test_large_outline_cut_per_tile(tmp_path: Path) -> None:
+    """A tissue outline of 20,000 vertices over many tiles: each tile paints its part, the parts add up."""
+    from shapely.geometry import Point, mapping
+
+    _image(tmp_path / "big.png", 1500, 1500)
+    disc = Point(750, 750).buffer(600, 5000)
+    disc = disc.difference(Point(750, 750).buffer(100, 64))  # with a hole crossing tile borders
+    feats = [{"type": "Feature", "geometry": mapping(disc),
+              "properties": {"objectType": "annotation", "classification": {"name": "Tissue", "color": [1, 2, 3]}}}]
+    (tmp_path / "big.geojson").write_text(json.dumps(feats))
+    assert _export(str(tmp_path / "big.png"), "-o", str(tmp_path / "ds"), "--size", "256") == 0
+    ds = load_dataset(tmp_path / "ds")
+    assert len(ds.tiles) == 32  # 6 x 6 tiles of 256 px (the last ones 220 px) less the 4 corners, off the disc
+    total = sum(int((np.asarray(Image.open(t.mask)) == 1).sum()) for t in ds.tiles)
+    assert total == pytest.approx(disc.area, rel=0.002)
