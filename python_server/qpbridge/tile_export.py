@@ -144,6 +144,12 @@ def _tile_grid(width: int, height: int, downsample: float, size: int, overlap: i
     return out
 
 
+def _clip(geom: BaseGeometry, margin: BaseGeometry) -> BaseGeometry:
+    """The object cut to the tile (plus a margin): a tissue outline of thousands of vertices is painted from the
+    few inside the tile."""
+    return geom if margin.contains(geom) else geom.intersection(margin)
+
+
 def _polygons(geom: BaseGeometry) -> list[BaseGeometry]:
     """The polygons of a geometry, however nested (a cut may give a collection of polygons and lines)."""
     if geom.is_empty:
@@ -315,12 +321,6 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
         for (x, y, w, h) in _tile_grid(img.width, img.height, d, opts.size, opts.overlap):
             tbox = shapely.box(x, y, x + w, y + h)
             margin = tbox.buffer(2 * d, join_style="mitre")
-
-            def clipped(i: int, margin: BaseGeometry = margin) -> BaseGeometry:
-                """The object cut to the tile (with a margin): a tissue outline of thousands of vertices is
-                painted from the few inside the tile."""
-                g = objs[i].geometry
-                return g if margin.contains(g) else g.intersection(margin)
             hits = sorted(int(i) for i in tree.query(tbox, predicate="intersects")) if tree is not None else []
             if not hits and not opts.all_tiles:
                 continue
@@ -334,7 +334,7 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
             if mode == "semantic":
                 mask = np.zeros((oh, ow), np.uint8)
                 for i in hits:
-                    paint_geometry(mask, clipped(i), x, y, d, label_of[objs[i].class_name or opts.default_class])
+                    paint_geometry(mask, _clip(objs[i].geometry, margin), x, y, d, label_of[objs[i].class_name or opts.default_class])
                 _write_png(out / entry["mask"], mask, palette)
             else:
                 inst = np.zeros((oh, ow), np.uint16)
@@ -342,7 +342,7 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
                 if len(hits) > 65535:
                     raise BadRequestError(f"{base}: more than 65535 objects in one tile; use a smaller --size")
                 for k, i in enumerate(hits, start=1):
-                    part = clipped(i)
+                    part = _clip(objs[i].geometry, margin)
                     paint_geometry(inst, part, x, y, d, k)
                     paint_geometry(types, part, x, y, d, label_of[objs[i].class_name or opts.default_class])
                 # Objects hidden by others or thinner than a pixel at this resolution leave no label: skip them
