@@ -334,7 +334,8 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
             if mode == "semantic":
                 mask = np.zeros((oh, ow), np.uint8)
                 for i in hits:
-                    paint_geometry(mask, _clip(objs[i].geometry, margin), x, y, d, label_of[objs[i].class_name or opts.default_class])
+                    cls = objs[i].class_name or opts.default_class
+                    paint_geometry(mask, _clip(objs[i].geometry, margin), x, y, d, label_of[cls])
                 _write_png(out / entry["mask"], mask, palette)
             else:
                 inst = np.zeros((oh, ow), np.uint16)
