@@ -105,3 +105,26 @@ def test_monuseg_images_with_imagescope_xml(tmp_path: Path) -> None:
     # The weightless model finds most nuclei; its outlines are coarser than the hand-drawn ones.
     assert 0.2 < row["pq"] < 0.9 and 0.2 < row["aji"] < 0.9 and row["f1"] > 0.5
     assert 0 <= row["ap"] <= row["ap50"] <= 1
+
+
+def test_semantic_model_pixel_accuracy_and_iou(tmp_path: Path, models_dir: Path) -> None:
+    """A semantic model (the test model `dark`) against region annotations: one square right, one half drawn."""
+    from test_cli import synthetic_png
+
+    synthetic_png(tmp_path / "s.png")  # dark squares: x 50..150, y 40..80 and x 200..260, y 120..180
+    feats = [{"type": "Feature", "properties": {"classification": {"name": "Dark"}}, "geometry": {
+        "type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}
+        for x0, y0, x1, y1 in ((50, 40, 150, 80), (200, 120, 230, 180))]  # the second: its left half only
+    (tmp_path / "s.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    out = tmp_path / "m.json"
+    assert main(["--log-level", "warning", "evaluate", "--model", "dark", "--models-dir", str(models_dir), "--data",
+                 str(tmp_path), "--device", "cpu", "-o", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["classes"] == ["Background", "Dark"]
+    dark_true, dark_pred, wrong = 100 * 40 + 30 * 60, 100 * 40 + 60 * 60, 30 * 60
+    assert rep["pixel_accuracy"] == pytest.approx(1 - wrong / (200 * 300))
+    assert rep["iou_dark"] == pytest.approx(dark_true / dark_pred)
+    bg = 200 * 300 - dark_pred
+    assert rep["iou_background"] == pytest.approx(bg / (bg + wrong))
+    assert rep["miou"] == pytest.approx((rep["iou_dark"] + rep["iou_background"]) / 2)
+    assert "pq" not in rep  # no instance metrics for a semantic model
