@@ -160,9 +160,10 @@ QpbReport.run(this, 'Export training tiles') {
     File datasetFile = new File(out, 'dataset.json')
     Map dataset = datasetFile.isFile() ? gson.fromJson(datasetFile.getText('UTF-8'), Map) : null
     if (dataset != null && (dataset.mode != mode || dataset.format != format ||
-            (dataset.mpp == null) != (tileMpp == null) || (tileMpp != null && Math.abs((dataset.mpp as double) - tileMpp) > 1e-6))) {
-        throw new QpbException('bad_output', "${out} already holds ${dataset.format} tiles at ${dataset.mpp} µm/px: " +
-                "export ${format} tiles at ${tileMpp} µm/px into another OUTPUT_DIR")
+            (dataset.mpp == null) != (tileMpp == null) || (tileMpp != null && Math.abs((dataset.mpp as double) - tileMpp) > 1e-6) ||
+            (dataset.tile_size as int) != TILE_SIZE || (dataset.overlap as int) != OVERLAP)) {
+        throw new QpbException('bad_output', "${out} already holds ${dataset.format} tiles of ${dataset.tile_size as int} px " +
+                "at ${dataset.mpp} µm/px: export ${format} tiles of ${TILE_SIZE} px at ${tileMpp} µm/px into another OUTPUT_DIR")
     }
     List<Map> classes = []
     if (MODE == 'semantic') {

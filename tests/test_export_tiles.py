@@ -242,3 +242,34 @@ def test_large_outline_cut_per_tile(tmp_path: Path) -> None:
     assert len(ds.tiles) == 32  # 6 x 6 tiles of 256 px (the last ones 220 px) less the 4 corners, off the disc
     total = sum(int((np.asarray(Image.open(t.mask)) == 1).sum()) for t in ds.tiles)
     assert total == pytest.approx(disc.area, rel=0.002)
+
+
+def test_adding_to_a_folder_coco_ids_and_stale_tiles(tmp_path: Path, capsys) -> None:
+    """Two exports into one COCO folder: both images in the split files with unique ids; a source exported again
+    replaces its tiles (files of tiles it no longer has are removed); another tile size is refused."""
+    sq = [_feature({"type": "Polygon", "coordinates": [[[20, 20], [40, 20], [40, 40], [20, 40], [20, 20]]]},
+                   None, None, "detection")]  # across the corner of four 32 px tiles
+    for n in ("a", "b", "c"):
+        _image(tmp_path / f"{n}.png", 96, 96)
+        (tmp_path / f"{n}.geojson").write_text(json.dumps(sq))
+    out = tmp_path / "ds"
+    opts = ["--format", "coco", "--size", "32", "--val-fraction", "0.34"]
+    assert _export(str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(out), *opts, "--all-tiles") == 0
+    assert len(list((out / "images").glob("a *.png"))) == 9
+    assert _export(str(tmp_path / "c.png"), str(tmp_path / "a.png"), "-o", str(out), *opts) == 0
+    ds = load_dataset(out)
+    assert sorted({t.source for t in ds.tiles}) == ["a", "b", "c"]
+    # a again, without --all-tiles: only the 4 tiles its square touches remain, on disk too.
+    assert len([t for t in ds.tiles if t.source == "a"]) == 4 == len(list((out / "images").glob("a *.png")))
+    assert len(list((out / "masks").glob("a *.png"))) == 4 and len(list((out / "types").glob("a *.png"))) == 4
+    coco = {s: json.loads((out / "coco" / f"{s}.json").read_text()) for s in ("train", "val")}
+    files = {s: sorted(im["file_name"] for im in c["images"]) for s, c in coco.items()}
+    by_split = {s: sorted(t.image.name for t in ds.split(s)) for s in ("train", "val")}
+    assert files == by_split and len(ds.split("val")) > 0
+    for c in coco.values():
+        assert [im["id"] for im in c["images"]] == list(range(1, len(c["images"]) + 1))
+        assert len({a["id"] for a in c["annotations"]}) == len(c["annotations"])
+        assert {a["image_id"] for a in c["annotations"]} <= {im["id"] for im in c["images"]}
+    capsys.readouterr()
+    assert _export(str(tmp_path / "c.png"), "-o", str(out), "--format", "coco", "--size", "64") == 1
+    assert "tiles of 32 px" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def test_centroid_matching_hungarian_with_radius() -> None:
     labels = np.zeros((5, 6), np.int32)
     labels[0:2, 0:2] = 3
     labels[4, 3:6] = 1
-    assert centroids(labels).tolist() == [[4.0, 4.0], [0.5, 0.5]]
+    assert centroids(labels).tolist() == [[4.5, 4.5], [1.0, 1.0]]  # pixel centres at +0.5, as QuPath
 
 
 def test_semantic_accuracy_and_iou() -> None:

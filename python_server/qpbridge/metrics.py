@@ -114,7 +114,8 @@ def instance_metrics(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5)
 
 
 def centroids(labels: np.ndarray) -> np.ndarray:
-    """Centroids ``[[x, y], ...]`` (pixel units, pixel centres at integer + 0) of each object, in id order."""
+    """Centroids ``[[x, y], ...]`` of each object in id order, in image coordinates as QuPath and the points files
+    of docs/training.md use them (pixel (i, j) spans [i, i+1) x [j, j+1): its centre is at +0.5)."""
     from scipy import ndimage
 
     ids = np.unique(labels)
@@ -122,7 +123,7 @@ def centroids(labels: np.ndarray) -> np.ndarray:
     if ids.size == 0:
         return np.zeros((0, 2))
     com = ndimage.center_of_mass(np.ones(labels.shape), labels, ids)
-    return np.array([[c[1], c[0]] for c in com], dtype=np.float64)
+    return np.array([[c[1] + 0.5, c[0] + 0.5] for c in com], dtype=np.float64)
 
 
 def centroid_metrics(true_xy: np.ndarray, pred_xy: np.ndarray, radius: float) -> dict[str, float]:

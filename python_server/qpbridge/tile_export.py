@@ -251,7 +251,8 @@ def _check_inside(src: Source, width: int, height: int) -> None:
             "image, or in other units than full-resolution pixels?")
 
 
-def _existing(out: Path, mode: str, fmt: str, tile_mpp: float | None) -> dict[str, Any] | None:
+def _existing(out: Path, mode: str, fmt: str, tile_mpp: float | None, size: int,
+              overlap: int) -> dict[str, Any] | None:
     """The folder's dataset.json when exports are being added to it; refuses a folder of another kind."""
     import json
 
@@ -267,6 +268,9 @@ def _existing(out: Path, mode: str, fmt: str, tile_mpp: float | None) -> dict[st
     if info.get("mode") != mode or info.get("format") != fmt or not same_mpp:
         raise BadRequestError(f"{out} already holds a {info.get('format')} dataset at {old_mpp} µm/px; export "
                               f"{fmt} tiles at {tile_mpp} µm/px into another folder (-o)")
+    if (info.get("tile_size"), info.get("overlap")) != (size, overlap):
+        raise BadRequestError(f"{out} holds tiles of {info.get('tile_size')} px (overlap {info.get('overlap')}); "
+                              f"export tiles of {size} px (overlap {overlap}) into another folder (-o)")
     return info
 
 
@@ -292,7 +296,7 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
     label_of = {c["name"]: c["label"] for c in classes}
     palette = [c["color"] for c in classes]
     out = opts.out
-    existing = _existing(out, mode, opts.fmt, opts.tile_mpp)
+    existing = _existing(out, mode, opts.fmt, opts.tile_mpp, opts.size, opts.overlap)
     if existing is not None and [c["name"] for c in existing.get("classes", [])] != [c["name"] for c in classes]:
         raise BadRequestError(f"{out} holds tiles with the classes {[c['name'] for c in existing['classes']]}, not "
                               f"{[c['name'] for c in classes]}: give --classes in that order, or another folder")
