@@ -273,3 +273,29 @@ def test_adding_to_a_folder_coco_ids_and_stale_tiles(tmp_path: Path, capsys) -> 
     capsys.readouterr()
     assert _export(str(tmp_path / "c.png"), "-o", str(out), "--format", "coco", "--size", "64") == 1
     assert "tiles of 32 px" in capsys.readouterr().err
+
+
+def test_slide_svs_with_a_region(tmp_path: Path) -> None:
+    """An Aperio SVS read region by region (its own pixel size), tiles at 2 µm/px around a tumour outline."""
+    from conftest import CMU_SVS
+
+    from qpbridge.slides import Slide
+
+    svs = need_data(CMU_SVS)
+    region = {"type": "Polygon", "coordinates": [[[400, 600], [1400, 600], [1400, 1600], [400, 1600], [400, 600]]]}
+    (tmp_path / "cmu.geojson").write_text(json.dumps([_feature(region, "Tumor", TUMOR)]))
+    out = tmp_path / "ds"
+    assert _export(str(svs), "--annotations", str(tmp_path / "cmu.geojson"), "-o", str(out), "--tile-mpp", "2",
+                   "--size", "128") == 0
+    ds = load_dataset(out)
+    slide = Slide(svs)
+    d = 2.0 / slide.require_mpp()
+    assert ds.mpp == 2.0 and all(t.downsample == pytest.approx(d, rel=1e-5) for t in ds.tiles)
+    assert ds.info["sources"][0]["path"] == str(svs.resolve()) and ds.tiles[0].source == "CMU-1-Small-Region"
+    tumour = sum(int((np.asarray(Image.open(t.mask)) == 1).sum()) for t in ds.tiles)
+    assert tumour == pytest.approx(1000 * 1000 / d**2, rel=0.01)
+    t = ds.tiles[0]
+    ow, oh = Image.open(t.image).size
+    expected = slide.read(t.x, t.y, t.x + t.w, t.y + t.h, ow, oh)
+    assert np.array_equal(np.asarray(Image.open(t.image)), expected)
+    slide.close()

@@ -42,8 +42,14 @@ _PALETTE = [(200, 0, 0), (0, 150, 0), (30, 60, 200), (200, 150, 0), (150, 0, 150
 class _Image:
     """Width, height, pixel size and ``read(x0, y0, x1, y1, out_w, out_h)`` of a plain image or a slide."""
 
-    def __init__(self, width: int, height: int, mpp: float | None, read: Callable[..., np.ndarray]) -> None:
+    def __init__(self, width: int, height: int, mpp: float | None, read: Callable[..., np.ndarray],
+                 close: Callable[[], None] | None = None) -> None:
         self.width, self.height, self.mpp, self.read = width, height, mpp, read
+        self._close = close
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
 
 
 def open_image(path: Path, mpp: float | None = None) -> _Image:
@@ -64,7 +70,7 @@ def open_image(path: Path, mpp: float | None = None) -> _Image:
         from qpbridge.images import _tiff_mpp
 
         mpp_ = _tiff_mpp(path)
-    return _Image(slide.width, slide.height, mpp_, slide.read)
+    return _Image(slide.width, slide.height, mpp_, slide.read, getattr(slide, "close", None))
 
 
 @dataclass
@@ -309,83 +315,86 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
     coco: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     for src in sources:
         img = open_image(src.path, src.mpp)
-        if opts.tile_mpp is not None and img.mpp is None:
-            raise MissingPixelSizeError(
-                f"{src.path.name} records no pixel size (µm/px): pass --mpp (its full-resolution pixel size, e.g. "
-                "0.25 for MoNuSeg's 40x images) to export tiles at --tile-mpp")
-        d = 1.0 if opts.tile_mpp is None or img.mpp is None else opts.tile_mpp / img.mpp
-        if d < 1:
-            log.warning("%s is coarser (%.3g µm/px) than --tile-mpp %.3g: exporting at full resolution", src.name,
-                        img.mpp, opts.tile_mpp)
-            d = 1.0
-        _check_inside(src, img.width, img.height)
-        objs = sorted(src.objects, key=lambda o: -o.geometry.area)  # small objects on top of large ones
-        tree = shapely.STRtree([o.geometry for o in objs]) if objs else None
-        n_tiles = 0
-        for (x, y, w, h) in _tile_grid(img.width, img.height, d, opts.size, opts.overlap):
-            tbox = shapely.box(x, y, x + w, y + h)
-            margin = tbox.buffer(2 * d, join_style="mitre")
-            hits = sorted(int(i) for i in tree.query(tbox, predicate="intersects")) if tree is not None else []
-            if not hits and not opts.all_tiles:
-                continue
-            ow, oh = max(1, round(w / d)), max(1, round(h / d))
-            rgb = img.read(x, y, x + w, y + h, ow, oh)
-            base = tile_name(src.name, x, y, w, h, d)
-            entry: dict[str, Any] = {"image": f"images/{base}{opts.image_ext}", "mask": f"masks/{base}.png",
-                                     "source": src.name, "x": x, "y": y, "w": w, "h": h,
-                                     "downsample": round(d, 6), "mpp": None if img.mpp is None else img.mpp * d,
-                                     "objects": len(hits)}
-            if mode == "semantic":
-                mask = np.zeros((oh, ow), np.uint8)
-                for i in hits:
-                    cls = objs[i].class_name or opts.default_class
-                    paint_geometry(mask, _clip(objs[i].geometry, margin), x, y, d, label_of[cls])
-                _write_png(out / entry["mask"], mask, palette)
-            else:
-                inst = np.zeros((oh, ow), np.uint16)
-                types = np.zeros((oh, ow), np.uint8)
-                if len(hits) > 65535:
-                    raise BadRequestError(f"{base}: more than 65535 objects in one tile; use a smaller --size")
-                for k, i in enumerate(hits, start=1):
-                    part = _clip(objs[i].geometry, margin)
-                    paint_geometry(inst, part, x, y, d, k)
-                    paint_geometry(types, part, x, y, d, label_of[objs[i].class_name or opts.default_class])
-                # Objects hidden by others or thinner than a pixel at this resolution leave no label: skip them
-                # in the points and COCO files too, so that every listed object is in the mask.
-                present = set(np.unique(inst).tolist())
-                kept = [(k, i) for k, i in enumerate(hits, start=1) if k in present]
-                entry["objects"] = len(kept)
-                _write_png(out / entry["mask"], inst)
-                entry["types"] = f"types/{base}.png"
-                _write_png(out / entry["types"], types, palette)
-                if opts.fmt == "points":
-                    pts = []
-                    for _k, i in kept:
-                        c = objs[i].geometry.centroid
-                        u, v = (c.x - x) / d, (c.y - y) / d
-                        if 0 <= u < ow and 0 <= v < oh:
-                            cls = objs[i].class_name or opts.default_class
-                            pts.append({"x": round(u, 3), "y": round(v, 3), "label": label_of[cls], "class": cls})
-                    entry["points"] = f"points/{base}.json"
-                    _write_json(out / entry["points"], pts)
-                if opts.fmt == "coco":
-                    anns = []
-                    for _k, i in kept:
-                        part = objs[i].geometry.intersection(tbox)
-                        polys = _coco_polygons(part, x, y, d)
-                        if not polys:
-                            continue
-                        bx0, by0, bx1, by1 = part.bounds
-                        anns.append({"category_id": label_of[objs[i].class_name or opts.default_class],
-                                     "segmentation": polys, "iscrowd": 0, "area": round(part.area / (d * d), 3),
-                                     "bbox": [round((bx0 - x) / d, 3), round((by0 - y) / d, 3),
-                                              round((bx1 - bx0) / d, 3), round((by1 - by0) / d, 3)]})
-                    coco.append(({"file_name": base + opts.image_ext, "width": ow, "height": oh,
-                                  "source": src.name}, anns))
-            _write_rgb(out / entry["image"], rgb)
-            tiles.append(entry)
-            n_tiles += 1
-            result.objects += entry["objects"]
+        try:
+            if opts.tile_mpp is not None and img.mpp is None:
+                raise MissingPixelSizeError(
+                    f"{src.path.name} records no pixel size (µm/px): pass --mpp (its full-resolution pixel size, e.g. "
+                    "0.25 for MoNuSeg's 40x images) to export tiles at --tile-mpp")
+            d = 1.0 if opts.tile_mpp is None or img.mpp is None else opts.tile_mpp / img.mpp
+            if d < 1:
+                log.warning("%s is coarser (%.3g µm/px) than --tile-mpp %.3g: exporting at full resolution", src.name,
+                            img.mpp, opts.tile_mpp)
+                d = 1.0
+            _check_inside(src, img.width, img.height)
+            objs = sorted(src.objects, key=lambda o: -o.geometry.area)  # small objects on top of large ones
+            tree = shapely.STRtree([o.geometry for o in objs]) if objs else None
+            n_tiles = 0
+            for (x, y, w, h) in _tile_grid(img.width, img.height, d, opts.size, opts.overlap):
+                tbox = shapely.box(x, y, x + w, y + h)
+                margin = tbox.buffer(2 * d, join_style="mitre")
+                hits = sorted(int(i) for i in tree.query(tbox, predicate="intersects")) if tree is not None else []
+                if not hits and not opts.all_tiles:
+                    continue
+                ow, oh = max(1, round(w / d)), max(1, round(h / d))
+                rgb = img.read(x, y, x + w, y + h, ow, oh)
+                base = tile_name(src.name, x, y, w, h, d)
+                entry: dict[str, Any] = {"image": f"images/{base}{opts.image_ext}", "mask": f"masks/{base}.png",
+                                         "source": src.name, "x": x, "y": y, "w": w, "h": h,
+                                         "downsample": round(d, 6), "mpp": None if img.mpp is None else img.mpp * d,
+                                         "objects": len(hits)}
+                if mode == "semantic":
+                    mask = np.zeros((oh, ow), np.uint8)
+                    for i in hits:
+                        cls = objs[i].class_name or opts.default_class
+                        paint_geometry(mask, _clip(objs[i].geometry, margin), x, y, d, label_of[cls])
+                    _write_png(out / entry["mask"], mask, palette)
+                else:
+                    inst = np.zeros((oh, ow), np.uint16)
+                    types = np.zeros((oh, ow), np.uint8)
+                    if len(hits) > 65535:
+                        raise BadRequestError(f"{base}: more than 65535 objects in one tile; use a smaller --size")
+                    for k, i in enumerate(hits, start=1):
+                        part = _clip(objs[i].geometry, margin)
+                        paint_geometry(inst, part, x, y, d, k)
+                        paint_geometry(types, part, x, y, d, label_of[objs[i].class_name or opts.default_class])
+                    # Objects hidden by others or thinner than a pixel at this resolution leave no label: skip them
+                    # in the points and COCO files too, so that every listed object is in the mask.
+                    present = set(np.unique(inst).tolist())
+                    kept = [(k, i) for k, i in enumerate(hits, start=1) if k in present]
+                    entry["objects"] = len(kept)
+                    _write_png(out / entry["mask"], inst)
+                    entry["types"] = f"types/{base}.png"
+                    _write_png(out / entry["types"], types, palette)
+                    if opts.fmt == "points":
+                        pts = []
+                        for _k, i in kept:
+                            c = objs[i].geometry.centroid
+                            u, v = (c.x - x) / d, (c.y - y) / d
+                            if 0 <= u < ow and 0 <= v < oh:
+                                cls = objs[i].class_name or opts.default_class
+                                pts.append({"x": round(u, 3), "y": round(v, 3), "label": label_of[cls], "class": cls})
+                        entry["points"] = f"points/{base}.json"
+                        _write_json(out / entry["points"], pts)
+                    if opts.fmt == "coco":
+                        anns = []
+                        for _k, i in kept:
+                            part = objs[i].geometry.intersection(tbox)
+                            polys = _coco_polygons(part, x, y, d)
+                            if not polys:
+                                continue
+                            bx0, by0, bx1, by1 = part.bounds
+                            anns.append({"category_id": label_of[objs[i].class_name or opts.default_class],
+                                         "segmentation": polys, "iscrowd": 0, "area": round(part.area / (d * d), 3),
+                                         "bbox": [round((bx0 - x) / d, 3), round((by0 - y) / d, 3),
+                                                  round((bx1 - bx0) / d, 3), round((by1 - by0) / d, 3)]})
+                        coco.append(({"file_name": base + opts.image_ext, "width": ow, "height": oh,
+                                      "source": src.name}, anns))
+                _write_rgb(out / entry["image"], rgb)
+                tiles.append(entry)
+                n_tiles += 1
+                result.objects += entry["objects"]
+        finally:
+            img.close()  # a slide's file descriptor
         result.per_source[src.name] = n_tiles
         result.tiles += n_tiles
         infos.append({"name": src.name, "path": str(src.path.resolve()), "annotations": src.annotations,
