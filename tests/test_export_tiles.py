@@ -278,7 +278,6 @@ def test_adding_to_a_folder_coco_ids_and_stale_tiles(tmp_path: Path, capsys) -> 
 def test_slide_svs_with_a_region(tmp_path: Path) -> None:
     """An Aperio SVS read region by region (its own pixel size), tiles at 2 µm/px around a tumour outline."""
     from conftest import CMU_SVS
-
     from qpbridge.slides import Slide
 
     svs = need_data(CMU_SVS)
