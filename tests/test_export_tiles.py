@@ -134,6 +134,7 @@ def test_instance_coco_points_at_half_resolution(tmp_path: Path) -> None:
     assert mask.sum() == pytest.approx(300, rel=0.1)
     pts = json.loads((tmp_path / "points" / "points" / f"{t.image.stem}.json").read_text())
     assert sorted((p["x"], p["y"]) for p in pts) == [(10, 10), (19, 13.5), (70, 67.5)]
+    assert {(p["class"], p["label"]) for p in pts} == {("Nucleus", 1)}  # unclassified: --default-class
 
 
 def test_split_by_image_deterministic_and_order_free(tmp_path: Path) -> None:

@@ -280,11 +280,131 @@ def _existing(out: Path, mode: str, fmt: str, tile_mpp: float | None, size: int,
     return info
 
 
+@dataclass
+class _TileBox:
+    """One tile being written: its name, full-resolution region, downsample and size in tile pixels."""
+
+    base: str
+    x: int
+    y: int
+    w: int
+    h: int
+    d: float
+    ow: int
+    oh: int
+
+    @property
+    def box(self) -> BaseGeometry:
+        import shapely
+
+        return shapely.box(self.x, self.y, self.x + self.w, self.y + self.h)
+
+    def to_tile(self, px: float, py: float) -> tuple[float, float]:
+        return (px - self.x) / self.d, (py - self.y) / self.d
+
+
+def _export_source(src: Source, img: _Image, opts: ExportOptions, mode: str, label_of: dict[str, int],
+                   palette: list[list[int]]) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                      list[tuple[dict[str, Any], list[dict[str, Any]]]]]:
+    """Write the tiles of one image: (its ``sources`` entry, its ``tiles`` entries, its COCO images)."""
+    import shapely
+
+    if opts.tile_mpp is not None and img.mpp is None:
+        raise MissingPixelSizeError(
+            f"{src.path.name} records no pixel size (µm/px): pass --mpp (its full-resolution pixel size, e.g. "
+            "0.25 for MoNuSeg's 40x images) to export tiles at --tile-mpp")
+    d = 1.0 if opts.tile_mpp is None or img.mpp is None else opts.tile_mpp / img.mpp
+    if d < 1:
+        log.warning("%s is coarser (%.3g µm/px) than --tile-mpp %.3g: exporting at full resolution", src.name,
+                    img.mpp, opts.tile_mpp)
+        d = 1.0
+    _check_inside(src, img.width, img.height)
+    objs = sorted(src.objects, key=lambda o: -o.geometry.area)  # small objects on top of large ones
+    labels = [label_of[o.class_name or opts.default_class] for o in objs]
+    tree = shapely.STRtree([o.geometry for o in objs]) if objs else None
+    out = opts.out
+    tiles: list[dict[str, Any]] = []
+    coco: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    for (x, y, w, h) in _tile_grid(img.width, img.height, d, opts.size, opts.overlap):
+        t = _TileBox(tile_name(src.name, x, y, w, h, d), x, y, w, h, d, max(1, round(w / d)), max(1, round(h / d)))
+        tbox = t.box
+        hits = sorted(int(i) for i in tree.query(tbox, predicate="intersects")) if tree is not None else []
+        if not hits and not opts.all_tiles:
+            continue
+        # Each object cut to the tile (plus a margin): a long tissue outline is painted from its few vertices there.
+        margin = tbox.buffer(2 * d, join_style="mitre")
+        parts = {i: _clip(objs[i].geometry, margin) for i in hits}
+        entry: dict[str, Any] = {"image": f"images/{t.base}{opts.image_ext}", "mask": f"masks/{t.base}.png",
+                                 "source": src.name, "x": x, "y": y, "w": w, "h": h, "downsample": round(d, 6),
+                                 "mpp": None if img.mpp is None else img.mpp * d, "objects": len(hits)}
+        if mode == "semantic":
+            mask = np.zeros((t.oh, t.ow), np.uint8)
+            for i in hits:
+                paint_geometry(mask, parts[i], x, y, d, labels[i])
+            _write_png(out / entry["mask"], mask, palette)
+        else:
+            if len(hits) > 65535:
+                raise BadRequestError(f"{t.base}: more than 65535 objects in one tile; use a smaller --size")
+            inst = np.zeros((t.oh, t.ow), np.uint16)
+            types = np.zeros((t.oh, t.ow), np.uint8)
+            for k, i in enumerate(hits, start=1):
+                paint_geometry(inst, parts[i], x, y, d, k)
+                paint_geometry(types, parts[i], x, y, d, labels[i])
+            # Objects hidden by others or thinner than a pixel at this resolution leave no label: they are left
+            # out of the points and COCO files too, so that every listed object is in the mask.
+            present = set(np.unique(inst).tolist())
+            kept = [i for k, i in enumerate(hits, start=1) if k in present]
+            entry["objects"] = len(kept)
+            entry["types"] = f"types/{t.base}.png"
+            _write_png(out / entry["mask"], inst)
+            _write_png(out / entry["types"], types, palette)
+            if opts.fmt == "points":
+                entry["points"] = f"points/{t.base}.json"
+                _write_json(out / entry["points"], _points([objs[i].geometry for i in kept], [labels[i] for i in kept],
+                                                           [objs[i].class_name or opts.default_class for i in kept], t))
+            if opts.fmt == "coco":
+                anns = _coco_annotations([objs[i].geometry for i in kept], [labels[i] for i in kept], t)
+                coco.append(({"file_name": t.base + opts.image_ext, "width": t.ow, "height": t.oh,
+                              "source": src.name}, anns))
+        _write_rgb(out / entry["image"], img.read(x, y, x + w, y + h, t.ow, t.oh))
+        tiles.append(entry)
+    info = {"name": src.name, "path": str(src.path.resolve()), "annotations": src.annotations,
+            "width": img.width, "height": img.height, "mpp": img.mpp, "downsample": round(d, 6),
+            "tiles": len(tiles), "objects": len(src.objects)}
+    return info, tiles, coco
+
+
+def _points(geoms: list[BaseGeometry], labels: list[int], names: list[str], t: _TileBox) -> list[dict[str, Any]]:
+    """Centroids in tile pixels of the objects whose (whole) centroid lies in the tile."""
+    pts = []
+    for geom, label, name in zip(geoms, labels, names, strict=True):
+        c = geom.centroid
+        u, v = t.to_tile(c.x, c.y)
+        if 0 <= u < t.ow and 0 <= v < t.oh:
+            pts.append({"x": round(u, 3), "y": round(v, 3), "label": label, "class": name})
+    return pts
+
+
+def _coco_annotations(geoms: list[BaseGeometry], labels: list[int], t: _TileBox) -> list[dict[str, Any]]:
+    """COCO annotations (no ids yet) of the objects cut to the tile: polygons, box and area in tile pixels."""
+    anns = []
+    for geom, label in zip(geoms, labels, strict=True):
+        part = geom.intersection(t.box)
+        polys = _coco_polygons(part, t.x, t.y, t.d)
+        if not polys:
+            continue
+        bx0, by0, bx1, by1 = part.bounds
+        (u0, v0), (u1, v1) = t.to_tile(bx0, by0), t.to_tile(bx1, by1)
+        anns.append({"category_id": label, "segmentation": polys, "iscrowd": 0,
+                     "area": round(part.area / (t.d * t.d), 3),
+                     "bbox": [round(u0, 3), round(v0, 3), round(u1 - u0, 3), round(v1 - v0, 3)]})
+    return anns
+
+
 def export_tiles(sources: list[Source], opts: ExportOptions,
                  on_source: Callable[[str, int], None] | None = None) -> ExportResult:
     """Export tiles of every source into ``opts.out``; adds to a folder that holds an export of the same kind
     (tiles of the sources exported again are replaced) and re-splits all its sources."""
-    import shapely
 
     mode = mode_of(opts.fmt)
     if opts.size < 8:
@@ -316,92 +436,17 @@ def export_tiles(sources: list[Source], opts: ExportOptions,
     for src in sources:
         img = open_image(src.path, src.mpp)
         try:
-            if opts.tile_mpp is not None and img.mpp is None:
-                raise MissingPixelSizeError(
-                    f"{src.path.name} records no pixel size (µm/px): pass --mpp (its full-resolution pixel size, e.g. "
-                    "0.25 for MoNuSeg's 40x images) to export tiles at --tile-mpp")
-            d = 1.0 if opts.tile_mpp is None or img.mpp is None else opts.tile_mpp / img.mpp
-            if d < 1:
-                log.warning("%s is coarser (%.3g µm/px) than --tile-mpp %.3g: exporting at full resolution", src.name,
-                            img.mpp, opts.tile_mpp)
-                d = 1.0
-            _check_inside(src, img.width, img.height)
-            objs = sorted(src.objects, key=lambda o: -o.geometry.area)  # small objects on top of large ones
-            tree = shapely.STRtree([o.geometry for o in objs]) if objs else None
-            n_tiles = 0
-            for (x, y, w, h) in _tile_grid(img.width, img.height, d, opts.size, opts.overlap):
-                tbox = shapely.box(x, y, x + w, y + h)
-                margin = tbox.buffer(2 * d, join_style="mitre")
-                hits = sorted(int(i) for i in tree.query(tbox, predicate="intersects")) if tree is not None else []
-                if not hits and not opts.all_tiles:
-                    continue
-                ow, oh = max(1, round(w / d)), max(1, round(h / d))
-                rgb = img.read(x, y, x + w, y + h, ow, oh)
-                base = tile_name(src.name, x, y, w, h, d)
-                entry: dict[str, Any] = {"image": f"images/{base}{opts.image_ext}", "mask": f"masks/{base}.png",
-                                         "source": src.name, "x": x, "y": y, "w": w, "h": h,
-                                         "downsample": round(d, 6), "mpp": None if img.mpp is None else img.mpp * d,
-                                         "objects": len(hits)}
-                if mode == "semantic":
-                    mask = np.zeros((oh, ow), np.uint8)
-                    for i in hits:
-                        cls = objs[i].class_name or opts.default_class
-                        paint_geometry(mask, _clip(objs[i].geometry, margin), x, y, d, label_of[cls])
-                    _write_png(out / entry["mask"], mask, palette)
-                else:
-                    inst = np.zeros((oh, ow), np.uint16)
-                    types = np.zeros((oh, ow), np.uint8)
-                    if len(hits) > 65535:
-                        raise BadRequestError(f"{base}: more than 65535 objects in one tile; use a smaller --size")
-                    for k, i in enumerate(hits, start=1):
-                        part = _clip(objs[i].geometry, margin)
-                        paint_geometry(inst, part, x, y, d, k)
-                        paint_geometry(types, part, x, y, d, label_of[objs[i].class_name or opts.default_class])
-                    # Objects hidden by others or thinner than a pixel at this resolution leave no label: skip them
-                    # in the points and COCO files too, so that every listed object is in the mask.
-                    present = set(np.unique(inst).tolist())
-                    kept = [(k, i) for k, i in enumerate(hits, start=1) if k in present]
-                    entry["objects"] = len(kept)
-                    _write_png(out / entry["mask"], inst)
-                    entry["types"] = f"types/{base}.png"
-                    _write_png(out / entry["types"], types, palette)
-                    if opts.fmt == "points":
-                        pts = []
-                        for _k, i in kept:
-                            c = objs[i].geometry.centroid
-                            u, v = (c.x - x) / d, (c.y - y) / d
-                            if 0 <= u < ow and 0 <= v < oh:
-                                cls = objs[i].class_name or opts.default_class
-                                pts.append({"x": round(u, 3), "y": round(v, 3), "label": label_of[cls], "class": cls})
-                        entry["points"] = f"points/{base}.json"
-                        _write_json(out / entry["points"], pts)
-                    if opts.fmt == "coco":
-                        anns = []
-                        for _k, i in kept:
-                            part = objs[i].geometry.intersection(tbox)
-                            polys = _coco_polygons(part, x, y, d)
-                            if not polys:
-                                continue
-                            bx0, by0, bx1, by1 = part.bounds
-                            anns.append({"category_id": label_of[objs[i].class_name or opts.default_class],
-                                         "segmentation": polys, "iscrowd": 0, "area": round(part.area / (d * d), 3),
-                                         "bbox": [round((bx0 - x) / d, 3), round((by0 - y) / d, 3),
-                                                  round((bx1 - bx0) / d, 3), round((by1 - by0) / d, 3)]})
-                        coco.append(({"file_name": base + opts.image_ext, "width": ow, "height": oh,
-                                      "source": src.name}, anns))
-                _write_rgb(out / entry["image"], rgb)
-                tiles.append(entry)
-                n_tiles += 1
-                result.objects += entry["objects"]
+            info, new_tiles, new_coco = _export_source(src, img, opts, mode, label_of, palette)
         finally:
             img.close()  # a slide's file descriptor
-        result.per_source[src.name] = n_tiles
-        result.tiles += n_tiles
-        infos.append({"name": src.name, "path": str(src.path.resolve()), "annotations": src.annotations,
-                      "width": img.width, "height": img.height, "mpp": img.mpp, "downsample": round(d, 6),
-                      "tiles": n_tiles, "objects": len(src.objects)})
+        tiles += new_tiles
+        coco += new_coco
+        infos.append(info)
+        result.per_source[src.name] = len(new_tiles)
+        result.tiles += len(new_tiles)
+        result.objects += sum(t["objects"] for t in new_tiles)
         if on_source is not None:
-            on_source(src.name, n_tiles)
+            on_source(src.name, len(new_tiles))
 
     # Merge with an earlier export into the same folder: the sources exported now replace their old entries.
     exported = set(names)
