@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--server", help="server address to check (default: tcp://127.0.0.1:5555, a warning if absent)")
     dr.add_argument("--user-dir", help="QuPath user directory (default: the newest ~/QuPath/v*)")
     dr.set_defaults(func=cmd_doctor)
+    from qpbridge.cli_data import add_parsers as add_data_parsers
+
+    add_data_parsers(sub)  # export-tiles, evaluate
     return p
 
 
