@@ -1,0 +1,69 @@
+"""Augmentation of training batches on the device: dihedral transforms (flips, 90° rotations) per crop, and
+colour/stain jitter per batch.
+
+HV targets are transformed with their pixels: a horizontal flip negates H, a vertical flip negates V, a
+transpose swaps them. HoVer-Net's per-side scaling makes these exact (the two sides' scales swap with the sign).
+All randomness comes from the numpy ``Generator`` passed in, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qpbridge.families.stains import DEFAULT_EOSIN, DEFAULT_HEMATOXYLIN, stain_matrix
+
+
+def dihedral(maps: dict[str, torch.Tensor], code: int) -> dict[str, torch.Tensor]:
+    """One of the 8 symmetries of the square (``code`` 0..7: bit 0 transpose, bit 1 flip x, bit 2 flip y) on
+    (..., H, W) tensors; the ``hv`` entry (2, H, W), if any, has its values transformed too."""
+    out = dict(maps)
+    if code & 1:
+        out = {k: v.transpose(-1, -2) for k, v in out.items()}
+        if "hv" in out:
+            out["hv"] = out["hv"].flip(0)  # H and V swap places
+    if code & 2:
+        out = {k: v.flip(-1) for k, v in out.items()}
+        if "hv" in out:
+            out["hv"] = out["hv"] * torch.tensor([-1.0, 1.0], device=out["hv"].device).view(2, 1, 1)
+    if code & 4:
+        out = {k: v.flip(-2) for k, v in out.items()}
+        if "hv" in out:
+            out["hv"] = out["hv"] * torch.tensor([1.0, -1.0], device=out["hv"].device).view(2, 1, 1)
+    return out
+
+
+@dataclass(frozen=True)
+class ColourJitter:
+    """Stain jitter in HED space (each stain scaled by 1 ± ``stain_scale`` and shifted by ± ``stain_shift``
+    OD, per image), then brightness ± ``brightness`` and contrast 1 ± ``contrast``."""
+
+    stain_scale: float = 0.05
+    stain_shift: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def draw(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+        return {"scale": rng.uniform(1 - self.stain_scale, 1 + self.stain_scale, (n, 3)),
+                "shift": rng.uniform(-self.stain_shift, self.stain_shift, (n, 3)),
+                "bright": rng.uniform(-self.brightness, self.brightness, n),
+                "contrast": rng.uniform(1 - self.contrast, 1 + self.contrast, n)}
+
+    def apply(self, rgb: torch.Tensor, params: dict[str, np.ndarray]) -> torch.Tensor:
+        """``rgb`` (N, 3, H, W) float in [0, 1] -> jittered, same shape and range."""
+        dev = rgb.device
+        mat = torch.tensor(stain_matrix(DEFAULT_HEMATOXYLIN, DEFAULT_EOSIN), dtype=torch.float32, device=dev)
+        inv = torch.linalg.inv(mat)
+        od = -torch.log(rgb.float().clamp_min(1.0 / 255.0))  # (N, 3, H, W)
+        stains = torch.einsum("nchw,cs->nshw", od, inv)
+        scale = torch.tensor(params["scale"], dtype=torch.float32, device=dev)[:, :, None, None]
+        shift = torch.tensor(params["shift"], dtype=torch.float32, device=dev)[:, :, None, None]
+        stains = stains * scale + shift
+        out = torch.exp(-torch.einsum("nshw,sc->nchw", stains, mat))
+        bright = torch.tensor(params["bright"], dtype=torch.float32, device=dev)[:, None, None, None]
+        contrast = torch.tensor(params["contrast"], dtype=torch.float32, device=dev)[:, None, None, None]
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = (out - mean) * contrast + mean + bright
+        return out.clamp(0.0, 1.0)

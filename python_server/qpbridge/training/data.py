@@ -1,0 +1,99 @@
+"""Training tiles read into memory from a dataset folder (layout: docs/training.md, "Dataset layout").
+
+Only ``dataset.json``'s ``tiles`` (``image``, ``mask``, ``split``, optional ``types``), ``mode``, ``mpp``,
+``classes`` and ``licence`` are used, so folders written by ``qpbridge export-tiles``, the QuPath script and
+:mod:`qpbridge.training.monuseg` all train alike.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from qpbridge.errors import BadRequestError
+
+
+@dataclass
+class TileSet:
+    """Images (uint8 RGB), masks (int32) and optional types (uint8) per split, and the folder's metadata."""
+
+    root: Path
+    mode: str
+    mpp: float | None
+    classes: list[dict[str, Any]]
+    licence: str | None
+    images: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    masks: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    types: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    names: dict[str, list[str]] = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)
+
+    def count(self, split: str) -> int:
+        return len(self.images.get(split, []))
+
+    def train_crops(self, crop: int | None) -> int:
+        """How many crops of ``crop`` px cover the training tiles' area once."""
+        area = sum(im.shape[0] * im.shape[1] for im in self.images.get("train", []))
+        side = crop or 256
+        return int(np.ceil(area / (side * side)))
+
+    def summary(self) -> dict[str, Any]:
+        return {split: {"tiles": self.count(split), "sources": sorted(set(self.sources.get(split, [])))}
+                for split in ("train", "val")}
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise BadRequestError(f"cannot read tile image {path}")
+    out: np.ndarray = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return out
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise BadRequestError(f"cannot read mask {path}")
+    if mask.ndim == 3:
+        raise BadRequestError(f"mask {path} has colour channels; masks are single-channel label images")
+    out: np.ndarray = mask
+    return out
+
+
+def load_tiles(root: Path, mode: str = "instances") -> TileSet:
+    """Every tile of the folder ``root`` in memory, by split; the folder's mode must be ``mode``."""
+    root = Path(root)
+    path = root / "dataset.json"
+    if not path.is_file():
+        raise BadRequestError(f"{root} has no dataset.json: export tiles into it first (qpbridge export-tiles, "
+                              "the QuPath script 'Export training tiles', or python -m qpbridge.training.monuseg)")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BadRequestError(f"{path} is not valid JSON: {exc}") from None
+    if info.get("mode") != mode:
+        raise BadRequestError(f"{root} holds '{info.get('mode')}' masks; this model trains on '{mode}' masks "
+                              f"(export with --format instance)")
+    data = TileSet(root=root, mode=mode, mpp=info.get("mpp"), classes=info.get("classes", []),
+                   licence=info.get("licence"))
+    for tile in info.get("tiles", []):
+        split = tile.get("split", "train")
+        image = _read_rgb(root / tile["image"])
+        mask = _read_mask(root / tile["mask"]).astype(np.int32)
+        if mask.shape != image.shape[:2]:
+            raise BadRequestError(f"{tile['mask']} is {mask.shape[::-1]} px but its image is "
+                                  f"{image.shape[1::-1]} px")
+        types = _read_mask(root / tile["types"]).astype(np.uint8) if tile.get("types") else None
+        data.images.setdefault(split, []).append(image)
+        data.masks.setdefault(split, []).append(mask)
+        data.types.setdefault(split, []).append(types)
+        data.names.setdefault(split, []).append(str(tile["image"]))
+        data.sources.setdefault(split, []).append(str(tile.get("source", tile["image"])))
+    if not data.count("train"):
+        raise BadRequestError(f"{root} has no training tiles (dataset.json 'tiles' with split 'train')")
+    return data
