@@ -95,12 +95,12 @@ def build_network(card: ModelCard, weights: Path | None) -> torch.nn.Module:
                              f"{exc}); a TorchScript file needs \"format\": \"torchscript\"",
                              path=str(weights)) from exc
     net = HoverNet(arch)
-    missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"model '{card.name}': {weights} does not fit the card's arch {arch}: missing {len(missing)} keys "
-            f"({', '.join(missing[:3])}...), unexpected {len(unexpected)} ({', '.join(unexpected[:3])}...)",
-            path=str(weights))
+    try:
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped keys
+        first = str(exc).split("\n\t")[1:3]
+        raise ModelLoadError(f"model '{card.name}': {weights} does not fit the card's arch {arch}: "
+                             f"{'; '.join(s.strip() for s in first)}", path=str(weights)) from exc
     return net
 
 
