@@ -286,3 +286,33 @@ def test_postprocessing_runs_tiles_in_parallel(oracle_folder: Path) -> None:
             assert a.labels.max() >= 2
     finally:
         model.close()
+
+
+def test_fill_holes_matches_scipy() -> None:
+    from scipy import ndimage as ndi
+
+    from qpbridge.families.hovernet_post import fill_holes
+
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        mask = rng.random((40, 56)) < 0.4 + 0.04 * i
+        np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_maps_match_cpu(tiny_folder: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(1)
+    tiles = [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    cpu = create_model(load_card(tiny_folder))
+    gpu = create_model(load_card(tiny_folder), "cuda")
+    try:
+        assert isinstance(cpu, HoverNetFamily) and isinstance(gpu, HoverNetFamily)
+        for a, b in zip(gpu.maps(tiles), cpu.maps(tiles), strict=True):
+            assert a["np"].dtype == np.float16
+            np.testing.assert_allclose(a["np"].astype(np.float32), b["np"], atol=2e-2)
+            np.testing.assert_allclose(a["hv"].astype(np.float32), b["hv"], atol=2e-2)
+    finally:
+        cpu.close()
+        gpu.close()

@@ -186,3 +186,13 @@ def test_monuseg_builder_on_real_images(tmp_path: Path) -> None:
     first = data.images["val"][0]
     assert first.shape == (512, 512, 3)
     assert info["tiles"][4]["downsample"] == pytest.approx(0.25 / 0.2456)
+
+
+@pytest.mark.gpu
+def test_mixed_precision_training_on_cuda(card_file: Path, tiles: Path, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    result = train(options(card_file, tiles, tmp_path / "g", device="cuda", epochs=2))
+    assert result["precision"] == "fp16 autocast" and result["epochs_run"] == 2
+    assert all(np.isfinite(h["loss"]["loss"]) for h in result["history"])
+    assert (tmp_path / "g" / "weights.pt").is_file()

@@ -16,23 +16,31 @@ import torch
 from qpbridge.families.stains import DEFAULT_EOSIN, DEFAULT_HEMATOXYLIN, stain_matrix
 
 
-def dihedral(maps: dict[str, torch.Tensor], code: int) -> dict[str, torch.Tensor]:
+def dihedral(maps: dict[str, torch.Tensor], code: int, signs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One of the 8 symmetries of the square (``code`` 0..7: bit 0 transpose, bit 1 flip x, bit 2 flip y) on
-    (..., H, W) tensors; the ``hv`` entry (2, H, W), if any, has its values transformed too."""
+    (..., H, W) tensors; the ``hv`` entry (2, H, W), if any, has its values transformed too. ``signs``:
+    ``hv_signs(device)``, made once (a small tensor made per call would be a host-to-device copy each time)."""
     out = dict(maps)
+    if "hv" in out and signs is None:
+        signs = hv_signs(out["hv"].device)
     if code & 1:
         out = {k: v.transpose(-1, -2) for k, v in out.items()}
         if "hv" in out:
             out["hv"] = out["hv"].flip(0)  # H and V swap places
     if code & 2:
         out = {k: v.flip(-1) for k, v in out.items()}
-        if "hv" in out:
-            out["hv"] = out["hv"] * torch.tensor([-1.0, 1.0], device=out["hv"].device).view(2, 1, 1)
+        if "hv" in out and signs is not None:
+            out["hv"] = out["hv"] * signs[0]
     if code & 4:
         out = {k: v.flip(-2) for k, v in out.items()}
-        if "hv" in out:
-            out["hv"] = out["hv"] * torch.tensor([1.0, -1.0], device=out["hv"].device).view(2, 1, 1)
+        if "hv" in out and signs is not None:
+            out["hv"] = out["hv"] * signs[1]
     return out
+
+
+def hv_signs(device: torch.device) -> torch.Tensor:
+    """(2, 2, 1, 1): the factors of a flip along x (H negated) and along y (V negated)."""
+    return torch.tensor([[-1.0, 1.0], [1.0, -1.0]], device=device).view(2, 2, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -54,16 +62,30 @@ class ColourJitter:
     def apply(self, rgb: torch.Tensor, params: dict[str, np.ndarray]) -> torch.Tensor:
         """``rgb`` (N, 3, H, W) float in [0, 1] -> jittered, same shape and range."""
         dev = rgb.device
-        mat = torch.tensor(stain_matrix(DEFAULT_HEMATOXYLIN, DEFAULT_EOSIN), dtype=torch.float32, device=dev)
-        inv = torch.linalg.inv(mat)
+        n = rgb.shape[0]
+        # all parameters in one host-to-device copy, asynchronous from pinned memory on CUDA
+        packed = torch.from_numpy(np.concatenate([params["scale"], params["shift"], params["bright"][:, None],
+                                                  params["contrast"][:, None]], axis=1).astype(np.float32))
+        if dev.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(dev, non_blocking=True).view(n, 8, 1, 1)
+        scale, shift, bright, contrast = packed[:, 0:3], packed[:, 3:6], packed[:, 6:7], packed[:, 7:8]
+        mat, inv = _stain_matrices(dev)
         od = -torch.log(rgb.float().clamp_min(1.0 / 255.0))  # (N, 3, H, W)
-        stains = torch.einsum("nchw,cs->nshw", od, inv)
-        scale = torch.tensor(params["scale"], dtype=torch.float32, device=dev)[:, :, None, None]
-        shift = torch.tensor(params["shift"], dtype=torch.float32, device=dev)[:, :, None, None]
-        stains = stains * scale + shift
+        stains = torch.einsum("nchw,cs->nshw", od, inv) * scale + shift
         out = torch.exp(-torch.einsum("nshw,sc->nchw", stains, mat))
-        bright = torch.tensor(params["bright"], dtype=torch.float32, device=dev)[:, None, None, None]
-        contrast = torch.tensor(params["contrast"], dtype=torch.float32, device=dev)[:, None, None, None]
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = (out - mean) * contrast + mean + bright
         return out.clamp(0.0, 1.0)
+
+
+_MATRICES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _stain_matrices(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The H&E stain matrix and its inverse on ``device``, made once."""
+    key = str(device)
+    if key not in _MATRICES:
+        mat = torch.tensor(stain_matrix(DEFAULT_HEMATOXYLIN, DEFAULT_EOSIN), dtype=torch.float32)
+        _MATRICES[key] = (mat.to(device), torch.linalg.inv(mat).to(device))
+    return _MATRICES[key]

@@ -18,7 +18,7 @@ from qpbridge.errors import BadRequestError
 from qpbridge.families.hovernet_net import HoverArch, HoverNet, split_output
 from qpbridge.families.hovernet_post import HoverPostParams, hover_instances
 from qpbridge.families.torch_runtime import Normalization
-from qpbridge.training.augment import ColourJitter, dihedral
+from qpbridge.training.augment import ColourJitter, dihedral, hv_signs
 from qpbridge.training.base import FamilyTrainer, register_trainer
 from qpbridge.training.data import TileSet
 from qpbridge.training.losses import hover_loss
@@ -41,6 +41,9 @@ class HoverNetTrainer(FamilyTrainer):
         self.post = HoverPostParams.from_params(params)
         self.norm = Normalization.from_card(card.get("normalization", {}))
         self.jitter = ColourJitter()
+        self._signs = hv_signs(device)
+        self._mean = torch.tensor(self.norm.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.norm.std, device=device).view(1, 3, 1, 1)
         m = self.arch.multiple
         smallest = min(min(im.shape[:2]) for im in data.images["train"])
         side = crop or min(int(card["tile"]["size"]), smallest)
@@ -63,9 +66,7 @@ class HoverNetTrainer(FamilyTrainer):
         return HoverNet(self.arch)
 
     def _normalise(self, rgb01: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.norm.mean, device=rgb01.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.norm.std, device=rgb01.device).view(1, 3, 1, 1)
-        return (rgb01 * (255.0 / self.norm.scale) - mean) / std
+        return (rgb01 * (255.0 / self.norm.scale) - self._mean) / self._std
 
     def batches(self, rng: np.random.Generator, n_samples: int) -> Iterator[dict[str, torch.Tensor]]:
         c = int(self.crop or 0)
@@ -82,7 +83,7 @@ class HoverNetTrainer(FamilyTrainer):
                 y = int(rng.integers(0, h - c + 1))
                 x = int(rng.integers(0, w - c + 1))
                 for key, value in dihedral({key: v[..., y:y + c, x:x + c] for key, v in tile.items()},
-                                            int(code)).items():
+                                           int(code), self._signs).items():
                     parts.setdefault(key, []).append(value)
             batch = {key: torch.stack(v) for key, v in parts.items()}
             rgb = self.jitter.apply(batch.pop("image").float() / 255.0, colour)

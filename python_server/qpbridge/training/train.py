@@ -1,10 +1,11 @@
 """The training loop shared by every family's trainer: ``qpbridge train``.
 
 Per epoch: the trainer's augmented batches (mixed precision on CUDA: ``torch.autocast`` fp16 with a
-``GradScaler``), AdamW with a cosine learning-rate schedule over ``epochs``, then validation; the model folder
+``GradScaler``), AdamW with a cosine learning-rate schedule over ``epochs`` (or over ``max_minutes`` when that
+runs out first, so a time-limited run still ends at a low rate), then validation; the model folder
 (card + weights + ``training.json``) is rewritten whenever the validation metric improves, so ``serve`` and
 ``annotate`` can use it at once and a crash never leaves it without weights; a checkpoint of the whole state
-(``checkpoint.pt``: model, optimizer, scaler, schedule, RNG states, history) is written after every epoch for
+(``checkpoint.pt``: model, optimizer, scaler, RNG states, history, time spent) is written after every epoch for
 ``--resume``. Training stops after ``epochs``, when the metric has not improved for ``patience`` epochs (early
 stopping), or once ``max_minutes`` have passed (after the epoch in progress).
 """
@@ -78,11 +79,12 @@ class _Progress:
         self.tty = sys.stderr.isatty()
         self._last = 0.0
 
+    def due(self) -> bool:
+        """Whether a line is due (callers then make it: reading the loss waits for the device)."""
+        return self.enabled and time.monotonic() - self._last >= (0.5 if self.tty else 10.0)
+
     def step(self, text: str) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self._last < (0.2 if self.tty else 10.0):
-            return
-        self._last = now
+        self._last = time.monotonic()
         print(("\r" if self.tty else "") + text, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def done(self, text: str) -> None:
@@ -117,13 +119,14 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
     model = trainer.build_model().to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest convolutions once
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opts.epochs, eta_min=opts.lr * 0.02)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     n_samples = opts.samples_per_epoch or trainer.samples_per_epoch()
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, trainer.metric: -math.inf}
     start = 1
+    spent_s = 0.0  # training time of earlier runs of this training (before --resume)
     ckpt_path = out / CHECKPOINT
     if opts.resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -132,10 +135,10 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
                                 f"not {card['family']} on {Path(opts.data).resolve()}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
         restore_rng(ckpt["rng"], rng)
         history, best, start = ckpt["history"], ckpt["best"], int(ckpt["epoch"]) + 1
+        spent_s = float(ckpt.get("spent_s", 0.0))
         log.info("resuming after epoch %d (best %s %.4f at epoch %d)", start - 1, trainer.metric,
                  best[trainer.metric], best["epoch"])
 
@@ -157,6 +160,11 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
     try:
         for epoch in range(start, opts.epochs + 1):
             t0 = time.monotonic()
+            done = (epoch - 1) / opts.epochs
+            if opts.max_minutes:
+                done = max(done, (spent_s + t0 - t_start) / (opts.max_minutes * 60.0))
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(opts.lr, min(done, 1.0))
             model.train()
             sums: dict[str, torch.Tensor] = {}
             steps = 0
@@ -170,9 +178,8 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
                 steps += 1
                 for k, v in {"loss": loss.detach(), **parts}.items():
                     sums[k] = sums.get(k, torch.zeros((), device=device)) + v.float()
-                if progress.tty or steps % 20 == 0:
+                if progress.due():
                     progress.step(f"epoch {epoch}/{opts.epochs} step {steps} loss {float(sums['loss']) / steps:.4f}")
-            schedule.step()
             train_s = time.monotonic() - t0
             model.eval()
             val = trainer.validate(model)
@@ -187,8 +194,9 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
                                                           "epochs_run": epoch})
             save_checkpoint(ckpt_path, {
                 "family": card["family"], "data": str(Path(opts.data).resolve()), "epoch": epoch,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(rng), "history": history, "best": best})
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "spent_s": spent_s + time.monotonic() - t_start, "scaler": scaler.state_dict(),
+                "rng": rng_state(rng), "history": history, "best": best})
             metrics = " ".join(f"{k} {v:.4f}" for k, v in val.items() if k in ("pq", "aji", "dice", "dq", "sq"))
             progress.done(f"epoch {epoch}/{opts.epochs} loss {losses['loss']:.4f} "
                           f"({', '.join(f'{k} {v:.3f}' for k, v in losses.items() if k != 'loss')}) val {metrics}"
@@ -198,7 +206,7 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
             if epoch - best["epoch"] >= opts.patience:
                 stop_reason = f"early stop: no better {trainer.metric} for {opts.patience} epochs"
                 break
-            if opts.max_minutes is not None and time.monotonic() - t_start >= opts.max_minutes * 60:
+            if opts.max_minutes is not None and spent_s + time.monotonic() - t_start >= opts.max_minutes * 60:
                 stop_reason = f"time limit of {opts.max_minutes} min"
                 break
     except KeyboardInterrupt:
@@ -213,6 +221,11 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
     return result
 
 
+def cosine_lr(base: float, done: float, floor: float = 0.02) -> float:
+    """The learning rate after a fraction ``done`` of training: cosine from ``base`` down to ``floor * base``."""
+    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done)))
+
+
 def _write_model(trainer: Any, model: torch.nn.Module, out: Path, name: str, record: dict[str, Any]) -> None:
     """The model folder: weights, card (with the best metrics in its description), training.json."""
     card = trainer.export(model, out, name)
@@ -220,7 +233,7 @@ def _write_model(trainer: Any, model: torch.nn.Module, out: Path, name: str, rec
     note = (f"Trained with qpbridge train on {Path(record['data']['path']).name} (epoch {best['epoch']}: "
             + ", ".join(f"{k} {v:.3f}" for k, v in best.items() if k != "epoch") + ").")
     card["description"] = f"{card.get('description', '').split(' Trained with')[0]} {note}".strip()
-    if record.get("licence"):
+    if record.get("licence") and record["licence"] not in card.get("licence", ""):
         card["licence"] = f"Weights trained on data under {record['licence']}: the same terms apply to them."
     validate_card_dict(card, source=str(out / CARD_FILE))
     write_json_atomic(out / CARD_FILE, card)
