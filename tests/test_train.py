@@ -16,8 +16,9 @@ import torch
 from conftest import MONUSEG, need_data
 from qpbridge.cards import load_card
 from qpbridge.errors import BadRequestError, ModelCardError
-from qpbridge.families import InstanceResult, create_model
+from qpbridge.families import InstanceResult, SemanticResult, create_model
 from qpbridge.families.hovernet import hovernet_card_dict
+from qpbridge.families.segformer import SegformerHF
 from qpbridge.training import trainer_class
 from qpbridge.training.augment import ColourJitter
 from qpbridge.training.checkpoint import CHECKPOINT
@@ -196,3 +197,47 @@ def test_mixed_precision_training_on_cuda(card_file: Path, tiles: Path, tmp_path
     assert result["precision"] == "fp16 autocast" and result["epochs_run"] == 2
     assert all(np.isfinite(h["loss"]["loss"]) for h in result["history"])
     assert (tmp_path / "g" / "weights.pt").is_file()
+
+
+def write_semantic_tiles(root: Path, size: int = 64) -> Path:
+    """Semantic tiles as export-tiles writes them: 8-bit palette masks, 0 = background, 1 = dark."""
+    from PIL import Image
+
+    base = write_tiles(root, size=size)
+    info = json.loads((base / "dataset.json").read_text())
+    for tile in info["tiles"]:
+        mask = (np.array(Image.open(base / tile["mask"])) > 0).astype(np.uint8)
+        im = Image.fromarray(mask, mode="P")
+        im.putpalette([255, 255, 255, 80, 55, 135] + [0] * 762)
+        im.save(base / tile["mask"])
+    info.update(format="semantic", mode="semantic",
+                classes=[{"name": "Background", "label": 0}, {"name": "Dark", "label": 1}])
+    (base / "dataset.json").write_text(json.dumps(info))
+    return base
+
+
+@pytest.mark.slow
+def test_segformer_trains_with_its_own_loss_and_serves(tmp_path: Path) -> None:
+    data = write_semantic_tiles(tmp_path / "sem")
+    card = {"schema_version": 1, "name": "template", "family": "segformer-hf", "task": "semantic-segmentation",
+            "object_type": "annotation", "mpp": 0.25, "tile": {"size": 64, "overlap": 16},
+            "classes": [{"name": "Background", "color": [255, 255, 255], "emit": False},
+                        {"name": "Dark", "color": [80, 55, 135]}],
+            "params": {"segformer": {"hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1],
+                                     "decoder_hidden_size": 16, "num_attention_heads": [1, 1, 1, 1]}}}
+    card_path = tmp_path / "card.json"
+    card_path.write_text(json.dumps(card))
+    out = tmp_path / "models" / "dark-seg"
+    result = train(options(card_path, data, out, epochs=1, crop=64, samples_per_epoch=4))
+    assert result["metric"] == "miou" and 0.0 <= result["best"]["miou"] <= 1.0
+    assert {"pixel_accuracy", "iou_Background"} <= set(result["history"][0]["val"])
+    assert (out / "weights" / "config.json").is_file()
+    loaded = load_card(out)
+    assert loaded.family == "segformer-hf" and loaded.weights == out / "weights"
+    model = create_model(loaded)
+    assert isinstance(model, SegformerHF)
+    try:
+        (res,) = model.predict([np.full((64, 64, 3), 128, dtype=np.uint8)])
+        assert isinstance(res, SemanticResult) and res.probabilities(2).shape == (2, 64, 64)
+    finally:
+        model.close()

@@ -38,6 +38,24 @@ def dihedral(maps: dict[str, torch.Tensor], code: int, signs: torch.Tensor | Non
     return out
 
 
+def random_crops(tiles: list[dict[str, torch.Tensor]], rng: np.random.Generator, n: int, crop: int,
+                 signs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``n`` random ``crop`` px crops of random tiles (each a dict of (..., H, W) tensors on the device), each
+    under a random dihedral transform, stacked per key."""
+    picks = rng.integers(0, len(tiles), n)
+    codes = rng.integers(0, 8, n)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for k, code in zip(picks, codes, strict=True):
+        tile = tiles[int(k)]
+        h, w = next(iter(tile.values())).shape[-2:]
+        y = int(rng.integers(0, h - crop + 1))
+        x = int(rng.integers(0, w - crop + 1))
+        cut = {key: v[..., y:y + crop, x:x + crop] for key, v in tile.items()}
+        for key, value in dihedral(cut, int(code), signs).items():
+            parts.setdefault(key, []).append(value)
+    return {key: torch.stack(v) for key, v in parts.items()}
+
+
 def hv_signs(device: torch.device) -> torch.Tensor:
     """(2, 2, 1, 1): the factors of a flip along x (H negated) and along y (V negated)."""
     return torch.tensor([[-1.0, 1.0], [1.0, -1.0]], device=device).view(2, 2, 1, 1)

@@ -68,6 +68,7 @@ _REGISTRY: dict[str, type[FamilyTrainer]] = {}
 # Card family -> module that registers its trainer, imported on first use.
 TRAINER_MODULES: dict[str, str] = {
     "hovernet": "qpbridge.training.hovernet",
+    "segformer-hf": "qpbridge.training.segformer",
 }
 
 T = TypeVar("T", bound=type[FamilyTrainer])

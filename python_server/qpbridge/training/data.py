@@ -56,13 +56,18 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise BadRequestError(f"cannot read mask {path}")
+    """A label image as stored: palette PNGs as their indices (OpenCV would expand them to colours), 16-bit as
+    16-bit."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mask = np.array(im)
+    except (OSError, ValueError) as exc:
+        raise BadRequestError(f"cannot read mask {path}: {exc}") from None
     if mask.ndim == 3:
         raise BadRequestError(f"mask {path} has colour channels; masks are single-channel label images")
-    out: np.ndarray = mask
-    return out
+    return mask
 
 
 def load_tiles(root: Path, mode: str = "instances") -> TileSet:

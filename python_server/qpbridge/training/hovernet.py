@@ -18,7 +18,7 @@ from qpbridge.errors import BadRequestError
 from qpbridge.families.hovernet_net import HoverArch, HoverNet, split_output
 from qpbridge.families.hovernet_post import HoverPostParams, hover_instances
 from qpbridge.families.torch_runtime import Normalization
-from qpbridge.training.augment import ColourJitter, dihedral, hv_signs
+from qpbridge.training.augment import ColourJitter, hv_signs, random_crops
 from qpbridge.training.base import FamilyTrainer, register_trainer
 from qpbridge.training.data import TileSet
 from qpbridge.training.losses import hover_loss
@@ -73,19 +73,8 @@ class HoverNetTrainer(FamilyTrainer):
         done = 0
         while done < n_samples:
             n = min(self.batch_size, n_samples - done)
-            picks = rng.integers(0, len(self._tiles), n)
-            codes = rng.integers(0, 8, n)
+            batch = random_crops(self._tiles, rng, n, c, self._signs)
             colour = self.jitter.draw(rng, n)
-            parts: dict[str, list[torch.Tensor]] = {}
-            for k, code in zip(picks, codes, strict=True):
-                tile = self._tiles[int(k)]
-                h, w = tile["labels"].shape
-                y = int(rng.integers(0, h - c + 1))
-                x = int(rng.integers(0, w - c + 1))
-                for key, value in dihedral({key: v[..., y:y + c, x:x + c] for key, v in tile.items()},
-                                           int(code), self._signs).items():
-                    parts.setdefault(key, []).append(value)
-            batch = {key: torch.stack(v) for key, v in parts.items()}
             rgb = self.jitter.apply(batch.pop("image").float() / 255.0, colour)
             # One memory format for input and model: a channels-last input into a contiguous model crashes
             # torch's CPU convolution backward (torch 2.14, batches of 8).
