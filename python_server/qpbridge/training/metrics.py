@@ -58,7 +58,7 @@ def minimal_instance_metrics(true: np.ndarray, pred: np.ndarray, match_iou: floa
         ip = inter_sum / union_sum if union_sum > 0 else 0.0
     else:
         ip = 1.0 if not len(ta) and not len(pa) else 0.0
-    return {"dice": dice, "aji": float(ip), "dq": dq, "sq": sq, "pq": dq * sq}
+    return {"dice": float(dice), "aji": float(ip), "dq": float(dq), "sq": float(sq), "pq": float(dq * sq)}
 
 
 def instance_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
