@@ -12,13 +12,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from shapely.geometry import shape
 
-from conftest import MONUSEG, need_data
+from conftest import MONUSEG, need_data, start_server, write_pyramid
 from qpbridge.cards import load_card
+from qpbridge.client import Client
 from qpbridge.errors import BadRequestError, ModelCardError
 from qpbridge.families import InstanceResult, SemanticResult, create_model
 from qpbridge.families.hovernet import hovernet_card_dict
 from qpbridge.families.segformer import SegformerHF
+from qpbridge.protocol import ImageInfo, TileSpec
 from qpbridge.training import trainer_class
 from qpbridge.training.augment import ColourJitter
 from qpbridge.training.checkpoint import CHECKPOINT
@@ -98,6 +101,28 @@ def test_train_cli_writes_a_model_folder_that_serves(card_file: Path, tiles: Pat
         assert isinstance(result, InstanceResult) and result.labels.shape == (64, 64)
     finally:
         model.close()
+    # ... by annotate on a generated slide, and by a server on real MoNuSeg pixels (the model has trained for one
+    # step: what it finds is noise, but whatever it finds must be valid QuPath detections)
+    img = np.full((200, 260, 3), (235, 170, 200), dtype=np.uint8)
+    img[60:90, 80:110] = (80, 55, 135)
+    slide = write_pyramid(tmp_path / "s.tif", img, mpp=0.25, levels=1)
+    geojson = tmp_path / "s.geojson"
+    assert main(["annotate", str(slide), "--model", str(out), "-o", str(geojson), "--no-tissue-filter",
+                 "--device", "cpu", "--quiet"]) == 0
+    feats = json.loads(geojson.read_text())["features"]
+    real = need_data(MONUSEG / "TCGA-21-5784-01Z-00-DX1.tif")
+    pixels = cv2.cvtColor(cv2.imread(str(real)), cv2.COLOR_BGR2RGB)[:128, :128].copy()
+    running = start_server(out.parent)
+    try:
+        with Client(running.address) as client:
+            assert "my-nuclei" in {m["name"] for m in client.models()}
+            feats += client.predict("my-nuclei", [(TileSpec(0, 0, 128, 128), pixels)], ImageInfo(mpp=0.2527))
+    finally:
+        running.server.stop()
+        running.thread.join(10)
+    for f in feats:
+        assert shape(f["geometry"]).is_valid and f["properties"]["objectType"] == "detection"
+        assert f["properties"]["classification"]["name"] == "Nucleus"
 
 
 def test_resume_repeats_an_uninterrupted_run(card_file: Path, tiles: Path, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from qpbridge import __version__
 from qpbridge.cards import CARD_FILE, sanitize_name, validate_card_dict
 from qpbridge.errors import BadRequestError, QPBridgeError
 from qpbridge.files import write_json_atomic
-from qpbridge.training.base import trainer_class
+from qpbridge.training.base import FamilyTrainer, trainer_class
 from qpbridge.training.checkpoint import CHECKPOINT, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from qpbridge.training.data import load_tiles
 
@@ -226,7 +226,7 @@ def cosine_lr(base: float, done: float, floor: float = 0.02) -> float:
     return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done)))
 
 
-def _write_model(trainer: Any, model: torch.nn.Module, out: Path, name: str, record: dict[str, Any]) -> None:
+def _write_model(trainer: FamilyTrainer, model: torch.nn.Module, out: Path, name: str, record: dict[str, Any]) -> None:
     """The model folder: weights, card (with the best metrics in its description), training.json."""
     card = trainer.export(model, out, name)
     best = record["best"]
