@@ -266,3 +266,26 @@ def test_segformer_trains_with_its_own_loss_and_serves(tmp_path: Path) -> None:
         assert isinstance(res, SemanticResult) and res.probabilities(2).shape == (2, 64, 64)
     finally:
         model.close()
+
+
+def test_type_branch_trains_on_types_masks(tmp_path: Path) -> None:
+    """With ``arch.n_types`` the TP branch trains on ``types/`` (class label per pixel) and its loss is reported;
+    a folder without ``types/`` is refused for such a card."""
+    from PIL import Image
+
+    data = write_tiles(tmp_path / "typed")
+    info = json.loads((data / "dataset.json").read_text())
+    (data / "types").mkdir()
+    for tile in info["tiles"]:
+        labels = np.array(Image.open(data / tile["mask"]))
+        types = np.where(labels > 0, 1 + labels % 2, 0).astype(np.uint8)  # two types
+        tile["types"] = tile["mask"].replace("masks/", "types/")
+        Image.fromarray(types, mode="P").save(data / tile["types"])
+    (data / "dataset.json").write_text(json.dumps(info))
+    card = tmp_path / "typed.json"
+    card.write_text(json.dumps(hovernet_card_dict("typed", tile_size=64, arch=TINY_ARCH, n_types=2)))
+    result = train(options(card, data, tmp_path / "out", epochs=1))
+    assert set(result["history"][0]["loss"]) == {"loss", "np", "hv", "tp"}
+    assert load_card(tmp_path / "out").params["arch"]["n_types"] == 2
+    with pytest.raises(BadRequestError, match="types/"):
+        train(options(card, write_tiles(tmp_path / "untyped"), tmp_path / "out2"))
