@@ -70,9 +70,19 @@ def _read_mask(path: Path) -> np.ndarray:
     return mask
 
 
-def load_tiles(root: Path, mode: str = "instances") -> TileSet:
-    """Every tile of the folder ``root`` in memory, by split; the folder's mode must be ``mode``."""
-    root = Path(root)
+def _entries(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(folder metadata, tiles with absolute paths): through ``qpbridge.dataset.load_dataset`` when the package
+    has it (it also reads folders the QuPath script left with only ``labels.json``), else from ``dataset.json``."""
+    try:
+        from qpbridge.dataset import load_dataset  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        load_dataset = None
+    if load_dataset is not None:
+        ds = load_dataset(root)
+        meta = {"mode": ds.mode, "mpp": ds.mpp, "classes": ds.classes, "licence": ds.licence}
+        tiles = [{"image": Path(t.image), "mask": Path(t.mask), "types": Path(t.types) if t.types else None,
+                  "split": t.split, "source": t.source} for t in ds.tiles]
+        return meta, tiles
     path = root / "dataset.json"
     if not path.is_file():
         raise BadRequestError(f"{root} has no dataset.json: export tiles into it first (qpbridge export-tiles, "
@@ -81,24 +91,35 @@ def load_tiles(root: Path, mode: str = "instances") -> TileSet:
         info = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BadRequestError(f"{path} is not valid JSON: {exc}") from None
-    if info.get("mode") != mode:
-        raise BadRequestError(f"{root} holds '{info.get('mode')}' masks; this model trains on '{mode}' masks "
-                              f"(export with --format instance)")
-    data = TileSet(root=root, mode=mode, mpp=info.get("mpp"), classes=info.get("classes", []),
-                   licence=info.get("licence"))
-    for tile in info.get("tiles", []):
-        split = tile.get("split", "train")
-        image = _read_rgb(root / tile["image"])
-        mask = _read_mask(root / tile["mask"]).astype(np.int32)
+    tiles = [{"image": root / t["image"], "mask": root / t["mask"],
+              "types": root / t["types"] if t.get("types") else None, "split": t.get("split", "train"),
+              "source": str(t.get("source", t["image"]))} for t in info.get("tiles", [])]
+    return info, tiles
+
+
+def load_tiles(root: Path, mode: str = "instances") -> TileSet:
+    """Every tile of the folder ``root`` in memory, by split; the folder's mode must be ``mode``."""
+    root = Path(root)
+    meta, tiles = _entries(root)
+    if meta.get("mode") != mode:
+        fmt = "instance" if mode == "instances" else "semantic"
+        raise BadRequestError(f"{root} holds '{meta.get('mode')}' masks; this model trains on '{mode}' masks "
+                              f"(export with --format {fmt})")
+    data = TileSet(root=root, mode=mode, mpp=meta.get("mpp"), classes=meta.get("classes", []),
+                   licence=meta.get("licence"))
+    for tile in tiles:
+        split = tile["split"]
+        image = _read_rgb(tile["image"])
+        mask = _read_mask(tile["mask"]).astype(np.int32)
         if mask.shape != image.shape[:2]:
             raise BadRequestError(f"{tile['mask']} is {mask.shape[::-1]} px but its image is "
                                   f"{image.shape[1::-1]} px")
-        types = _read_mask(root / tile["types"]).astype(np.uint8) if tile.get("types") else None
+        types = _read_mask(tile["types"]).astype(np.uint8) if tile["types"] is not None else None
         data.images.setdefault(split, []).append(image)
         data.masks.setdefault(split, []).append(mask)
         data.types.setdefault(split, []).append(types)
-        data.names.setdefault(split, []).append(str(tile["image"]))
-        data.sources.setdefault(split, []).append(str(tile.get("source", tile["image"])))
+        data.names.setdefault(split, []).append(tile["image"].name)
+        data.sources.setdefault(split, []).append(tile["source"])
     if not data.count("train"):
-        raise BadRequestError(f"{root} has no training tiles (dataset.json 'tiles' with split 'train')")
+        raise BadRequestError(f"{root} has no training tiles (split 'train')")
     return data
