@@ -206,7 +206,8 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
             if epoch - best["epoch"] >= opts.patience:
                 stop_reason = f"early stop: no better {trainer.metric} for {opts.patience} epochs"
                 break
-            if opts.max_minutes is not None and spent_s + time.monotonic() - t_start >= opts.max_minutes * 60:
+            if (opts.max_minutes is not None and epoch < opts.epochs
+                    and spent_s + time.monotonic() - t_start >= opts.max_minutes * 60):
                 stop_reason = f"time limit of {opts.max_minutes} min"
                 break
     except KeyboardInterrupt:
