@@ -1,4 +1,5 @@
-"""Command line: ``qpbridge serve | predict | annotate | annotate-project | models | train | install-qupath | doctor``.
+"""Command line: ``qpbridge serve | predict | annotate | annotate-project | translate | models | train |
+install-qupath | doctor``.
 
 ``main(argv) -> int`` is the whole CLI (tested in process); errors of the package become one-line
 messages and exit code 1, usage errors exit code 2.
@@ -157,6 +158,64 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_translate(args: argparse.Namespace) -> int:
+    """An image through an image-translation model (IHC -> H&E), tiled with overlap and blended; writes an image."""
+    import cv2
+
+    from qpbridge.images import read_image
+    from qpbridge.translation import translate_image
+
+    path = Path(args.image)
+    img, file_mpp = read_image(path)
+    mpp = args.mpp if args.mpp is not None else file_mpp
+    t0 = time.perf_counter()
+    if args.server:
+        from qpbridge.client import Client
+        from qpbridge.protocol import ImageInfo, TileSpec
+
+        with Client(args.server, timeout_s=args.timeout) as client:
+            card = next((c for c in client.models() if c["name"] == args.model), None)
+            if card is None:
+                raise QPBridgeError(f"the server at {args.server} has no model '{args.model}' (qpbridge models "
+                                    f"--server {args.server} lists them)")
+            tile_size, card_mpp = int(card["tile_size"]), float(card["mpp"])
+
+            def translate(tiles: Sequence[Any]) -> list[Any]:
+                specs = [(TileSpec(0, 0, t.shape[1], t.shape[0]), t) for t in tiles]
+                return client.translate(args.model, specs, ImageInfo(mpp=card_mpp), encoding="png")
+
+            factor = mpp / card_mpp if mpp else 1.0
+            out = translate_image(img, translate, tile_size, _overlap(args, tile_size, card.get("overlap", 0)),
+                                  batch=args.batch, factor=factor)
+    else:
+        from qpbridge.devices import resolve_device
+        from qpbridge.engine import Engine
+        from qpbridge.translation import translator
+
+        engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
+                        any_model_path=True)
+        model_card = engine.card(args.model)
+        fn = translator(engine, args.model)
+        factor = mpp / model_card.mpp if mpp else 1.0
+        out = translate_image(img, fn, model_card.tile_size,
+                              _overlap(args, model_card.tile_size, model_card.overlap), batch=args.batch,
+                              factor=factor)
+    dest = Path(args.output)
+    tmp = dest.with_name(f".{dest.name}.tmp{dest.suffix}")
+    if not cv2.imwrite(str(tmp), cv2.cvtColor(out, cv2.COLOR_RGB2BGR)):
+        raise QPBridgeError(f"could not write {dest} (is the suffix an image format, such as .png?)")
+    os.replace(tmp, dest)
+    print(f"{img.shape[1]}x{img.shape[0]} px translated by {args.model} in {time.perf_counter() - t0:.2f} s -> {dest}")
+    return 0
+
+
+def _overlap(args: argparse.Namespace, tile: int, card_overlap: int) -> int:
+    overlap = args.overlap if args.overlap is not None else max(card_overlap, tile // 4)
+    if not 0 <= overlap < tile:
+        raise QPBridgeError(f"--overlap must be in [0, {tile}) (the model's tile size), got {overlap}")
+    return int(overlap)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     if args.server:
         from qpbridge.client import Client
@@ -174,8 +233,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     for c in cards:
         classes = ", ".join(k["name"] for k in c["classes"] if k.get("emit", True))
         missing = "" if c.get("available", True) else "  (weights missing: see the card's README)"
-        print(f"{c['name']:<16} {c['task']:<22} {c['object_type']:<11} {c['tile_size']:>5} px @ {c['mpp']} µm/px"
-              f"  [{classes}]{missing}")
+        translator = c["task"] == "image-translation"  # no objects: previewed with `qpbridge translate`
+        kind = "-" if translator else c["object_type"]
+        makes = "(translate)" if translator else f"[{classes}]"
+        stages = f"  pipeline: {' -> '.join(c['pipeline'])}" if c.get("pipeline") else ""
+        print(f"{c['name']:<16} {c['task']:<22} {kind:<11} {c['tile_size']:>5} px @ {c['mpp']} µm/px"
+              f"  {makes}{stages}{missing}")
     return 0
 
 
@@ -305,6 +368,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a.add_argument("--quiet", action="store_true", help="no progress line")
     a.set_defaults(func=cmd_annotate)
+
+    t = sub.add_parser("translate", help="translate an image's stain with an image-translation model (IHC -> H&E) "
+                       "and write the image")
+    t.add_argument("image")
+    t.add_argument("--model", required=True, help="image-translation model card (e.g. ihc2he), or a model folder")
+    t.add_argument("-o", "--output", required=True, help="output image (.png, .tif, .jpg)")
+    t.add_argument("--server", help="server address (default: run in this process)")
+    t.add_argument("--mpp", type=float, help="pixel size in µm/px (overrides the file's); the image is resampled "
+                   "to the model's and back")
+    t.add_argument("--overlap", type=int, help="tile overlap in model pixels (default: a quarter tile)")
+    t.add_argument("--batch", type=int, default=8, help="tiles per request or forward pass (default: 8)")
+    t.add_argument("--models-dir", help="extra model cards (in-process runs)")
+    t.add_argument("--device", default="auto", help="in-process device: auto, cpu, cuda")
+    t.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a server reply")
+    t.set_defaults(func=cmd_translate)
 
     m = sub.add_parser("models", help="list model cards (local, or a server's)")
     m.add_argument("--server")

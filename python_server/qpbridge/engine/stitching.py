@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from shapely.geometry.base import BaseGeometry
@@ -148,10 +148,25 @@ class _DeviceBlend:
         h, w = win.shape
         if not _is_tensor(probs):
             probs = self.torch.from_numpy(np.asarray(probs))
-        probs = probs.to(self.device, non_blocking=True).float()
-        self.acc[:, y:y + h, x:x + w].addcmul_(probs, win)
+        probs = probs.to(self.device, non_blocking=True)
+        self.acc[:, y:y + h, x:x + w].addcmul_(probs, win)  # fp16 probabilities add into fp32 in place
         if self.tracking:
             self.wsum[y:y + h, x:x + w] += win
+
+    def add_run(self, probs: Any, win: Any, y: int, x: int, step: int) -> None:
+        """K same-sized tiles side by side, ``step`` apart from x (probs (K, C, h, w)), in a few kernels:
+        windowed, then overlap-added by ``fold`` (what ``add`` does tile by tile, one launch per tile)."""
+        k, c, h, w = (int(v) for v in probs.shape)
+        if k == 1 or self.tracking:
+            for i in range(k):
+                self.add(probs[i], win, y, x + i * step)
+            return
+        import torch.nn.functional as F
+
+        width = step * (k - 1) + w
+        cols = (probs.to(self.device, non_blocking=True) * win).float().reshape(k, c * h * w).t()
+        summed = F.fold(cols[None], output_size=(h, width), kernel_size=(h, w), stride=(h, step))
+        self.acc[:, y:y + h, x:x + width] += summed[0]
 
     def classes(self, h: int) -> np.ndarray:
         acc, wsum = self.acc[:, :h], self.wsum[:h]
@@ -252,6 +267,48 @@ class SemanticStitcher:
             self._accumulate(tile, probs)
         self.remaining[tile.row] -= 1
         self._advance()
+
+    def add_batch(self, tiles: Sequence[PlannedTile], results: Sequence[SemanticResult]) -> None:
+        """:meth:`add` of several tiles. Blending on the device, runs of whole tiles that sit side by side in
+        one row and can be blended now are added together (:meth:`_DeviceBlend.add_run`), which takes the
+        per-tile kernel launches off the stitching thread; the result is the same as adding them one by one."""
+        i, n = 0, len(tiles)
+        while i < n:
+            t0, r0 = tiles[i], results[i]
+            run = 1
+            p0: Any = r0.probs
+            if isinstance(self.blend, _DeviceBlend) and _is_tensor(p0) and t0.row <= self.base_row + 1:
+                shape = tuple(p0.shape)
+                while (i + run < n and tiles[i + run].row == t0.row and tiles[i + run].col == t0.col + run
+                       and tiles[i + run].y == t0.y and _is_tensor(results[i + run].probs)
+                       and tuple(getattr(results[i + run].probs, "shape", ())) == shape
+                       and int(results[i + run].scale) == int(r0.scale)):
+                    run += 1
+                if run > 1 and not self._run_fits(tiles[i:i + run], shape):
+                    run = 1
+            if run == 1:
+                self.add(t0, r0)
+                i += 1
+                continue
+            assert isinstance(self.blend, _DeviceBlend)
+            import torch
+
+            probs = torch.stack([cast(Any, r.probs) for r in results[i:i + run]])
+            s = self.scale
+            win = self.blend.window(self._window(int(probs.shape[2]), int(probs.shape[3])))
+            self.blend.add_run(probs, win, t0.y // s - self.base_row * self.step, t0.x // s, self.step)
+            self.remaining[t0.row] -= run
+            self._advance()
+            i += run
+
+    def _run_fits(self, run: Sequence[PlannedTile], shape: tuple[int, ...]) -> bool:
+        """Whole tiles (no resize), one grid step apart, at the stitcher's output scale."""
+        s = self.scale
+        if s == 0 or any(t.w != run[0].w or t.h != run[0].h for t in run):
+            return False
+        if (math.ceil(run[0].h / s), math.ceil(run[0].w / s)) != tuple(shape[1:]):
+            return False
+        return all(run[j + 1].x - run[j].x == self.step * s for j in range(len(run) - 1))
 
     def _accumulate(self, tile: PlannedTile, probs: Any) -> None:
         assert self.blend is not None

@@ -105,6 +105,9 @@ FAMILY_MODULES: dict[str, str] = {
     "segformer-hf": "qpbridge.families.segformer",
     "torchscript-segmentation": "qpbridge.families.torchscript",
     "hovernet": "qpbridge.families.hovernet",
+    "cyclegan": "qpbridge.families.cyclegan",
+    "pipeline": "qpbridge.families.pipeline",
+    "gradcam": "qpbridge.families.gradcam",
 }
 
 F = TypeVar("F", bound=type[ModelFamily])

@@ -135,18 +135,21 @@ def extract_logits(output: Any) -> torch.Tensor:
 
 @dataclass
 class _Request:
-    tiles: np.ndarray  # (n, H, W, 3) uint8, C-contiguous
+    # (n, H, W, 3) uint8, C-contiguous; on CUDA also a list of n (H, W, 3) tiles, copied one by one
+    # into the pinned buffer (no stacked copy first)
+    tiles: np.ndarray | list[np.ndarray]
     future: Future[Any]
     native: bool = False
     on_device: bool = False
 
     @property
     def n(self) -> int:
-        return int(self.tiles.shape[0])
+        return len(self.tiles)
 
     @property
     def size(self) -> tuple[int, int]:
-        return int(self.tiles.shape[1]), int(self.tiles.shape[2])
+        first = self.tiles[0]
+        return int(first.shape[0]), int(first.shape[1])
 
     @property
     def kind(self) -> tuple[int, int, bool, bool]:
@@ -265,14 +268,14 @@ class DeviceWorker:
         probabilities (N, C, H, W) as a numpy array, at the model's own output resolution with ``native``,
         as a tensor on the device with ``on_device`` (CUDA only). Batches above ``max_batch`` are split and
         their results joined again."""
-        tiles = self._as_batch(batch)
-        n = tiles.shape[0]
+        tiles = self._as_list(batch) if self.cuda and isinstance(batch, list) and batch else self._as_batch(batch)
+        n = len(tiles)
         on_device = on_device and self.cuda
         if n == 0:
             if self.head is not None:
                 raise TileError(f"model '{self.name}': an empty batch has no outputs")
             empty: Future[Any] = Future()
-            empty.set_result(np.zeros((0, self.n_outputs or 0, *tiles.shape[1:3]), dtype=self._np_out_dtype()))
+            empty.set_result(np.zeros((0, self.n_outputs or 0, *np.shape(tiles)[1:3]), dtype=self._np_out_dtype()))
             return empty
         parts: list[Future[Any]] = []
         with self._cond:
@@ -316,6 +319,20 @@ class DeviceWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @staticmethod
+    def _as_list(batch: list[np.ndarray]) -> list[np.ndarray]:
+        """Same-sized uint8 (H, W, 3) tiles, each C-contiguous, kept as a list."""
+        shape = getattr(batch[0], "shape", None)
+        out = []
+        for t in batch:
+            if not isinstance(t, np.ndarray) or t.shape != shape:
+                raise TileError(f"tiles of one batch must have the same shape, got {getattr(t, 'shape', t)} "
+                                f"and {shape}")
+            if t.dtype != np.uint8 or t.ndim != 3 or t.shape[2] != 3 or min(t.shape[:2]) < 1:
+                raise TileError(f"tiles must be uint8 (H, W, 3), got {t.dtype} {tuple(t.shape)}")
+            out.append(np.ascontiguousarray(t))
+        return out
 
     @staticmethod
     def _as_batch(batch: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
@@ -478,12 +495,11 @@ class DeviceWorker:
 
     def _host_input(self, batch: list[_Request], n: int, h: int, w: int) -> tuple[torch.Tensor, Callable[[], None]]:
         """The batch as one uint8 (n, h, w, 3) host tensor, and what to call once it has been sent."""
-        if len(batch) == 1 and not self.cuda and batch[0].tiles.flags.writeable:
-            return torch.from_numpy(batch[0].tiles), _nothing  # no copy: the model reads a float copy of it
         if not self.cuda:
-            host = torch.from_numpy(np.concatenate([r.tiles for r in batch]) if len(batch) > 1
-                                    else batch[0].tiles.copy())
-            return host, _nothing
+            arrays = [np.asarray(r.tiles) for r in batch]  # CPU requests hold stacked arrays
+            if len(arrays) == 1 and arrays[0].flags.writeable:
+                return torch.from_numpy(arrays[0]), _nothing  # no copy: the model reads a float copy of it
+            return torch.from_numpy(np.concatenate(arrays) if len(arrays) > 1 else arrays[0].copy()), _nothing
         key = (n, h, w)
         with self._pool_lock:
             ring = self._in_pool.setdefault(key, deque())
@@ -497,7 +513,11 @@ class DeviceWorker:
         view = host.numpy()
         start = 0
         for req in batch:
-            view[start:start + req.n] = req.tiles
+            if isinstance(req.tiles, list):
+                for j, tile in enumerate(req.tiles):
+                    view[start + j] = tile
+            else:
+                view[start:start + req.n] = req.tiles
             start += req.n
 
         def release() -> None:

@@ -40,11 +40,12 @@ from qpbridge.protocol import (
     reply_error,
     reply_ok,
 )
+from qpbridge.server import translate_op
 from qpbridge.server.jobs import Job, JobManager
 
 log = logging.getLogger("qpbridge")
 
-CAPABILITIES = ["predict", "jobs", "encoding:raw", "encoding:png", "encoding:jpeg"]
+CAPABILITIES = ["predict", "translate", "jobs", "encoding:raw", "encoding:png", "encoding:jpeg"]
 SLIDE_CAPABILITY = "slide-jobs"
 MAX_PAGE = 10000
 
@@ -133,6 +134,7 @@ class Server:
             "job.cancel": self._job_cancel,
             "job.close": self._job_close,
             "job.slide": self._job_slide,
+            "translate": lambda header, frames: translate_op.handle(self, header, frames),
         }
 
     # ---- lifecycle -------------------------------------------------------------------------------
