@@ -2,7 +2,7 @@
 # Train the hovernet-monuseg nucleus model on MoNuSeg and compare it with the built-in `nuclei` model on the
 # three held-out images (Dice, AJI, PQ per image). Run from anywhere; it works in the repository root.
 #
-#   bench/train_monuseg.sh                      # one H100: about 5 minutes (4 of them training)
+#   bench/train_monuseg.sh                      # one GPU: training stops after MAX_MINUTES (4); about 5 min in all
 #
 # Settings (environment variables, defaults in brackets): DEVICE [cuda], EPOCHS [60], MAX_MINUTES [4],
 # BATCH [32], CROP [256], SAMPLES (crops per epoch) [2048], PATIENCE [15], RESUME (set to 1 to continue an
