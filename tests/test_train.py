@@ -289,3 +289,12 @@ def test_type_branch_trains_on_types_masks(tmp_path: Path) -> None:
     assert load_card(tmp_path / "out").params["arch"]["n_types"] == 2
     with pytest.raises(BadRequestError, match="types/"):
         train(options(card, write_tiles(tmp_path / "untyped"), tmp_path / "out2"))
+
+
+def test_time_limit_stops_after_the_epoch_and_anneals(card_file: Path, tiles: Path, tmp_path: Path) -> None:
+    from qpbridge.training.train import cosine_lr
+
+    assert cosine_lr(1e-3, 0.0) == pytest.approx(1e-3) and cosine_lr(1e-3, 1.0) == pytest.approx(2e-5)
+    assert cosine_lr(1e-3, 0.5) == pytest.approx(0.51e-3)
+    result = train(options(card_file, tiles, tmp_path / "t", epochs=5, max_minutes=1e-4))
+    assert result["epochs_run"] == 1 and result["stopped"].startswith("time limit")
