@@ -316,3 +316,43 @@ def test_cuda_fp16_maps_match_cpu(tiny_folder: Path) -> None:
     finally:
         cpu.close()
         gpu.close()
+
+
+def test_pipeline_into_hovernet_runs_on_the_device(tmp_path: Path) -> None:
+    """``"pipeline": [generator, hovernet]``: one fused forward pass; the nuclei equal translating the tiles and
+    running the hovernet model on them by hand."""
+    from test_cyclegan import gen_card, pipeline_card, tiny_generator
+    from test_cyclegan import write_card as write_json_card
+
+    from qpbridge.families.cyclegan import CycleGANTranslator
+    from qpbridge.families.pipeline import Pipeline
+
+    gen = write_json_card(tmp_path, gen_card("gen", mpp=MPP))
+    torch.save(tiny_generator().state_dict(), gen / "latest_net_G_A.pth")
+    hover = write_card(tmp_path / "hover", tile_size=64, arch=TINY_ARCH, max_object_um=4.0)
+    torch.manual_seed(3)
+    torch.save(HoverNet(HoverArch(**TINY_ARCH)).state_dict(), str(hover / "weights.pt"))
+    classes = [{"name": "Nucleus", "color": [30, 60, 200]}]
+    write_json_card(tmp_path, pipeline_card("gen-hover", ["gen", "hover"], task="instance-segmentation",
+                                            object_type="detection", classes=classes, mpp=MPP,
+                                            params={"max_object_um": 4.0, "tissue_filter": False}))
+    chained = create_model(load_card(tmp_path / "gen-hover"))
+    translator = create_model(load_card(gen))
+    alone = create_model(load_card(hover))
+    try:
+        assert isinstance(chained, Pipeline) and chained.on_device
+        assert isinstance(translator, CycleGANTranslator) and isinstance(alone, HoverNetFamily)
+        rng = np.random.default_rng(4)
+        batch = [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(2)]
+        by_hand = alone.maps(translator.translate(batch))
+        assert isinstance(chained.final, HoverNetFamily)
+        for a, b in zip(chained.final.maps(batch), by_hand, strict=True):
+            np.testing.assert_allclose(a["np"], b["np"], atol=1e-5)
+            np.testing.assert_allclose(a["hv"], b["hv"], atol=1e-5)
+        for a, b in zip(chained.predict(batch), alone.predict(translator.translate(batch)), strict=True):
+            assert isinstance(a, InstanceResult) and isinstance(b, InstanceResult)
+            np.testing.assert_array_equal(a.labels, b.labels)
+    finally:
+        chained.close()
+        translator.close()
+        alone.close()
