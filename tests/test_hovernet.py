@@ -321,11 +321,10 @@ def test_cuda_fp16_maps_match_cpu(tiny_folder: Path) -> None:
 def test_pipeline_into_hovernet_runs_on_the_device(tmp_path: Path) -> None:
     """``"pipeline": [generator, hovernet]``: one fused forward pass; the nuclei equal translating the tiles and
     running the hovernet model on them by hand."""
-    from test_cyclegan import gen_card, pipeline_card, tiny_generator
-    from test_cyclegan import write_card as write_json_card
-
     from qpbridge.families.cyclegan import CycleGANTranslator
     from qpbridge.families.pipeline import Pipeline
+    from test_cyclegan import gen_card, pipeline_card, tiny_generator
+    from test_cyclegan import write_card as write_json_card
 
     gen = write_json_card(tmp_path, gen_card("gen", mpp=MPP))
     torch.save(tiny_generator().state_dict(), gen / "latest_net_G_A.pth")
