@@ -1,5 +1,5 @@
-"""Command line: ``qpbridge serve | predict | annotate | annotate-project | translate | models | install-qupath |
-doctor``.
+"""Command line: ``qpbridge serve | predict | annotate | annotate-project | translate | models | train |
+install-qupath | doctor``.
 
 ``main(argv) -> int`` is the whole CLI (tested in process); errors of the package become one-line
 messages and exit code 1, usage errors exit code 2.
@@ -291,6 +291,21 @@ def cmd_annotate_project(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from qpbridge.training.train import TrainOptions, train
+
+    opts = TrainOptions(card=Path(args.card), data=Path(args.data), out=Path(args.out), epochs=args.epochs,
+                        device=args.device, resume=args.resume, batch_size=args.batch_size, seed=args.seed,
+                        crop=args.crop, lr=args.lr, patience=args.patience, samples_per_epoch=args.samples_per_epoch,
+                        max_minutes=args.max_minutes, progress=not args.quiet)
+    result = train(opts)
+    best = result["best"]
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k != "epoch")
+    print(f"{result['epochs_run']} epochs ({result['stopped']}); best epoch {best['epoch']}: {metrics} -> {opts.out} "
+          f"(serve it with --models-dir {opts.out.parent}, or name the folder as the model)")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from qpbridge.doctor import run_doctor
 
@@ -413,6 +428,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--jeromq-sha256", default=None, help="the SHA-256 the downloaded jar must have (with --jeromq-url)")
     q.add_argument("--no-download", action="store_true", help="never download JeroMQ; only report it missing")
     q.set_defaults(func=cmd_install_qupath)
+    t = sub.add_parser("train", help="train a model from a card on a training-tile folder; writes a model folder "
+                       "(card + weights + training.json) that serve and annotate use at once")
+    t.add_argument("--card", required=True, help="the model card to train (config.json, or its folder)")
+    t.add_argument("--data", required=True, help="training-tile folder (qpbridge export-tiles / the QuPath script)")
+    t.add_argument("--out", required=True, help="model folder to write, e.g. models/my-nuclei")
+    t.add_argument("--epochs", type=int, default=50, help="most epochs (default: %(default)s)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (mixed precision on CUDA)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (after a crash or Ctrl-C)")
+    t.add_argument("--batch-size", type=int, default=8, help="crops per step (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    t.add_argument("--crop", type=int, help="training crop size in px (default: the card's tile size)")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    t.add_argument("--patience", type=int, default=10,
+                   help="stop after this many epochs without a better validation metric (default: %(default)s)")
+    t.add_argument("--samples-per-epoch", type=int,
+                   help="crops per epoch (default: enough to cover the training tiles once)")
+    t.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this many minutes")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.set_defaults(func=cmd_train)
+
     dr = sub.add_parser("doctor", help="check the installation: packages, torch and CUDA, paquo and QuPath, "
                         "JeroMQ in QuPath, the server and model weights")
     dr.add_argument("--server", help="server address to check (default: tcp://127.0.0.1:5555, a warning if absent)")
