@@ -18,7 +18,7 @@ def test_server_line_reports_version_models_and_weights(server):
     assert checks[0].status == OK
     assert "qpbridge 0.1.0 (protocol 1)" in checks[0].what and "nuclei" in checks[0].what
     missing = {c.what.split("'")[1]: c for c in checks if "weights missing" in c.what}
-    assert {"hotspot", "histo_unet", "detectron2_nuclei", "hovernet-monuseg"} <= set(missing)  # the cards whose weights users supply
+    assert {"hotspot", "histo_unet", "detectron2_nuclei"} <= set(missing)  # the cards whose weights users supply
     assert "nuclei" not in missing and "tissue" not in missing
     assert all(c.status == WARN and "README.md" in c.fix for c in missing.values())
 
