@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qpbridge.annotation_files import read_imagescope_xml
 from qpbridge.families.hovernet_post import HoverPostParams, hover_instances
 from qpbridge.pools import postprocess_pool
-from qpbridge.training.monuseg import rasterise, read_imagescope
+from qpbridge.tile_export import paint_geometry
 from qpbridge.training.targets import hv_maps
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg-train"
@@ -31,8 +32,9 @@ def tile_maps(n: int, size: int = 512) -> list[tuple[np.ndarray, np.ndarray]]:
     out = []
     rng = np.random.default_rng(0)
     for i in range(n):
-        _, polygons = read_imagescope(xmls[i % len(xmls)])
-        labels = rasterise(polygons, (1000, 1000))
+        labels = np.zeros((1000, 1000), np.int32)
+        for k, obj in enumerate(read_imagescope_xml(xmls[i % len(xmls)]), start=1):
+            paint_geometry(labels, obj.geometry, 0, 0, 1.0, k)
         y, x = rng.integers(0, 1000 - size, 2)
         crop = np.ascontiguousarray(labels[y:y + size, x:x + size])
         noise = rng.normal(0, 0.05, (2, size, size)).astype(np.float32)  # a model's maps are never exact

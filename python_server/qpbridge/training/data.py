@@ -1,13 +1,12 @@
 """Training tiles read into memory from a dataset folder (layout: docs/training.md, "Dataset layout").
 
 Only ``dataset.json``'s ``tiles`` (``image``, ``mask``, ``split``, optional ``types``), ``mode``, ``mpp``,
-``classes`` and ``licence`` are used, so folders written by ``qpbridge export-tiles``, the QuPath script and
-:mod:`qpbridge.training.monuseg` all train alike.
+``classes`` and ``licence`` are used, so folders written by ``qpbridge export-tiles`` and the QuPath script
+train alike.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,30 +70,15 @@ def _read_mask(path: Path) -> np.ndarray:
 
 
 def _entries(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(folder metadata, tiles with absolute paths): through ``qpbridge.dataset.load_dataset`` when the package
-    has it (it also reads folders the QuPath script left with only ``labels.json``), else from ``dataset.json``."""
-    try:
-        from qpbridge.dataset import load_dataset  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        load_dataset = None
-    if load_dataset is not None:
-        ds = load_dataset(root)
-        meta = {"mode": ds.mode, "mpp": ds.mpp, "classes": ds.classes, "licence": ds.licence}
-        tiles = [{"image": Path(t.image), "mask": Path(t.mask), "types": Path(t.types) if t.types else None,
-                  "split": t.split, "source": t.source} for t in ds.tiles]
-        return meta, tiles
-    path = root / "dataset.json"
-    if not path.is_file():
-        raise BadRequestError(f"{root} has no dataset.json: export tiles into it first (qpbridge export-tiles, "
-                              "the QuPath script 'Export training tiles', or python -m qpbridge.training.monuseg)")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BadRequestError(f"{path} is not valid JSON: {exc}") from None
-    tiles = [{"image": root / t["image"], "mask": root / t["mask"],
-              "types": root / t["types"] if t.get("types") else None, "split": t.get("split", "train"),
-              "source": str(t.get("source", t["image"]))} for t in info.get("tiles", [])]
-    return info, tiles
+    """(folder metadata, tiles with absolute paths), through ``qpbridge.dataset.load_dataset`` (which also reads
+    folders the QuPath script left with only ``labels.json``)."""
+    from qpbridge.dataset import load_dataset
+
+    ds = load_dataset(root)
+    meta = {"mode": ds.mode, "mpp": ds.mpp, "classes": ds.classes, "licence": ds.licence}
+    tiles = [{"image": Path(t.image), "mask": Path(t.mask), "types": Path(t.types) if t.types else None,
+              "split": t.split, "source": t.source} for t in ds.tiles]
+    return meta, tiles
 
 
 def load_tiles(root: Path, mode: str = "instances") -> TileSet:

@@ -4,6 +4,7 @@ after HoVer-Net's post-processing (the family's own, so validation measures what
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +19,11 @@ from qpbridge.errors import BadRequestError
 from qpbridge.families.hovernet_net import HoverArch, HoverNet, split_output
 from qpbridge.families.hovernet_post import HoverPostParams, hover_instances
 from qpbridge.families.torch_runtime import Normalization
+from qpbridge.metrics import instance_metrics
 from qpbridge.training.augment import ColourJitter, hv_signs, random_crops
 from qpbridge.training.base import FamilyTrainer, register_trainer
 from qpbridge.training.data import TileSet
 from qpbridge.training.losses import hover_loss
-from qpbridge.training.metrics import instance_metrics
 from qpbridge.training.targets import hv_maps
 
 MAX_WEIGHTS_BYTES = 25 * 1024 * 1024
@@ -125,7 +126,13 @@ class HoverNetTrainer(FamilyTrainer):
         if not rows:
             return {self.metric: 0.0}
         keys = [k for k in rows[0] if all(k in r for r in rows)]
-        return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        means: dict[str, float] = {}
+        for k in keys:  # a metric undefined on a tile (no match to average over) is left out of its mean
+            finite = [r[k] for r in rows if math.isfinite(r[k])]
+            if finite:
+                means[k] = float(np.mean(finite))
+        means.setdefault(self.metric, 0.0)
+        return means
 
     def export(self, model: torch.nn.Module, out: Path, name: str) -> dict[str, Any]:
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
