@@ -1,0 +1,150 @@
+"""``qpbridge train`` for the smp, maskrcnn and gradcam families: tiny models trained for a step or two on tiles
+that ``qpbridge export-tiles`` wrote from generated images and QuPath GeoJSON; each model folder written is
+loaded through its card and run by ``annotate`` on a generated slide; ``--resume`` repeats an uninterrupted
+smp run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from shapely.geometry import shape
+
+from conftest import write_pyramid
+from qpbridge.cards import load_card
+from qpbridge.cli import main
+from qpbridge.families import SemanticResult, create_model
+from qpbridge.training import trainer_class
+from qpbridge.training.checkpoint import CHECKPOINT
+from qpbridge.training.train import TrainOptions, train
+
+PINK = (235, 170, 200)
+CLASSES = {"Lymphocyte": (80, 55, 135), "Tumor": (150, 60, 120)}  # small dark discs, large paler discs
+
+
+def _disc(cx: float, cy: float, r: float) -> list[list[float]]:
+    t = np.linspace(0, 2 * np.pi, 17)[:-1]
+    ring = [[float(cx + r * np.cos(a)), float(cy + r * np.sin(a))] for a in t]
+    return [*ring, ring[0]]
+
+
+def _source(folder: Path, name: str, seed: int, size: int = 128) -> None:
+    """An image with discs of two classes and its QuPath GeoJSON (detections, classified)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), PINK, dtype=np.uint8)
+    feats = []
+    for k in range(8):
+        cls = "Lymphocyte" if k % 2 else "Tumor"
+        r = 5.0 if cls == "Lymphocyte" else 9.0
+        cx, cy = (float(v) for v in rng.uniform(12, size - 12, 2))
+        cv2.circle(img, (round(cx), round(cy)), round(r), CLASSES[cls], -1)
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_disc(cx, cy, r)]},
+                      "properties": {"objectType": "detection",
+                                     "classification": {"name": cls, "color": list(CLASSES[cls])}}})
+    cv2.imwrite(str(folder / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    (folder / f"{name}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+
+
+def export(root: Path, fmt: str) -> Path:
+    """Tiles of two generated images (one train, one val) in the export-tiles layout."""
+    src = root / "src"
+    if not src.is_dir():
+        src.mkdir(parents=True)
+        _source(src, "a", 1)
+        _source(src, "b", 2)
+    out = root / fmt
+    assert main(["--log-level", "warning", "export-tiles", str(src), "-o", str(out), "--format", fmt, "--mpp", "0.5",
+                 "--size", "64", "--val-fraction", "0.5", "--classes", "Lymphocyte", "Tumor",
+                 "--licence", "CC0 (synthetic)"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def semantic_tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(tmp_path_factory.mktemp("data"), "semantic")
+
+
+def write_card(path: Path, card: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(card))
+    return path
+
+
+def semantic_card(family: str, **params: Any) -> dict[str, Any]:
+    return {"schema_version": 1, "name": "template", "family": family, "task": "semantic-segmentation",
+            "object_type": "annotation", "mpp": 0.5, "tile": {"size": 64, "overlap": 16},
+            "classes": [{"name": "Background", "color": [255, 255, 255], "emit": False},
+                        {"name": "Lymphocyte", "color": list(CLASSES["Lymphocyte"])},
+                        {"name": "Tumor", "color": list(CLASSES["Tumor"])}],
+            "params": {"tissue_filter": False, **params}}
+
+
+SMP_PARAMS = {"arch": "Unet", "encoder": "resnet18",
+              "model_kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}}
+
+
+def options(card: Path, data: Path, out: Path, **kw: Any) -> TrainOptions:
+    base: dict[str, Any] = {"epochs": 1, "device": "cpu", "batch_size": 2, "crop": 64, "samples_per_epoch": 2,
+                            "progress": False}
+    return TrainOptions(card=card, data=data, out=out, **{**base, **kw})
+
+
+def annotate_slide(model_dir: Path, tmp_path: Path) -> list[dict[str, Any]]:
+    """``qpbridge annotate`` with the model folder on a generated slide; every feature must be valid."""
+    img = np.full((160, 200, 3), PINK, dtype=np.uint8)
+    cv2.circle(img, (60, 70), 9, CLASSES["Tumor"], -1)
+    cv2.circle(img, (130, 90), 5, CLASSES["Lymphocyte"], -1)
+    slide = write_pyramid(tmp_path / "slide.tif", img, mpp=0.5, levels=1)
+    out = tmp_path / "slide.geojson"
+    assert main(["annotate", str(slide), "--model", str(model_dir), "-o", str(out), "--no-tissue-filter",
+                 "--device", "cpu", "--quiet"]) == 0
+    feats: list[dict[str, Any]] = json.loads(out.read_text())["features"]
+    for f in feats:
+        assert shape(f["geometry"]).is_valid
+    return feats
+
+
+def test_smp_trains_writes_save_pretrained_and_annotates(semantic_tiles: Path, tmp_path: Path) -> None:
+    card = write_card(tmp_path / "smp.json", semantic_card("smp", **SMP_PARAMS))
+    out = tmp_path / "models" / "my-unet"
+    result = train(options(card, semantic_tiles, out))
+    assert trainer_class("smp").metric == "miou" and result["metric"] == "miou"
+    val = result["history"][0]["val"]
+    assert 0.0 <= val["miou"] <= 1.0 and 0.0 <= val["pixel_accuracy"] <= 1.0
+    assert set(result["history"][0]["loss"]) == {"loss", "ce", "dice"}
+    assert result["split"] == {"train": ["b"], "val": ["a"]} and result["licence"] == "CC0 (synthetic)"
+    assert (out / "weights" / "config.json").is_file() and (out / "weights" / "model.safetensors").is_file()
+    loaded = load_card(out)
+    assert loaded.family == "smp" and loaded.weights == out / "weights" and loaded.params["encoder"] == "resnet18"
+    model = create_model(loaded, "cpu")
+    try:
+        (res,) = model.predict([np.full((64, 64, 3), 128, dtype=np.uint8)])
+        assert isinstance(res, SemanticResult) and res.probabilities(3).shape == (3, 64, 64)
+    finally:
+        model.close()
+    for f in annotate_slide(out, tmp_path):
+        assert f["properties"]["classification"]["name"] in CLASSES
+
+
+def test_smp_resume_repeats_an_uninterrupted_run(semantic_tiles: Path, tmp_path: Path) -> None:
+    card = write_card(tmp_path / "smp.json", semantic_card("smp", **SMP_PARAMS))
+    straight = train(options(card, semantic_tiles, tmp_path / "a", epochs=2))
+
+    def stop_after_first(record: dict[str, Any]) -> None:
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(options(card, semantic_tiles, tmp_path / "b", epochs=2), on_epoch=stop_after_first)
+    resumed = train(options(card, semantic_tiles, tmp_path / "b", epochs=2, resume=True))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"][1]["loss"] == straight["history"][1]["loss"]
+    assert resumed["history"][1]["val"] == straight["history"][1]["val"]
+    a = torch.load(str(tmp_path / "a" / CHECKPOINT), weights_only=False)
+    b = torch.load(str(tmp_path / "b" / CHECKPOINT), weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
