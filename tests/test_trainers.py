@@ -93,11 +93,11 @@ def options(card: Path, data: Path, out: Path, **kw: Any) -> TrainOptions:
     return TrainOptions(card=card, data=data, out=out, **{**base, **kw})
 
 
-def annotate_slide(model_dir: Path, tmp_path: Path) -> list[dict[str, Any]]:
+def annotate_slide(model_dir: Path, tmp_path: Path, size: tuple[int, int] = (160, 200)) -> list[dict[str, Any]]:
     """``qpbridge annotate`` with the model folder on a generated slide; every feature must be valid."""
-    img = np.full((160, 200, 3), PINK, dtype=np.uint8)
-    cv2.circle(img, (60, 70), 9, CLASSES["Tumor"], -1)
-    cv2.circle(img, (130, 90), 5, CLASSES["Lymphocyte"], -1)
+    img = np.full((*size, 3), PINK, dtype=np.uint8)
+    cv2.circle(img, (40, 50), 9, CLASSES["Tumor"], -1)
+    cv2.circle(img, (70, 75), 5, CLASSES["Lymphocyte"], -1)
     slide = write_pyramid(tmp_path / "slide.tif", img, mpp=0.5, levels=1)
     out = tmp_path / "slide.geojson"
     assert main(["annotate", str(slide), "--model", str(model_dir), "-o", str(out), "--no-tissue-filter",
@@ -148,3 +148,38 @@ def test_smp_resume_repeats_an_uninterrupted_run(semantic_tiles: Path, tmp_path:
     b = torch.load(str(tmp_path / "b" / CHECKPOINT), weights_only=False)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+@pytest.fixture(scope="module")
+def coco_tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(tmp_path_factory.mktemp("data"), "coco")
+
+
+def test_maskrcnn_trains_on_instances_with_types_and_annotates(coco_tiles: Path, tmp_path: Path) -> None:
+    from qpbridge.training.maskrcnn import MaskRCNNTrainer
+
+    assert (coco_tiles / "coco" / "train.json").is_file()
+    card = write_card(tmp_path / "maskrcnn.json", {
+        "schema_version": 1, "name": "template", "family": "maskrcnn", "task": "instance-segmentation",
+        "object_type": "detection", "mpp": 0.5, "tile": {"size": 64, "overlap": 16},
+        "classes": [{"name": "Tumor", "color": list(CLASSES["Tumor"])},
+                    {"name": "Lymphocyte", "color": list(CLASSES["Lymphocyte"])}],
+        "params": {"tissue_filter": False, "detections_per_image": 20, "rpn_post_nms_top_n": 100,
+                   "max_object_um": 10.0}})
+    out = tmp_path / "models" / "my-maskrcnn"
+    result = train(options(card, coco_tiles, out, lr=1e-4))
+    assert result["metric"] == "ap50" and 0.0 <= result["best"]["ap50"] <= 1.0
+    assert set(result["history"][0]["loss"]) == {"loss", "rpn", "box", "mask"}
+    assert all(np.isfinite(v) for v in result["history"][0]["loss"].values())
+    loaded = load_card(out)
+    assert loaded.weights == out / "weights.pt" and loaded.params["weights_format"] == "torchvision"
+    for f in annotate_slide(out, tmp_path, (96, 96)):  # the family loads the folder's weights as they are
+        assert f["properties"]["objectType"] == "detection"
+        assert f["properties"]["classification"]["name"] in CLASSES
+    # targets: one box (pixel edges), mask and class per object of the crop, classes matched by name
+    labels = torch.zeros((8, 8), dtype=torch.int64)
+    labels[1:3, 2:5], labels[5:8, 0:2] = 4, 9
+    types = torch.where(labels == 4, 2, torch.where(labels == 9, 1, 0))
+    t = MaskRCNNTrainer.targets(labels, types)
+    assert t["boxes"].tolist() == [[2, 1, 5, 3], [0, 5, 2, 8]] and t["labels"].tolist() == [2, 1]
+    assert t["masks"].sum(dim=(1, 2)).tolist() == [6, 6]
