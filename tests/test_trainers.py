@@ -183,3 +183,49 @@ def test_maskrcnn_trains_on_instances_with_types_and_annotates(coco_tiles: Path,
     t = MaskRCNNTrainer.targets(labels, types)
     assert t["boxes"].tolist() == [[2, 1, 5, 3], [0, 5, 2, 8]] and t["labels"].tolist() == [2, 1]
     assert t["masks"].sum(dim=(1, 2)).tolist() == [6, 6]
+
+
+def test_gradcam_classifier_trains_on_patch_labels_and_annotates(semantic_tiles: Path, tmp_path: Path) -> None:
+    from qpbridge.families.gradcam import GradCAMSegmentation
+
+    card = write_card(tmp_path / "gradcam.json", semantic_card(
+        "gradcam", arch="resnet18", background={"class": "Background"}, score_threshold=0.3))
+    out = tmp_path / "models" / "my-cam"
+    result = train(options(card, semantic_tiles, out, crop=32))
+    assert result["metric"] == "f1" and set(result["history"][0]["loss"]) == {"loss", "bce"}
+    val = result["history"][0]["val"]
+    assert 0.0 <= val["f1"] <= 1.0 and 0.0 <= val["accuracy"] <= 1.0
+    loaded = load_card(out)
+    assert loaded.weights == out / "weights.pt" and loaded.params["arch"] == "resnet18"
+    model = create_model(loaded, "cpu")
+    try:
+        assert isinstance(model, GradCAMSegmentation)
+        assert model.scores_of([np.full((64, 64, 3), 128, dtype=np.uint8)]).shape == (1, 2)
+    finally:
+        model.close()
+    for f in annotate_slide(out, tmp_path, (96, 96)):
+        assert f["properties"]["classification"]["name"] in CLASSES
+
+
+def test_patch_labels_from_masks() -> None:
+    from qpbridge.training.gradcam import classification_metrics, patch_targets
+
+    labels = torch.zeros((2, 10, 10), dtype=torch.int64)  # card classes: 0 Background (derived), 1, 2
+    labels[0, :5] = 1  # crop 0: half class 1, 2 % class 2, the rest background
+    labels[0, 9, :2] = 2
+    labels[1, :, :] = 255  # crop 1: all ignored
+    labels[1, 0, 0] = 2
+    outputs = torch.tensor([1, 2, -1])  # the third output is a class the card does not segment
+    multi, labelled = patch_targets(labels, outputs, 0.05, multi_label=True)
+    assert multi.tolist() == [[1, 0, 0], [0, 1, 0]] and labelled.tolist() == [True, True]
+    multi, _ = patch_targets(labels, outputs, 0.01, multi_label=True)
+    assert multi[0].tolist() == [1, 1, 0]  # 2 of 52 classifier-class pixels: above 1 %
+    major, _ = patch_targets(labels, outputs, 0.05, multi_label=False)
+    assert major.tolist() == [0, 1]
+    none, labelled = patch_targets(torch.zeros((1, 4, 4), dtype=torch.int64), outputs, 0.05, multi_label=True)
+    assert none.tolist() == [[0, 0, 0]] and labelled.tolist() == [False]
+    true = np.array([[1, 0], [1, 1], [0, 0]], dtype=float)
+    pred = np.array([[1, 0], [0, 1], [0, 1]], dtype=float)
+    m = classification_metrics(true, pred, ["a", "b"], multi_label=True)
+    # a: tp 1, fn 1 -> F1 2/3; b: tp 1, fp 1 -> F1 2/3; 4 of 6 decisions right
+    assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(4 / 6)

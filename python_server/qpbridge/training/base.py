@@ -69,6 +69,7 @@ _REGISTRY: dict[str, type[FamilyTrainer]] = {}
 TRAINER_MODULES: dict[str, str] = {
     "hovernet": "qpbridge.training.hovernet",
     "segformer-hf": "qpbridge.training.segformer",
+    "gradcam": "qpbridge.training.gradcam",
     "maskrcnn": "qpbridge.training.maskrcnn",
     "smp": "qpbridge.training.smp",
 }

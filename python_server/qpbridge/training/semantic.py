@@ -64,11 +64,10 @@ def confusion_metrics(confusion: np.ndarray, names: list[str]) -> dict[str, floa
     return result
 
 
-class SemanticTrainer(FamilyTrainer):
-    """Crops of semantic tiles for a network with per-pixel logits; subclasses build the network, compute its
-    logits and write its weights. ``multiple``: the network's input size multiple (crops are cut to it)."""
+class SemanticCrops(FamilyTrainer):
+    """Augmented, normalised crops of semantic tiles with their class labels (``input``, ``labels``); crops are
+    cut to a multiple of the network's :meth:`input_multiple`."""
 
-    metric = "miou"
     mode = "semantic"
     default_mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
     default_std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
@@ -110,16 +109,23 @@ class SemanticTrainer(FamilyTrainer):
             done += n
             yield batch
 
-    @abstractmethod
-    def logits(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Per-pixel class logits (N, C, H, W) of normalised input of any size (N, 3, H, W)."""
-
     def val_tiles(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         images, masks = self.data.images.get("val", []), self.data.masks.get("val", [])
         if not images:
             raise BadRequestError(f"{self.data.root} has no validation tiles (split 'val'): training needs them "
                                   "for early stopping and the model's metrics")
         return images, masks
+
+
+class SemanticTrainer(SemanticCrops):
+    """A network with per-pixel logits, validated by mean IoU; subclasses build the network, compute its logits
+    and write its weights."""
+
+    metric = "miou"
+
+    @abstractmethod
+    def logits(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class logits (N, C, H, W) of normalised input of any size (N, 3, H, W)."""
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module) -> dict[str, float]:
