@@ -196,7 +196,8 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "spent_s": spent_s + time.monotonic() - t_start, "scaler": scaler.state_dict(),
                 "rng": rng_state(rng), "history": history, "best": best})
-            metrics = " ".join(f"{k} {v:.4f}" for k, v in val.items() if k in ("pq", "aji", "dice", "dq", "sq"))
+            shown = (trainer.metric, "pq", "aji", "dice", "dq", "sq", "pixel_accuracy", "accuracy")
+            metrics = " ".join(f"{k} {val[k]:.4f}" for k in dict.fromkeys(shown) if k in val)
             progress.done(f"epoch {epoch}/{opts.epochs} loss {losses['loss']:.4f} "
                           f"({', '.join(f'{k} {v:.3f}' for k, v in losses.items() if k != 'loss')}) val {metrics}"
                           f"{' *' if improved else ''} [{train_s:.1f} s train, {record['val_s']:.1f} s val]")
