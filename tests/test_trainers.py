@@ -205,6 +205,11 @@ def test_gradcam_classifier_trains_on_patch_labels_and_annotates(semantic_tiles:
         model.close()
     for f in annotate_slide(out, tmp_path, (96, 96)):
         assert f["properties"]["classification"]["name"] in CLASSES
+    # a softmax classifier trains single-label, on each crop's majority class
+    card = write_card(tmp_path / "softmax.json", semantic_card(
+        "gradcam", arch="resnet18", background={"class": "Background"}, scores="softmax"))
+    result = train(options(card, semantic_tiles, tmp_path / "softmax", crop=32))
+    assert set(result["history"][0]["loss"]) == {"loss", "ce"} and 0.0 <= result["best"]["f1"] <= 1.0
 
 
 def test_patch_labels_from_masks() -> None:
