@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a card on a training-tile folder; writes a model folder "
                        "(card + weights + training.json) that serve and annotate use at once")
     t.add_argument("--card", required=True, help="the model card to train (config.json, or its folder)")
-    t.add_argument("--data", required=True, help="training-tile folder (qpbridge export-tiles / the QuPath script)")
+    t.add_argument("--data", required=True, help="training-tile folder (qpbridge export-tiles / the QuPath script; "
+                   "cyclegan: a folder with trainA/ and trainB/ images)")
     t.add_argument("--out", required=True, help="model folder to write, e.g. models/my-nuclei")
     t.add_argument("--epochs", type=int, default=50, help="most epochs (default: %(default)s)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (mixed precision on CUDA)")

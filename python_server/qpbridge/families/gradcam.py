@@ -295,6 +295,26 @@ def _default_target(net: nn.Module) -> str:
                          "to the name of its last convolutional block")
 
 
+def build_classifier(arch: str, k: int, name: str) -> nn.Module:
+    """The classifier ``params.arch`` names, with ``k`` outputs and random weights (nothing is downloaded):
+    a torchvision model, or ``timm:<name>`` when timm is installed."""
+    if arch.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise ModelLoadError(f"model '{name}' is a timm model ({arch}) but timm is not installed: "
+                                 "pip install timm") from exc
+        model: nn.Module = timm.create_model(arch[len("timm:"):], pretrained=False, num_classes=k)
+        return model
+    import torchvision
+
+    try:
+        built: nn.Module = torchvision.models.get_model(arch, weights=None, num_classes=k)
+    except (ValueError, TypeError) as exc:
+        raise ModelCardError(f"model '{name}': '{arch}' is not a torchvision classification model ({exc})") from exc
+    return built
+
+
 @register_family("gradcam")
 class GradCAMSegmentation(TorchSegmentation):
     """Class regions from a patch classifier's Grad-CAM maps, adjusted as HistoSegNet does."""
@@ -349,22 +369,7 @@ class GradCAMSegmentation(TorchSegmentation):
         return net.to(device).eval()
 
     def _build(self, arch: str, k: int) -> nn.Module:
-        if arch.startswith("timm:"):
-            try:
-                import timm
-            except ImportError as exc:
-                raise ModelLoadError(f"model '{self.card.name}' is a timm model ({arch}) but timm is not installed: "
-                                     "pip install timm") from exc
-            model: nn.Module = timm.create_model(arch[len("timm:"):], pretrained=False, num_classes=k)
-            return model
-        import torchvision
-
-        try:
-            built: nn.Module = torchvision.models.get_model(arch, weights=None, num_classes=k)
-        except (ValueError, TypeError) as exc:
-            raise ModelCardError(f"model '{self.card.name}': '{arch}' is not a torchvision classification model "
-                                 f"({exc})") from exc
-        return built
+        return build_classifier(arch, k, self.card.name)
 
     def _start_worker(self, model: torch.nn.Module, precision: str, settings: dict[str, Any]) -> DeviceWorker:
         card = self.card

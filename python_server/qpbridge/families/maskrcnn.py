@@ -117,16 +117,20 @@ class MaskRCNNSettings:
 # ---- the architecture ----------------------------------------------------------------------------------
 
 
-def build_maskrcnn(num_classes: int, settings: MaskRCNNSettings, *, detectron2: bool) -> torch.nn.Module:
+def build_maskrcnn(num_classes: int, settings: MaskRCNNSettings, *, detectron2: bool,
+                   trainable: bool = False) -> torch.nn.Module:
     """torchvision's Mask R-CNN R50-FPN with ``num_classes`` outputs (background included), random weights,
     frozen BatchNorm, no resizing and no normalisation inside; with ``detectron2``, computing what a
-    detectron2 R50-FPN computes (see :mod:`qpbridge.families.detectron2_keys`)."""
+    detectron2 R50-FPN computes (see :mod:`qpbridge.families.detectron2_keys`). ``trainable`` (for training
+    from scratch): every backbone layer trainable, with BatchNorm that learns its statistics; its state dict,
+    without ``num_batches_tracked``, loads into the frozen model."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops import FrozenBatchNorm2d
 
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
-                                   trainable_layers=0)
+    norm: Any = torch.nn.BatchNorm2d if trainable else FrozenBatchNorm2d
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=norm,
+                                   trainable_layers=5 if trainable else 0)
     kwargs: dict[str, Any] = {
         "box_score_thresh": settings.score_threshold, "box_nms_thresh": settings.nms_threshold,
         "box_detections_per_img": settings.detections,

@@ -58,6 +58,13 @@ class FamilyTrainer(ABC):
     def export(self, model: torch.nn.Module, out: Path, name: str) -> dict[str, Any]:
         """Write the weights into the model folder ``out`` and return the card for them."""
 
+    @classmethod
+    def load_data(cls, root: Path) -> TileSet:
+        """The training data of the folder ``root``: by default a tile folder of ``cls.mode`` masks."""
+        from qpbridge.training.data import load_tiles
+
+        return load_tiles(root, mode=cls.mode)
+
     def samples_per_epoch(self) -> int:
         """Samples in one epoch: by default, the training split's area in crops, at least one batch."""
         return max(self.batch_size, self.data.train_crops(self.crop))
@@ -69,6 +76,10 @@ _REGISTRY: dict[str, type[FamilyTrainer]] = {}
 TRAINER_MODULES: dict[str, str] = {
     "hovernet": "qpbridge.training.hovernet",
     "segformer-hf": "qpbridge.training.segformer",
+    "cyclegan": "qpbridge.training.cyclegan",
+    "gradcam": "qpbridge.training.gradcam",
+    "maskrcnn": "qpbridge.training.maskrcnn",
+    "smp": "qpbridge.training.smp",
 }
 
 T = TypeVar("T", bound=type[FamilyTrainer])

@@ -32,7 +32,6 @@ from qpbridge.errors import BadRequestError, QPBridgeError
 from qpbridge.files import write_json_atomic
 from qpbridge.training.base import FamilyTrainer, trainer_class
 from qpbridge.training.checkpoint import CHECKPOINT, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from qpbridge.training.data import load_tiles
 
 log = logging.getLogger("qpbridge")
 
@@ -102,7 +101,7 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
         raise BadRequestError("--epochs and --batch-size must be at least 1")
     card = read_card(opts.card)
     cls = trainer_class(card["family"])
-    data = load_tiles(opts.data, mode=cls.mode)
+    data = cls.load_data(opts.data)
     if data.mpp and abs(data.mpp / float(card["mpp"]) - 1.0) > 0.01:
         log.info("tiles are at %.4g µm/px; the trained model's card says so (the template said %s)", data.mpp,
                  card["mpp"])
@@ -197,7 +196,8 @@ def train(opts: TrainOptions, on_epoch: Callable[[dict[str, Any]], None] | None 
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "spent_s": spent_s + time.monotonic() - t_start, "scaler": scaler.state_dict(),
                 "rng": rng_state(rng), "history": history, "best": best})
-            metrics = " ".join(f"{k} {v:.4f}" for k, v in val.items() if k in ("pq", "aji", "dice", "dq", "sq"))
+            shown = (trainer.metric, "pq", "aji", "dice", "dq", "sq", "pixel_accuracy", "accuracy")
+            metrics = " ".join(f"{k} {val[k]:.4f}" for k in dict.fromkeys(shown) if k in val)
             progress.done(f"epoch {epoch}/{opts.epochs} loss {losses['loss']:.4f} "
                           f"({', '.join(f'{k} {v:.3f}' for k, v in losses.items() if k != 'loss')}) val {metrics}"
                           f"{' *' if improved else ''} [{train_s:.1f} s train, {record['val_s']:.1f} s val]")
