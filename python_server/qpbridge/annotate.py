@@ -84,21 +84,22 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
                    on_progress: Callable[[Progress], None] | None = None,
                    should_stop: Callable[[], bool] | None = None,
                    on_plan: Callable[[TilePlan], None] | None = None,
-                   sink: Callable[[dict[str, Any]], None] | None = None) -> AnnotateResult:
+                   sink: Callable[[dict[str, Any]], None] | None = None,
+                   slide: Slide | None = None) -> AnnotateResult:
     """Annotate a whole slide (or the part inside ``roi``) with a model; features in full resolution.
-    ``options`` (readers, queue depths) overrides ``readers``."""
-    slide = Slide(path, mpp)
+    ``options`` (readers, queue depths) overrides ``readers``; ``slide``: the slide already opened."""
+    slide = slide or Slide(path, mpp)
     card: ModelCard = engine.card(model_name)
     fullres_mpp = slide.require_mpp() if card.requires_mpp else slide.mpp
     keep = roi
     if tissue_filter and card.name != TISSUE_MODEL and card.params.get("tissue_filter", True):
         tissue = tissue_geometry(engine, slide, roi)
         keep = tissue if roi is None else tissue.intersection(roi)
-        log.info("tissue covers %.1f%% of %s", 100 * tissue.area / (slide.width * slide.height), path.name)
+        log.info("tissue covers %.1f%% of %s", 100 * tissue.area / (slide.width * slide.height), slide.name)
         if tissue.is_empty:
-            log.warning("no tissue found in %s: nothing to run (use --no-tissue-filter to run anyway)", path.name)
+            log.warning("no tissue found in %s: nothing to run (use --no-tissue-filter to run anyway)", slide.name)
     plan = make_plan(card, roi_region(roi, slide.width, slide.height), fullres_mpp, keep)
-    log.info("%s: %d of %d tiles to run (%d px at %.3g µm/px, overlap %d)", path.name, len(plan.tiles),
+    log.info("%s: %d of %d tiles to run (%d px at %.3g µm/px, overlap %d)", slide.name, len(plan.tiles),
              plan.rows * plan.cols, plan.tile, card.mpp, plan.overlap)
     if on_plan is not None:
         on_plan(plan)
