@@ -152,7 +152,7 @@ class Server:
         self._pushers: list[zmq.Socket] = []
         self._pushers_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="qpbridge-worker")
-        self._light_pool = ThreadPoolExecutor(2, thread_name_prefix="qpbridge-light")
+        self._light_pool = ThreadPoolExecutor(4, thread_name_prefix="qpbridge-light")
         # Slide jobs read and run whole slides; they queue here so they never starve tile requests.
         self._slide_pool = ThreadPoolExecutor(max(1, slide_jobs), thread_name_prefix="qpbridge-slide")
         self._shares: dict[bytes, _Share] = {}
@@ -167,17 +167,16 @@ class Server:
 
         public, secret = load_secret(secret_file)
         if clients is not None:
-            import zmq.auth
+            from zmq.auth import load_certificates
             from zmq.auth.thread import ThreadAuthenticator
 
-            if not clients.is_dir() or not zmq.auth.load_certificates(clients):
+            if not clients.is_dir() or not load_certificates(clients):
                 self._close_sockets()
                 raise QPBridgeError(f"--curve-clients {clients} holds no client public key (*.key files from "
                                     "`qpbridge keys new`)")
             self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("qpbridge.auth"))
             self._auth.start()
             self._auth.configure_curve(domain="*", location=str(clients))
-            self._router.setsockopt(zmq.ZAP_DOMAIN, b"qpbridge")
         self._router.setsockopt(zmq.CURVE_SERVER, 1)
         self._router.setsockopt(zmq.CURVE_SECRETKEY, secret)
         self._router.setsockopt(zmq.CURVE_PUBLICKEY, public)
