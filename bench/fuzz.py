@@ -245,7 +245,7 @@ def mutate(header: dict[str, Any], frames: list[bytes], rng: random.Random,
         elif choice == 2 and frames:
             frames[0] = frames[0][: rng.randrange(len(frames[0]) + 1)]
         elif choice == 3:
-            frames = [bytes(rng.randrange(256) for _ in range(rng.randrange(64)))] + frames
+            frames = [bytes(rng.randrange(256) for _ in range(rng.randrange(64))), *frames]
         else:
             frames += [b"\0" * (4 << 20)] * rng.choice([2, 20])  # many frames, each under the frame cap
     elif kind == "tiles":
@@ -307,7 +307,8 @@ def mutate(header: dict[str, Any], frames: list[bytes], rng: random.Random,
         elif choice == 3:
             raw = text.replace('"v": 1', '"v": ' + "9" * rng.choice([30, 4299, 5000])).encode()
         elif choice == 4:
-            raw = text.replace('"v": 1', '"v": 1, "x": ' + rng.choice(["NaN", "Infinity", "-Infinity", "1e999"])).encode()
+            special = rng.choice(["NaN", "Infinity", "-Infinity", "1e999"])
+            raw = text.replace('"v": 1', '"v": 1, "x": ' + special).encode()
         elif choice == 5:
             raw = ("[" * rng.choice([100, 1000, 100_000])).encode()
         elif choice == 6:

@@ -11,8 +11,8 @@ import itertools
 import json
 import os
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,8 +34,8 @@ Tile = tuple[TileSpec, np.ndarray]
 
 SERVER_KEY_ENV = "QPBRIDGE_SERVER_KEY"
 CLIENT_KEY_ENV = "QPBRIDGE_CLIENT_KEY"
-_HANDSHAKE_FAILED = (getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0) | getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0)
-                     | getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0))
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class Client:
