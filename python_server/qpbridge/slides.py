@@ -19,9 +19,13 @@ SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", 
 class Slide:
     """A slide opened once per reading thread (tiffslide handles are not shared between threads)."""
 
-    def __init__(self, path: Path, mpp: float | None = None, *, name: str | None = None) -> None:
+    def __init__(self, path: Path, mpp: float | None = None, *, name: str | None = None,
+                 by_handle: bool = False) -> None:
         self.path = Path(path)
         self.name = name or self.path.name  # for messages: a jailed slide is read through /proc/self/fd/N
+        # by_handle: give the reader open file objects, never the name (which it would resolve and reopen)
+        self.by_handle = by_handle
+        self._files: list[Any] = []
         if not self.path.is_file():
             raise ImageReadError(f"{self.name}: no such slide file")
         self._local = threading.local()
@@ -42,11 +46,22 @@ class Slide:
             import tiffslide
 
             try:
-                ts = tiffslide.TiffSlide(self.path)
+                if self.by_handle:
+                    f = open(self.path, "rb")  # noqa: SIM115 - kept open for the reader, closed by close()
+                    self._files.append(f)
+                    ts = tiffslide.TiffSlide(f)
+                else:
+                    ts = tiffslide.TiffSlide(self.path)
             except Exception as exc:  # tiffslide raises several types for unreadable files
                 raise ImageReadError(f"{self.name}: cannot open as a slide: {exc}") from None
             self._local.ts = ts
         return ts
+
+    def close(self) -> None:
+        """Close the files opened for ``by_handle`` reading."""
+        for f in self._files:
+            f.close()
+        self._files = []
 
     def require_mpp(self) -> float:
         if self.mpp is None:

@@ -252,7 +252,7 @@ def op_job_slide(server: Server, req: Request) -> Reply:
     _check_job_share(server, req.client)
     opened = open_in_roots(path, server.slide_roots)
     try:
-        slide = Slide(opened.handle_path, mpp, name=opened.real.name)
+        slide = Slide(opened.handle_path, mpp, name=opened.real.name, by_handle=True)
     except BaseException:
         opened.close()
         raise
@@ -274,6 +274,7 @@ def op_job_slide(server: Server, req: Request) -> Reply:
             log.exception("slide job %s failed", job.id)
             job.fail(InternalError(f"slide job failed: {type(exc).__name__}: {exc}"))
         finally:
+            slide.close()
             opened.close()
 
     server.submit_slide(run)
