@@ -33,6 +33,7 @@ class Job:
     last_tile_at: float | None = None
     claimed: set[tuple[int, int, float, int, int]] = field(default_factory=set)
     stitch: Any = None  # session.PlanRun when the server planned the tiles (seam-free results)
+    results: Any = None  # cache.PlanResults when the server keeps tile results on disk
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -149,6 +150,7 @@ class Job:
                 "tiles_per_s": round(rate, 3) if rate else None,
                 "eta_s": round(eta, 3) if eta is not None else None,
                 "error": self.error,
+                "cached_tiles": self.results.hits if self.results is not None else 0,
             }
 
     def page(self, offset: int, limit: int) -> dict[str, Any]:

@@ -183,7 +183,11 @@ def op_job_open(server: Server, req: Request) -> Reply:
     builder = FeatureBuilder(card, image.mpp, clip, size)
     name = _model_name(header)
     job = server.jobs.open(name, image, len(plan.tiles), owner=req.client)
-    job.stitch = PlanRun(server.engine, name, plan, builder, job.add_feature)
+    if server.cache is not None:  # keyed by the pixels the client sends: a re-run need not run the model again
+        from qpbridge.server.cache import PlanResults, card_digest
+
+        job.results = PlanResults(server.cache, card_digest(card), plan, None)
+    job.stitch = PlanRun(server.engine, name, plan, builder, job.add_feature, job.results)
     log.info("job %s opened: model %s, image %r, planned %d tiles", job.id, name, image.name, len(plan.tiles))
     return {"job": job.id, "model": card.to_wire(), "plan": plan_to_wire(plan)}
 
@@ -257,6 +261,14 @@ def op_job_slide(server: Server, req: Request) -> Reply:
         opened.close()
         raise
     job = server.jobs.open(name, ImageInfo(name=opened.real.name, mpp=mpp), None, kind="slide", owner=req.client)
+    store: Callable[[Any, Any], Any] | None = None
+    if server.cache is not None:  # keyed by the slide file's identity: a re-run reads, but runs no model
+        from qpbridge.server.cache import PlanResults, card_digest, slide_digest
+
+        def store(_slide: Any, plan: Any) -> Any:
+            job.results = PlanResults(server.cache, card_digest(card), plan,
+                                      slide_digest(opened.real, opened.stat, mpp))
+            return job.results
 
     def run() -> None:
         try:
@@ -264,7 +276,8 @@ def op_job_slide(server: Server, req: Request) -> Reply:
                 annotate_slide(server.engine, opened.handle_path, name, mpp=mpp, roi=roi, tissue_filter=tissue_filter,
                                on_plan=lambda plan: job.set_progress(0, len(plan.tiles)),
                                on_progress=lambda p: job.set_progress(p.tiles_done),
-                               should_stop=job.cancel_event.is_set, sink=job.add_feature, slide=slide)
+                               should_stop=job.cancel_event.is_set, sink=job.add_feature, slide=slide,
+                               results=store)
             job.complete()
             log.info("slide job %s %s: %s", job.id, job.status()["state"], opened.real.name)
         except QPBridgeError as err:
