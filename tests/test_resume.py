@@ -53,14 +53,16 @@ def resume_models(tmp_path: Path) -> Path:
     return root
 
 
-def serve(models: Path, slides: Path, cache: Path, port: int) -> subprocess.Popen[bytes]:
+def serve(models: Path, slides: Path, cache: Path | None, port: int,
+          extra: list[str] | None = None) -> subprocess.Popen[bytes]:
     """`qpbridge serve` in its own process, with the test model family of conftest registered."""
     code = ("import sys; sys.path[:0] = [sys.argv[1]]; import conftest; from qpbridge.cli import main; "
             "sys.exit(main(sys.argv[2:]))")
     env = {**os.environ, "PYTHONPATH": str(REPO / "python_server")}
     return subprocess.Popen([sys.executable, "-c", code, str(REPO / "tests"), "--log-level", "warning", "serve",
                              "--bind", f"tcp://127.0.0.1:{port}", "--device", "cpu", "--workers", "1",
-                             "--models-dir", str(models), "--slide-root", str(slides), "--cache-dir", str(cache)],
+                             "--models-dir", str(models), "--slide-root", str(slides),
+                             *(["--cache-dir", str(cache)] if cache is not None else []), *(extra or [])],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -107,8 +107,9 @@ def op_hello(server: Server, req: Request) -> Reply:
     client = req.header.get("client")
     if isinstance(client, dict):
         log.info("hello from %.64s %.32s", client.get("name", "?"), client.get("version", "?"))
-    caps = ["predict", "jobs", "encoding:raw", "encoding:png", "encoding:jpeg", "busy-retry"]
-    caps += (["slide-jobs"] if server.slide_roots else []) + (["curve"] if server.curve else [])
+    from qpbridge.server.router import CAPABILITIES, SLIDE_CAPABILITY
+
+    caps = CAPABILITIES + ([SLIDE_CAPABILITY] if server.slide_roots else []) + (["curve"] if server.curve else [])
     caps += ["resume"] if server.cache is not None else []
     return {"protocol": PROTOCOL_VERSION, "server_version": __version__, "device": server.engine.device,
             "capabilities": caps, "models": sorted(server.engine.cards),
