@@ -211,6 +211,24 @@ def test_python_client_retries_busy_answers(models_dir):
         running.thread.join(10)
 
 
+def test_queued_bytes_are_bounded_server_wide(models_dir):
+    running = start_server(models_dir, Limits(max_queued_bytes=1 << 20), workers=1)
+    try:
+        first = dealer(running.address)
+        first.send_multipart([b"", json.dumps({"op": "predict", "v": 1, "model": "slow",
+                                               "tiles": [tile()] * 20}).encode(), *([bytes(64 * 64 * 3)] * 20)])
+        time.sleep(0.1)
+        big = [tile(width=512, height=512)] * 2  # 1.5 MiB more than the 1 MiB queued budget allows
+        header = {"op": "predict", "v": 1, "model": "dark", "tiles": big}
+        reply = exchange(running.address, [json.dumps(header).encode(), *([bytes(512 * 512 * 3)] * 2)])
+        assert reply["error"]["code"] == "busy" and "MiB" in reply["error"]["message"]
+        assert json.loads(first.recv_multipart()[-1])["ok"]
+        first.close()
+    finally:
+        running.server.stop()
+        running.thread.join(10)
+
+
 def test_job_of_a_vanished_client_is_cancelled_after_the_grace(models_dir, tmp_path):
     img = np.full((400, 600, 3), 235, np.uint8)
     img[100:300, 100:500] = 30

@@ -57,6 +57,8 @@ class Limits:
     max_client_tiles: int = 1024
     max_client_jobs: int = 8
     max_queued_requests: int = 64
+    # Bytes of model requests queued or running server-wide: received messages past it are dropped at once.
+    max_queued_bytes: int = 1 << 30
 
     def to_wire(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

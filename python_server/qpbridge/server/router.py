@@ -158,6 +158,7 @@ class Server:
         self._shares: dict[bytes, _Share] = {}
         self._light: dict[bytes, int] = {}
         self._queued = 0
+        self._queued_bytes = 0
         self._share_lock = threading.Lock()
         self._stop = threading.Event()
         self._trim_due = False
@@ -358,6 +359,7 @@ class Server:
     def _submit_model(self, req: Request, run: Callable[[Server, Request], dict[str, Any]]) -> None:
         tiles = req.header.get("tiles")
         n = len(tiles) if isinstance(tiles, list) else 0
+        size = sum(len(f) for f in req.frames)
         job = self.jobs.peek(req.header.get("job"))
         with self._share_lock:
             share = self._shares.setdefault(req.client, _Share())
@@ -369,6 +371,8 @@ class Server:
                 why = f"this client has {share.tiles} tiles queued (at most {self.limits.max_client_tiles})"
             elif self._queued >= self.limits.max_queued_requests:
                 why = f"the server has {self._queued} model requests queued"
+            elif self._queued_bytes + size > self.limits.max_queued_bytes and self._queued:
+                why = f"the server holds {self._queued_bytes >> 20} MiB of queued requests"
             if why is not None:
                 if not share.requests:
                     del self._shares[req.client]
@@ -377,6 +381,7 @@ class Server:
             share.requests += 1
             share.tiles += n
             self._queued += 1
+            self._queued_bytes += size
             if job is not None:
                 with job.lock:
                     job.inflight += 1
@@ -386,6 +391,7 @@ class Server:
                 share.requests -= 1
                 share.tiles -= n
                 self._queued -= 1
+                self._queued_bytes -= size
                 if share.requests == 0 and self._shares.get(req.client) is share:
                     del self._shares[req.client]
                 if self._queued == 0:
