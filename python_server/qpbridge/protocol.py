@@ -59,6 +59,8 @@ class Limits:
     max_queued_requests: int = 64
     # Bytes of model requests queued or running server-wide: received messages past it are dropped at once.
     max_queued_bytes: int = 1 << 30
+    # Blending buffers of running planned jobs (semantic models), estimated from the plan at job.open.
+    max_stitch_bytes: int = 2 << 30
 
     def to_wire(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -34,6 +34,7 @@ class Job:
     claimed: set[tuple[int, int, float, int, int]] = field(default_factory=set)
     stitch: Any = None  # session.PlanRun when the server planned the tiles (seam-free results)
     results: Any = None  # cache.PlanResults when the server keeps tile results on disk
+    reserved: int = 0  # bytes of blending buffers reserved for ``stitch`` (released when it goes)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -108,7 +109,7 @@ class Job:
         with self.lock:
             self.features = []
             self.claimed = set()
-            self.stitch = None
+            self.stitch, self.reserved = None, 0
 
     def running(self) -> bool:
         with self.lock:
@@ -125,6 +126,7 @@ class Job:
                     raise JobStateError(f"job {self.id} has {self.tiles_done} of its {self.expected} planned tiles; "
                                         "send the rest before job.finish")
                 self.stitch.finish()
+                self.stitch, self.reserved = None, 0  # its buffers go now, not when the job is closed
             self.state = DONE
 
     def status(self) -> dict[str, Any]:
@@ -184,6 +186,12 @@ class JobManager:
         if old is not None:
             old.drop()
         return job
+
+    def reserve(self, nbytes: int, budget: int) -> bool:
+        """Whether ``nbytes`` more of blending buffers fit in ``budget`` beside the running jobs' ones."""
+        with self._lock:
+            held = sum(j.reserved for j in self._jobs.values() if j.state == RUNNING)
+            return held + nbytes <= budget
 
     def running_of(self, owner: bytes) -> int:
         with self._lock:

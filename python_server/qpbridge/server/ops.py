@@ -48,6 +48,7 @@ Reply = dict[str, Any]
 # Repairing a self-intersecting ROI takes time that grows steeply with its crossings (a random 100-vertex
 # polygon: about 1.5 s; 400 vertices: over a minute), so a server repairs only small ones.
 MAX_REPAIR_VERTICES = 100
+BUSY_JOB_MS = 2000
 
 
 # ---- shared checks --------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def _check_job_share(server: Server, client: bytes) -> None:
     running = server.jobs.running_of(client)
     if running >= server.limits.max_client_jobs:
         raise BusyError(f"busy: this client has {running} running jobs (at most {server.limits.max_client_jobs}); "
-                        "finish or close one, or retry later", retry_after_ms=2000)
+                        "finish or close one, or retry later", retry_after_ms=BUSY_JOB_MS)
 
 
 def _count_vertices(roi: Any, limit: int) -> None:
@@ -144,6 +145,16 @@ def _plan_size(card: ModelCard, box: tuple[int, int, int, int], mpp: float | Non
     return count(box[2]) * count(box[3])
 
 
+def _stitch_bytes(card: ModelCard, box: tuple[int, int, int, int], mpp: float | None) -> int:
+    """Blending buffers a planned job will hold: float32 per class over two tile rows of the region's
+    width (semantic models; instance models keep only objects)."""
+    if card.task == "instance-segmentation":
+        return 0
+    ds = card.mpp / mpp if mpp else 1.0
+    width = max(1, math.ceil(box[2] / ds))
+    return (len(card.classes) + 1) * 2 * card.tile_size * width * 4
+
+
 def op_job_open(server: Server, req: Request) -> Reply:
     header = req.header
     card = _card(server, header)
@@ -176,6 +187,14 @@ def op_job_open(server: Server, req: Request) -> Reply:
         raise LimitExceededError(f"region needs {n} tiles at the model's {card.mpp:g} µm/px; the limit is "
                                  f"{server.limits.max_plan_tiles}: split it into smaller regions",
                                  limit=server.limits.max_plan_tiles)
+    need = _stitch_bytes(card, box, image.mpp)
+    if need > server.limits.max_stitch_bytes:
+        raise LimitExceededError(f"region needs {need >> 20} MiB of blending buffers; the limit is "
+                                 f"{server.limits.max_stitch_bytes >> 20} MiB: split it into narrower regions",
+                                 limit=server.limits.max_stitch_bytes)
+    if not server.jobs.reserve(need, server.limits.max_stitch_bytes):
+        raise BusyError(f"busy: running jobs hold the server's blending memory; retry after {BUSY_JOB_MS} ms",
+                        retry_after_ms=BUSY_JOB_MS)
     roi_geom = _roi(server, header.get("roi"))
     plan = make_plan(card, box, image.mpp, roi_geom)
     clip = shapely.box(x, y, x + w, y + h)
@@ -189,6 +208,7 @@ def op_job_open(server: Server, req: Request) -> Reply:
 
         job.results = PlanResults(server.cache, card_digest(card), plan, None)
     job.stitch = PlanRun(server.engine, name, plan, builder, job.add_feature, job.results)
+    job.reserved = need
     log.info("job %s opened: model %s, image %r, planned %d tiles", job.id, name, image.name, len(plan.tiles))
     return {"job": job.id, "model": card.to_wire(), "plan": plan_to_wire(plan)}
 

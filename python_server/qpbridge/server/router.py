@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -88,6 +89,39 @@ class _Share:
     tiles: int = 0
 
 
+class _FairQueue:
+    """Model requests, one queue per client, taken round-robin: a client's backlog delays another client's
+    next request by at most one request per worker, never by the whole backlog."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queues: OrderedDict[bytes, deque[Callable[[], None]]] = OrderedDict()
+        self._closed = False
+
+    def put(self, client: bytes, item: Callable[[], None]) -> None:
+        with self._cond:
+            self._queues.setdefault(client, deque()).append(item)
+            self._cond.notify()
+
+    def get(self) -> Callable[[], None] | None:
+        with self._cond:
+            while not self._queues and not self._closed:
+                self._cond.wait()
+            if not self._queues:
+                return None
+            client, queue = self._queues.popitem(last=False)
+            item = queue.popleft()
+            if queue:
+                self._queues[client] = queue  # to the back of the line
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queues.clear()
+            self._cond.notify_all()
+
+
 def _malloc_trim() -> None:
     """Give freed heap back to the OS (glibc keeps it otherwise, and RSS would never come down)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -151,7 +185,11 @@ class Server:
         self._local = threading.local()
         self._pushers: list[zmq.Socket] = []
         self._pushers_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="qpbridge-worker")
+        self._fair = _FairQueue()
+        self._workers = [threading.Thread(target=self._worker, name=f"qpbridge-worker-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._workers:
+            t.start()
         self._light_pool = ThreadPoolExecutor(4, thread_name_prefix="qpbridge-light")
         # Slide jobs read and run whole slides; they queue here so they never starve tile requests.
         self._slide_pool = ThreadPoolExecutor(max(1, slide_jobs), thread_name_prefix="qpbridge-slide")
@@ -244,7 +282,9 @@ class Server:
     def _shutdown(self) -> None:
         self.jobs.cancel_all()
         self._slide_pool.shutdown(wait=True, cancel_futures=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._fair.close()
+        for t in self._workers:
+            t.join()
         self._light_pool.shutdown(wait=True, cancel_futures=True)
         with self._pushers_lock:
             for s in self._pushers:
@@ -401,7 +441,11 @@ class Server:
                     job.inflight -= 1
                     job.last_seen = time.monotonic()
 
-        self._pool.submit(self._work, req, run, done)
+        self._fair.put(req.client, lambda: self._work(req, run, done))
+
+    def _worker(self) -> None:
+        while (item := self._fair.get()) is not None:
+            item()
 
     def _work(self, req: Request, run: Callable[[Server, Request], dict[str, Any]],
               done: Callable[[], None]) -> None:
