@@ -25,11 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fuzz import ServerProcess, free_port, make_fixtures, png_bytes, rss_mib  # noqa: E402
+from fuzz import ServerProcess, free_port, make_fixtures, png_bytes, rss_mib
 
 
 class Sampler:
@@ -238,7 +237,7 @@ def main() -> int:
             with Sampler(pid) as sampler:
                 what = probe()
                 rec = recovery_s(ctx, address)
-            time.sleep(args.grace + 2.5)  # abandoned jobs cancelled, memory given back
+            time.sleep(args.grace + 4.0)  # abandoned jobs cancelled, memory given back
             after = rss_mib(pid)[0]
             if not server.alive():
                 what += " - SERVER DIED"
