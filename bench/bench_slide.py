@@ -125,7 +125,19 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
         torch.cuda.synchronize()
     model_only = n / (time.perf_counter() - t)
 
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()  # the calling thread: the stitching stage
+        profiler.enable()
     result = annotate_slide(engine, slide, name, tissue_filter=False, options=RunOptions(readers=args.readers))
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        print(f"{precision} {'compiled' if compiled else 'eager'}: stitching thread, top {args.profile} by own time")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     st = result.stats
     close = getattr(model, "close", None)
     if close is not None:
@@ -145,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--model-only-tiles", type=int, default=4096)
     ap.add_argument("--readers", type=int, default=8)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile the stitching thread of each end-to-end run, print its top N functions")
     ap.add_argument("--write-slide", nargs=2, metavar=("PATH", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write_slide:
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qpbridge.devices import resolve_device
+    from qpbridge.pools import pool_size
 
     device = resolve_device(args.device)
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none"
@@ -184,14 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
     print("| precision | mode | model-only tiles/s | end-to-end tiles/s | ratio | tiles | wall s | reading s "
-          "(threads) | model s | device s | stitching s | GPU idle | limit | features | peak GPU MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(threads) | model s | device s | stitching s | features s (threads) | GPU idle | limit | features | "
+          "peak GPU MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stats"]
         dev = f"{st.device_s:.2f}" if st.device_s is not None else "-"
         print(f"| {r['precision']} | {r['mode']} | {r['model_only']:.0f} | {r['e2e']:.0f} | "
               f"{r['e2e'] / r['model_only']:.2f} | {st.tiles} | {st.seconds:.2f} | {st.read_s:.2f} ({st.readers}) | "
-              f"{st.model_s:.2f} | {dev} | {st.stitch_s:.2f} | {100 * st.model_idle_fraction:.0f}% | {st.limit} | "
+              f"{st.model_s:.2f} | {dev} | {st.stitch_s:.2f} | {st.features_s:.2f} ({pool_size()}) | "
+              f"{100 * st.model_idle_fraction:.0f}% | {st.limit} | "
               f"{r['features']} | {r['gpu_mib']:.0f} |")
     print(f"peak host RSS {rss:.0f} MiB")
     return 1 if failed or not rows else 0

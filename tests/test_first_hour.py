@@ -101,7 +101,9 @@ def test_serve_lists_models_without_weights(caplog):
     t.join(10)
     line = next(r.getMessage() for r in caplog.records if "models:" in r.getMessage())
     assert "hotspot (semantic-segmentation, 1.0 µm/px, weights missing)" in line
-    assert "nuclei (" in line and "nuclei (instance-segmentation, 0.5 µm/px, weights missing)" not in line
+    assert " nuclei (" in line and " nuclei (instance-segmentation, 0.5 µm/px, weights missing)" not in line
+    # a pipeline is missing weights while one of its stages is
+    assert "ihc2he-nuclei (instance-segmentation, 0.5 µm/px, weights missing)" in line
 
 
 def test_readme_examples_run_as_written():

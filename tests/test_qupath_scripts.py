@@ -341,3 +341,85 @@ def test_run_for_project_and_export_tiles(qupath: Tools, server: RunningServer, 
     assert json.loads((inst / "labels.json").read_text())["mask_bits"] == 16
     # Defaults in a project: <project>/training_tiles.
     assert len(list((project / "training_tiles" / "masks").glob("*.png"))) == 2
+
+
+NUCLEI = [(150, 160, 40, 30), (300, 420, 36, 36), (700, 200, 50, 34), (520, 530, 30, 44), (880, 860, 40, 40)]
+
+
+def test_export_tiles_script_and_cli_write_the_same_dataset(qupath: Tools, tmp_path: Path) -> None:
+    """The QuPath script and `qpbridge export-tiles`, from the same image and objects: the same tiles (names,
+    regions), masks that agree, the same classes and the same split by image in dataset.json."""
+    from shapely import affinity
+    from shapely.geometry import Point, box, mapping
+
+    from qpbridge.dataset import load_dataset, split_sources
+
+    images = [need_data(MONUSEG / IMAGE), need_data(MONUSEG / IMAGE2)]
+    annotations = [{"name": "roi1", "class": "Tumor", "x": ROI1[0], "y": ROI1[1], "w": ROI1[2], "h": ROI1[3]},
+                   {"name": "mine", "class": "Stroma", "x": MINE[0], "y": MINE[1], "w": MINE[2], "h": MINE[3]}]
+    detections = [{"name": f"n{i}", "class": "Nucleus", "x": x, "y": y, "w": w, "h": h}
+                  for i, (x, y, w, h) in enumerate(NUCLEI)]
+    sem, inst = tmp_path / "qp_semantic", tmp_path / "qp_instances"
+    export_sem = str(script(qupath, "Export training tiles", tmp_path, OUTPUT_DIR=q(sem), PIXEL_SIZE_UM="1.0",
+                            TILE_SIZE="128", VAL_FRACTION="0.5", CLASSES="['Stroma', 'Tumor']"))
+    export_inst = str(script(qupath, "Export training tiles", tmp_path, OUTPUT_DIR=q(inst), MODE="'instances'",
+                             PIXEL_SIZE_UM="0.5", TILE_SIZE="256", VAL_FRACTION="0.5"))
+    steps = [{"image": k, "script": s, "batch": {"index": i, "size": 2}}
+             for s in (export_sem, export_inst) for i, k in enumerate(("a", "b"))]
+    scenario = {"project": str(tmp_path / "project"),
+                "images": [{"key": k, "file": str(p), "mpp": 0.25, "annotations": annotations,
+                            "detections": detections} for k, p in zip(("a", "b"), images, strict=True)],
+                "steps": steps}
+    results, _, _ = run(qupath, scenario, tmp_path)
+    assert all(r.get("ok", True) for r in results), results
+
+    # The same objects as QuPath GeoJSON beside copies of the images, exported by the CLI.
+    src = tmp_path / "src"
+    src.mkdir()
+    feats = [{"type": "Feature", "geometry": mapping(box(a["x"], a["y"], a["x"] + a["w"], a["y"] + a["h"])),
+              "properties": {"objectType": "annotation", "classification": {"name": a["class"]}}}
+             for a in annotations]
+    nuclei = [{"type": "Feature", "geometry": mapping(affinity.scale(Point(x + w / 2, y + h / 2).buffer(1, 64),
+                                                                     w / 2, h / 2)),
+               "properties": {"objectType": "detection", "classification": {"name": "Nucleus"}}}
+              for x, y, w, h in NUCLEI]
+    for p in images:
+        (src / p.name).write_bytes(p.read_bytes())
+        (src / f"{p.stem}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats + nuclei}))
+    cli_sem, cli_inst = tmp_path / "cli_semantic", tmp_path / "cli_instances"
+    common = ["--log-level", "warning", "export-tiles", str(src), "--mpp", "0.25", "--val-fraction", "0.5"]
+    assert main([*common, "-o", str(cli_sem), "--tile-mpp", "1", "--size", "128", "--objects", "annotations"]) == 0
+    assert main([*common, "-o", str(cli_inst), "--tile-mpp", "0.5", "--size", "256", "--objects", "detections",
+                 "--format", "instance"]) == 0
+
+    names = [p.stem for p in images]  # QuPath names tiles after the image without its extension
+    for qp_dir, cli_dir in ((sem, cli_sem), (inst, cli_inst)):
+        qp_ds, cli_ds = load_dataset(qp_dir), load_dataset(cli_dir)
+        info = qp_ds.info
+        assert info["created_by"].startswith("QuPath Export training tiles (QuPath ") and info["version"] == 1
+        assert (qp_ds.mode, qp_ds.format, qp_ds.mpp) == (cli_ds.mode, cli_ds.format, cli_ds.mpp)
+        assert [(c["name"], c["label"]) for c in qp_ds.classes] == [(c["name"], c["label"]) for c in cli_ds.classes]
+        assert info["split"]["val"] == cli_ds.info["split"]["val"] and len(info["split"]["val"]) == 1
+        expected = split_sources(names, 0.5, 0)
+        assert {s["name"]: s["split"] for s in info["sources"]} == expected
+        assert {t.source for t in qp_ds.tiles} == set(names)
+        qp_tiles = {t.image.name: t for t in qp_ds.tiles}
+        cli_tiles = {t.image.name: t for t in cli_ds.tiles}
+        assert set(qp_tiles) == set(cli_tiles), (sorted(qp_tiles), sorted(cli_tiles))
+        for name, t in qp_tiles.items():
+            c = cli_tiles[name]
+            assert (t.x, t.y, t.w, t.h, t.split) == (c.x, c.y, c.w, c.h, c.split)
+            assert t.downsample == pytest.approx(c.downsample)
+            a, b = np.asarray(Image.open(t.mask)), np.asarray(Image.open(c.mask))
+            assert a.shape == b.shape
+            if qp_ds.mode == "semantic":
+                assert a.dtype == b.dtype == np.uint8 and (a == b).mean() > 0.99, name
+            else:  # each nucleus its own label in both (QuPath: 8-bit below 256 objects); outlines agree closely
+                assert len(np.unique(a)) == len(np.unique(b))
+                inter, union = ((a > 0) & (b > 0)).sum(), ((a > 0) | (b > 0)).sum()
+                assert union == 0 or inter / union > 0.85, name
+            ia = cv2.imread(str(t.image)).astype(np.int16)
+            ib = cv2.imread(str(c.image)).astype(np.int16)
+            # QuPath and the CLI resample differently (a few grey levels), but the same pixels, aligned.
+            assert ia.shape == ib.shape and np.abs(ia - ib).mean() < 8, name
+            assert np.corrcoef(ia.mean(axis=2).ravel(), ib.mean(axis=2).ravel())[0, 1] > 0.95, name

@@ -355,6 +355,46 @@ def test_worker_splits_joins_and_survives_errors() -> None:
         worker.submit(batch[:1])
 
 
+def test_worker_head_gives_named_outputs_per_caller() -> None:
+    """A family's head turns the raw output into named tensors; callers get their own rows of each, also
+    when a batch above max_batch is split and joined, and autograd lets a model take gradients itself."""
+
+    class TwoBranch(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return x.mean(dim=1, keepdim=True), x.amax(dim=(1, 2, 3))
+
+    def head(output: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        grey, peak = output
+        return {"grey": grey[:, 0], "peak": peak, "input": x}
+
+    batch = np.stack(tiles(5, seed=3, h=16, w=16))
+    with DeviceWorker(TwoBranch(), torch.device("cpu"), name="two", max_batch=2, head=head,
+                      normalization=Normalization()) as worker:
+        out = worker.run(batch)
+        assert set(out) == {"grey", "peak", "input"}
+        assert out["grey"].shape == (5, 16, 16) and out["peak"].shape == (5,)
+        np.testing.assert_allclose(out["grey"], batch.astype(np.float32).mean(axis=3) / 255.0, atol=1e-5)
+        np.testing.assert_allclose(out["peak"], batch.reshape(5, -1).max(axis=1) / 255.0, atol=1e-6)
+        assert worker.forward_passes == 3
+        one = worker.run(batch[3:4])
+        np.testing.assert_allclose(one["grey"], out["grey"][3:4], atol=1e-6)
+        with pytest.raises(TileError, match="empty batch"):
+            worker.run(batch[:0])
+
+    class GradModel(torch.nn.Module):
+        """d(sum of squares)/dx = 2x: only computable with gradients enabled."""
+
+        def forward(self, x: Any) -> Any:
+            x = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad((x ** 2).sum(), x)
+            return g
+
+    with DeviceWorker(GradModel(), torch.device("cpu"), name="grad", head=lambda o, x: {"g": o},
+                      autograd=True) as worker:
+        g = worker.run(batch[:2])["g"]
+        np.testing.assert_allclose(g, 2 * batch[:2].transpose(0, 3, 1, 2).astype(np.float32) / 255.0, atol=1e-5)
+
+
 def test_worker_rejects_patch_classifiers() -> None:
     class Classifier(torch.nn.Module):
         def forward(self, x: Any) -> Any:

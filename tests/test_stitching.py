@@ -123,6 +123,67 @@ def test_native_resolution_outputs_stitch_without_upsampling():
         assert areas == components(truth, cls)
 
 
+def _device_blend_on_cpu(stitcher: SemanticStitcher, first: SemanticResult) -> None:
+    """Start ``stitcher`` with the torch accumulator, on the CPU (the GPU path, testable here)."""
+    import torch
+
+    from qpbridge.engine.stitching import _DeviceBlend
+
+    stitcher._start(int(first.scale), first.probs)
+    stitcher.blend = _DeviceBlend(stitcher.n_classes, stitcher.buf_h, stitcher.width, torch.device("cpu"))
+
+
+def test_batched_device_blend_equals_tile_by_tile():
+    """Runs of tiles side by side are windowed and overlap-added in a few kernels (fold); strips and
+    polygons must equal those of adding the same tiles one at a time, with partial edge tiles, a gap in a
+    row (a tile the tissue filter skipped) and batches that cross rows."""
+    import torch
+
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
+    plan = make_plan(card, (0, 0, 600, 440), None)
+    truth = blob_raster(110, 150, 3, 15, seed=4)
+    rng = np.random.default_rng(2)
+    soft = (truth[None] == np.arange(3)[:, None, None]).astype(np.float32) + 0.3 * rng.random((3, 110, 150))
+    soft = (soft / soft.sum(axis=0)).astype(np.float32)
+    skip = {plan.tiles[7].index}  # a gap: its pixels get only the neighbours' windows
+    tiles = [t for t in plan.tiles if t.index not in skip]
+
+    def result(t):  # type: ignore[no-untyped-def]
+        p = soft[:, t.y // 4:t.y // 4 + (t.h + 3) // 4, t.x // 4:t.x // 4 + (t.w + 3) // 4]
+        return SemanticResult(probs=torch.from_numpy(np.ascontiguousarray(p)).half(), scale=4)
+
+    def run(batched: bool):  # type: ignore[no-untyped-def]
+        out: list[tuple[shapely.Geometry, int]] = []
+        strips: list[np.ndarray] = []
+        st = SemanticStitcher(plan, 3, [1, 2], lambda g, c, e: out.append((g, c)))
+        runs.clear()
+        st.remaining[plan.tiles[7].row] -= 1
+        _device_blend_on_cpu(st, result(tiles[0]))
+        assert st.tracer is not None
+        add_strip = st.tracer.add_strip
+        st.tracer.add_strip = lambda strip, last=False: (strips.append(strip.copy()), add_strip(strip, last))[1]
+        blend_run = st.blend.add_run  # type: ignore[union-attr]
+        st.blend.add_run = lambda p, *a: (runs.append(int(p.shape[0])), blend_run(p, *a))[1]  # type: ignore[union-attr]
+        for k in range(0, len(tiles), 13):  # batches that start and end mid-row
+            chunk = tiles[k:k + 13]
+            if batched:
+                st.add_batch(chunk, [result(t) for t in chunk])
+            else:
+                for t in chunk:
+                    st.add(t, result(t))
+        st.finish()
+        return strips, sorted((c, round(g.area, 6)) for g, c in out)
+
+    runs: list[int] = []
+    strips_a, polys_a = run(batched=True)
+    assert max(runs) >= 5 and sum(runs) > len(tiles) // 2  # most tiles went through the batched path
+    strips_b, polys_b = run(batched=False)
+    assert len(strips_a) == len(strips_b) == plan.rows
+    for a, b in zip(strips_a, strips_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert polys_a == polys_b and len(polys_a) > 5
+
+
 # ---- the engine run session --------------------------------------------------------------------------
 
 

@@ -252,7 +252,7 @@ def test_queued_bytes_are_bounded_server_wide(models_dir):
 
 
 def test_job_of_a_vanished_client_is_cancelled_after_the_grace(models_dir, tmp_path):
-    img = np.full((400, 600, 3), 235, np.uint8)
+    img = np.full((1200, 1600, 3), 235, np.uint8)  # 'slow': 130 tiles of 50 ms, longer than the grace
     img[100:300, 100:500] = 30
     slide = write_pyramid(tmp_path / "s.tif", img, mpp=0.5, levels=1)
     running = start_server(models_dir, Limits(job_grace_s=1.0), slide_roots=[tmp_path])

@@ -21,6 +21,7 @@ from qpbridge.cli import main
 from qpbridge.client import Client
 from qpbridge.engine import Engine
 from qpbridge.engine.plan import make_plan
+from qpbridge.engine.session import RunOptions
 from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, RemoteError
 from qpbridge.families import SemanticResult
@@ -66,6 +67,47 @@ def test_slide_reading_picks_the_pyramid_level(shapes_slide):
     assert full.shape == (100, 200, 3) and half.shape == (50, 100, 3)
     edge = s.read(1500, 1100, 1700, 1300, 200, 200)  # past the corner: white padding
     assert (edge[150:, 150:] == 255).all()
+
+
+def _zarr_level(s: Slide, level: int) -> np.ndarray:
+    """A whole pyramid level as tiffslide's zarr store decodes it."""
+    grp = s._handle().ts_zarr_grp
+    arr = grp[str(level)] if hasattr(grp, "keys") and str(level) in grp else grp
+    return np.asarray(arr[:])
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib", None])
+def test_direct_tile_reads_equal_tiffslide(tmp_path, compression):
+    """Tiled levels are read by pread + tifffile's decoder; their pixels must be those of tiffslide's zarr
+    store, at every level, across tile borders and in the partial tiles at the image's edges."""
+    rng = np.random.default_rng(5)
+    img = cv2.resize(rng.integers(0, 255, (37, 51, 3), dtype=np.uint8), (1310, 950), interpolation=cv2.INTER_CUBIC)
+    s = Slide(write_pyramid(tmp_path / f"p-{compression}.tif", img, mpp=0.5, compression=compression))
+    assert s._direct is not None and all(s._direct.can_read(i) for i in range(3))
+    for level, (w, h) in enumerate(s.level_dimensions):
+        ref = _zarr_level(s, level)
+        assert ref.shape == (h, w, 3)
+        boxes = ((0, 0, w, h), (w // 5, h // 3, w - 7, h - 1), (w - 60, h - 50, w, h), (3, 250, 300, 260))
+        for x0, y0, x1, y1 in boxes:
+            x1, y1 = min(x1, w), min(y1, h)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            np.testing.assert_array_equal(s._direct.read(level, x0, y0, x1, y1), ref[y0:y1, x0:x1],
+                                          err_msg=f"level {level} box {(x0, y0, x1, y1)}")
+    full = s.read(-40, -30, 1400, 1000, 1440, 1030)  # whole image at level 0, with white past the edges
+    np.testing.assert_array_equal(full[30:980, 40:1350], _zarr_level(s, 0))
+    assert (full[:30] == 255).all() and (full[:, 1350:] == 255).all()
+    s.close()
+    assert s._direct is None
+
+
+def test_direct_reads_of_the_cmu_svs_equal_tiffslide():
+    s = Slide(need_data(CMU_SVS))
+    assert s._direct is not None
+    box = (333.3, 101.9, 2100.0, 1900.0, 900, 917)
+    got = s.read(*box)
+    s.close()  # the same read through tiffslide's read_region (level 0: exact coordinates)
+    np.testing.assert_array_equal(got, s.read(*box))
 
 
 def test_shapes_crossing_tiles_come_back_as_one_polygon_each(shapes_slide, models_dir):
@@ -146,6 +188,41 @@ def test_nuclei_on_tile_borders_are_counted_once(tmp_path):
     for f in result.features:
         area = f["properties"]["measurements"]["Nucleus: Area µm^2"]
         assert area == pytest.approx(np.pi * 7.0 ** 2 * 0.25, rel=0.12)
+
+
+def test_a_cancelled_run_keeps_the_nuclei_it_found_on_seams(tmp_path):
+    """Instances near a core border wait for the neighbour tile; when the run stops before that tile, they
+    are emitted anyway (nothing already found is lost), each once, and equal to the full run's."""
+    h, w = 1000, 1500
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = (226, 170, 200)
+    centres = [(x, y) for x in (150, 470, 490, 800, 950, 975, 1300) for y in (150, 482, 880)]
+    for x, y in centres:
+        cv2.circle(img, (x, y), 7, (90, 40, 140), -1)
+    path = write_pyramid(tmp_path / "nuclei.tif", img, mpp=0.5, levels=1)
+    engine = Engine()
+    full = annotate_slide(engine, path, "nuclei", tissue_filter=False)
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 2  # polled once per row block: the first two rows (one batch) run, the third not
+
+    cut = annotate_slide(engine, path, "nuclei", tissue_filter=False, should_stop=stop,
+                         options=RunOptions(readers=1, prefetch_blocks=1, feeders=1))
+    assert cut.stats.cancelled and 0 < cut.stats.tiles < len(cut.plan.tiles)
+    done = cut.plan.tiles[:cut.stats.tiles]
+    full_c = [shape(f["geometry"]).centroid for f in full.features]
+    got = [shape(f["geometry"]).centroid for f in cut.features]
+    assert len(got) == len({(round(p.x), round(p.y)) for p in got})  # none twice
+    for p in got:  # each is one of the full run's nuclei
+        assert min(abs(p.x - q.x) + abs(p.y - q.y) for q in full_c) < 1.0
+    # nuclei just above the border of the row that never ran waited for it; they are kept all the same
+    border = max(t.row for t in done) * cut.plan.step + cut.plan.step + cut.plan.overlap / 2
+    waiting = [(x, y) for x, y in centres if border - 12 < y < border]
+    assert waiting
+    for x, y in waiting:
+        assert sum(abs(p.x - x) < 3 and abs(p.y - y) < 3 for p in got) == 1, (x, y)
 
 
 def test_instance_cores_partition_the_canvas(models_dir):

@@ -1,4 +1,5 @@
-"""Command line: ``qpbridge serve | predict | annotate | annotate-project | models | install-qupath | doctor``.
+"""Command line: ``qpbridge serve | predict | annotate | annotate-project | translate | models | train |
+install-qupath | doctor``.
 
 ``main(argv) -> int`` is the whole CLI (tested in process); errors of the package become one-line
 messages and exit code 1, usage errors exit code 2.
@@ -166,6 +167,64 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_translate(args: argparse.Namespace) -> int:
+    """An image through an image-translation model (IHC -> H&E), tiled with overlap and blended; writes an image."""
+    import cv2
+
+    from qpbridge.images import read_image
+    from qpbridge.translation import translate_image
+
+    path = Path(args.image)
+    img, file_mpp = read_image(path)
+    mpp = args.mpp if args.mpp is not None else file_mpp
+    t0 = time.perf_counter()
+    if args.server:
+        from qpbridge.client import Client
+        from qpbridge.protocol import ImageInfo, TileSpec
+
+        with Client(args.server, timeout_s=args.timeout) as client:
+            card = next((c for c in client.models() if c["name"] == args.model), None)
+            if card is None:
+                raise QPBridgeError(f"the server at {args.server} has no model '{args.model}' (qpbridge models "
+                                    f"--server {args.server} lists them)")
+            tile_size, card_mpp = int(card["tile_size"]), float(card["mpp"])
+
+            def translate(tiles: Sequence[Any]) -> list[Any]:
+                specs = [(TileSpec(0, 0, t.shape[1], t.shape[0]), t) for t in tiles]
+                return client.translate(args.model, specs, ImageInfo(mpp=card_mpp), encoding="png")
+
+            factor = mpp / card_mpp if mpp else 1.0
+            out = translate_image(img, translate, tile_size, _overlap(args, tile_size, card.get("overlap", 0)),
+                                  batch=args.batch, factor=factor)
+    else:
+        from qpbridge.devices import resolve_device
+        from qpbridge.engine import Engine
+        from qpbridge.translation import translator
+
+        engine = Engine(Path(args.models_dir) if args.models_dir else None, device=resolve_device(args.device),
+                        any_model_path=True)
+        model_card = engine.card(args.model)
+        fn = translator(engine, args.model)
+        factor = mpp / model_card.mpp if mpp else 1.0
+        out = translate_image(img, fn, model_card.tile_size,
+                              _overlap(args, model_card.tile_size, model_card.overlap), batch=args.batch,
+                              factor=factor)
+    dest = Path(args.output)
+    tmp = dest.with_name(f".{dest.name}.tmp{dest.suffix}")
+    if not cv2.imwrite(str(tmp), cv2.cvtColor(out, cv2.COLOR_RGB2BGR)):
+        raise QPBridgeError(f"could not write {dest} (is the suffix an image format, such as .png?)")
+    os.replace(tmp, dest)
+    print(f"{img.shape[1]}x{img.shape[0]} px translated by {args.model} in {time.perf_counter() - t0:.2f} s -> {dest}")
+    return 0
+
+
+def _overlap(args: argparse.Namespace, tile: int, card_overlap: int) -> int:
+    overlap = args.overlap if args.overlap is not None else max(card_overlap, tile // 4)
+    if not 0 <= overlap < tile:
+        raise QPBridgeError(f"--overlap must be in [0, {tile}) (the model's tile size), got {overlap}")
+    return int(overlap)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     if args.server:
         from qpbridge.client import Client
@@ -183,8 +242,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     for c in cards:
         classes = ", ".join(k["name"] for k in c["classes"] if k.get("emit", True))
         missing = "" if c.get("available", True) else "  (weights missing: see the card's README)"
-        print(f"{c['name']:<16} {c['task']:<22} {c['object_type']:<11} {c['tile_size']:>5} px @ {c['mpp']} µm/px"
-              f"  [{classes}]{missing}")
+        translator = c["task"] == "image-translation"  # no objects: previewed with `qpbridge translate`
+        kind = "-" if translator else c["object_type"]
+        makes = "(translate)" if translator else f"[{classes}]"
+        stages = f"  pipeline: {' -> '.join(c['pipeline'])}" if c.get("pipeline") else ""
+        print(f"{c['name']:<16} {c['task']:<22} {kind:<11} {c['tile_size']:>5} px @ {c['mpp']} µm/px"
+              f"  {makes}{stages}{missing}")
     return 0
 
 
@@ -272,6 +335,21 @@ def _add_key_options(parser: argparse.ArgumentParser) -> None:
                         "--curve-clients allow-list")
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from qpbridge.training.train import TrainOptions, train
+
+    opts = TrainOptions(card=Path(args.card), data=Path(args.data), out=Path(args.out), epochs=args.epochs,
+                        device=args.device, resume=args.resume, batch_size=args.batch_size, seed=args.seed,
+                        crop=args.crop, lr=args.lr, patience=args.patience, samples_per_epoch=args.samples_per_epoch,
+                        max_minutes=args.max_minutes, progress=not args.quiet)
+    result = train(opts)
+    best = result["best"]
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k != "epoch")
+    print(f"{result['epochs_run']} epochs ({result['stopped']}); best epoch {best['epoch']}: {metrics} -> {opts.out} "
+          f"(serve it with --models-dir {opts.out.parent}, or name the folder as the model)")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from qpbridge.doctor import run_doctor
 
@@ -345,6 +423,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress line")
     a.set_defaults(func=cmd_annotate)
 
+    t = sub.add_parser("translate", help="translate an image's stain with an image-translation model (IHC -> H&E) "
+                       "and write the image")
+    t.add_argument("image")
+    t.add_argument("--model", required=True, help="image-translation model card (e.g. ihc2he), or a model folder")
+    t.add_argument("-o", "--output", required=True, help="output image (.png, .tif, .jpg)")
+    t.add_argument("--server", help="server address (default: run in this process)")
+    t.add_argument("--mpp", type=float, help="pixel size in µm/px (overrides the file's); the image is resampled "
+                   "to the model's and back")
+    t.add_argument("--overlap", type=int, help="tile overlap in model pixels (default: a quarter tile)")
+    t.add_argument("--batch", type=int, default=8, help="tiles per request or forward pass (default: 8)")
+    t.add_argument("--models-dir", help="extra model cards (in-process runs)")
+    t.add_argument("--device", default="auto", help="in-process device: auto, cpu, cuda")
+    t.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a server reply")
+    t.set_defaults(func=cmd_translate)
+
     m = sub.add_parser("models", help="list model cards (local, or a server's)")
     m.add_argument("--server")
     m.add_argument("--models-dir")
@@ -391,6 +484,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--jeromq-sha256", default=None, help="the SHA-256 the downloaded jar must have (with --jeromq-url)")
     q.add_argument("--no-download", action="store_true", help="never download JeroMQ; only report it missing")
     q.set_defaults(func=cmd_install_qupath)
+    t = sub.add_parser("train", help="train a model from a card on a training-tile folder; writes a model folder "
+                       "(card + weights + training.json) that serve and annotate use at once")
+    t.add_argument("--card", required=True, help="the model card to train (config.json, or its folder)")
+    t.add_argument("--data", required=True, help="training-tile folder (qpbridge export-tiles / the QuPath script)")
+    t.add_argument("--out", required=True, help="model folder to write, e.g. models/my-nuclei")
+    t.add_argument("--epochs", type=int, default=50, help="most epochs (default: %(default)s)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (mixed precision on CUDA)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (after a crash or Ctrl-C)")
+    t.add_argument("--batch-size", type=int, default=8, help="crops per step (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    t.add_argument("--crop", type=int, help="training crop size in px (default: the card's tile size)")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    t.add_argument("--patience", type=int, default=10,
+                   help="stop after this many epochs without a better validation metric (default: %(default)s)")
+    t.add_argument("--samples-per-epoch", type=int,
+                   help="crops per epoch (default: enough to cover the training tiles once)")
+    t.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this many minutes")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.set_defaults(func=cmd_train)
+
     dr = sub.add_parser("doctor", help="check the installation: packages, torch and CUDA, paquo and QuPath, "
                         "JeroMQ in QuPath, the server and model weights")
     dr.add_argument("--server", help="server address to check (default: tcp://127.0.0.1:5555, a warning if absent)")
@@ -403,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("dir", metavar="DIR")
     kn.add_argument("--name", default="server", help="file name stem (default: server)")
     kn.set_defaults(func=cmd_keys)
+    from qpbridge.cli_data import add_parsers as add_data_parsers
+
+    add_data_parsers(sub)  # export-tiles, evaluate
     return p
 
 

@@ -26,9 +26,11 @@ from qpbridge.errors import (
     RemoteError,
     ServerUnavailableError,
 )
-from qpbridge.protocol import ImageInfo, TileSpec, encode_tile
+from qpbridge.protocol import ImageInfo, Limits, TileSpec, encode_tile
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+_NO_LIMITS = Limits(max_request_bytes=1 << 62, max_tiles_per_request=1 << 30, max_tile_pixels=1 << 40,
+                    max_request_pixels=1 << 62)
 Tile = tuple[TileSpec, np.ndarray]
 
 
@@ -184,6 +186,21 @@ class Client:
         reply = self.request({"op": "predict", "model": model, "image": (image or ImageInfo()).to_wire(),
                               "tiles": headers}, frames)
         return list(reply["features"])
+
+    def translate(self, model: str, tiles: Sequence[Tile], image: ImageInfo | None = None,
+                  encoding: str = "raw", reply_encoding: str = "png") -> list[np.ndarray]:
+        """Translated pixels of each tile (uint8 RGB, the tile's size), from an image-translation model."""
+        import base64
+
+        from qpbridge.protocol import decode_tile, parse_tiles
+
+        headers, frames = self._tile_frames(tiles, encoding)
+        reply = self.request({"op": "translate", "model": model, "image": (image or ImageInfo()).to_wire(),
+                              "tiles": headers, "encoding": reply_encoding}, frames)
+        out = reply["tiles"]
+        data = [base64.b64decode(t["data"]) for t in out]
+        specs = parse_tiles({"tiles": [{k: v for k, v in t.items() if k != "data"} for t in out]}, data, _NO_LIMITS)
+        return [decode_tile(spec, d).copy() for spec, d in zip(specs, data, strict=True)]
 
     def job_open(self, model: str, image: ImageInfo | None = None, expected_tiles: int | None = None) -> str:
         header: dict[str, Any] = {"op": "job.open", "model": model, "image": (image or ImageInfo()).to_wire()}

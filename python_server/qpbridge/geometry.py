@@ -211,26 +211,52 @@ def to_fullres(geom: BaseGeometry, x0: float, y0: float, scale_x: float, scale_y
 
 def clean(geom: BaseGeometry, simplify_tol: float = 0.0, min_area: float = 0.0, snap: bool = True) -> BaseGeometry:
     """Simplified, valid, small parts dropped, and (``snap``) on the 0.01 px grid; empty when nothing is left."""
-    if geom.is_empty:
-        return geom
+    out: BaseGeometry = clean_many([geom], simplify_tol, min_area, snap)[0]
+    return out
+
+
+_EMPTY = Polygon()
+
+
+def clean_many(geoms: Sequence[BaseGeometry] | np.ndarray, simplify_tol: float = 0.0, min_area: float = 0.0,
+               snap: bool = True) -> np.ndarray:
+    """:func:`clean` of many geometries, as an object array: each step is one vectorised shapely call over
+    all of them (which also releases the GIL), with per-geometry work only for the few that need a repair."""
+    out = np.empty(len(geoms), dtype=object)
+    out[:] = list(geoms)
+    live = np.flatnonzero(~shapely.is_empty(out))
+    if len(live) == 0:
+        return out
     if simplify_tol > 0:
         # Plain Douglas-Peucker is ten times cheaper than the topology-preserving kind on jagged rings;
-        # the careful one only runs when the fast one breaks the geometry.
-        fast = shapely.simplify(geom, simplify_tol, preserve_topology=False)
-        geom = fast if not fast.is_empty and fast.is_valid else geom.simplify(simplify_tol, preserve_topology=True)
-    if not geom.is_valid:
-        geom = shapely.make_valid(geom)
-    geom = _polygonal(geom)
+        # the careful one only runs where the fast one breaks a geometry.
+        fast = shapely.simplify(out[live], simplify_tol, preserve_topology=False)
+        ok = ~shapely.is_empty(fast) & shapely.is_valid(fast)
+        out[live[ok]] = fast[ok]
+        bad = live[~ok]
+        if len(bad):
+            out[bad] = shapely.simplify(out[bad], simplify_tol, preserve_topology=True)
+    invalid = live[~shapely.is_valid(out[live])]
+    if len(invalid):
+        out[invalid] = shapely.make_valid(out[invalid])
+    types = shapely.get_type_id(out[live])
+    for i in live[(types != shapely.GeometryType.POLYGON) & (types != shapely.GeometryType.MULTIPOLYGON)].tolist():
+        out[i] = _polygonal(out[i])
     if snap:
         # Rounding to the grid keeps most polygons valid; set_precision repairs those it does not.
-        rounded = shapely.transform(geom, lambda c: np.round(c / GRID) * GRID)
-        geom = rounded if rounded.is_valid else _polygonal(shapely.set_precision(geom, GRID))
-    if min_area > 0 and isinstance(geom, MultiPolygon):
-        keep = [g for g in geom.geoms if g.area >= min_area]
-        geom = (keep[0] if len(keep) == 1 else MultiPolygon(keep)) if keep else Polygon()
-    if geom.is_empty or geom.area < max(min_area, GRID * GRID):
-        return Polygon()
-    return geom
+        rounded = shapely.transform(out[live], lambda c: np.round(c / GRID) * GRID)
+        ok = shapely.is_valid(rounded)
+        out[live[ok]] = rounded[ok]
+        for i in live[~ok].tolist():
+            out[i] = _polygonal(shapely.set_precision(out[i], GRID))
+    if min_area > 0:
+        for i in live[shapely.get_type_id(out[live]) == shapely.GeometryType.MULTIPOLYGON].tolist():
+            keep = [g for g in out[i].geoms if g.area >= min_area]
+            out[i] = (keep[0] if len(keep) == 1 else MultiPolygon(keep)) if keep else _EMPTY
+    small = live[shapely.is_empty(out[live]) | (shapely.area(out[live]) < max(min_area, GRID * GRID))]
+    for i in small.tolist():
+        out[i] = _EMPTY
+    return out
 
 
 def fill_small_holes(geom: BaseGeometry, max_hole_area: float) -> BaseGeometry:
@@ -250,8 +276,11 @@ def fill_small_holes(geom: BaseGeometry, max_hole_area: float) -> BaseGeometry:
 
 def shape_measurements(geom: BaseGeometry, mpp: float | None, prefix: str = "") -> dict[str, float]:
     """Area, perimeter (µm when the pixel size is known, else px) and circularity 4πA/P²."""
-    area_px = float(geom.area)
-    perim_px = float(geom.length)
+    return measurements_of(float(geom.area), float(geom.length), mpp, prefix)
+
+
+def measurements_of(area_px: float, perim_px: float, mpp: float | None, prefix: str = "") -> dict[str, float]:
+    """:func:`shape_measurements` from a geometry's area (px²) and perimeter (px)."""
     circ = 4.0 * math.pi * area_px / (perim_px * perim_px) if perim_px > 0 else 0.0
     if mpp:
         return {f"{prefix}Area µm^2": area_px * mpp * mpp, f"{prefix}Perimeter µm": perim_px * mpp,
@@ -285,13 +314,40 @@ def geojson_geometry(geom: BaseGeometry) -> dict[str, Any]:
     return dict(mapping(geom))
 
 
-def make_feature(geom: BaseGeometry, object_type: str, cls: ClassInfo, measurements: Mapping[str, Any],
-                 model: str) -> dict[str, Any]:
-    """A QuPath GeoJSON Feature (QuPath 0.4+ layout) with a UUID id and a coloured classification."""
+def geojson_geometries(geoms: np.ndarray) -> list[dict[str, Any]]:
+    """:func:`geojson_geometry` of many (Multi)Polygons at once: their coordinates are read in one shapely call
+    and turned into Python lists once, then cut into rings."""
+    parts, owner = shapely.get_parts(geoms, return_index=True)
+    rings, ring_part = shapely.get_rings(parts, return_index=True)
+    coords = shapely.get_coordinates(rings)
+    counts = shapely.get_num_coordinates(rings)
+    flat = coords.tolist()
+    ends = np.cumsum(counts).tolist()
+    starts = [0, *ends[:-1]]
+    part_rings: list[list[Any]] = [[] for _ in range(len(parts))]
+    for r, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        part_rings[int(ring_part[r])].append(flat[a:b])
+    types = shapely.get_type_id(geoms).tolist()
+    out: list[dict[str, Any]] = []
+    pos = 0
+    n_parts = np.bincount(owner, minlength=len(geoms)).tolist()
+    for kind, k in zip(types, n_parts, strict=True):
+        if kind == shapely.GeometryType.MULTIPOLYGON:
+            out.append({"type": "MultiPolygon", "coordinates": part_rings[pos:pos + k]})
+        else:
+            out.append({"type": "Polygon", "coordinates": part_rings[pos] if k else []})
+        pos += k
+    return out
+
+
+def make_feature(geom: BaseGeometry | dict[str, Any], object_type: str, cls: ClassInfo,
+                 measurements: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """A QuPath GeoJSON Feature (QuPath 0.4+ layout) with a UUID id and a coloured classification; ``geom``
+    may already be a GeoJSON geometry dict."""
     return {
         "type": "Feature",
         "id": str(uuid.uuid4()),
-        "geometry": geojson_geometry(geom),
+        "geometry": geom if isinstance(geom, dict) else geojson_geometry(geom),
         "properties": {
             "objectType": object_type,
             "classification": {"name": cls.name, "color": list(cls.color)},

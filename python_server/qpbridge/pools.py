@@ -11,10 +11,15 @@ _POOL: ThreadPoolExecutor | None = None
 _LOCK = threading.Lock()
 
 
+def pool_size() -> int:
+    """Threads of the post-processing pool."""
+    return max(1, os.cpu_count() or 1)
+
+
 def postprocess_pool() -> ThreadPoolExecutor:
     """The process-wide pool for per-tile post-processing, created on first use."""
     global _POOL
     with _LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="qpbridge-post")
+            _POOL = ThreadPoolExecutor(pool_size(), thread_name_prefix="qpbridge-post")
         return _POOL

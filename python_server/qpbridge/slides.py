@@ -1,4 +1,12 @@
-"""Whole-slide images through tiffslide: pixel size, pyramid level choice, region reads."""
+"""Whole-slide images through tiffslide: pixel size, pyramid level choice, region reads.
+
+Region reads of tiled pyramid levels (SVS, pyramidal and OME-TIFF: whatever tifffile can decode) bypass
+tiffslide's zarr store: the tiles a region needs are read with ``os.pread`` on one descriptor shared by all
+reading threads (no seek, no lock) and decoded with tifffile's own decoder for the page (imagecodecs,
+which releases the GIL). The zarr path runs an asyncio round trip per tile in Python, which, with several
+reading threads, kept the interpreter lock busy enough to slow every other stage of a run. Levels that do
+not fit (untiled, planar, z-stacks, other than 8 bits) are read through tiffslide as before.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +47,17 @@ class Slide:
         if mpp is not None and (not math.isfinite(mpp) or mpp <= 0):
             raise ImageReadError(f"pixel size override must be a positive number of µm/px, got {mpp}")
         self.mpp = mpp if mpp is not None else self.file_mpp
+        self._direct = _TiledLevels.open(ts, self.path, self.level_dimensions)
+
+    def close(self) -> None:
+        """Release the file descriptor of direct reads (tiffslide handles close with their threads) and the
+        files opened for ``by_handle`` reading."""
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
+        for f in self._files:
+            f.close()
+        self._files = []
 
     def _handle(self) -> Any:
         ts = getattr(self._local, "ts", None)
@@ -57,11 +76,6 @@ class Slide:
             self._local.ts = ts
         return ts
 
-    def close(self) -> None:
-        """Close the files opened for ``by_handle`` reading."""
-        for f in self._files:
-            f.close()
-        self._files = []
 
     def require_mpp(self) -> float:
         if self.mpp is None:
@@ -93,9 +107,12 @@ class Slide:
         out = np.full((out_h, out_w, 3), 255, np.uint8)
         if cx1 <= cx0 or cy1 <= cy0:
             return out
-        arr = self._handle().read_region((round(cx0 * lds), round(cy0 * lds)), level, (cx1 - cx0, cy1 - cy0),
-                                         as_array=True)
-        arr = np.asarray(arr)
+        direct = self._direct
+        if direct is not None and direct.can_read(level):
+            arr = direct.read(level, cx0, cy0, cx1, cy1)
+        else:
+            arr = np.asarray(self._handle().read_region((round(cx0 * lds), round(cy0 * lds)), level,
+                                                        (cx1 - cx0, cy1 - cy0), as_array=True))
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
         if arr.shape[2] == 4:  # RGBA: transparent means no tissue scanned there
@@ -112,6 +129,80 @@ class Slide:
         ds = max(ds, 1.0)
         w, h = max(1, round(self.width / ds)), max(1, round(self.height / ds))
         return self.read(0, 0, self.width, self.height, w, h), self.width / w
+
+
+class _TiledLevels:
+    """Direct tile reads of the tiled levels of a slide's TIFF pyramid (see the module docstring)."""
+
+    def __init__(self, fd: int, pages: dict[int, Any]) -> None:
+        self.fd = fd
+        self.pages = pages
+
+    @classmethod
+    def open(cls, ts: Any, path: Path, level_dimensions: list[tuple[int, ...]]) -> _TiledLevels | None:
+        try:
+            tf = ts.ts_tifffile
+            levels = tf.series[0].levels
+        except Exception:  # not a TIFF-backed slide, or a layout tiffslide maps differently
+            return None
+        pages: dict[int, Any] = {}
+        for i, dims in enumerate(level_dimensions):
+            if i >= len(levels):
+                break
+            level = levels[i]
+            page = level.keyframe
+            ok = (len(level.pages) == 1 and page.is_tiled and page.imagedepth == 1 and page.tiledepth == 1
+                  and np.dtype(page.dtype) == np.uint8 and page.samplesperpixel in (1, 3, 4)
+                  and (page.samplesperpixel == 1 or int(page.planarconfig) == 1)
+                  and (int(page.imagewidth), int(page.imagelength)) == (int(dims[0]), int(dims[1])))
+            if ok:
+                pages[i] = page
+        if not pages:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        return cls(fd, pages)
+
+    def can_read(self, level: int) -> bool:
+        return self.fd >= 0 and level in self.pages
+
+    def read(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """Level pixels [x0, x1) x [y0, y1) (inside the level) as (h, w) or (h, w, samples) uint8."""
+        page = self.pages[level]
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        across = -(-int(page.imagewidth) // tw)
+        spp = int(page.samplesperpixel)
+        out = np.empty((y1 - y0, x1 - x0, spp), np.uint8)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                index = ty * across + tx
+                # the part of this tile inside the box, in box and in tile coordinates
+                bx0, by0 = max(x0, tx * tw), max(y0, ty * th)
+                bx1, by1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
+                dst = out[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0]
+                count = int(counts[index]) if index < len(counts) else 0
+                if count == 0:  # a sparse tile: nothing was scanned there
+                    dst[:] = 255
+                    continue
+                data = os.pread(self.fd, count, int(offsets[index]))
+                try:
+                    seg = page.decode(data, index, jpegtables=page.jpegtables)[0]
+                except Exception as exc:
+                    raise ImageReadError(f"tile {index} of level {level} cannot be decoded: {exc}") from None
+                seg = np.asarray(seg).reshape(th, tw, spp)
+                dst[:] = seg[by0 - ty * th:by1 - ty * th, bx0 - tx * tw:bx1 - tx * tw]
+        return out[:, :, 0] if spp == 1 else out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def resolve_slide_path(path: str | Path, roots: list[Path]) -> Path:

@@ -48,6 +48,7 @@ class ModelCard:
     params: dict[str, Any] = field(default_factory=dict)
     weights: Path | None = None
     licence: str = ""
+    pipeline: tuple[str, ...] = ()  # family "pipeline": the stages' model names, translators first
     folder: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -61,11 +62,11 @@ class ModelCard:
             name=data["name"],
             family=data["family"],
             task=data["task"],
-            object_type=data["object_type"],
+            object_type=data.get("object_type", "annotation"),  # translation cards make no objects
             classes=tuple(
                 ClassInfo(c["name"], (int(c["color"][0]), int(c["color"][1]), int(c["color"][2])),
                           bool(c.get("emit", True)))
-                for c in data["classes"]
+                for c in data.get("classes", [])
             ),
             tile_size=int(tile["size"]),
             overlap=int(tile.get("overlap", 0)),
@@ -80,6 +81,7 @@ class ModelCard:
             params=dict(data.get("params", {})),
             weights=(folder / weights) if (weights and folder) else (Path(weights) if weights else None),
             licence=data.get("licence", ""),
+            pipeline=tuple(data.get("pipeline", ())),
             folder=folder,
             raw=data,
         )
@@ -106,6 +108,16 @@ class ModelCard:
             return self.overlap
         return max(self.overlap, min(math.ceil(2.0 * largest / self.mpp), self.tile_size // 2))
 
+    def weights_available(self) -> bool:
+        """False for a card whose weights the user has not supplied yet (for a pipeline: any stage's)."""
+        if self.weights is not None and not self.weights.exists():
+            return False
+        if self.pipeline and self.family == "pipeline":
+            from qpbridge.cards.stages import stages_available
+
+            return stages_available(self)
+        return True
+
     def to_wire(self) -> dict[str, Any]:
         """The card as the ``models`` op reports it."""
         return {
@@ -120,7 +132,8 @@ class ModelCard:
             "mpp": self.mpp,
             "requires_mpp": self.requires_mpp,
             # False for a card whose weights the user has not supplied yet (see its README).
-            "available": self.weights is None or self.weights.exists(),
+            "available": self.weights_available(),
+            **({"pipeline": list(self.pipeline)} if self.pipeline else {}),
         }
 
 

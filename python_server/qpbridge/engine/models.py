@@ -17,7 +17,8 @@ import numpy as np
 from qpbridge import geometry
 from qpbridge.cards import ModelCard, builtin_cards_dir, discover_cards
 from qpbridge.engine.features import FeatureBuilder
-from qpbridge.errors import MissingPixelSizeError, ModelCardError, TileError, UnknownModelError
+from qpbridge.engine.morphology import Morphology
+from qpbridge.errors import BadRequestError, MissingPixelSizeError, ModelCardError, TileError, UnknownModelError
 from qpbridge.families import InstanceResult, ModelFamily, SemanticResult, TileResult, create_model
 from qpbridge.protocol import ImageInfo, TileSpec
 
@@ -104,6 +105,9 @@ class Engine:
     def check_image(self, name: str, image: ImageInfo) -> ModelCard:
         """The card, after checking that the image carries what the model needs."""
         card = self.card(name)
+        if card.task == "image-translation":
+            raise BadRequestError(f"model '{name}' translates images and makes no objects: use the translate op "
+                                  "(qpbridge translate), or chain it before a segmentation model in a pipeline card")
         if card.requires_mpp and image.mpp is None:
             raise MissingPixelSizeError(
                 f"model '{name}' works at {card.mpp} µm/px and needs the image's pixel size: set image.mpp "
@@ -188,6 +192,9 @@ class Engine:
                         out.append(f)
             return out
         cmap = result.class_map()
+        morphology = Morphology.from_card(card)
+        if morphology is not None:  # the tile on its own (model pixels): its borders are the raster's
+            cmap = morphology.apply(cmap)
         for cls_index, cls in enumerate(card.classes):
             if not cls.emit:
                 continue

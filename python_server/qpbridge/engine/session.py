@@ -7,11 +7,18 @@ slide jobs (the server reads the slide: :meth:`PlanRun.run`).
 :meth:`PlanRun.run` is a pipeline of three stages joined by bounded queues, so memory stays flat and the
 model is fed the next batch while the previous one is stitched:
 
-1. reading: row blocks of tiles (:mod:`qpbridge.engine.reading`) on a thread pool, at most
-   ``prefetch_blocks`` ahead;
-2. the model: one thread gathers tiles into the card's batches and runs them (the model's own device
-   worker batches further across callers); ``thread_safe = False`` families are called one at a time;
-3. stitching and features, on the calling thread, at most ``queue_batches`` batches behind the model.
+1. reading: row blocks of tiles (:mod:`qpbridge.engine.reading`) on a thread pool, at least
+   ``prefetch_blocks`` and at least two model batches' worth of tiles ahead (so the next batch is read
+   while the model runs this one);
+2. the model: one thread gathers tiles into the card's batches and hands them to ``feeders`` threads
+   that call the model (so the next batch is stacked and handed over while the device worker launches
+   this one; the worker batches further across callers); results go on in plan order;
+   ``thread_safe = False`` families are called one at a time;
+3. stitching (blending and tracing), on the calling thread, at most ``queue_batches`` batches behind the
+   model;
+4. features: the traced polygons of each batch are cleaned, measured and turned into GeoJSON in chunks on
+   the shared post-processing pool (vectorised shapely calls, which release the GIL), at most a few chunks
+   per thread behind the stitcher, and handed to the sink in the order they were traced.
 
 Each stage's busy time is measured; the model's idle fraction (1 - busy / wall) says how much of the
 run the model (the GPU, for a torch family on CUDA) waited for the other stages.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,11 +39,13 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from qpbridge.engine.features import FeatureBuilder
+from qpbridge.engine.morphology import Morphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
 from qpbridge.engine.reading import ReadBox, blocks_of, read_block
-from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
-from qpbridge.errors import BadRequestError
+from qpbridge.engine.stitching import BLEND_WINDOWS, InstanceCollector, SemanticStitcher
+from qpbridge.errors import BadRequestError, ModelCardError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
+from qpbridge.pools import pool_size, postprocess_pool
 from qpbridge.protocol import TileSpec, planned_tile_spec
 
 if TYPE_CHECKING:
@@ -64,8 +74,9 @@ class Progress:
 @dataclass
 class RunOptions:
     readers: int = 2  # threads reading blocks
-    prefetch_blocks: int = 8  # block reads in flight
+    prefetch_blocks: int = 8  # block reads in flight (at least two batches' worth)
     queue_batches: int = 2  # model outputs waiting to be stitched
+    feeders: int = 2  # threads calling the model, each with one batch
 
 
 @dataclass
@@ -76,9 +87,12 @@ class RunStats:
     seconds: float = 0.0
     read_s: float = 0.0
     read_wait_s: float = 0.0  # time the model stage waited for pixels: > 0 means reading is the wall
-    model_s: float = 0.0
+    model_s: float = 0.0  # in model calls, summed over the feeder threads
+    feeders: int = 1
     stitch_s: float = 0.0
     stitch_wait_s: float = 0.0  # time the stitching stage waited for model outputs
+    features_s: float = 0.0  # building features, summed over the pool's threads
+    features: int = 0
     readers: int = 1
     device_s: float | None = None  # time the model's device computed (GPU time on CUDA), when known
     cancelled: bool = False
@@ -87,22 +101,26 @@ class RunStats:
     @property
     def model_idle_fraction(self) -> float:
         """The part of the run the model (its device when known: the GPU's idle fraction) was not computing."""
-        busy = self.device_s if self.device_s is not None else self.model_s
+        busy = self.device_s if self.device_s is not None else self.model_s / max(1, self.feeders)
         return max(0.0, 1.0 - busy / self.seconds) if self.seconds > 0 else 0.0
 
     @property
     def limit(self) -> str:
         """The stage that bounds the throughput: the busiest one (reading per reader thread)."""
-        busy = {"reading": self.read_s / max(1, self.readers), "model": self.model_s, "stitching": self.stitch_s}
+        busy = {"reading": self.read_s / max(1, self.readers), "model": self.model_s / max(1, self.feeders),
+                "stitching": self.stitch_s,
+                "features": self.features_s / pool_size()}
         return max(busy, key=lambda k: busy[k])
 
     def table(self) -> str:
         rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
         device = f" (device {self.device_s:.2f} s)" if self.device_s is not None else ""
         return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s); busy: reading "
-                f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s{device}, stitching "
-                f"{self.stitch_s:.2f} s; model idle {100 * self.model_idle_fraction:.0f}% of the run "
-                f"(waiting for pixels {self.read_wait_s:.2f} s); limit: {self.limit}")
+                f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s over {self.feeders} "
+                f"feeders{device}, stitching {self.stitch_s:.2f} s, features {self.features_s:.2f} s over "
+                f"{pool_size()} threads ({self.features} features); model idle "
+                f"{100 * self.model_idle_fraction:.0f}% of the run (waiting for pixels {self.read_wait_s:.2f} s); "
+                f"limit: {self.limit}")
 
 
 def make_stitcher(card: ModelCard, plan: TilePlan,
@@ -114,10 +132,20 @@ def make_stitcher(card: ModelCard, plan: TilePlan,
     emit_classes = [i for i, c in enumerate(card.classes) if c.emit]
     return SemanticStitcher(plan, len(card.classes), emit_classes, emit,
                             min_area=card.min_area_um2 / card.mpp ** 2,
-                            max_hole=card.max_hole_area_um2 / card.mpp ** 2)
+                            max_hole=card.max_hole_area_um2 / card.mpp ** 2,
+                            window=blend_window_param(card), morphology=Morphology.from_card(card))
+
+
+def blend_window_param(card: ModelCard) -> str:
+    """The card's ``params.blend_window`` (default ``cosine``), checked."""
+    kind = card.params.get("blend_window", "cosine")
+    if kind not in BLEND_WINDOWS:
+        raise ModelCardError(f"card parameter 'blend_window' must be one of {', '.join(BLEND_WINDOWS)}, got {kind!r}")
+    return str(kind)
 
 
 _END = object()
+FEATURE_CHUNK = 512  # polygons per feature-building task
 
 
 class ResultStore(Protocol):
@@ -140,15 +168,44 @@ class PlanRun:
         self.sink = sink
         self.results = results
         self.cached = 0  # tiles whose result came from ``results``
+        self.builder = builder
         self._lock = threading.Lock()
         self._by_origin: dict[tuple[int, int], PlannedTile] | None = None
+        self._traced: list[tuple[BaseGeometry, int, dict[str, Any] | None]] = []
+        self._building: deque[Future[list[dict[str, Any] | None]]] = deque()
+        self._stats_lock = threading.Lock()
+        self.features_s = 0.0
+        self.features = 0
 
         def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:
-            f = builder.build(geom, cls, plan.origin_x, plan.origin_y, plan.ds, plan.ds, extra)
-            if f is not None:
-                sink(f)
+            self._traced.append((geom, cls, extra))
 
         self.stitcher = make_stitcher(self.card, plan, emit)
+
+    # ---- features, built off the stitching thread --------------------------------------------------------
+
+    def _build(self, items: list[tuple[BaseGeometry, int, dict[str, Any] | None]]) -> list[dict[str, Any] | None]:
+        t = time.perf_counter()
+        plan = self.plan
+        out = self.builder.build_many([g for g, _, _ in items], [c for _, c, _ in items], plan.origin_x,
+                                      plan.origin_y, plan.ds, plan.ds, [e for _, _, e in items])
+        with self._stats_lock:
+            self.features_s += time.perf_counter() - t
+        return out
+
+    def _dispatch(self, wait: bool = False) -> None:
+        """Send the polygons traced so far to the pool, and the features built so far (in order) to the
+        sink; with ``wait``, all of them. Called with ``_lock`` held."""
+        traced, self._traced = self._traced, []
+        pool = postprocess_pool()
+        for k in range(0, len(traced), FEATURE_CHUNK):
+            self._building.append(pool.submit(self._build, traced[k:k + FEATURE_CHUNK]))
+        backlog = 4 * pool_size()  # bounded: the stitcher waits rather than queue without limit
+        while self._building and (wait or self._building[0].done() or len(self._building) > backlog):
+            for f in self._building.popleft().result():
+                if f is not None:
+                    self.features += 1
+                    self.sink(f)
 
     # ---- tiles sent by a client --------------------------------------------------------------------------
 
@@ -200,6 +257,8 @@ class PlanRun:
                 done += 1
                 if on_tile is not None:
                     on_tile(i)
+        with self._lock:  # a client's request is the unit: its features are in before the reply
+            self._dispatch(wait=True)
         return done
 
     def infer(self, tiles: Sequence[PlannedTile], pixels: Sequence[np.ndarray]) -> list[TileResult]:
@@ -208,7 +267,8 @@ class PlanRun:
             return self.engine.infer(self.model_name, pixels)
         found: list[TileResult | None] = [self.results.get(t, px) for t, px in zip(tiles, pixels, strict=True)]
         missing = [i for i, r in enumerate(found) if r is None]
-        self.cached += len(tiles) - len(missing)
+        with self._stats_lock:  # batches may run on several feeder threads
+            self.cached += len(tiles) - len(missing)
         if missing:
             fresh = self.engine.infer(self.model_name, [pixels[i] for i in missing])
             for i, result in zip(missing, fresh, strict=True):
@@ -219,6 +279,7 @@ class PlanRun:
     def stitch(self, tile: PlannedTile, result: TileResult) -> None:
         with self._lock:
             _add(self.stitcher, tile, result)
+            self._dispatch()
 
     def stitch_batch(self, tiles: Sequence[PlannedTile], results: Sequence[TileResult]) -> None:
         """Several tiles at once: instance tiles are polygonised in parallel."""
@@ -226,13 +287,21 @@ class PlanRun:
             items = [(t, r) for t, r in zip(tiles, results, strict=True) if isinstance(r, InstanceResult)]
             with self._lock:
                 self.stitcher.add_batch(items)
+                self._dispatch()
             return
-        for tile, result in zip(tiles, results, strict=True):
-            self.stitch(tile, result)
+        with self._lock:
+            if isinstance(self.stitcher, SemanticStitcher) and all(isinstance(r, SemanticResult) for r in results):
+                self.stitcher.add_batch(tiles, [r for r in results if isinstance(r, SemanticResult)])
+            else:
+                for tile, result in zip(tiles, results, strict=True):
+                    _add(self.stitcher, tile, result)
+            self._dispatch()
 
     def finish(self) -> None:
+        """Close every region and hand every feature to the sink."""
         with self._lock:
             self.stitcher.finish()
+            self._dispatch(wait=True)
 
     # ---- the whole plan, read by the engine --------------------------------------------------------------
 
@@ -241,7 +310,7 @@ class PlanRun:
             should_stop: Callable[[], bool] | None = None) -> RunStats:
         """Read, run and stitch every tile of the plan as a pipeline; features go to the sink."""
         opts = options or RunOptions()
-        stats = RunStats(readers=max(1, opts.readers))
+        stats = RunStats(readers=max(1, opts.readers), feeders=max(1, opts.feeders))
         plan = self.plan
         batch_size = max(1, self.card.batch_size)
         outputs: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.queue_batches))
@@ -268,19 +337,36 @@ class PlanRun:
                     continue
             return False
 
-        def model_stage(pool: ThreadPoolExecutor) -> None:
+        def timed_infer(tiles: list[PlannedTile], pixels: list[np.ndarray]) -> list[TileResult]:
+            t = time.perf_counter()
+            results = self.infer(tiles, pixels)
+            with read_lock:
+                stats.model_s += time.perf_counter() - t
+            return results
+
+        def model_stage(pool: ThreadPoolExecutor, feed: ThreadPoolExecutor) -> None:
+            inflight: deque[tuple[list[PlannedTile], Future[list[TileResult]]]] = deque()
             try:
                 pending: list[tuple[PlannedTile, np.ndarray]] = []
 
-                def flush() -> bool:
-                    t = time.perf_counter()
-                    results = self.infer([tile for tile, _ in pending], [px for _, px in pending])
-                    stats.model_s += time.perf_counter() - t
-                    ok = put(([tile for tile, _ in pending], results))
-                    pending.clear()
-                    return ok
+                def deliver(keep: int) -> bool:
+                    """Results of the oldest batches in flight, in order, until ``keep`` are left."""
+                    while len(inflight) > keep:
+                        tiles, fut = inflight.popleft()
+                        if not put((tiles, fut.result())):
+                            return False
+                    return True
 
-                reads = _ahead(pool, blocks_of(plan), timed_read, opts.prefetch_blocks)
+                def flush() -> bool:
+                    tiles = [tile for tile, _ in pending]
+                    inflight.append((tiles, feed.submit(timed_infer, tiles, [px for _, px in pending])))
+                    pending.clear()
+                    return deliver(stats.feeders - 1)
+
+                blocks = blocks_of(plan)
+                per_block = max(1, len(plan.tiles) // max(1, len(blocks)))
+                depth = max(opts.prefetch_blocks, -(-2 * batch_size // per_block))
+                reads = _ahead(pool, blocks, timed_read, depth)
                 try:
                     for fut in reads:
                         if stopped():
@@ -296,16 +382,22 @@ class PlanRun:
                     reads.close()  # cancels reads not started
                 if pending and not stopped():
                     flush()
+                if not stopped():
+                    deliver(0)
             except BaseException as exc:
                 put(exc)
             finally:
+                for _, waiting in inflight:
+                    waiting.cancel()
                 put(_END)
 
         model = self.engine.model(self.model_name)
         device_before = model.device_busy_s()
         done = 0
-        with ThreadPoolExecutor(stats.readers, thread_name_prefix="qpbridge-reader") as pool:
-            worker = threading.Thread(target=model_stage, args=(pool,), name="qpbridge-model-feed", daemon=True)
+        with ThreadPoolExecutor(stats.readers, thread_name_prefix="qpbridge-reader") as pool, \
+                ThreadPoolExecutor(stats.feeders, thread_name_prefix="qpbridge-feed") as feed:
+            worker = threading.Thread(target=model_stage, args=(pool, feed), name="qpbridge-model-feed",
+                                      daemon=True)
             worker.start()
             try:
                 while True:
@@ -327,12 +419,20 @@ class PlanRun:
                 stop.set()
                 worker.join()
         stats.cancelled = done < len(plan.tiles)
+        t = time.perf_counter()
         if not stats.cancelled:
-            t = time.perf_counter()
             self.finish()
-            stats.stitch_s += time.perf_counter() - t
+        else:
+            # Nothing already found is lost: features traced so far, and instances held back for neighbour
+            # tiles that will never come now.
+            with self._lock:
+                if isinstance(self.stitcher, InstanceCollector):
+                    self.stitcher.finish()
+                self._dispatch(wait=True)
+        stats.stitch_s += time.perf_counter() - t
         stats.tiles = done
         stats.seconds = time.perf_counter() - t0
+        stats.features_s, stats.features = self.features_s, self.features
         device_after = model.device_busy_s()
         if device_before is not None and device_after is not None:
             stats.device_s = device_after - device_before

@@ -3,12 +3,16 @@
 Tiles come from a :class:`~qpbridge.engine.plan.TilePlan` laid on a canvas at the model's pixel size.
 
 Semantic models: each tile's class probabilities, at the model's own output resolution (a quarter of
-the tile for SegFormer: ``SemanticResult.scale``; never upsampled first), are weighted by a cosine
-window and added into a rolling accumulator a little taller than one tile, on the host (numpy) or, for
-results that are still tensors on the model's device, there (torch). Once every tile that touches a strip
+the tile for SegFormer: ``SemanticResult.scale``; never upsampled first), are weighted by a window
+(cosine ramps over the overlap by default; a card may name a spline or Gaussian window over the whole
+tile, as overlap-tile inference with 3/4 overlap, "16-fold", uses) and added into a rolling accumulator a
+little taller than one tile, on the host (numpy) or, for results that are still tensors on the model's
+device, there (torch). Once every tile that touches a strip
 (one grid step tall) is in, the strip's argmax is taken and only the uint8 class strip goes on, to a
 :class:`~qpbridge.engine.vectorise.RegionTracer`, which labels and traces it in linear time and emits one polygon
-per connected region per class, however many tiles and strips the region crosses (holes kept).
+per connected region per class, however many tiles and strips the region crosses (holes kept). A card's
+morphological opening/closing runs on the class strips on their way to the tracer, a few rows behind
+(:mod:`qpbridge.engine.morphology`).
 
 Memory: the accumulator is (classes + 1) x (tile + step) x width float32 at output resolution (for a
 150,000 px wide slide at 0.25 µm/px and SegFormer at 1 µm/px: 4 x 112 x 9,375 x 4 B = 17 MB); the tracer
@@ -26,12 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from qpbridge import geometry
+from qpbridge.engine.morphology import Morphology, StripMorphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
 from qpbridge.engine.vectorise import RegionTracer
 from qpbridge.families import NO_CLASS, InstanceResult, SemanticResult
@@ -57,6 +62,47 @@ def cosine_window(h: int, w: int, overlap: int) -> np.ndarray:
         return np.maximum(out, WINDOW_FLOOR)
 
     return np.outer(ramp(h), ramp(w))
+
+
+def spline_window(h: int, w: int) -> np.ndarray:
+    """The squared-spline window of "smooth tiled predictions" (Chevalier, 2017), used with 50-75 % overlap:
+    a piecewise quadratic bump over the whole tile, 1 at its centre and 0 at its edges (floored as above)."""
+
+    def spline(n: int) -> np.ndarray:
+        t = (np.arange(n, dtype=np.float64) + 0.5) / n  # pixel centres in (0, 1)
+        tri = 1.0 - np.abs(2.0 * t - 1.0)  # 0 at the edges, 1 at the centre
+        out = np.where(tri <= 0.5, 2.0 * tri ** 2, 1.0 - 2.0 * (1.0 - tri) ** 2)
+        return np.maximum(out.astype(np.float32), WINDOW_FLOOR)
+
+    return np.outer(spline(h), spline(w))
+
+
+def gaussian_window(h: int, w: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """A Gaussian centred on the tile with sigma = ``sigma_scale`` x its size (nnU-Net's sliding-window
+    weighting), normalised to 1 at the centre (floored as above)."""
+
+    def gauss(n: int) -> np.ndarray:
+        t = np.arange(n, dtype=np.float64) + 0.5 - n / 2.0
+        out = np.exp(-0.5 * (t / max(sigma_scale * n, 1e-6)) ** 2)
+        return np.maximum(out.astype(np.float32), WINDOW_FLOOR)
+
+    return np.outer(gauss(h), gauss(w))
+
+
+BLEND_WINDOWS = ("cosine", "spline", "gaussian")
+
+
+def blend_window(kind: str, h: int, w: int, overlap: int) -> np.ndarray:
+    """The weights a tile's probabilities are blended with (card ``params.blend_window``): ``cosine`` (default: a
+    Hann ramp over the overlap, flat in the middle; with an overlap of half the tile or more, a Hann window over
+    the whole tile), ``spline`` or ``gaussian`` (over the whole tile, whatever the overlap)."""
+    if kind == "cosine":
+        return cosine_window(h, w, overlap)
+    if kind == "spline":
+        return spline_window(h, w)
+    if kind == "gaussian":
+        return gaussian_window(h, w)
+    raise ValueError(f"unknown blend window {kind!r}; known: {', '.join(BLEND_WINDOWS)}")
 
 
 def _is_tensor(x: Any) -> bool:
@@ -148,10 +194,25 @@ class _DeviceBlend:
         h, w = win.shape
         if not _is_tensor(probs):
             probs = self.torch.from_numpy(np.asarray(probs))
-        probs = probs.to(self.device, non_blocking=True).float()
-        self.acc[:, y:y + h, x:x + w].addcmul_(probs, win)
+        probs = probs.to(self.device, non_blocking=True)
+        self.acc[:, y:y + h, x:x + w].addcmul_(probs, win)  # fp16 probabilities add into fp32 in place
         if self.tracking:
             self.wsum[y:y + h, x:x + w] += win
+
+    def add_run(self, probs: Any, win: Any, y: int, x: int, step: int) -> None:
+        """K same-sized tiles side by side, ``step`` apart from x (probs (K, C, h, w)), in a few kernels:
+        windowed, then overlap-added by ``fold`` (what ``add`` does tile by tile, one launch per tile)."""
+        k, c, h, w = (int(v) for v in probs.shape)
+        if k == 1 or self.tracking:
+            for i in range(k):
+                self.add(probs[i], win, y, x + i * step)
+            return
+        import torch.nn.functional as F
+
+        width = step * (k - 1) + w
+        cols = (probs.to(self.device, non_blocking=True) * win).float().reshape(k, c * h * w).t()
+        summed = F.fold(cols[None], output_size=(h, width), kernel_size=(h, w), stride=(h, step))
+        self.acc[:, y:y + h, x:x + width] += summed[0]
 
     def classes(self, h: int) -> np.ndarray:
         acc, wsum = self.acc[:, :h], self.wsum[:h]
@@ -174,11 +235,19 @@ class SemanticStitcher:
     """Blend probability tiles and emit one polygon per connected region per class.
 
     ``min_area`` and ``max_hole`` (canvas pixels²: the card's post-processing) let the tracer skip regions
-    and holes that would be dropped or filled later anyway.
+    and holes that would be dropped or filled later anyway. ``window`` names the blending window
+    (:func:`blend_window`); ``morphology`` (radii in canvas pixels) filters the class raster strip by strip
+    before it is traced (:mod:`qpbridge.engine.morphology`).
     """
 
     def __init__(self, plan: TilePlan, n_classes: int, emit_classes: list[int], emit: Emit, *,
-                 min_area: float = 0.0, max_hole: float = 0.0) -> None:
+                 min_area: float = 0.0, max_hole: float = 0.0, window: str = "cosine",
+                 morphology: Morphology | None = None) -> None:
+        if window not in BLEND_WINDOWS:
+            raise ValueError(f"unknown blend window {window!r}; known: {', '.join(BLEND_WINDOWS)}")
+        self.window_kind = window
+        self.morphology = morphology
+        self.filter: StripMorphology | None = None
         self.plan = plan
         self.n_classes = n_classes
         self.emit_classes = emit_classes
@@ -222,11 +291,13 @@ class SemanticStitcher:
             self.blend = _HostBlend(self.n_classes, self.buf_h, self.width)
         self.tracer = RegionTracer(self.width, self.emit_classes, lambda g, c: self.emit(g, c, None),
                                    scale=s, min_area=self.min_area, max_hole=self.max_hole)
+        if self.morphology is not None:
+            self.filter = StripMorphology(self.morphology.at_scale(s), self.tracer.add_strip)
 
     def _window(self, h: int, w: int) -> np.ndarray:
         key = (h, w)
         if key not in self.windows:
-            self.windows[key] = cosine_window(h, w, self.overlap)
+            self.windows[key] = blend_window(self.window_kind, h, w, self.overlap)
         return self.windows[key]
 
     def add(self, tile: PlannedTile, result: SemanticResult) -> None:
@@ -252,6 +323,48 @@ class SemanticStitcher:
             self._accumulate(tile, probs)
         self.remaining[tile.row] -= 1
         self._advance()
+
+    def add_batch(self, tiles: Sequence[PlannedTile], results: Sequence[SemanticResult]) -> None:
+        """:meth:`add` of several tiles. Blending on the device, runs of whole tiles that sit side by side in
+        one row and can be blended now are added together (:meth:`_DeviceBlend.add_run`), which takes the
+        per-tile kernel launches off the stitching thread; the result is the same as adding them one by one."""
+        i, n = 0, len(tiles)
+        while i < n:
+            t0, r0 = tiles[i], results[i]
+            run = 1
+            p0: Any = r0.probs
+            if isinstance(self.blend, _DeviceBlend) and _is_tensor(p0) and t0.row <= self.base_row + 1:
+                shape = tuple(p0.shape)
+                while (i + run < n and tiles[i + run].row == t0.row and tiles[i + run].col == t0.col + run
+                       and tiles[i + run].y == t0.y and _is_tensor(results[i + run].probs)
+                       and tuple(getattr(results[i + run].probs, "shape", ())) == shape
+                       and int(results[i + run].scale) == int(r0.scale)):
+                    run += 1
+                if run > 1 and not self._run_fits(tiles[i:i + run], shape):
+                    run = 1
+            if run == 1:
+                self.add(t0, r0)
+                i += 1
+                continue
+            assert isinstance(self.blend, _DeviceBlend)
+            import torch
+
+            probs = torch.stack([cast(Any, r.probs) for r in results[i:i + run]])
+            s = self.scale
+            win = self.blend.window(self._window(int(probs.shape[2]), int(probs.shape[3])))
+            self.blend.add_run(probs, win, t0.y // s - self.base_row * self.step, t0.x // s, self.step)
+            self.remaining[t0.row] -= run
+            self._advance()
+            i += run
+
+    def _run_fits(self, run: Sequence[PlannedTile], shape: tuple[int, ...]) -> bool:
+        """Whole tiles (no resize), one grid step apart, at the stitcher's output scale."""
+        s = self.scale
+        if s == 0 or any(t.w != run[0].w or t.h != run[0].h for t in run):
+            return False
+        if (math.ceil(run[0].h / s), math.ceil(run[0].w / s)) != tuple(shape[1:]):
+            return False
+        return all(run[j + 1].x - run[j].x == self.step * s for j in range(len(run) - 1))
 
     def _accumulate(self, tile: PlannedTile, probs: Any) -> None:
         assert self.blend is not None
@@ -292,7 +405,11 @@ class SemanticStitcher:
         last = row == self.plan.rows - 1
         h = (self.height - row * step) if last else step
         h = max(0, min(h, self.buf_h))
-        self.tracer.add_strip(self.blend.classes(h), last=last)
+        classes = self.blend.classes(h)
+        if self.filter is not None:
+            self.filter.add_strip(classes, last=last)
+        else:
+            self.tracer.add_strip(classes, last=last)
         self.blend.shift(step)
 
 

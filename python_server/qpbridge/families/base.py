@@ -104,6 +104,12 @@ FAMILY_MODULES: dict[str, str] = {
     "builtin-nuclei": "qpbridge.families.nuclei",
     "segformer-hf": "qpbridge.families.segformer",
     "torchscript-segmentation": "qpbridge.families.torchscript",
+    "hovernet": "qpbridge.families.hovernet",
+    "cyclegan": "qpbridge.families.cyclegan",
+    "pipeline": "qpbridge.families.pipeline",
+    "gradcam": "qpbridge.families.gradcam",
+    "smp": "qpbridge.families.smp",
+    "maskrcnn": "qpbridge.families.maskrcnn",
 }
 
 F = TypeVar("F", bound=type[ModelFamily])

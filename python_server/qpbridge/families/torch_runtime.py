@@ -29,6 +29,14 @@ shape on a background thread while the eager model serves, and batches of exactl
 the compiled model once it is ready (other shapes stay eager, so a compiled model never recompiles
 mid-job). A compile failure is logged and the eager model goes on serving.
 
+Other output kinds. A family whose model does not return per-pixel class logits (instance branches, translated
+images, boxes) passes ``head``: a callable ``head(output, x) -> dict[str, Tensor]`` that turns the model's raw
+output (and its normalised input ``x``) into named tensors whose first dimension is the batch. The worker then
+copies each of them back the same way (asynchronously into pinned buffers on CUDA) and each caller's Future
+gives a dict of numpy arrays, its own rows of each (tensors on the device with ``on_device``). ``autograd``
+runs the forward pass with gradients enabled instead of under ``inference_mode``, for models that compute
+gradients of their own (Grad-CAM); such a model should set ``requires_grad`` on what it needs.
+
 Errors inside a forward pass (including GPU out-of-memory after halving the batch down to one tile) are
 set on every waiting ``Future`` as :class:`~qpbridge.errors.ModelLoadError` with the model, batch and
 device in the message; the worker thread survives and serves the next requests.
@@ -127,18 +135,21 @@ def extract_logits(output: Any) -> torch.Tensor:
 
 @dataclass
 class _Request:
-    tiles: np.ndarray  # (n, H, W, 3) uint8, C-contiguous
+    # (n, H, W, 3) uint8, C-contiguous; on CUDA also a list of n (H, W, 3) tiles, copied one by one
+    # into the pinned buffer (no stacked copy first)
+    tiles: np.ndarray | list[np.ndarray]
     future: Future[Any]
     native: bool = False
     on_device: bool = False
 
     @property
     def n(self) -> int:
-        return int(self.tiles.shape[0])
+        return len(self.tiles)
 
     @property
     def size(self) -> tuple[int, int]:
-        return int(self.tiles.shape[1]), int(self.tiles.shape[2])
+        first = self.tiles[0]
+        return int(first.shape[0]), int(first.shape[1])
 
     @property
     def kind(self) -> tuple[int, int, bool, bool]:
@@ -151,28 +162,32 @@ class _Pending:
     """A launched batch whose (host) output may still be in flight."""
 
     requests: list[_Request]
-    output: torch.Tensor | None
+    output: torch.Tensor | dict[str, torch.Tensor] | None
     event: Any = None  # torch.cuda.Event when the copy back is asynchronous
     error: BaseException | None = None
-    buffer: torch.Tensor | None = None  # the pinned buffer to give back to the pool once delivered
+    buffers: tuple[torch.Tensor, ...] = ()  # pinned buffers to give back to the pool once delivered
 
 
 _STOP = object()
+
+Head = Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
 
 
 class DeviceWorker:
     """A daemon thread that owns ``model`` on ``device`` and runs batches submitted from any thread.
 
-    ``model`` is called with one float tensor (N, 3, H, W); its output is anything :func:`extract_logits`
-    understands, with logits (N, C, h, w). ``n_outputs`` (the card's class count), when given, is checked on
-    every batch. ``forward_passes`` and ``tiles_processed`` count the work done (for tests and stats).
+    ``model`` is called with one float tensor (N, 3, H, W); without ``head`` its output is anything
+    :func:`extract_logits` understands, with logits (N, C, h, w), and ``n_outputs`` (the card's class count),
+    when given, is checked on every batch; with ``head``, results are ``head(output, x)``'s named tensors.
+    ``forward_passes`` and ``tiles_processed`` count the work done (for tests and stats).
     """
 
     def __init__(self, model: Callable[[torch.Tensor], Any], device: torch.device, *, name: str = "model",
                  n_outputs: int | None = None, normalization: Normalization | None = None,
                  precision: str = "fp32", max_batch: int = 32, max_wait_s: float = DEFAULT_MAX_WAIT_S,
                  channels_last: bool = True, weights: str = "cast",
-                 compile_shape: tuple[int, int, int] | None = None) -> None:
+                 compile_shape: tuple[int, int, int] | None = None, head: Head | None = None,
+                 autograd: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ModelCardError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if max_batch < 1 or max_wait_s < 0:
@@ -194,6 +209,8 @@ class DeviceWorker:
         self.input_dtype = PRECISIONS[self.precision] if half and weights == "cast" else torch.float32
         self.out_dtype = torch.float16 if self.cuda else torch.float32
         self.channels_last = channels_last
+        self.head = head
+        self.autograd = autograd
         self.forward_passes = 0
         self.tiles_processed = 0
         self.busy_s = 0.0  # time spent in forward passes on this thread (their launch, on CUDA)
@@ -251,12 +268,14 @@ class DeviceWorker:
         probabilities (N, C, H, W) as a numpy array, at the model's own output resolution with ``native``,
         as a tensor on the device with ``on_device`` (CUDA only). Batches above ``max_batch`` are split and
         their results joined again."""
-        tiles = self._as_batch(batch)
-        n = tiles.shape[0]
+        tiles = self._as_list(batch) if self.cuda and isinstance(batch, list) and batch else self._as_batch(batch)
+        n = len(tiles)
         on_device = on_device and self.cuda
         if n == 0:
+            if self.head is not None:
+                raise TileError(f"model '{self.name}': an empty batch has no outputs")
             empty: Future[Any] = Future()
-            empty.set_result(np.zeros((0, self.n_outputs or 0, *tiles.shape[1:3]), dtype=self._np_out_dtype()))
+            empty.set_result(np.zeros((0, self.n_outputs or 0, *np.shape(tiles)[1:3]), dtype=self._np_out_dtype()))
             return empty
         parts: list[Future[Any]] = []
         with self._cond:
@@ -270,10 +289,9 @@ class DeviceWorker:
         return parts[0] if len(parts) == 1 else _join(parts)
 
     def run(self, batch: np.ndarray | Sequence[np.ndarray], timeout: float | None = None, *,
-            native: bool = False) -> np.ndarray:
-        """``submit(batch).result()``."""
-        out: np.ndarray = self.submit(batch, native=native).result(timeout)
-        return out
+            native: bool = False) -> Any:
+        """``submit(batch).result()``: an array of probabilities, or a dict of arrays with ``head``."""
+        return self.submit(batch, native=native).result(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker: requests not yet started fail with ModelLoadError; the model is released."""
@@ -301,6 +319,20 @@ class DeviceWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @staticmethod
+    def _as_list(batch: list[np.ndarray]) -> list[np.ndarray]:
+        """Same-sized uint8 (H, W, 3) tiles, each C-contiguous, kept as a list."""
+        shape = getattr(batch[0], "shape", None)
+        out = []
+        for t in batch:
+            if not isinstance(t, np.ndarray) or t.shape != shape:
+                raise TileError(f"tiles of one batch must have the same shape, got {getattr(t, 'shape', t)} "
+                                f"and {shape}")
+            if t.dtype != np.uint8 or t.ndim != 3 or t.shape[2] != 3 or min(t.shape[:2]) < 1:
+                raise TileError(f"tiles must be uint8 (H, W, 3), got {t.dtype} {tuple(t.shape)}")
+            out.append(np.ascontiguousarray(t))
+        return out
 
     @staticmethod
     def _as_batch(batch: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
@@ -386,14 +418,22 @@ class DeviceWorker:
             if batch[0].on_device:
                 start = 0
                 for req in batch:  # the caller's stream orders its use after this pass
-                    req.future.set_result(out[start:start + req.n])
+                    req.future.set_result(_rows(out, start, start + req.n))
                     start += req.n
                 return _Pending([], None)
-            host_out = self._out_buffer(tuple(out.shape), out.dtype)
-            host_out.copy_(out, non_blocking=True)
+            if isinstance(out, dict):
+                host_outs = {k: self._out_buffer(tuple(v.shape), v.dtype) for k, v in out.items()}
+                for k, v in out.items():
+                    host_outs[k].copy_(v, non_blocking=True)
+                buffers = tuple(host_outs.values())
+                back: torch.Tensor | dict[str, torch.Tensor] = host_outs
+            else:
+                back = self._out_buffer(tuple(out.shape), out.dtype)
+                back.copy_(out, non_blocking=True)
+                buffers = (back,)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
-            return _Pending(batch, host_out, event, buffer=host_out)
+            return _Pending(batch, back, event, buffers=buffers)
         except BaseException as exc:
             return _Pending(batch, None, error=self._wrap(exc, n, h, w))
         finally:
@@ -428,12 +468,13 @@ class DeviceWorker:
 
     def _deliver(self, pending: _Pending) -> None:
         error = pending.error
-        out: np.ndarray | None = None
+        out: np.ndarray | dict[str, np.ndarray] | None = None
         if error is None and pending.output is not None:
             try:
                 if pending.event is not None:
                     pending.event.synchronize()
-                out = pending.output.numpy()
+                output = pending.output
+                out = {k: v.numpy() for k, v in output.items()} if isinstance(output, dict) else output.numpy()
             except BaseException as exc:  # an asynchronous CUDA error surfaces here
                 r0 = pending.requests[0]
                 error = self._wrap(exc, sum(r.n for r in pending.requests), *r0.size)
@@ -441,25 +482,24 @@ class DeviceWorker:
         for req in pending.requests:
             if error is not None or out is None:
                 req.future.set_exception(error or ModelLoadError(f"model '{self.name}' returned nothing"))
-            elif pending.buffer is not None:
-                req.future.set_result(out[start:start + req.n].copy())  # the pinned buffer is reused
+            elif pending.buffers:
+                req.future.set_result(_rows(out, start, start + req.n, copy=True))  # pinned buffers are reused
             else:
-                req.future.set_result(out[start:start + req.n])
+                req.future.set_result(_rows(out, start, start + req.n))
             start += req.n
-        if pending.buffer is not None:
+        for buffer in pending.buffers:
             with self._pool_lock:
-                free = self._out_pool.setdefault((tuple(pending.buffer.shape), pending.buffer.dtype), [])
+                free = self._out_pool.setdefault((tuple(buffer.shape), buffer.dtype), [])
                 if len(free) < 2:
-                    free.append(pending.buffer)
+                    free.append(buffer)
 
     def _host_input(self, batch: list[_Request], n: int, h: int, w: int) -> tuple[torch.Tensor, Callable[[], None]]:
         """The batch as one uint8 (n, h, w, 3) host tensor, and what to call once it has been sent."""
-        if len(batch) == 1 and not self.cuda and batch[0].tiles.flags.writeable:
-            return torch.from_numpy(batch[0].tiles), _nothing  # no copy: the model reads a float copy of it
         if not self.cuda:
-            host = torch.from_numpy(np.concatenate([r.tiles for r in batch]) if len(batch) > 1
-                                    else batch[0].tiles.copy())
-            return host, _nothing
+            arrays = [np.asarray(r.tiles) for r in batch]  # CPU requests hold stacked arrays
+            if len(arrays) == 1 and arrays[0].flags.writeable:
+                return torch.from_numpy(arrays[0]), _nothing  # no copy: the model reads a float copy of it
+            return torch.from_numpy(np.concatenate(arrays) if len(arrays) > 1 else arrays[0].copy()), _nothing
         key = (n, h, w)
         with self._pool_lock:
             ring = self._in_pool.setdefault(key, deque())
@@ -473,7 +513,11 @@ class DeviceWorker:
         view = host.numpy()
         start = 0
         for req in batch:
-            view[start:start + req.n] = req.tiles
+            if isinstance(req.tiles, list):
+                for j, tile in enumerate(req.tiles):
+                    view[start + j] = tile
+            else:
+                view[start:start + req.n] = req.tiles
             start += req.n
 
         def release() -> None:
@@ -484,7 +528,7 @@ class DeviceWorker:
 
         return host, release
 
-    def _forward_split(self, host: torch.Tensor, native: bool = False) -> torch.Tensor:
+    def _forward_split(self, host: torch.Tensor, native: bool = False) -> Any:
         """One forward pass; on GPU out-of-memory, the batch is halved (down to one tile) and retried."""
         try:
             return self._forward(host, native)
@@ -496,9 +540,9 @@ class DeviceWorker:
         half = host.shape[0] // 2
         log.warning("model %s: out of GPU memory on %d tiles; retrying in halves (lower tile.batch_size)",
                     self.name, host.shape[0])
-        return torch.cat([self._forward_split(host[:half], native), self._forward_split(host[half:], native)])
+        return _concat([self._forward_split(host[:half], native), self._forward_split(host[half:], native)])
 
-    def _forward(self, host: torch.Tensor, native: bool = False) -> torch.Tensor:
+    def _forward(self, host: torch.Tensor, native: bool = False) -> Any:
         n, h, w, _ = host.shape
         model = self.model
         if model is None:
@@ -506,11 +550,14 @@ class DeviceWorker:
         compiled = self._compiled
         if compiled is not None and (n, h, w) == self.compile_shape:
             model = compiled
-        with torch.inference_mode(), self._autocast():
+        with self._grad_mode(), self._autocast():
             x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view == channels_last
             if not self.channels_last:
                 x = x.contiguous()
             x = x.to(self.input_dtype).mul_(self._mul).sub_(self._sub)
+            if self.head is not None:
+                named = self.head(model(x), x)
+                return {k: v.detach().contiguous() for k, v in named.items()}
             logits = extract_logits(model(x))
             self._check_logits(logits, n, h, w)
             logits = logits.float()
@@ -534,11 +581,11 @@ class DeviceWorker:
                 return
             mode = "max-autotune-no-cudagraphs" if self.cuda else None
             compiled = torch.compile(model, mode=mode, dynamic=False)
-            with torch.inference_mode(), self._autocast():
+            with self._grad_mode(), self._autocast():
                 x = torch.zeros((n, 3, h, w), dtype=self.input_dtype, device=self.device)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                extract_logits(compiled(x))
+                compiled(x)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
             self._compiled = compiled
@@ -549,6 +596,9 @@ class DeviceWorker:
             self.compile_state = "failed"
             log.warning("model %s: torch.compile failed (%s: %s); serving the eager model", self.name,
                         type(exc).__name__, exc)
+
+    def _grad_mode(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.enable_grad() if self.autograd else torch.inference_mode()
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.autocast:
@@ -584,6 +634,24 @@ def _nothing() -> None:
     return None
 
 
+def _rows(out: Any, start: int, stop: int, copy: bool = False) -> Any:
+    """Rows ``start:stop`` of an output (array, tensor, or a dict of them)."""
+    if isinstance(out, dict):
+        return {k: _rows(v, start, stop, copy) for k, v in out.items()}
+    part = out[start:stop]
+    return part.copy() if copy else part
+
+
+def _concat(results: list[Any]) -> Any:
+    """The outputs of consecutive parts of a batch joined again (arrays, tensors, or dicts of them)."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {k: _concat([r[k] for r in results]) for k in first}
+    if isinstance(first, torch.Tensor):
+        return torch.cat(results)
+    return np.concatenate(results)
+
+
 def _join(parts: list[Future[Any]]) -> Future[Any]:
     """One Future for the concatenated results of ``parts`` (the first failure, if any)."""
     joined: Future[Any] = Future()
@@ -601,8 +669,7 @@ def _join(parts: list[Future[Any]]) -> Future[Any]:
             if exc is not None:
                 joined.set_exception(exc)
                 return
-        results = [p.result() for p in parts]
-        joined.set_result(torch.cat(results) if isinstance(results[0], torch.Tensor) else np.concatenate(results))
+        joined.set_result(_concat([p.result() for p in parts]))
 
     for part in parts:
         part.add_done_callback(on_done)

@@ -186,9 +186,13 @@ class TorchSegmentation(ModelFamily):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(checked):
             groups.setdefault((max(t.shape[0], size), max(t.shape[1], size)), []).append(i)
-        futures = [((h, w), idx, self.worker.submit(np.stack([pad_to(checked[i], h, w) for i in idx]), native=True,
-                                                    on_device=on_device))
-                   for (h, w), idx in groups.items()]
+        # On CUDA the tiles go to the worker as a list, copied once into its pinned buffer (no stacked copy).
+        as_list = self.torch_device.type == "cuda"
+        futures = []
+        for (h, w), idx in groups.items():
+            padded = [pad_to(checked[i], h, w) for i in idx]
+            futures.append(((h, w), idx, self.worker.submit(padded if as_list else np.stack(padded), native=True,
+                                                            on_device=on_device)))
         results: list[TileResult | None] = [None] * len(checked)
         for (h, _), idx, fut in futures:
             probs = fut.result()

@@ -159,6 +159,7 @@ class PlanResults:
         self.plan = plan
         self.source = source
         self.hits = 0
+        self._lock = threading.Lock()
 
     def _key(self, tile: Any, px: Any) -> str:
         p = self.plan
@@ -168,7 +169,8 @@ class PlanResults:
     def get(self, tile: Any, px: Any) -> Any | None:
         found = self.cache.get(self._key(tile, px))
         if found is not None:
-            self.hits += 1
+            with self._lock:
+                self.hits += 1
         return found
 
     def put(self, tile: Any, px: Any, result: Any) -> None:

@@ -36,6 +36,7 @@ from qpbridge.protocol import (
     parse_tiles,
     plan_to_wire,
 )
+from qpbridge.server import translate_op
 from qpbridge.server.jobs import Job
 
 if TYPE_CHECKING:
@@ -359,6 +360,7 @@ OPS: dict[str, Op] = {
     "hello": Op(op_hello, "loop"),
     "models": Op(op_models, "loop"),
     "predict": Op(op_predict, "model"),
+    "translate": Op(translate_op.op_translate, "model"),
     "job.open": Op(op_job_open, "light"),
     "job.tiles": Op(op_job_tiles, "model"),
     "job.status": Op(op_job_status, "loop"),

@@ -41,7 +41,7 @@ from qpbridge.server.jobs import JobManager
 
 log = logging.getLogger("qpbridge")
 
-CAPABILITIES = ["predict", "jobs", "encoding:raw", "encoding:png", "encoding:jpeg", "busy-retry"]
+CAPABILITIES = ["predict", "translate", "jobs", "encoding:raw", "encoding:png", "encoding:jpeg", "busy-retry"]
 SLIDE_CAPABILITY = "slide-jobs"
 MAX_PAGE = 10000
 MAX_ID_CHARS = 256

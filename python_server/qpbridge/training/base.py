@@ -1,0 +1,93 @@
+"""What a family's trainer provides to the shared loop (:mod:`qpbridge.training.train`), and their registry."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from qpbridge.errors import ModelCardError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from qpbridge.training.data import TileSet
+
+
+class FamilyTrainer(ABC):
+    """Trains one family's model: its network, batches, loss, validation metric and model-folder export.
+
+    ``metric`` names the validation value the loop maximises (early stopping, best weights). Randomness comes
+    only from the ``rng`` the loop passes in (and torch's global generator), so a resumed run repeats an
+    uninterrupted one.
+    """
+
+    family: ClassVar[str] = ""
+    metric: ClassVar[str] = ""
+    mode: ClassVar[str] = "instances"  # the dataset masks it trains on: "instances" or "semantic"
+
+    def __init__(self, card: dict[str, Any], data: TileSet, device: torch.device, *, batch_size: int,
+                 crop: int | None) -> None:
+        self.card = card
+        self.data = data
+        self.device = device
+        self.batch_size = batch_size
+        self.crop = crop
+
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """A freshly initialised network (the loop seeds torch first)."""
+
+    @abstractmethod
+    def batches(self, rng: np.random.Generator, n_samples: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Augmented training batches on the device, ``n_samples`` samples in all."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise and its named parts (detached scalars, for the progress line)."""
+
+    @abstractmethod
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Validation metrics (``self.metric`` among them) on the validation split, the model in eval mode."""
+
+    @abstractmethod
+    def export(self, model: torch.nn.Module, out: Path, name: str) -> dict[str, Any]:
+        """Write the weights into the model folder ``out`` and return the card for them."""
+
+    def samples_per_epoch(self) -> int:
+        """Samples in one epoch: by default, the training split's area in crops, at least one batch."""
+        return max(self.batch_size, self.data.train_crops(self.crop))
+
+
+_REGISTRY: dict[str, type[FamilyTrainer]] = {}
+
+# Card family -> module that registers its trainer, imported on first use.
+TRAINER_MODULES: dict[str, str] = {
+    "hovernet": "qpbridge.training.hovernet",
+    "segformer-hf": "qpbridge.training.segformer",
+}
+
+T = TypeVar("T", bound=type[FamilyTrainer])
+
+
+def register_trainer(family: str) -> Callable[[T], T]:
+    def deco(cls: T) -> T:
+        cls.family = family
+        _REGISTRY[family] = cls
+        return cls
+
+    return deco
+
+
+def trainer_class(family: str) -> type[FamilyTrainer]:
+    if family not in _REGISTRY and family in TRAINER_MODULES:
+        importlib.import_module(TRAINER_MODULES[family])
+    try:
+        return _REGISTRY[family]
+    except KeyError:
+        known = ", ".join(sorted(set(_REGISTRY) | set(TRAINER_MODULES)))
+        raise ModelCardError(f"no trainer for model family '{family}'; qpbridge trains: {known}") from None
