@@ -123,7 +123,7 @@ def main() -> int:
         big = bytes(rng.getrandbits(8) for _ in range(512 * 512 * 3))
 
         def vanish50() -> str:
-            socks = []
+            socks, busy = [], 0
             for _ in range(50):
                 s = sock(ctx, address)
                 s.send_multipart([b"", hdr(op="job.open", model="tissue", image={"mpp": 8.0, "width": 8192,
@@ -131,6 +131,10 @@ def main() -> int:
                                            region={"x": 0, "y": 0, "width": 8192, "height": 8192})])
                 assert s.poll(30000)
                 reply = json.loads(s.recv_multipart()[-1])
+                if not reply["ok"]:
+                    busy += reply["error"]["code"] == "busy"
+                    s.close()
+                    continue
                 plan = reply["plan"]["tiles"][:4]
                 s.send_multipart([b"", hdr(op="job.tiles", job=reply["job"], tiles=[
                     {**t, "encoding": "raw"} for t in plan]),
@@ -138,7 +142,7 @@ def main() -> int:
                 socks.append(s)
             for s in socks:
                 s.close()
-            return "50 jobs opened, 4 tiles each sent, clients gone"
+            return f"{len(socks)} jobs opened and 4 tiles each sent, {busy} answered busy; clients gone"
 
         def pipeline60() -> str:
             s = sock(ctx, address)

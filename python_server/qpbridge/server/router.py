@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import ipaddress
 import logging
 import threading
@@ -277,6 +278,9 @@ class Server:
             self._trim_due = True
         if idle and self._trim_due:
             self._trim_due = False
+            # A dropped job's stitcher and its run refer to each other: only the cycle collector frees them,
+            # and an idle server would not run it for a long time.
+            gc.collect()
             _malloc_trim()
 
     def _shutdown(self) -> None:
