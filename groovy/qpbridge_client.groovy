@@ -12,10 +12,15 @@ class QpbClient {
     long requestTimeoutMs = 120000
     Map helloReply
 
-    QpbClient(String address = QpbVersion.DEFAULT_ADDRESS, long connectTimeoutMs = 5000) {
+    /** serverKey: the server's CURVE public key (40 characters or its .key file) for a server started with
+     *  --curve-secret, else null; clientKeyFile: this client's .key_secret for a server with an allow-list. */
+    QpbClient(String address = QpbVersion.DEFAULT_ADDRESS, long connectTimeoutMs = 5000, String serverKey = null,
+              String clientKeyFile = null) {
         this.address = address
         this.conn = new QpbConnection(address)
         this.conn.connectTimeoutMs = connectTimeoutMs
+        this.conn.serverKey = serverKey ?: null
+        this.conn.clientKeyFile = clientKeyFile ?: null
     }
 
     JsonObject call(Map header, List<byte[]> payloads = [], Long timeoutMs = null, int attempts = 2) {

@@ -403,7 +403,8 @@ class QpbQuPath {
 
     /**
      * Run a model on each parent (the whole image when parents is empty) and add the results below it.
-     * opts: server (ImageServer, required), hierarchy (required), parents (List<PathObject>), address, model,
+     * opts: server (ImageServer, required), hierarchy (required), parents (List<PathObject>), address, serverKey,
+     * clientKeyFile, model,
      * replace (true), pixelSizeUm (override, null = the image's calibration), imageName, encoding ('raw'|'png'),
      * batchSize, timeoutS, serverSideReading (true: let a server started with --slide-root read the file itself),
      * log (Closure), client (an open QpbClient to reuse).
@@ -424,7 +425,10 @@ class QpbQuPath {
         }
         QpbClient client = (QpbClient) opts.client
         boolean ownClient = client == null
-        if (ownClient) client = new QpbClient((String) (opts.address ?: QpbVersion.DEFAULT_ADDRESS))
+        if (ownClient) {
+            client = new QpbClient((String) (opts.address ?: QpbVersion.DEFAULT_ADDRESS), 5000,
+                    (String) (opts.serverKey ?: null), (String) (opts.clientKeyFile ?: null))
+        }
         if (opts.timeoutS != null) client.requestTimeoutMs = (long) (((Number) opts.timeoutS).doubleValue() * 1000)
         Map total = [parents: 0, tiles: 0, objects: 0, removed: 0, slideJobs: 0]
         try {

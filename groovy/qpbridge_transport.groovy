@@ -87,6 +87,12 @@ class QpbJson {
 class QpbConnection {
     final String address
     long connectTimeoutMs = 5000
+    /** The server's CURVE public key (40 characters of Z85, or a .key file from `qpbridge keys new`) for a
+     *  server started with --curve-secret; null for a server on loopback without authentication. */
+    String serverKey = null
+    /** This client's key pair (a .key_secret file) when the server keeps an allow-list (--curve-clients);
+     *  null: a fresh key pair per connection. */
+    String clientKeyFile = null
     private final ExecutorService io
     private Object context
     private Object socket
@@ -138,16 +144,7 @@ class QpbConnection {
             ensureSocket()
             Object id = nextId++
             header.id = id
-            socket.sendMore(new byte[0])
-            byte[] head = QpbJson.toJson(header).getBytes('UTF-8')
-            if (payloads.isEmpty()) {
-                socket.send(head, 0)
-            } else {
-                socket.sendMore(head)
-                for (int i = 0; i < payloads.size(); i++) {
-                    if (i < payloads.size() - 1) socket.sendMore(payloads[i]) else socket.send(payloads[i], 0)
-                }
-            }
+            resend(header, payloads)
             long wait = everAnswered ? timeoutMs : Math.min(timeoutMs, connectTimeoutMs)
             long deadline = System.nanoTime() + wait * 1000000L
             while (System.nanoTime() < deadline) {
@@ -162,24 +159,66 @@ class QpbConnection {
                 }
                 if (reply == null || !idMatches(reply, id)) continue // a late reply to a request we gave up on
                 everAnswered = true
+                Long retry = busyRetryMs(reply)
+                if (retry != null && System.nanoTime() + retry * 1000000L < deadline) {
+                    // The server is full (per-client fair share): wait as it asks and send again.
+                    Thread.sleep(retry)
+                    id = nextId++
+                    header.id = id
+                    resend(header, payloads)
+                    continue
+                }
                 return checkReply(reply)
             }
             // No reply: drop the socket with its queued messages (linger 0) and try again on a fresh one.
             closeSocket()
             if (!everAnswered) break
         }
+        if (!everAnswered && serverKey != null) {
+            throw new QpbException('auth',
+                    "No answer from the qpbridge server at ${address} with CURVE authentication: check that " +
+                    'SERVER_KEY is the public key of this server (its server.key file), that the server was ' +
+                    'started with --curve-secret, and, if it keeps an allow-list (--curve-clients), that this ' +
+                    "client's key is in it (CLIENT_KEY_FILE).", [address: address])
+        }
         if (!everAnswered) {
             throw new QpbException('server_unavailable',
                     "No qpbridge server answered at ${address} within ${seconds(Math.min(timeoutMs, connectTimeoutMs))} s. " +
                     "Start one with `qpbridge serve` (it listens on ${QpbVersion.DEFAULT_ADDRESS} by default), " +
                     'check the address in the script parameters, and for a server on another machine that it was ' +
-                    'started with --bind tcp://0.0.0.0:PORT --allow-remote and that no firewall blocks the port.',
+                    'started with --bind tcp://0.0.0.0:PORT --curve-secret FILE (then set SERVER_KEY to its public key) ' +
+                    'and that no firewall blocks the port. A server that requires CURVE does not answer a client ' +
+                    'without SERVER_KEY.',
                     [address: address])
         }
         throw new QpbException('timeout',
                 "The qpbridge server at ${address} did not answer '${op}' within ${seconds(timeoutMs)} s " +
                 "(${attempts} attempt(s)). It may be overloaded or stopped: check its log, or raise the timeout.",
                 [address: address, op: op])
+    }
+
+    private void resend(Map header, List<byte[]> payloads) {
+        socket.sendMore(new byte[0])
+        byte[] head = QpbJson.toJson(header).getBytes('UTF-8')
+        if (payloads.isEmpty()) {
+            socket.send(head, 0)
+        } else {
+            socket.sendMore(head)
+            for (int i = 0; i < payloads.size(); i++) {
+                if (i < payloads.size() - 1) socket.sendMore(payloads[i]) else socket.send(payloads[i], 0)
+            }
+        }
+    }
+
+    /** The wait a `busy` error reply asks for, else null. */
+    private static Long busyRetryMs(JsonObject reply) {
+        JsonElement ok = reply.get('ok')
+        if (ok == null || !ok.isJsonPrimitive() || ok.getAsBoolean() || !reply.has('error')) return null
+        JsonObject err = reply.getAsJsonObject('error')
+        if (QpbJson.stringOrNull(err, 'code') != 'busy') return null
+        JsonObject details = err.has('details') && err.get('details').isJsonObject() ? err.getAsJsonObject('details') : null
+        Integer ms = details == null ? null : QpbJson.intOrNull(details, 'retry_after_ms')
+        Math.max(10L, Math.min(ms == null ? 500L : ms.longValue(), 30000L))
     }
 
     private static boolean idMatches(JsonObject reply, Object id) {
@@ -217,6 +256,7 @@ class QpbConnection {
         if (socket != null) return
         if (context == null) context = QpbZmq.newContext()
         socket = QpbZmq.dealer(context)
+        if (serverKey != null) QpbZmq.curve(socket, serverKey, clientKeyFile)
         socket.connect(address)
     }
 
@@ -303,6 +343,68 @@ class QpbZmq {
         s.setReceiveTimeOut(100)
         s.setSendTimeOut(5000)
         s
+    }
+
+    /**
+     * CURVE on a socket: the server's public key, and this client's key pair (from a .key_secret file, or a
+     * fresh one). JeroMQ speaks CURVE from 0.4.0 on, through its jnacl dependency (jnacl-1.0.0.jar, Maven
+     * eu.neilalexander:jnacl, beside jeromq-0.5.x/0.6.x in QuPath's extensions folder); 0.3.x cannot.
+     */
+    static void curve(Object socket, String serverKey, String clientKeyFile) {
+        Class curve
+        try {
+            curve = load('org.zeromq.ZMQ$Curve')
+        } catch (QpbException ignored) {
+            curve = null
+        }
+        if (curve == null || !socket.metaClass.respondsTo(socket, 'setCurveServerKey', byte[])) {
+            throw new QpbException('curve_unsupported', "This server needs CURVE authentication, which JeroMQ " +
+                    "${version()} cannot do: put jeromq-0.6.0.jar and jnacl-1.0.0.jar in QuPath's extensions " +
+                    'folder (instead of the older jeromq jar), then restart QuPath.', [jeromq: version()])
+        }
+        String pub
+        String sec
+        try {
+            if (clientKeyFile != null) {
+                pub = keyFrom(clientKeyFile, 'public-key')
+                sec = keyFrom(clientKeyFile, 'secret-key')
+            } else {
+                Object pair = curve.getMethod('generateKeyPair').invoke(null)
+                pub = (String) pair.publicKey
+                sec = (String) pair.secretKey
+            }
+            socket.setCurveServerKey(z85(curve, keyFrom(serverKey, 'public-key')))
+            socket.setCurvePublicKey(z85(curve, pub))
+            socket.setCurveSecretKey(z85(curve, sec))
+        } catch (NoClassDefFoundError e) {
+            throw new QpbException('curve_unsupported', 'CURVE in JeroMQ needs the jnacl jar (jnacl-1.0.0.jar, ' +
+                    "Maven eu.neilalexander:jnacl) beside the jeromq jar in QuPath's extensions folder; it is " +
+                    "missing (${e.message}). Add it and restart QuPath.", [jeromq: version()])
+        } catch (java.lang.reflect.InvocationTargetException e) {
+            if (e.getCause() instanceof NoClassDefFoundError) {
+                throw new QpbException('curve_unsupported', 'CURVE in JeroMQ needs the jnacl jar ' +
+                        "(jnacl-1.0.0.jar) beside the jeromq jar in QuPath's extensions folder: ${e.getCause().message}",
+                        [jeromq: version()])
+            }
+            throw e
+        }
+    }
+
+    private static byte[] z85(Class curve, String key) {
+        (byte[]) curve.getMethod('z85Decode', String).invoke(null, key)
+    }
+
+    /** A key given as its 40 Z85 characters, or read from a ZeroMQ certificate file (`key = "..."` lines). */
+    static String keyFrom(String keyOrFile, String field) {
+        String s = keyOrFile.trim()
+        File f = new File(s)
+        if (s.length() == 40 && !f.exists()) return s
+        if (!f.isFile()) throw new QpbException('bad_key', "${s} is neither a 40-character CURVE key nor a key file")
+        for (String line : f.readLines('US-ASCII')) {
+            def m = line =~ /^\s*${field}\s*=\s*"(.{40})"\s*$/
+            if (m.find()) return m.group(1)
+        }
+        throw new QpbException('bad_key', "${s} has no ${field} line (use the files `qpbridge keys new` writes)")
     }
 
     static void closeContext(Object context) {

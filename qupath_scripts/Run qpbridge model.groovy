@@ -15,6 +15,8 @@
 
 // ---- parameters -------------------------------------------------------------------------------------
 String SERVER = 'tcp://127.0.0.1:5555'   // address of `qpbridge serve`
+String SERVER_KEY = null                 // a remote server's public key (its server.key file, or the 40-character key)
+String CLIENT_KEY_FILE = null            // your .key_secret file, if the server only admits listed clients
 String MODEL = 'nuclei'                  // a model the server serves: run 'qpbridge server status' to list them
 boolean REPLACE_PREVIOUS = true          // true: remove this model's earlier results below each parent first
 Double PIXEL_SIZE_UM = null              // µm per pixel, only for images without calibration (e.g. 0.25 at 40x)
@@ -31,7 +33,7 @@ QpbReport.run(this, 'Run qpbridge model') {
     String imageName = QpbQuPath.startImage(this, imageData, getProjectEntry(), qpbLog)
     List parents = QpbQuPath.selectedAnnotations(getSelectedObjects())
     Map result = QpbQuPath.run(server: imageData.getServer(), hierarchy: imageData.getHierarchy(), parents: parents,
-            address: SERVER, model: MODEL, replace: REPLACE_PREVIOUS, pixelSizeUm: PIXEL_SIZE_UM, imageName: imageName,
+            address: SERVER, serverKey: SERVER_KEY, clientKeyFile: CLIENT_KEY_FILE, model: MODEL, replace: REPLACE_PREVIOUS, pixelSizeUm: PIXEL_SIZE_UM, imageName: imageName,
             encoding: ENCODING, batchSize: BATCH_SIZE, timeoutS: TIMEOUT_S, serverSideReading: USE_SERVER_SIDE_READING,
             log: qpbLog)
     qpbLog.call("qpbridge ${MODEL}: ${imageName}: ${result.objects} objects from ${result.tiles} tiles" +

@@ -7,6 +7,8 @@
 
 // ---- parameters -------------------------------------------------------------------------------------
 String SERVER = 'tcp://127.0.0.1:5555'   // address of `qpbridge serve`
+String SERVER_KEY = null                 // a remote server's public key (its server.key file, or the 40-character key)
+String CLIENT_KEY_FILE = null            // your .key_secret file, if the server only admits listed clients
 long TIMEOUT_MS = 5000                   // how long to wait for the server's answer
 
 // ---- script -----------------------------------------------------------------------------------------
@@ -14,7 +16,7 @@ QpbReport.run(this, 'qpbridge server status') {
     def qpbLog = QpbQuPath.logger()
     QpbClient client = null
     try {
-        client = new QpbClient(SERVER, TIMEOUT_MS)
+        client = new QpbClient(SERVER, TIMEOUT_MS, SERVER_KEY, CLIENT_KEY_FILE)
         Map hello = client.hello()
         Map limits = (Map) hello.limits
         qpbLog.call("qpbridge server ${hello.server_version} at ${SERVER}: protocol ${(hello.protocol as Number).intValue()}, " +

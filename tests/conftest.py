@@ -95,9 +95,9 @@ class RunningServer:
 
 
 def start_server(models_dir: Path | None, limits: Limits | None = None, workers: int = 2,
-                 slide_roots: list[Path] | None = None) -> RunningServer:
+                 slide_roots: list[Path] | None = None, **server_options: object) -> RunningServer:
     server = Server(Engine(models_dir), "tcp://127.0.0.1:*", limits=limits, workers=workers,
-                    slide_roots=slide_roots)
+                    slide_roots=slide_roots, **server_options)  # type: ignore[arg-type]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return RunningServer(server, thread)

@@ -87,7 +87,8 @@ def test_models_command(capsys, models_dir):
 
 def test_serve_refuses_public_bind(capsys):
     assert main(["serve", "--bind", "tcp://0.0.0.0:5599", "--device", "cpu"]) == 1
-    assert "--allow-remote" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--curve-secret" in err and "qpbridge keys new" in err and "--insecure" in err
 
 
 def test_serve_subprocess_answers_and_stops_on_sigterm(tmp_path):

@@ -334,3 +334,39 @@ def test_adapter_roi_geojson_and_uris(version: str, tmp_path: Path) -> None:
     assert len(uris["file"]) == 1 and uris["file"][0].startswith("file:")
     assert uris["choice_file"]["use"] and uris["choice_file"]["path"] == r["file"]
     assert uris["rotated"] == [] and not uris["choice_rotated"]["use"]
+
+
+def test_curve_server_groovy_client(checks_classes: Path, models_dir: Path, tmp_path: Path) -> None:
+    """A CURVE server: the Groovy client without the key gets a clear error within its connect timeout; with the
+    key, JeroMQ 0.3.6 (the jar here) says exactly which jars CURVE needs. With a CURVE-capable JeroMQ named in
+    $QPBRIDGE_JEROMQ_CURVE_CP (jeromq >= 0.4 and jnacl jars), the keyed hello must succeed."""
+    import os
+
+    from conftest import start_server
+    from qpbridge.keys import new_key_pair
+
+    _, secret = new_key_pair(tmp_path / "server")
+    public = tmp_path / "server" / "server.key"
+    running = start_server(models_dir, curve_secret=secret)
+    try:
+        results, _ = run_checks(checks_classes, ["curve", f"address={running.address}", f"key={public}"])
+        r = by_check(results)
+        without = r["curve_without_key"]["error"]
+        assert without["code"] == "server_unavailable" and "SERVER_KEY" in without["message"]
+        assert r["curve_without_key"]["seconds"] < 10  # connect timeout 1.5 s, plus a close of at most 3 s
+        keyed = r["curve_with_key"]
+        if keyed["jeromq"].startswith("0.3"):
+            assert keyed["error"]["code"] == "curve_unsupported"
+            assert "jnacl" in keyed["error"]["message"] and "jeromq-0.6.0" in keyed["error"]["message"]
+        extra = os.environ.get("QPBRIDGE_JEROMQ_CURVE_CP")
+        if not extra:
+            pytest.skip("no CURVE-capable JeroMQ here (set QPBRIDGE_JEROMQ_CURVE_CP to "
+                        "jeromq-0.6.0.jar:jnacl-1.0.0.jar)")
+        cp = [checks_classes, *extra.split(os.pathsep), *sorted((QUPATH / "common").glob("groovy-*.jar")),
+              *sorted((QUPATH / VERSION).glob("gson-*.jar"))]
+        results, _ = run_groovy(VERSION, "", ["curve", f"address={running.address}", f"key={public}"],
+                                main_class="client_checks", timeout=300, classpath_override=cp)
+        assert by_check(results)["curve_with_key"]["error"] is None
+    finally:
+        running.server.stop()
+        running.thread.join(10)

@@ -20,7 +20,7 @@ from qpbridge.engine import Engine
 from qpbridge.engine.features import FeatureBuilder
 from qpbridge.engine.plan import TilePlan, make_plan
 from qpbridge.engine.reading import ReadBox
-from qpbridge.engine.session import PlanRun, Progress, RunOptions, RunStats
+from qpbridge.engine.session import PlanRun, Progress, ResultStore, RunOptions, RunStats
 from qpbridge.slides import Slide
 
 log = logging.getLogger("qpbridge")
@@ -44,15 +44,18 @@ def run_plan(engine: Engine, model_name: str, plan: TilePlan, read_box: ReadBox,
              options: RunOptions | None = None,
              on_progress: Callable[[Progress], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
-             sink: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], RunStats]:
+             sink: Callable[[dict[str, Any]], None] | None = None,
+             results: ResultStore | None = None) -> tuple[list[dict[str, Any]], RunStats]:
     """Run a model over a plan and return stitched features (full resolution) and timings.
 
     With ``sink``, each feature goes to it as soon as it is final (and the returned list stays empty),
-    so a server can page results out while the slide is still running.
+    so a server can page results out while the slide is still running. ``results``: a store of tile
+    results (a server's cache) that a re-run takes instead of running the model again.
     """
     features: list[dict[str, Any]] = []
-    run = PlanRun(engine, model_name, plan, builder, sink if sink is not None else features.append)
+    run = PlanRun(engine, model_name, plan, builder, sink if sink is not None else features.append, results)
     stats = run.run(read_box, options=options, on_progress=on_progress, should_stop=should_stop)
+    stats.extra["cached_tiles"] = run.cached
     return features, stats
 
 
@@ -84,28 +87,32 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
                    on_progress: Callable[[Progress], None] | None = None,
                    should_stop: Callable[[], bool] | None = None,
                    on_plan: Callable[[TilePlan], None] | None = None,
-                   sink: Callable[[dict[str, Any]], None] | None = None) -> AnnotateResult:
+                   sink: Callable[[dict[str, Any]], None] | None = None,
+                   slide: Slide | None = None,
+                   results: Callable[[Slide, TilePlan], ResultStore] | None = None) -> AnnotateResult:
     """Annotate a whole slide (or the part inside ``roi``) with a model; features in full resolution.
-    ``options`` (readers, queue depths) overrides ``readers``."""
-    slide = Slide(path, mpp)
+    ``options`` (readers, queue depths) overrides ``readers``; ``slide``: the slide already opened;
+    ``results``: makes the store of tile results for the slide's plan (a server's cache)."""
+    slide = slide or Slide(path, mpp)
     card: ModelCard = engine.card(model_name)
     fullres_mpp = slide.require_mpp() if card.requires_mpp else slide.mpp
     keep = roi
     if tissue_filter and card.name != TISSUE_MODEL and card.params.get("tissue_filter", True):
         tissue = tissue_geometry(engine, slide, roi)
         keep = tissue if roi is None else tissue.intersection(roi)
-        log.info("tissue covers %.1f%% of %s", 100 * tissue.area / (slide.width * slide.height), path.name)
+        log.info("tissue covers %.1f%% of %s", 100 * tissue.area / (slide.width * slide.height), slide.name)
         if tissue.is_empty:
-            log.warning("no tissue found in %s: nothing to run (use --no-tissue-filter to run anyway)", path.name)
+            log.warning("no tissue found in %s: nothing to run (use --no-tissue-filter to run anyway)", slide.name)
     plan = make_plan(card, roi_region(roi, slide.width, slide.height), fullres_mpp, keep)
-    log.info("%s: %d of %d tiles to run (%d px at %.3g µm/px, overlap %d)", path.name, len(plan.tiles),
+    log.info("%s: %d of %d tiles to run (%d px at %.3g µm/px, overlap %d)", slide.name, len(plan.tiles),
              plan.rows * plan.cols, plan.tile, card.mpp, plan.overlap)
     if on_plan is not None:
         on_plan(plan)
     builder = FeatureBuilder(card, fullres_mpp, roi, (slide.width, slide.height))
     features, stats = run_plan(engine, model_name, plan, slide.read, builder,
                                options=options or RunOptions(readers=readers), on_progress=on_progress,
-                               should_stop=should_stop, sink=sink)
+                               should_stop=should_stop, sink=sink,
+                               results=results(slide, plan) if results is not None else None)
     return AnnotateResult(features, plan, stats, slide)
 
 

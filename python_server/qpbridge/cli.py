@@ -8,13 +8,14 @@ messages and exit code 1, usage errors exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(Path(args.models_dir) if args.models_dir else None, device=device,
                     model_roots=[Path(r) for r in args.model_root], compile_models=args.compile)
     limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)), max_tiles_per_request=args.max_tiles,
-                    max_tile_pixels=args.max_tile_pixels, job_ttl_s=args.job_ttl)
-    server = Server(engine, args.bind, limits=limits, workers=args.workers, allow_remote=args.allow_remote,
-                    slide_roots=[Path(r) for r in args.slide_root])
+                    max_tile_pixels=args.max_tile_pixels, job_ttl_s=args.job_ttl, job_grace_s=args.job_grace,
+                    max_client_requests=args.max_client_requests)
+    cache = None
+    if args.cache_dir:
+        from qpbridge.server.cache import TileCache
+
+        cache = TileCache(Path(args.cache_dir), int(args.cache_mb * (1 << 20)))
+    server = Server(engine, args.bind, limits=limits, workers=args.workers, allow_remote=args.insecure,
+                    slide_roots=[Path(r) for r in args.slide_root],
+                    curve_secret=Path(args.curve_secret) if args.curve_secret else None,
+                    curve_clients=Path(args.curve_clients) if args.curve_clients else None, cache=cache)
 
     def stop(signum: int, frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -291,6 +300,41 @@ def cmd_annotate_project(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from qpbridge.keys import new_key_pair
+
+    public, secret = new_key_pair(Path(args.dir), args.name)
+    print(f"public key (give it to clients, or put it in the server's --curve-clients folder): {public}")
+    print(f"secret key (keep it private; serve --curve-secret, or a client's --client-key): {secret}")
+    return 0
+
+
+@contextlib.contextmanager
+def _client_keys(args: argparse.Namespace) -> Iterator[None]:
+    """--server-key/--client-key reach every Client this command makes (projects, doctor) through the
+    environment variables the client reads; restored afterwards (main() also runs in process)."""
+    saved = {env: os.environ.get(env) for env in ("QPBRIDGE_SERVER_KEY", "QPBRIDGE_CLIENT_KEY")}
+    for value, env in ((getattr(args, "server_key", None), "QPBRIDGE_SERVER_KEY"),
+                       (getattr(args, "client_key", None), "QPBRIDGE_CLIENT_KEY")):
+        if value:
+            os.environ[env] = value
+    try:
+        yield
+    finally:
+        for env, old in saved.items():
+            if old is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = old
+
+
+def _add_key_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server-key", metavar="FILE|KEY", help="the server's CURVE public key (its .key file or "
+                        "the 40-character key), for a server started with --curve-secret")
+    parser.add_argument("--client-key", metavar="FILE", help="this client's .key_secret file, for a server with a "
+                        "--curve-clients allow-list")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from qpbridge.training.train import TrainOptions, train
 
@@ -333,8 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let clients name model folders (qpbridge or WSInfer-style) by path below DIR (repeatable)")
     s.add_argument("--slide-root", action="append", default=[], metavar="DIR",
                    help="let clients run slide jobs on files below DIR (repeatable; none by default)")
-    s.add_argument("--allow-remote", action="store_true",
-                   help="allow binding a non-loopback address (no authentication: trusted networks only)")
+    s.add_argument("--curve-secret", metavar="FILE", help="serve with CURVE authentication and encryption, with "
+                   "this key pair (NAME.key_secret from `qpbridge keys new`); required off loopback")
+    s.add_argument("--curve-clients", metavar="DIR", help="only clients whose public key (*.key) is in DIR")
+    s.add_argument("--insecure", "--allow-remote", dest="insecure", action="store_true",
+                   help="bind a non-loopback address WITHOUT authentication (anyone reaching the port is served)")
+    s.add_argument("--job-grace", type=float, default=60.0,
+                   help="seconds without a request after which a running job is cancelled (default: 60)")
+    s.add_argument("--max-client-requests", type=int, default=4,
+                   help="model requests one client may have queued or running (default: 4)")
+    s.add_argument("--cache-dir", metavar="DIR", help="keep tile results on disk so re-run jobs resume")
+    s.add_argument("--cache-mb", type=float, default=2048.0, help="size of the tile cache in MiB (default: 2048)")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile every torch model (compiled in the background; eager serves meanwhile)")
     s.set_defaults(func=cmd_serve)
@@ -349,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--models-dir", help="extra model cards (in-process runs)")
     pr.add_argument("--device", default="auto", help="in-process device: auto, cpu, cuda")
     pr.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a server reply")
+    _add_key_options(pr)
     pr.set_defaults(func=cmd_predict)
 
     a = sub.add_parser("annotate", help="annotate a whole slide (SVS, NDPI, TIFF, OME-TIFF) and write QuPath GeoJSON")
@@ -389,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--models-dir")
     m.add_argument("--json", action="store_true")
     m.add_argument("--timeout", type=float, default=10.0)
+    _add_key_options(m)
     m.set_defaults(func=cmd_models)
 
     ap = sub.add_parser("annotate-project", help="run a model over the images of a QuPath project (paquo, or "
@@ -416,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--models-dir", help="extra model cards (in-process runs)")
     ap.add_argument("--device", default="auto", help="in-process device: auto, cpu, cuda or cuda:N")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a server reply")
+    _add_key_options(ap)
     ap.add_argument("--quiet", action="store_true", help="no tile progress lines")
     ap.set_defaults(func=cmd_annotate_project)
 
@@ -453,7 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "JeroMQ in QuPath, the server and model weights")
     dr.add_argument("--server", help="server address to check (default: tcp://127.0.0.1:5555, a warning if absent)")
     dr.add_argument("--user-dir", help="QuPath user directory (default: the newest ~/QuPath/v*)")
+    _add_key_options(dr)
     dr.set_defaults(func=cmd_doctor)
+    k = sub.add_parser("keys", help="CURVE key pairs for authenticated servers and clients")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kn = ksub.add_parser("new", help="write NAME.key (public) and NAME.key_secret (private) in DIR")
+    kn.add_argument("dir", metavar="DIR")
+    kn.add_argument("--name", default="server", help="file name stem (default: server)")
+    kn.set_defaults(func=cmd_keys)
     from qpbridge.cli_data import add_parsers as add_data_parsers
 
     add_data_parsers(sub)  # export-tiles, evaluate
@@ -465,7 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        rc = int(args.func(args))
+        with _client_keys(args):
+            rc = int(args.func(args))
         sys.stdout.flush()
         return rc
     except BrokenPipeError:

@@ -61,6 +61,12 @@ class LimitExceededError(BadRequestError):
     code = "limit_exceeded"
 
 
+class BusyError(QPBridgeError):
+    """The server (or this client's share of it) is full; ``details.retry_after_ms`` says when to retry."""
+
+    code = "busy"
+
+
 class MissingPixelSizeError(BadRequestError):
     code = "missing_mpp"
 
@@ -107,6 +113,12 @@ class ClientError(QPBridgeError):
 
 class ServerUnavailableError(ClientError, ConnectionError):
     code = "server_unavailable"
+
+
+class AuthenticationError(ClientError):
+    """The CURVE handshake failed: a wrong or missing server key, or a client key the server does not allow."""
+
+    code = "auth"
 
 
 class RemoteError(ClientError):

@@ -27,10 +27,15 @@ SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", 
 class Slide:
     """A slide opened once per reading thread (tiffslide handles are not shared between threads)."""
 
-    def __init__(self, path: Path, mpp: float | None = None) -> None:
+    def __init__(self, path: Path, mpp: float | None = None, *, name: str | None = None,
+                 by_handle: bool = False) -> None:
         self.path = Path(path)
+        self.name = name or self.path.name  # for messages: a jailed slide is read through /proc/self/fd/N
+        # by_handle: give the reader open file objects, never the name (which it would resolve and reopen)
+        self.by_handle = by_handle
+        self._files: list[Any] = []
         if not self.path.is_file():
-            raise ImageReadError(f"{self.path}: no such slide file")
+            raise ImageReadError(f"{self.name}: no such slide file")
         self._local = threading.local()
         ts = self._handle()
         self.width, self.height = (int(v) for v in ts.dimensions)
@@ -45,10 +50,14 @@ class Slide:
         self._direct = _TiledLevels.open(ts, self.path, self.level_dimensions)
 
     def close(self) -> None:
-        """Release the file descriptor of direct reads (tiffslide handles close with their threads)."""
+        """Release the file descriptor of direct reads (tiffslide handles close with their threads) and the
+        files opened for ``by_handle`` reading."""
         if self._direct is not None:
             self._direct.close()
             self._direct = None
+        for f in self._files:
+            f.close()
+        self._files = []
 
     def _handle(self) -> Any:
         ts = getattr(self._local, "ts", None)
@@ -56,16 +65,22 @@ class Slide:
             import tiffslide
 
             try:
-                ts = tiffslide.TiffSlide(self.path)
+                if self.by_handle:
+                    f = open(self.path, "rb")  # noqa: SIM115 - kept open for the reader, closed by close()
+                    self._files.append(f)
+                    ts = tiffslide.TiffSlide(f)
+                else:
+                    ts = tiffslide.TiffSlide(self.path)
             except Exception as exc:  # tiffslide raises several types for unreadable files
-                raise ImageReadError(f"{self.path}: cannot open as a slide: {exc}") from None
+                raise ImageReadError(f"{self.name}: cannot open as a slide: {exc}") from None
             self._local.ts = ts
         return ts
+
 
     def require_mpp(self) -> float:
         if self.mpp is None:
             raise MissingPixelSizeError(
-                f"{self.path.name} records no pixel size (µm/px); pass --mpp (the full-resolution pixel size) "
+                f"{self.name} records no pixel size (µm/px); pass --mpp (the full-resolution pixel size) "
                 "if you know it")
         return self.mpp
 
@@ -212,3 +227,68 @@ def resolve_slide_path(path: str | Path, roots: list[Path]) -> Path:
             return real
     raise BadRequestError(f"{path} is outside the server's slide roots; only files below "
                           f"{', '.join(str(r) for r in roots)} can be read")
+
+
+class OpenedSlide:
+    """A slide file opened once below a slide root; read it only through ``handle_path``.
+
+    ``handle_path`` (``/proc/self/fd/N``) reopens the very file that was checked, whatever happens to the
+    path afterwards, so a link swapped in after the check is never followed.
+    """
+
+    def __init__(self, fd: int, real: Path, st: os.stat_result) -> None:
+        self.fd = fd
+        self.real = real
+        self.stat = st
+        self.handle_path = Path(f"/proc/self/fd/{fd}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_in_roots(path: str | Path, roots: list[Path]) -> OpenedSlide:
+    """Open ``path`` read-only, then check that the opened file itself (its real path, device and inode)
+    lies below one of ``roots``: links inside a root work, and no swap of a path component between the
+    check and the reads can redirect them. Linux (``/proc/self/fd``) only."""
+    import stat
+
+    from qpbridge.errors import BadRequestError
+
+    if not roots:
+        raise BadRequestError("this server reads no slide files: start it with --slide-root DIR")
+    p = Path(path)
+    if not p.is_absolute():
+        raise BadRequestError(f"slide path must be absolute, got {str(path)[:200]!r}")
+    if not Path("/proc/self/fd").is_dir():
+        raise BadRequestError("server-side slide reading needs Linux (/proc/self/fd)")
+    try:
+        # Non-blocking and no controlling terminal: a FIFO or a device named by a client must not hang us.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError) as exc:  # ENOENT, EACCES, ELOOP, ENAMETOOLONG; NUL bytes
+        raise BadRequestError(f"cannot open slide {str(path)[:200]}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        st = os.fstat(fd)
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if not stat.S_ISREG(st.st_mode):
+            raise BadRequestError(f"no slide file at {str(path)[:200]}")
+        for root in roots:
+            try:
+                root_real = root.resolve(strict=True)
+            except (OSError, RuntimeError):
+                continue
+            if real == root_real or root_real not in real.parents:
+                continue
+            # The opened file must be the file now at that real path (same device and inode).
+            try:
+                now = os.stat(real, follow_symlinks=False)
+            except OSError:
+                continue
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                return OpenedSlide(fd, real, st)
+        raise BadRequestError(f"{str(path)[:200]} is outside the server's slide roots; only files below "
+                              f"{', '.join(str(r) for r in roots)} can be read")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -12,6 +12,7 @@
  *   slide    address= png= slide= outside= roi= rx= ry= rw= rh= out=   job.slide, fallbacks, slide-job cancel
  *   cancel   address=         interrupt a running planned job of model 'slow': time to return, server job state
  *   nojeromq                  the library without JeroMQ on the classpath
+ *   curve    address= key= [client=]   a CURVE server: hello without the key, and with it (key: .key file)
  */
 import javax.imageio.ImageIO
 import java.awt.RenderingHints
@@ -322,6 +323,21 @@ if (check == 'hello') {
         }
     } finally {
         c.close()
+    }
+} else if (check == 'curve') {
+    for (String keyed : ['without', 'with']) {
+        long t0 = System.nanoTime()
+        QpbClient c = new QpbClient(opt.address, 1500, keyed == 'with' ? opt.key : null, opt.client ?: null)
+        try {
+            Map h = c.hello()
+            emit([check: "curve_${keyed}_key".toString(), error: null, protocol: h.protocol, seconds: (System.nanoTime() - t0) / 1e9,
+                  jeromq: QpbZmq.version()])
+        } catch (Exception e) {
+            emit([check: "curve_${keyed}_key".toString(), error: errorInfo(e), seconds: (System.nanoTime() - t0) / 1e9,
+                  jeromq: QpbZmq.version()])
+        } finally {
+            c.close()
+        }
     }
 } else if (check == 'nojeromq') {
     try {

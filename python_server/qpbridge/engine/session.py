@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from shapely.geometry.base import BaseGeometry
@@ -148,16 +148,26 @@ _END = object()
 FEATURE_CHUNK = 512  # polygons per feature-building task
 
 
+class ResultStore(Protocol):
+    """Model results kept per tile (a server's on-disk cache): a re-run takes them instead of the model."""
+
+    def get(self, tile: PlannedTile, px: np.ndarray) -> TileResult | None: ...
+
+    def put(self, tile: PlannedTile, px: np.ndarray, result: TileResult) -> None: ...
+
+
 class PlanRun:
     """A model over one plan: tiles in any order and batches, stitched into features for ``sink``."""
 
     def __init__(self, engine: Engine, model_name: str, plan: TilePlan, builder: FeatureBuilder,
-                 sink: Sink) -> None:
+                 sink: Sink, results: ResultStore | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.card = engine.card(model_name)
         self.plan = plan
         self.sink = sink
+        self.results = results
+        self.cached = 0  # tiles whose result came from ``results``
         self.builder = builder
         self._lock = threading.Lock()
         self._by_origin: dict[tuple[int, int], PlannedTile] | None = None
@@ -236,7 +246,12 @@ class PlanRun:
         """Run the model over ``tiles`` in the card's batches and stitch them; returns how many were done
         (fewer when ``should_stop`` turned true). ``on_tile(i)`` follows each stitched tile."""
         done = 0
-        for chunk, results in self.engine.infer_batches(self.model_name, [px for _, px in tiles], should_stop):
+        batch = max(1, self.card.batch_size)
+        for start in range(0, len(tiles), batch):
+            if should_stop is not None and should_stop():
+                break
+            chunk = range(start, min(start + batch, len(tiles)))
+            results = self.infer([tiles[i][0] for i in chunk], [tiles[i][1] for i in chunk])
             self.stitch_batch([tiles[i][0] for i in chunk], results)
             for i in chunk:
                 done += 1
@@ -245,6 +260,21 @@ class PlanRun:
         with self._lock:  # a client's request is the unit: its features are in before the reply
             self._dispatch(wait=True)
         return done
+
+    def infer(self, tiles: Sequence[PlannedTile], pixels: Sequence[np.ndarray]) -> list[TileResult]:
+        """Results of one batch: from the result store where it has them, else from the model (and stored)."""
+        if self.results is None:
+            return self.engine.infer(self.model_name, pixels)
+        found: list[TileResult | None] = [self.results.get(t, px) for t, px in zip(tiles, pixels, strict=True)]
+        missing = [i for i, r in enumerate(found) if r is None]
+        with self._stats_lock:  # batches may run on several feeder threads
+            self.cached += len(tiles) - len(missing)
+        if missing:
+            fresh = self.engine.infer(self.model_name, [pixels[i] for i in missing])
+            for i, result in zip(missing, fresh, strict=True):
+                self.results.put(tiles[i], pixels[i], result)
+                found[i] = result
+        return [r for r in found if r is not None]
 
     def stitch(self, tile: PlannedTile, result: TileResult) -> None:
         with self._lock:
@@ -307,9 +337,9 @@ class PlanRun:
                     continue
             return False
 
-        def timed_infer(pixels: list[np.ndarray]) -> list[TileResult]:
+        def timed_infer(tiles: list[PlannedTile], pixels: list[np.ndarray]) -> list[TileResult]:
             t = time.perf_counter()
-            results = self.engine.infer(self.model_name, pixels)
+            results = self.infer(tiles, pixels)
             with read_lock:
                 stats.model_s += time.perf_counter() - t
             return results
@@ -328,8 +358,8 @@ class PlanRun:
                     return True
 
                 def flush() -> bool:
-                    inflight.append(([tile for tile, _ in pending], feed.submit(timed_infer,
-                                                                               [px for _, px in pending])))
+                    tiles = [tile for tile, _ in pending]
+                    inflight.append((tiles, feed.submit(timed_infer, tiles, [px for _, px in pending])))
                     pending.clear()
                     return deliver(stats.feeders - 1)
 

@@ -1,4 +1,4 @@
-"""The ZeroMQ server: the socket loop and its ops (``router``) and server-side jobs (``jobs``)."""
+"""The ZeroMQ server: the socket loop (``router``), its ops (``ops``) and server-side jobs (``jobs``)."""
 
 from qpbridge.server.router import CAPABILITIES, MAX_PAGE, SLIDE_CAPABILITY, Server, is_loopback_address
 

@@ -21,6 +21,8 @@ class Job:
     image: ImageInfo
     expected: int | None
     kind: str = "tiles"  # "tiles": the client sends tiles; "slide": the server reads the slide itself
+    owner: bytes = b""  # the client that opened it (ZeroMQ routing id, or its CURVE key)
+    inflight: int = 0  # requests naming this job that are queued or running
     created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     state: str = RUNNING
@@ -31,6 +33,8 @@ class Job:
     last_tile_at: float | None = None
     claimed: set[tuple[int, int, float, int, int]] = field(default_factory=set)
     stitch: Any = None  # session.PlanRun when the server planned the tiles (seam-free results)
+    results: Any = None  # cache.PlanResults when the server keeps tile results on disk
+    reserved: int = 0  # bytes of blending buffers reserved for ``stitch`` (released when it goes)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -99,6 +103,18 @@ class Job:
                 self.state = CANCELLED
             self.cancel_event.set()
 
+    def drop(self) -> None:
+        """Cancel and let go of everything the job holds (its client is gone: nobody will read it)."""
+        self.cancel()
+        with self.lock:
+            self.features = []
+            self.claimed = set()
+            self.stitch, self.reserved = None, 0
+
+    def running(self) -> bool:
+        with self.lock:
+            return self.state == RUNNING
+
     def finish(self) -> None:
         with self.lock:
             if self.kind != "tiles":
@@ -110,6 +126,7 @@ class Job:
                     raise JobStateError(f"job {self.id} has {self.tiles_done} of its {self.expected} planned tiles; "
                                         "send the rest before job.finish")
                 self.stitch.finish()
+                self.stitch, self.reserved = None, 0  # its buffers go now, not when the job is closed
             self.state = DONE
 
     def status(self) -> dict[str, Any]:
@@ -135,6 +152,7 @@ class Job:
                 "tiles_per_s": round(rate, 3) if rate else None,
                 "eta_s": round(eta, 3) if eta is not None else None,
                 "error": self.error,
+                "cached_tiles": self.results.hits if self.results is not None else 0,
             }
 
     def page(self, offset: int, limit: int) -> dict[str, Any]:
@@ -148,19 +166,40 @@ class Job:
 
 
 class JobManager:
-    """All open jobs; jobs untouched for ``ttl_s`` seconds expire (their client is assumed gone)."""
+    """All open jobs. A running job no request has named for ``grace_s`` seconds (and with no request of
+    its own queued) is cancelled and dropped: its client is gone. Any job untouched for ``ttl_s`` expires."""
 
-    def __init__(self, ttl_s: float = 600.0) -> None:
+    def __init__(self, ttl_s: float = 600.0, grace_s: float | None = None) -> None:
         self.ttl_s = ttl_s
+        self.grace_s = ttl_s if grace_s is None else grace_s
         self._jobs: dict[str, Job] = {}
-        self._expired: dict[str, float] = {}
+        self._expired: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
 
-    def open(self, model: str, image: ImageInfo, expected: int | None, kind: str = "tiles") -> Job:
-        job = Job(id=secrets.token_hex(8), model=model, image=image, expected=expected, kind=kind)
+    def open(self, model: str, image: ImageInfo, expected: int | None, kind: str = "tiles", owner: bytes = b"",
+             job_id: str | None = None) -> Job:
+        job = Job(id=job_id or secrets.token_hex(8), model=model, image=image, expected=expected, kind=kind,
+                  owner=owner)
         with self._lock:
+            old = self._jobs.pop(job.id, None)
             self._jobs[job.id] = job
+        if old is not None:
+            old.drop()
         return job
+
+    def reserve(self, nbytes: int, budget: int) -> bool:
+        """Whether ``nbytes`` more of blending buffers fit in ``budget`` beside the running jobs' ones."""
+        with self._lock:
+            held = sum(j.reserved for j in self._jobs.values() if j.state == RUNNING)
+            return held + nbytes <= budget
+
+    def running_of(self, owner: bytes) -> int:
+        with self._lock:
+            return sum(1 for j in self._jobs.values() if j.owner == owner and j.state == RUNNING)
+
+    def peek(self, job_id: Any) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id) if isinstance(job_id, str) else None
 
     def get(self, job_id: Any) -> Job:
         if not isinstance(job_id, str):
@@ -169,31 +208,40 @@ class JobManager:
             job = self._jobs.get(job_id)
             if job is None:
                 if job_id in self._expired:
-                    raise UnknownJobError(f"job {job_id} expired after {self.ttl_s:.0f} s without requests; "
-                                          "open a new job")
-                raise UnknownJobError(f"no job {job_id} on this server (never opened, or closed)")
+                    raise UnknownJobError(f"job {job_id[:64]} {self._expired[job_id][1]}; open a new job")
+                raise UnknownJobError(f"no job {job_id[:64]} on this server (never opened, or closed)")
             job.last_seen = time.monotonic()
             return job
 
     def close(self, job_id: Any) -> None:
         job = self.get(job_id)
-        job.cancel()
         with self._lock:
             self._jobs.pop(job.id, None)
+        job.drop()
 
-    def expire(self) -> list[str]:
-        """Drop jobs idle for longer than the TTL; returns their ids."""
+    def expire(self) -> list[tuple[str, str]]:
+        """Drop abandoned and expired jobs; returns (id, why) of each."""
         now = time.monotonic()
+        gone: list[tuple[str, str]] = []
+        dropped: list[Job] = []
         with self._lock:
-            # A slide job runs on the server without its client; its TTL counts from when it ends.
-            gone = [jid for jid, j in self._jobs.items() if now - j.last_seen > self.ttl_s
-                    and not (j.kind == "slide" and j.state == RUNNING)]
-            for jid in gone:
-                self._jobs.pop(jid).cancel()
-                self._expired[jid] = now
+            for jid, j in list(self._jobs.items()):
+                idle = now - j.last_seen
+                running = j.state == RUNNING
+                if running and j.inflight == 0 and idle > self.grace_s:
+                    why = f"was cancelled after {self.grace_s:g} s without a request from its client"
+                elif idle > self.ttl_s and (not running or (j.kind == "tiles" and j.inflight == 0)):
+                    why = f"expired after {self.ttl_s:.0f} s without requests"
+                else:
+                    continue
+                dropped.append(self._jobs.pop(jid))
+                self._expired[jid] = (now, why)
+                gone.append((jid, why))
             # Remember expired ids for a while so a late client hears "expired", not "unknown".
-            for jid in [k for k, t in self._expired.items() if now - t > 10 * self.ttl_s]:
+            for jid in [k for k, (t, _) in self._expired.items() if now - t > 10 * self.ttl_s]:
                 del self._expired[jid]
+        for job in dropped:
+            job.drop()
         return gone
 
     def cancel_all(self) -> None:

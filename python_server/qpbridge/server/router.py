@@ -1,18 +1,26 @@
-"""The ZeroMQ ROUTER server: one loop receives and answers; model work runs on a thread pool.
+"""The ZeroMQ ROUTER server: one loop receives, parses, checks, routes and replies; ops run elsewhere.
 
-Cheap ops (hello, models, job bookkeeping) are answered in the loop. ``predict`` and ``job.tiles`` run
-on worker threads, which hand their replies back to the loop over an inproc socket, because a ZeroMQ
-socket must only be used by one thread.
+The loop never plans, decodes, resamples or touches a file: op functions (``ops.OPS``) marked ``loop``
+are O(1) bookkeeping; ``light`` ops (planning, ROI geometry, result pages, model folders, slide paths)
+run on a small pool; ``model`` ops (predict, job.tiles) run on the worker pool behind a fair-share
+admission check (per-client requests and tiles, a server-wide queue), past which the answer is
+``busy`` with a retry time. Workers hand replies back over an inproc socket, because a ZeroMQ socket
+must only be used by one thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import ipaddress
 import logging
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,31 +31,22 @@ from qpbridge import PROTOCOL_VERSION, __version__
 from qpbridge.engine import Engine
 from qpbridge.errors import (
     BadRequestError,
+    BusyError,
     InternalError,
     LimitExceededError,
     QPBridgeError,
     UnknownOpError,
 )
-from qpbridge.protocol import (
-    Limits,
-    check_version,
-    decode_tile,
-    dumps,
-    parse_header,
-    parse_image,
-    parse_tiles,
-    plan_to_wire,
-    reply_error,
-    reply_ok,
-)
-from qpbridge.server import translate_op
-from qpbridge.server.jobs import Job, JobManager
+from qpbridge.protocol import Limits, check_version, dumps_reply, parse_header, reply_error, reply_ok
+from qpbridge.server.jobs import JobManager
 
 log = logging.getLogger("qpbridge")
 
-CAPABILITIES = ["predict", "translate", "jobs", "encoding:raw", "encoding:png", "encoding:jpeg"]
+CAPABILITIES = ["predict", "translate", "jobs", "encoding:raw", "encoding:png", "encoding:jpeg", "busy-retry"]
 SLIDE_CAPABILITY = "slide-jobs"
 MAX_PAGE = 10000
+MAX_ID_CHARS = 256
+RETRY_AFTER_MS = 500
 
 
 def check_bind_address(address: str) -> None:
@@ -71,38 +70,112 @@ def is_loopback_address(address: str) -> bool:
         return False  # '*', an interface name or a host name
 
 
-def _field(header: dict[str, Any], key: str, kind: type) -> Any:
-    value = header.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise BadRequestError(f"field '{key}' must be a {kind.__name__}")
-    return value
+@dataclass
+class Request:
+    """One parsed request as the op functions see it."""
+
+    op: str
+    id: Any
+    header: dict[str, Any]
+    frames: list[Any]  # zmq.Frame payloads after the header
+    client: bytes  # who asked: the CURVE public key when authenticated, else the ZeroMQ routing id
+    envelope: list[bytes] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class _Share:
+    """What one client has queued or running on the model pool."""
+
+    requests: int = 0
+    tiles: int = 0
+
+
+class _FairQueue:
+    """Model requests, one queue per client, taken round-robin: a client's backlog delays another client's
+    next request by at most one request per worker, never by the whole backlog."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queues: OrderedDict[bytes, deque[Callable[[], None]]] = OrderedDict()
+        self._closed = False
+
+    def put(self, client: bytes, item: Callable[[], None]) -> None:
+        with self._cond:
+            self._queues.setdefault(client, deque()).append(item)
+            self._cond.notify()
+
+    def get(self) -> Callable[[], None] | None:
+        with self._cond:
+            while not self._queues and not self._closed:
+                self._cond.wait()
+            if not self._queues:
+                return None
+            client, queue = self._queues.popitem(last=False)
+            item = queue.popleft()
+            if queue:
+                self._queues[client] = queue  # to the back of the line
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queues.clear()
+            self._cond.notify_all()
+
+
+def _malloc_trim() -> None:
+    """Give freed heap back to the OS (glibc keeps it otherwise, and RSS would never come down)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Server:
     def __init__(self, engine: Engine, bind: str = "tcp://127.0.0.1:5555", *, limits: Limits | None = None,
                  workers: int = 2, allow_remote: bool = False, slide_roots: list[Path] | None = None,
-                 slide_jobs: int = 1) -> None:
+                 slide_jobs: int = 1, curve_secret: Path | None = None, curve_clients: Path | None = None,
+                 cache: Any = None) -> None:
+        from qpbridge.server.ops import OPS
+
         check_bind_address(bind)
-        if not is_loopback_address(bind) and not allow_remote:
+        insecure = allow_remote
+        if not is_loopback_address(bind) and curve_secret is None and not insecure:
             raise QPBridgeError(
-                f"refusing to bind {bind}: it is reachable from other machines and the protocol has no "
-                "authentication; bind tcp://127.0.0.1:PORT, or pass --allow-remote on a trusted network")
+                f"refusing to bind {bind} without authentication: it is reachable from other machines. Create "
+                "keys with `qpbridge keys new DIR` and pass --curve-secret DIR/server.key_secret (and "
+                "--curve-clients DIR of allowed client keys), or bind tcp://127.0.0.1:PORT; --insecure serves "
+                "anyone who reaches the port")
+        if curve_clients is not None and curve_secret is None:
+            raise QPBridgeError("--curve-clients needs --curve-secret (the server's own key pair)")
         self.engine = engine
         self.bind_address = bind
         self.limits = limits or Limits()
-        self.jobs = JobManager(self.limits.job_ttl_s)
+        self.jobs = JobManager(self.limits.job_ttl_s, self.limits.job_grace_s)
         self.workers = max(1, workers)
+        self.cache = cache
+        self.ops = OPS
+        self.slide_roots = [Path(r) for r in (slide_roots or [])]
+        for root in self.slide_roots:
+            if not root.is_dir():
+                raise QPBridgeError(f"slide root {root} is not a directory")
         self._ctx = zmq.Context()
+        self._auth: Any = None
+        self.curve = curve_secret is not None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        # libzmq refuses larger frames before allocating them (the peer is disconnected).
-        self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_request_bytes)
+        # libzmq refuses a larger frame before allocating it (the peer is disconnected). It keeps a whole
+        # multipart message before handing over its first frame, so the total is checked as frames are read.
+        self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if curve_secret is not None:
+            self._setup_curve(Path(curve_secret), Path(curve_clients) if curve_clients else None)
+        elif not is_loopback_address(bind):
+            log.warning("*** INSECURE: serving %s WITHOUT authentication: anyone who reaches this port can run "
+                        "models%s. Use --curve-secret. ***", bind,
+                        " and read slides below the slide roots" if self.slide_roots else "")
         try:
             self._router.bind(bind)
         except zmq.ZMQError as exc:
-            self._router.close(linger=0)
-            self._ctx.term()
+            self._close_sockets()
             hint = (" (another qpbridge server, or another program, uses it: stop that one or choose another port "
                     "with --bind)" if exc.errno == zmq.EADDRINUSE else "")
             raise QPBridgeError(f"cannot bind {bind}: {exc.strerror}{hint}") from None
@@ -113,37 +186,58 @@ class Server:
         self._local = threading.local()
         self._pushers: list[zmq.Socket] = []
         self._pushers_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="qpbridge-worker")
-        self.slide_roots = [Path(r) for r in (slide_roots or [])]
-        for root in self.slide_roots:
-            if not root.is_dir():
-                raise QPBridgeError(f"slide root {root} is not a directory")
+        self._fair = _FairQueue()
+        self._workers = [threading.Thread(target=self._worker, name=f"qpbridge-worker-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._workers:
+            t.start()
+        self._light_pool = ThreadPoolExecutor(4, thread_name_prefix="qpbridge-light")
         # Slide jobs read and run whole slides; they queue here so they never starve tile requests.
         self._slide_pool = ThreadPoolExecutor(max(1, slide_jobs), thread_name_prefix="qpbridge-slide")
+        self._shares: dict[bytes, _Share] = {}
+        self._light: dict[bytes, int] = {}
+        self._queued = 0
+        self._queued_bytes = 0
+        self._share_lock = threading.Lock()
         self._stop = threading.Event()
-        self._current_envelope: list[bytes] = []
-        self._handlers: dict[str, Callable[[dict[str, Any], list[Any]], dict[str, Any] | None]] = {
-            "hello": self._hello,
-            "models": self._models,
-            "predict": self._predict,
-            "job.open": self._job_open,
-            "job.tiles": self._job_tiles,
-            "job.status": self._job_status,
-            "job.results": self._job_results,
-            "job.finish": self._job_finish,
-            "job.cancel": self._job_cancel,
-            "job.close": self._job_close,
-            "job.slide": self._job_slide,
-            "translate": lambda header, frames: translate_op.handle(self, header, frames),
-        }
+        self._trim_due = False
+
+    def _setup_curve(self, secret_file: Path, clients: Path | None) -> None:
+        from qpbridge.keys import load_secret
+
+        public, secret = load_secret(secret_file)
+        if clients is not None:
+            from zmq.auth import load_certificates
+            from zmq.auth.thread import ThreadAuthenticator
+
+            if not clients.is_dir() or not load_certificates(clients):
+                self._close_sockets()
+                raise QPBridgeError(f"--curve-clients {clients} holds no client public key (*.key files from "
+                                    "`qpbridge keys new`)")
+            self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("qpbridge.auth"))
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(clients))
+        self._router.setsockopt(zmq.CURVE_SERVER, 1)
+        self._router.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        self._router.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        self.public_key = public.decode("ascii")
+
+    def _close_sockets(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self._router.close(linger=0)
+        self._ctx.term()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
 
     def serve_forever(self) -> None:
-        log.info("qpbridge %s serving on %s (protocol %d, device %s, %d workers)", __version__, self.address,
-                 PROTOCOL_VERSION, self.engine.device, self.workers)
+        log.info("qpbridge %s serving on %s (protocol %d, device %s, %d workers, %s)", __version__, self.address,
+                 PROTOCOL_VERSION, self.engine.device, self.workers,
+                 "CURVE authentication" + (" with a client allow-list" if self._auth else "")
+                 if self.curve else "no authentication")
         if self.slide_roots:
             log.info("slide jobs read files below: %s", ", ".join(str(r) for r in self.slide_roots))
         log.info("models: %s", ", ".join(
@@ -164,92 +258,216 @@ class Server:
                             break
                 if self._router in events:
                     for _ in range(64):  # bounded so replies are never starved
-                        try:
-                            frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
+                        frames = self._receive()
+                        if frames is None:
                             break
-                        self._dispatch(frames)
+                        self._dispatch(*frames)
                 if time.monotonic() >= next_sweep:
-                    for jid in self.jobs.expire():
-                        log.info("job %s expired (no request for %.0f s)", jid, self.jobs.ttl_s)
+                    self._sweep()
                     next_sweep = time.monotonic() + 1.0
         finally:
             self._shutdown()
 
+    def _sweep(self) -> None:
+        gone = self.jobs.expire()
+        for jid, why in gone:
+            log.info("job %s %s", jid, why)
+        with self._share_lock:
+            idle = self._queued == 0
+        if gone:
+            self._trim_due = True
+        if idle and self._trim_due:
+            self._trim_due = False
+            # A dropped job's stitcher and its run refer to each other: only the cycle collector frees them,
+            # and an idle server would not run it for a long time.
+            gc.collect()
+            _malloc_trim()
+
     def _shutdown(self) -> None:
         self.jobs.cancel_all()
         self._slide_pool.shutdown(wait=True, cancel_futures=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._fair.close()
+        for t in self._workers:
+            t.join()
+        self._light_pool.shutdown(wait=True, cancel_futures=True)
         with self._pushers_lock:
             for s in self._pushers:
                 s.close(linger=0)
         self._replies.close(linger=0)
-        self._router.close(linger=0)
-        self._ctx.term()
+        self._close_sockets()
         log.info("qpbridge server stopped")
 
-    # ---- dispatch --------------------------------------------------------------------------------
-    def _dispatch(self, frames: list[Any]) -> None:
+    # ---- receive, parse, check, route ------------------------------------------------------------
+    def _receive(self) -> tuple[list[Any], QPBridgeError | None] | None:
+        """One message, frame by frame: past the frame count or byte total, the rest is read and dropped
+        at once (never held), and the request is answered ``limit_exceeded``."""
+        try:
+            first = self._router.recv(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        frames, total, err = [first], 0, None
+        max_frames = self.limits.max_tiles_per_request + 3  # routing id, delimiter, header, tiles
+        more = first.more
+        while more:
+            frame = self._router.recv(copy=False)
+            more = frame.more
+            if err is not None:
+                continue
+            total += len(frame)
+            if len(frames) >= max_frames:
+                err = LimitExceededError(f"more than {max_frames - 3} payload frames; the limit is "
+                                         f"{self.limits.max_tiles_per_request} tiles per request",
+                                         limit=self.limits.max_tiles_per_request)
+            elif total > self.limits.max_request_bytes:
+                err = LimitExceededError(f"request is over {self.limits.max_request_bytes} bytes, the limit")
+            if err is not None:
+                del frames[3:]  # keep what the reply needs (envelope and header), drop the payload
+            else:
+                frames.append(frame)
+        return frames, err
+
+    @staticmethod
+    def _client_key(first: Any) -> bytes:
+        # With a CURVE allow-list, the ZAP handler names the client by its public key: one person's
+        # several connections share one fair share.
+        try:
+            user = first.get("User-Id")
+        except (zmq.ZMQError, AttributeError, TypeError):
+            user = None
+        return ("key:" + user).encode() if user else b"id:" + first.bytes
+
+    def _dispatch(self, frames: list[Any], recv_err: QPBridgeError | None) -> None:
         # REQ and DEALER-with-delimiter clients put an empty frame after the identity; bare DEALER does not.
         if len(frames) >= 2 and len(frames[1]) == 0:
             envelope, body = [frames[0].bytes, b""], frames[2:]
         else:
             envelope, body = [frames[0].bytes], frames[1:]
         if not body:
-            log.warning("dropping a message with no header frame")
             self._send(envelope, reply_error(BadRequestError("message has no header frame")))
             return
         op: str | None = None
         req_id: Any = None
         try:
-            total = sum(len(f) for f in body)
-            if total > self.limits.max_request_bytes:
-                raise LimitExceededError(f"request is {total} bytes; the limit is {self.limits.max_request_bytes}")
+            if len(body[0]) > self.limits.max_request_bytes:
+                raise LimitExceededError("header frame over the request limit")
             header = parse_header(body[0].buffer)
-            op, req_id = header["op"], header.get("id")
-            if req_id is not None and not isinstance(req_id, (str, int)):
+            req_id = header.get("id")
+            if req_id is not None and (not isinstance(req_id, (str, int)) or isinstance(req_id, bool)
+                                       or (isinstance(req_id, str) and len(req_id) > MAX_ID_CHARS)):
                 req_id = None
-                raise BadRequestError("field 'id' must be a string or an integer")
+                raise BadRequestError(f"field 'id' must be a string of at most {MAX_ID_CHARS} characters or an "
+                                      "integer")
+            spec = self.ops.get(header["op"])
+            op = header["op"] if spec is not None else header["op"][:64]
             check_version(header)  # after reading the id, so a mismatch reply still reaches its request
-            self._current_envelope = envelope
-            handler = self._handlers.get(op)
-            if handler is None:
-                raise UnknownOpError(f"unknown op '{op}'; known ops: {', '.join(self._handlers)}",
-                                     known_ops=list(self._handlers))
-            reply = handler(header, body[1:])
-            if reply is None:
-                return  # a worker replies later
-            self._send(envelope, reply_ok(op, req_id, **reply))
+            if recv_err is not None:
+                raise recv_err
+            if spec is None:
+                raise UnknownOpError(f"unknown op '{op}'; known ops: {', '.join(self.ops)}", known_ops=list(self.ops))
+            req = Request(op=header["op"], id=req_id, header=header, frames=body[1:],
+                          client=self._client_key(frames[0]), envelope=envelope)
+            if spec.where == "loop":
+                self._send(envelope, reply_ok(op, req_id, **spec.run(self, req)))
+            elif spec.where == "light":
+                self._submit_light(req, spec.run)
+            else:
+                self._submit_model(req, spec.run)
         except QPBridgeError as err:
             self._send(envelope, reply_error(err, op, req_id))
         except Exception as exc:  # a bug must not kill the server
             log.exception("internal error handling %s", op)
-            self._send(envelope, reply_error(InternalError(f"internal error: {type(exc).__name__}: {exc}"), op, req_id))
+            self._send(envelope, reply_error(InternalError(f"internal error: {type(exc).__name__}"), op, req_id))
 
     def _send(self, envelope: list[bytes], reply: dict[str, Any]) -> None:
-        self._router.send_multipart([*envelope, dumps(reply)])
+        self._router.send_multipart([*envelope, dumps_reply(reply)])
 
-    def _in_worker(self, header: dict[str, Any], work: Callable[[], dict[str, Any]]) -> None:
-        """Run ``work`` on the pool; its reply (or error) goes back through the inproc socket."""
-        op, req_id = header["op"], header.get("id")
-        envelope = self._current_envelope
+    # ---- pools -----------------------------------------------------------------------------------
+    def _submit_light(self, req: Request, run: Callable[[Server, Request], dict[str, Any]]) -> None:
+        with self._share_lock:
+            mine = self._light.get(req.client, 0)
+            if mine >= 2 or sum(self._light.values()) >= self.limits.max_queued_requests:
+                raise BusyError(f"busy: {mine} requests of this client are being prepared; retry after "
+                                f"{RETRY_AFTER_MS} ms", retry_after_ms=RETRY_AFTER_MS)
+            self._light[req.client] = mine + 1
 
-        def run() -> None:
-            try:
-                reply = reply_ok(op, req_id, **work())
-            except QPBridgeError as err:
-                reply = reply_error(err, op, req_id)
-            except Exception as exc:
-                log.exception("internal error in %s", op)
-                reply = reply_error(InternalError(f"internal error: {type(exc).__name__}: {exc}"), op, req_id)
-            try:
-                payload = dumps(reply)
-            except ValueError as exc:  # NaN slipped through: report it rather than send invalid JSON
-                payload = dumps(reply_error(InternalError(f"internal error: reply not serialisable: {exc}"),
-                                            op, req_id))
-            self._pusher().send_multipart([*envelope, payload])
+        def done() -> None:
+            with self._share_lock:
+                left = self._light[req.client] - 1
+                if left:
+                    self._light[req.client] = left
+                else:
+                    del self._light[req.client]
 
-        self._pool.submit(run)
+        self._light_pool.submit(self._work, req, run, done)
+
+    def _submit_model(self, req: Request, run: Callable[[Server, Request], dict[str, Any]]) -> None:
+        tiles = req.header.get("tiles")
+        n = len(tiles) if isinstance(tiles, list) else 0
+        size = sum(len(f) for f in req.frames)
+        job = self.jobs.peek(req.header.get("job"))
+        with self._share_lock:
+            share = self._shares.setdefault(req.client, _Share())
+            why = None
+            if share.requests >= self.limits.max_client_requests:
+                why = f"this client has {share.requests} model requests queued or running (at most " \
+                      f"{self.limits.max_client_requests})"
+            elif share.tiles + n > self.limits.max_client_tiles and share.requests:
+                why = f"this client has {share.tiles} tiles queued (at most {self.limits.max_client_tiles})"
+            elif self._queued >= self.limits.max_queued_requests:
+                why = f"the server has {self._queued} model requests queued"
+            elif self._queued_bytes + size > self.limits.max_queued_bytes and self._queued:
+                why = f"the server holds {self._queued_bytes >> 20} MiB of queued requests"
+            if why is not None:
+                if not share.requests:
+                    del self._shares[req.client]
+                retry = RETRY_AFTER_MS * (1 + self._queued // max(1, self.workers))
+                raise BusyError(f"busy: {why}; retry after {retry} ms", retry_after_ms=retry)
+            share.requests += 1
+            share.tiles += n
+            self._queued += 1
+            self._queued_bytes += size
+            if job is not None:
+                with job.lock:
+                    job.inflight += 1
+
+        def done() -> None:
+            with self._share_lock:
+                share.requests -= 1
+                share.tiles -= n
+                self._queued -= 1
+                self._queued_bytes -= size
+                if share.requests == 0 and self._shares.get(req.client) is share:
+                    del self._shares[req.client]
+                if self._queued == 0:
+                    self._trim_due = True
+            if job is not None:
+                with job.lock:
+                    job.inflight -= 1
+                    job.last_seen = time.monotonic()
+
+        self._fair.put(req.client, lambda: self._work(req, run, done))
+
+    def _worker(self) -> None:
+        while (item := self._fair.get()) is not None:
+            item()
+
+    def _work(self, req: Request, run: Callable[[Server, Request], dict[str, Any]],
+              done: Callable[[], None]) -> None:
+        """Run one op on a pool thread; its reply (or error) goes back through the inproc socket."""
+        try:
+            reply = reply_ok(req.op, req.id, **run(self, req))
+        except QPBridgeError as err:
+            reply = reply_error(err, req.op, req.id)
+        except Exception as exc:
+            log.exception("internal error in %s", req.op)
+            reply = reply_error(InternalError(f"internal error: {type(exc).__name__}: {exc}"), req.op, req.id)
+        finally:
+            req.frames = []  # the request's pixels go now, not when the next request replaces them
+            done()
+        self._pusher().send_multipart([*req.envelope, dumps_reply(reply)])
+
+    def submit_slide(self, fn: Callable[[], None]) -> None:
+        self._slide_pool.submit(fn)
 
     def _pusher(self) -> zmq.Socket:
         sock = getattr(self._local, "push", None)
@@ -261,192 +479,3 @@ class Server:
             with self._pushers_lock:
                 self._pushers.append(sock)
         return sock
-
-    # ---- ops -------------------------------------------------------------------------------------
-    def _hello(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
-        client = header.get("client")
-        if isinstance(client, dict):
-            log.info("hello from %s %s", client.get("name", "?"), client.get("version", "?"))
-        caps = CAPABILITIES + ([SLIDE_CAPABILITY] if self.slide_roots else [])
-        return {"protocol": PROTOCOL_VERSION, "server_version": __version__, "device": self.engine.device,
-                "capabilities": caps, "models": sorted(self.engine.cards),
-                "limits": self.limits.to_wire(), "slide_roots": [str(r) for r in self.slide_roots]}
-
-    def _models(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
-        return {"models": [c.to_wire() for _, c in sorted(self.engine.cards.items())]}
-
-    def _model_name(self, header: dict[str, Any]) -> str:
-        name = header.get("model")
-        if not isinstance(name, str) or not name:
-            raise BadRequestError("field 'model' must name a model; the 'models' op lists them")
-        return name
-
-    def _predict(self, header: dict[str, Any], frames: list[Any]) -> None:
-        name = self._model_name(header)
-        image = parse_image(header.get("image"))
-        specs = parse_tiles(header, frames, self.limits)
-        self.engine.check_image(name, image)
-
-        def work() -> dict[str, Any]:
-            t0 = time.perf_counter()
-            tiles = [(s, decode_tile(s, f.buffer)) for s, f in zip(specs, frames, strict=True)]
-            features = self.engine.predict(name, image, tiles)
-            return {"features": features,
-                    "stats": {"tiles": len(tiles), "seconds": round(time.perf_counter() - t0, 6)}}
-
-        self._in_worker(header, work)
-        return None
-
-    def _job_open(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
-        name = self._model_name(header)
-        image = parse_image(header.get("image"))
-        card = self.engine.check_image(name, image)
-        expected = header.get("expected_tiles")
-        if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 0):
-            raise BadRequestError("expected_tiles must be a non-negative integer")
-        region = header.get("region")
-        if region is None:
-            job = self.jobs.open(name, image, expected)
-            log.info("job %s opened: model %s, image %r, %s tiles expected", job.id, name, image.name, expected)
-            return {"job": job.id, "model": card.to_wire()}
-        plan, stitch_factory = self._plan_for(name, card, image, region, header.get("roi"))
-        job = self.jobs.open(name, image, len(plan.tiles))
-        job.stitch = stitch_factory(job.add_feature)
-        log.info("job %s opened: model %s, image %r, planned %d tiles", job.id, name, image.name, len(plan.tiles))
-        return {"job": job.id, "model": card.to_wire(), "plan": plan_to_wire(plan)}
-
-    def _plan_for(self, name: str, card: Any, image: Any, region: Any, roi: Any) -> tuple[Any, Any]:
-        """The server's tile plan over a region, and a factory of the engine run fed by the job's tiles."""
-        import shapely
-
-        from qpbridge.engine.features import FeatureBuilder
-        from qpbridge.engine.plan import make_plan
-        from qpbridge.engine.session import PlanRun
-        from qpbridge.roi import geometry_from_geojson
-
-        if not isinstance(region, dict):
-            raise BadRequestError("region must be {\"x\", \"y\", \"width\", \"height\"} in full-resolution pixels")
-        box = tuple(_field(region, k, int) for k in ("x", "y", "width", "height"))
-        roi_geom = geometry_from_geojson(roi) if roi is not None else None
-        plan = make_plan(card, box, image.mpp, roi_geom)
-        if len(plan.tiles) > 1_000_000:
-            raise LimitExceededError(f"region needs {len(plan.tiles)} tiles; split it into smaller regions")
-        x, y, w, h = box
-        clip = shapely.box(x, y, x + w, y + h)
-        clip = clip if roi_geom is None else clip.intersection(roi_geom)
-        size = (image.width, image.height) if image.width and image.height else None
-        builder = FeatureBuilder(card, image.mpp, clip, size)
-        return plan, lambda sink: PlanRun(self.engine, name, plan, builder, sink)
-
-    def _job_tiles(self, header: dict[str, Any], frames: list[Any]) -> None:
-        job = self.jobs.get(header.get("job"))
-        specs = parse_tiles(header, frames, self.limits)
-        todo, skipped = job.claim(specs)
-
-        def work() -> dict[str, Any]:
-            return self._run_job_batch(job, [specs[i] for i in todo], [frames[i] for i in todo], skipped)
-
-        self._in_worker(header, work)
-        return None
-
-    def _run_job_batch(self, job: Job, specs: list[Any], frames: list[Any], skipped: int) -> dict[str, Any]:
-        processed: list[Any] = []
-
-        def on_tile(spec: Any, feats: list[dict[str, Any]]) -> None:
-            job.record(feats)
-            processed.append(spec)
-
-        try:
-            tiles = [(s, decode_tile(s, f.buffer)) for s, f in zip(specs, frames, strict=True)]
-            if job.stitch is not None:
-                run = job.stitch
-                planned = [run.planned(spec, px) for spec, px in tiles]
-
-                def stitched(i: int) -> None:
-                    job.record([])
-                    processed.append(specs[i])
-
-                run.process(planned, should_stop=job.cancel_event.is_set, on_tile=stitched)
-            else:
-                self.engine.predict(job.model, job.image, tiles, should_stop=job.cancel_event.is_set,
-                                    on_tile=on_tile)
-        except QPBridgeError:
-            job.release([s for s in specs if s not in processed])
-            raise
-        except Exception as exc:
-            job.release([s for s in specs if s not in processed])
-            err = InternalError(f"job failed: {type(exc).__name__}: {exc}")
-            job.fail(err)
-            raise err from exc
-        finally:
-            job.last_seen = time.monotonic()
-        job.release([s for s in specs if s not in processed])  # cancelled part-way
-        status = job.status()
-        return {"accepted": len(processed), "skipped": skipped, "tiles_done": status["tiles_done"],
-                "tiles_expected": status["tiles_expected"], "state": status["state"]}
-
-    def _job_slide(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
-        from qpbridge.annotate import annotate_slide
-        from qpbridge.protocol import ImageInfo
-        from qpbridge.roi import geometry_from_geojson
-        from qpbridge.slides import resolve_slide_path
-
-        name = self._model_name(header)
-        card = self.engine.card(name)
-        path = resolve_slide_path(_field(header, "path", str), self.slide_roots)
-        mpp = header.get("mpp")
-        if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or mpp <= 0):
-            raise BadRequestError("mpp must be a positive number of µm per pixel")
-        roi = geometry_from_geojson(header["roi"]) if header.get("roi") is not None else None
-        tissue_filter = header.get("tissue_filter", True)
-        if not isinstance(tissue_filter, bool):
-            raise BadRequestError("tissue_filter must be true or false")
-        job = self.jobs.open(name, ImageInfo(name=path.name, mpp=mpp), None, kind="slide")
-
-        def run() -> None:
-            try:
-                annotate_slide(self.engine, path, name, mpp=mpp, roi=roi, tissue_filter=tissue_filter,
-                               on_plan=lambda plan: job.set_progress(0, len(plan.tiles)),
-                               on_progress=lambda p: job.set_progress(p.tiles_done),
-                               should_stop=job.cancel_event.is_set, sink=job.add_feature)
-                job.complete()
-                log.info("slide job %s %s: %s", job.id, job.status()["state"], path.name)
-            except QPBridgeError as err:
-                job.fail(err)
-                log.warning("slide job %s failed: %s", job.id, err)
-            except Exception as exc:
-                log.exception("slide job %s failed", job.id)
-                job.fail(InternalError(f"slide job failed: {type(exc).__name__}: {exc}"))
-
-        self._slide_pool.submit(run)
-        log.info("slide job %s opened: model %s, slide %s", job.id, name, path)
-        return {"job": job.id, "model": card.to_wire()}
-
-    def _job_status(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
-        return self.jobs.get(header.get("job")).status()
-
-    def _job_results(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
-        job = self.jobs.get(header.get("job"))
-        offset = header.get("offset", 0)
-        limit = header.get("limit", 1000)
-        for key, value in (("offset", offset), ("limit", limit)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise BadRequestError(f"{key} must be a non-negative integer")
-        return job.page(offset, min(max(limit, 1), MAX_PAGE))
-
-    def _job_finish(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
-        job = self.jobs.get(header.get("job"))
-        job.finish()
-        status = job.status()
-        log.info("job %s done: %d tiles, %d features", job.id, status["tiles_done"], status["features"])
-        return {"state": status["state"], "tiles_done": status["tiles_done"], "features": status["features"]}
-
-    def _job_cancel(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
-        job = self.jobs.get(header.get("job"))
-        job.cancel()
-        log.info("job %s cancelled", job.id)
-        return {"state": job.status()["state"]}
-
-    def _job_close(self, header: dict[str, Any], frames: list[Any]) -> dict[str, Any]:
-        self.jobs.close(header.get("job"))
-        return {"closed": True}
