@@ -69,6 +69,36 @@ class FamilyTrainer(ABC):
         """Samples in one epoch: by default, the training split's area in crops, at least one batch."""
         return max(self.batch_size, self.data.train_crops(self.crop))
 
+class JitteredCrops:
+    """Training batches of random crops of ``_tiles``, colour-jittered on the device and normalised as the card
+    says (``norm``, with ``_mean``/``_std`` on the device): the ``batches`` of the trainers that need nothing
+    more."""
+
+    _tiles: list[dict[str, torch.Tensor]]
+    batch_size: int
+    crop: int | None
+    jitter: Any
+    norm: Any
+    _mean: torch.Tensor
+    _std: torch.Tensor
+
+    def normalise(self, rgb01: torch.Tensor) -> torch.Tensor:
+        return (rgb01 * (255.0 / self.norm.scale) - self._mean) / self._std
+
+    def batches(self, rng: np.random.Generator, n_samples: int) -> Iterator[dict[str, torch.Tensor]]:
+        from qpbridge.training.augment import random_crops
+
+        done = 0
+        while done < n_samples:
+            n = min(self.batch_size, n_samples - done)
+            batch = random_crops(self._tiles, rng, n, int(self.crop or 32))
+            colour = self.jitter.draw(rng, n)
+            rgb = self.jitter.apply(batch.pop("image").float() / 255.0, colour)
+            batch["input"] = self.normalise(rgb).contiguous()
+            done += n
+            yield batch
+
+
 
 _REGISTRY: dict[str, type[FamilyTrainer]] = {}
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,13 @@ from qpbridge.errors import BadRequestError, ModelCardError
 from qpbridge.families.maskrcnn import MaskRCNNSettings, _paint, build_maskrcnn
 from qpbridge.families.torch_runtime import IMAGENET_MEAN, IMAGENET_STD, Normalization
 from qpbridge.metrics import InstanceImage, coco_metrics
-from qpbridge.training.augment import ColourJitter, random_crops
-from qpbridge.training.base import FamilyTrainer, register_trainer
+from qpbridge.training.augment import ColourJitter
+from qpbridge.training.base import FamilyTrainer, JitteredCrops, register_trainer
 from qpbridge.training.data import TileSet
 
 
 @register_trainer("maskrcnn")
-class MaskRCNNTrainer(FamilyTrainer):
+class MaskRCNNTrainer(JitteredCrops, FamilyTrainer):
     metric = "ap50"
     mode = "instances"
 
@@ -87,20 +86,6 @@ class MaskRCNNTrainer(FamilyTrainer):
 
     def build_model(self) -> torch.nn.Module:
         return build_maskrcnn(len(self.names) + 1, self.settings, detectron2=False, trainable=True)
-
-    def normalise(self, rgb01: torch.Tensor) -> torch.Tensor:
-        return (rgb01 * (255.0 / self.norm.scale) - self._mean) / self._std
-
-    def batches(self, rng: np.random.Generator, n_samples: int) -> Iterator[dict[str, torch.Tensor]]:
-        done = 0
-        while done < n_samples:
-            n = min(self.batch_size, n_samples - done)
-            batch = random_crops(self._tiles, rng, n, int(self.crop or 32))
-            colour = self.jitter.draw(rng, n)
-            rgb = self.jitter.apply(batch.pop("image").float() / 255.0, colour)
-            batch["input"] = self.normalise(rgb).contiguous()
-            done += n
-            yield batch
 
     @staticmethod
     def targets(labels: torch.Tensor, types: torch.Tensor) -> dict[str, torch.Tensor]:

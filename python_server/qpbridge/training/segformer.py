@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,15 @@ from torch.nn import functional as F
 
 from qpbridge.errors import BadRequestError, ModelCardError
 from qpbridge.families.torch_runtime import IMAGENET_MEAN, IMAGENET_STD, Normalization
-from qpbridge.training.augment import ColourJitter, random_crops
-from qpbridge.training.base import FamilyTrainer, register_trainer
+from qpbridge.training.augment import ColourJitter
+from qpbridge.training.base import FamilyTrainer, JitteredCrops, register_trainer
 from qpbridge.training.data import TileSet
 
 IGNORE = 255  # label of pixels that take no part in the loss or the metrics
 
 
 @register_trainer("segformer-hf")
-class SegformerTrainer(FamilyTrainer):
+class SegformerTrainer(JitteredCrops, FamilyTrainer):
     metric = "miou"
     mode = "semantic"
 
@@ -65,20 +64,6 @@ class SegformerTrainer(FamilyTrainer):
         model: torch.nn.Module = SegformerForSemanticSegmentation(config)
         return model
 
-    def _normalise(self, rgb01: torch.Tensor) -> torch.Tensor:
-        return (rgb01 * (255.0 / self.norm.scale) - self._mean) / self._std
-
-    def batches(self, rng: np.random.Generator, n_samples: int) -> Iterator[dict[str, torch.Tensor]]:
-        done = 0
-        while done < n_samples:
-            n = min(self.batch_size, n_samples - done)
-            batch = random_crops(self._tiles, rng, n, int(self.crop or 32))
-            colour = self.jitter.draw(rng, n)
-            rgb = self.jitter.apply(batch.pop("image").float() / 255.0, colour)
-            batch["input"] = self._normalise(rgb).contiguous()
-            done += n
-            yield batch
-
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(pixel_values=batch["input"], labels=batch["labels"])
@@ -97,7 +82,7 @@ class SegformerTrainer(FamilyTrainer):
             h, w = mask.shape
             x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(self.device).float() / 255.0
             with autocast:
-                logits = model(pixel_values=self._normalise(x)).logits
+                logits = model(pixel_values=self.normalise(x)).logits
             pred = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
             true = torch.from_numpy(mask.astype(np.int64)).to(self.device)
             keep = true != IGNORE

@@ -6,7 +6,6 @@ present) from one confusion matrix over the validation tiles."""
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any, ClassVar
 
@@ -16,8 +15,8 @@ from torch.nn import functional as F
 
 from qpbridge.errors import BadRequestError
 from qpbridge.families.torch_runtime import IMAGENET_MEAN, IMAGENET_STD, Normalization
-from qpbridge.training.augment import ColourJitter, random_crops
-from qpbridge.training.base import FamilyTrainer
+from qpbridge.training.augment import ColourJitter
+from qpbridge.training.base import FamilyTrainer, JitteredCrops
 from qpbridge.training.data import TileSet
 
 IGNORE = 255  # label of pixels that take no part in the loss or the metrics
@@ -64,7 +63,7 @@ def confusion_metrics(confusion: np.ndarray, names: list[str]) -> dict[str, floa
     return result
 
 
-class SemanticCrops(FamilyTrainer):
+class SemanticCrops(JitteredCrops, FamilyTrainer):
     """Augmented, normalised crops of semantic tiles with their class labels (``input``, ``labels``); crops are
     cut to a multiple of the network's :meth:`input_multiple`."""
 
@@ -94,20 +93,6 @@ class SemanticCrops(FamilyTrainer):
 
     def input_multiple(self) -> int:
         return 32
-
-    def normalise(self, rgb01: torch.Tensor) -> torch.Tensor:
-        return (rgb01 * (255.0 / self.norm.scale) - self._mean) / self._std
-
-    def batches(self, rng: np.random.Generator, n_samples: int) -> Iterator[dict[str, torch.Tensor]]:
-        done = 0
-        while done < n_samples:
-            n = min(self.batch_size, n_samples - done)
-            batch = random_crops(self._tiles, rng, n, int(self.crop or 32))
-            colour = self.jitter.draw(rng, n)
-            rgb = self.jitter.apply(batch.pop("image").float() / 255.0, colour)
-            batch["input"] = self.normalise(rgb).contiguous()
-            done += n
-            yield batch
 
     def val_tiles(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         images, masks = self.data.images.get("val", []), self.data.masks.get("val", [])
