@@ -197,7 +197,7 @@ def test_blending_memory_of_running_jobs_is_budgeted(models_dir):
     running = start_server(models_dir, Limits(max_stitch_bytes=8 << 20))
     try:
         region = (0, 0, 4000, 600)
-        with Client(running.address, timeout_s=2) as c, Client(running.address, timeout_s=2) as d:
+        with Client(running.address, timeout_s=30) as c, Client(running.address, timeout_s=3) as d:
             first = c.job_open_planned("seams", ImageInfo(mpp=1.0), region)
             with pytest.raises(RemoteError) as info:
                 d.job_open_planned("seams", ImageInfo(mpp=1.0), region)

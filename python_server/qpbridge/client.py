@@ -38,6 +38,7 @@ SERVER_KEY_ENV = "QPBRIDGE_SERVER_KEY"
 CLIENT_KEY_ENV = "QPBRIDGE_CLIENT_KEY"
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+BUSY_ANSWER_S = 0.5  # time left for the answer to a retried request
 
 
 class Client:
@@ -128,10 +129,12 @@ class Client:
             try:
                 return self._request_once(header, frames, deadline, timeout_s)
             except RemoteError as err:
-                if err.code != "busy" or time.monotonic() >= deadline:
+                wait = max(0.01, float(err.details.get("retry_after_ms", 500)) / 1000.0)
+                # Retry only while a retry and its answer still fit before the deadline; else the busy answer
+                # stands (never a "no reply" for a server that did reply).
+                if err.code != "busy" or deadline - time.monotonic() < wait + BUSY_ANSWER_S:
                     raise
-                wait = float(err.details.get("retry_after_ms", 500)) / 1000.0
-                time.sleep(max(0.01, min(wait, deadline - time.monotonic())))
+                time.sleep(wait)
 
     def _request_once(self, header: dict[str, Any], frames: Sequence[Any], deadline: float,
                       timeout_s: float | None) -> dict[str, Any]:
