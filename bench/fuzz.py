@@ -374,8 +374,10 @@ def run(n: int, seed: int, python: str = sys.executable, log: Any = None) -> dic
                 if log:
                     print(f"crash on message {i} ({kind}): {message[0][:300]!r}", file=log)
                 server.start()
+                back = time.monotonic() + 60
                 while not wire.hello_ok(1.0):
-                    pass
+                    if time.monotonic() > back:
+                        raise SystemExit(f"the server did not come back within 60 s after message {i}")
                 continue
             if reply is None:
                 wedges += 1

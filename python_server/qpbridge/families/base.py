@@ -6,11 +6,12 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
-from qpbridge.errors import ModelCardError
+from qpbridge.errors import ModelCardError, ModelLoadError
 
 if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
@@ -139,6 +140,19 @@ def family_class(name: str) -> type[ModelFamily]:
         raise ModelCardError(
             f"unknown model family '{name}'; known families: {', '.join(known_families())}"
         ) from None
+
+
+def card_weights(card: ModelCard, kind: str, *, file_only: bool = False) -> Path:
+    """The card's weights path, or ModelLoadError naming what is missing (``kind``: what the family reads there)
+    and pointing to the card's README for where to get it."""
+    readme = card.folder / "README.md" if card.folder is not None else None
+    where = f"see {readme}" if readme is not None and readme.is_file() else "see the model card's README"
+    if card.weights is None:
+        raise ModelLoadError(f"model '{card.name}' has no 'weights' in its card; {where}")
+    if not (card.weights.is_file() if file_only else card.weights.exists()):
+        raise ModelLoadError(f"model '{card.name}' needs its {kind} at {card.weights}, which does not exist; "
+                             f"{where} for where to get them and where to put them", path=str(card.weights))
+    return card.weights
 
 
 def create_model(card: ModelCard, device: str = "cpu") -> ModelFamily:

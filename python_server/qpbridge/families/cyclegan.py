@@ -192,11 +192,7 @@ class CycleGANTranslator(ModelFamily):
         self.worker = DeviceWorker(self.generator, self.torch_device, name=card.name,
                                    normalization=generator_normalization(card), head=rgb_head,
                                    **worker_settings(card))
-        try:  # one blank tile at load: a generator that cannot run fails here, not mid-job
-            self.worker.run(np.zeros((1, card.tile_size, card.tile_size, 3), dtype=np.uint8))
-        except BaseException:
-            self.worker.close()
-            raise
+        self.worker.warm_up(card.tile_size)  # a broken model fails at load, not mid-job
 
     def translate(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Translated uint8 RGB tiles, each of its input's size."""

@@ -386,11 +386,7 @@ class GradCAMSegmentation(TorchSegmentation):
 
         worker = DeviceWorker(model, self.torch_device, name=card.name, precision=precision, head=head,
                               autograd=True, **settings)
-        try:
-            worker.run(np.zeros((1, card.tile_size, card.tile_size, 3), dtype=np.uint8))
-        except BaseException:
-            worker.close()
-            raise
+        worker.warm_up(card.tile_size)
         return worker
 
     def _run(self, tiles: Sequence[np.ndarray], on_device: bool) -> list[TileResult]:

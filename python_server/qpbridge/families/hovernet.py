@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from qpbridge.errors import ModelCardError, ModelLoadError
-from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, register_family
+from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, card_weights, register_family
 from qpbridge.families.hovernet_net import HoverArch, HoverNet, split_output
 from qpbridge.families.hovernet_post import HoverPostParams, hover_instances, instance_types
 from qpbridge.families.stains import check_rgb_tile
@@ -134,28 +134,13 @@ class HoverNetFamily(ModelFamily):
         compile_shape = (max_batch, card.tile_size, card.tile_size) if _bool_param(params, "compile", False) \
             else None
         self.torch_device = resolve_torch_device(device)
-        weights = self._weights_path()
+        weights = card_weights(card, f"weights ({card.params.get('format', 'state_dict')})", file_only=True)
         model = build_network(card, weights)
         self.worker = DeviceWorker(model, self.torch_device, name=card.name, precision=precision,
                                    normalization=Normalization.from_card(card.normalization), max_batch=max_batch,
                                    max_wait_s=wait_s, channels_last=channels_last, compile_shape=compile_shape,
                                    head=self._head)
-        try:  # one blank tile: a model whose outputs do not fit the card fails at load, not mid-job
-            self.worker.run(np.zeros((1, card.tile_size, card.tile_size, 3), dtype=np.uint8))
-        except BaseException:
-            self.worker.close()
-            raise
-
-    def _weights_path(self) -> Path:
-        card = self.card
-        readme = card.folder / "README.md" if card.folder is not None else None
-        where = f"see {readme}" if readme is not None and readme.is_file() else "see the model card's README"
-        if card.weights is None:
-            raise ModelLoadError(f"model '{card.name}' has no 'weights' in its card; {where}")
-        if not card.weights.is_file():
-            raise ModelLoadError(f"model '{card.name}' needs its weights ({card.params.get('format', 'state_dict')})"
-                                 f" at {card.weights}, which does not exist; {where}", path=str(card.weights))
-        return card.weights
+        self.worker.warm_up(card.tile_size)  # a broken model fails at load, not mid-job
 
     def _head(self, output: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = output if isinstance(output, torch.Tensor) else output[0]

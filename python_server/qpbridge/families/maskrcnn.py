@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from qpbridge.errors import ModelCardError, ModelLoadError
-from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, register_family
+from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, card_weights, register_family
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
     DEFAULT_MAX_WAIT_S,
@@ -288,7 +288,7 @@ class MaskRCNNFamily(ModelFamily):
         if not isinstance(channels_last, bool):
             raise ModelCardError(f"card parameter 'channels_last' must be true or false, got {channels_last!r}")
         self.torch_device = resolve_torch_device(device)
-        model, default_norm = self._load(self._weights_path())
+        model, default_norm = self._load(card_weights(card, "Mask R-CNN weights file", file_only=True))
         normalization = Normalization.from_card(card.normalization, default_norm.mean, default_norm.std)
         if "scale" not in card.normalization:
             normalization = Normalization(normalization.mean, normalization.std, default_norm.scale)
@@ -296,23 +296,7 @@ class MaskRCNNFamily(ModelFamily):
         self.worker = DeviceWorker(_ListInput(model), self.torch_device, name=card.name, normalization=normalization,
                                    precision=precision, max_batch=max_batch, max_wait_s=float(wait_ms) / 1000.0,
                                    channels_last=channels_last, weights="autocast", head=self._head)
-        try:  # one blank tile at load: a broken model fails here, not mid-job (and the device warms up)
-            self.worker.run(np.zeros((1, card.tile_size, card.tile_size, 3), np.uint8))
-        except BaseException:
-            self.worker.close()
-            raise
-
-    def _weights_path(self) -> Path:
-        card = self.card
-        readme = card.folder / "README.md" if card.folder is not None else None
-        where = f"see {readme}" if readme is not None and readme.is_file() else "see the model card's README"
-        if card.weights is None:
-            raise ModelLoadError(f"model '{card.name}' has no 'weights' in its card; {where}")
-        if not card.weights.is_file():
-            raise ModelLoadError(f"model '{card.name}' needs its Mask R-CNN weights file at {card.weights}, which does "
-                                 f"not exist; {where} for where to get them and where to put them",
-                                 path=str(card.weights))
-        return card.weights
+        self.worker.warm_up(card.tile_size)  # a broken model fails at load, not mid-job
 
     def _load(self, path: Path) -> tuple[torch.nn.Module, Normalization]:
         """The model on the device, and the normalisation its weights expect unless the card says otherwise."""

@@ -293,6 +293,16 @@ class DeviceWorker:
         """``submit(batch).result()``: an array of probabilities, or a dict of arrays with ``head``."""
         return self.submit(batch, native=native).result(timeout)
 
+    def warm_up(self, size: int) -> DeviceWorker:
+        """Run one blank ``size`` px tile, so that a model whose outputs do not fit its card fails at load, not
+        mid-job (and the device warms up); a worker that fails is closed. Returns the worker."""
+        try:
+            self.run(np.zeros((1, size, size, 3), dtype=np.uint8))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker: requests not yet started fail with ModelLoadError; the model is released."""
         with self._cond:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from qpbridge.errors import ModelCardError, ModelLoadError
-from qpbridge.families.base import ModelFamily, SemanticResult, TileResult
+from qpbridge.families.base import ModelFamily, SemanticResult, TileResult, card_weights
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
     DEFAULT_MAX_WAIT_S,
@@ -112,7 +112,7 @@ class TorchSegmentation(ModelFamily):
             else None
         normalization = Normalization.from_card(card.normalization, self.default_mean, self.default_std)
         self.torch_device = resolve_torch_device(device)
-        weights = self._weights_path()
+        weights = card_weights(card, self.weights_kind)
         settings: dict[str, Any] = {"normalization": normalization, "max_batch": max_batch, "max_wait_s": wait_s,
                                     "channels_last": channels_last, "compile_shape": compile_shape}
         half = precision != "fp32" and self.torch_device.type == "cuda"
@@ -136,24 +136,8 @@ class TorchSegmentation(ModelFamily):
         card = self.card
         worker = DeviceWorker(model, self.torch_device, name=card.name, n_outputs=len(card.classes),
                               precision=precision, **settings)
-        try:
-            worker.run(np.zeros((1, card.tile_size, card.tile_size, 3), dtype=np.uint8))
-        except BaseException:
-            worker.close()
-            raise
+        worker.warm_up(card.tile_size)
         return worker
-
-    def _weights_path(self) -> Path:
-        card = self.card
-        readme = card.folder / "README.md" if card.folder is not None else None
-        where = f"see {readme}" if readme is not None and readme.is_file() else "see the model card's README"
-        if card.weights is None:
-            raise ModelLoadError(f"model '{card.name}' has no 'weights' in its card; {where}")
-        if not card.weights.exists():
-            raise ModelLoadError(
-                f"model '{card.name}' needs its {self.weights_kind} at {card.weights}, which does not exist; "
-                f"{where} for where to get them and where to put them", path=str(card.weights))
-        return card.weights
 
     @abstractmethod
     def _load(self, weights: Path, device: torch.device) -> torch.nn.Module:
