@@ -136,7 +136,7 @@ def test_weights_that_do_not_fit_name_the_parameters(tmp_path: Path, unet_root: 
     torch.save(tiny_unet().state_dict(), tmp_path / "small.pth")
     # the card leaves out model_kwargs: smp's default five-level U-Net does not take these weights
     card = ModelCard.from_dict(card_dict(weights="small.pth"), folder=tmp_path)
-    with pytest.raises(ModelLoadError, match=r"do not fit the architecture: \d+ missing \(decoder\.blocks\.3\..*"
+    with pytest.raises(ModelLoadError, match=r"does not fit the architecture: \d+ missing \(decoder\.blocks\.3\..*"
                        r"of another shape \(file vs model: decoder\.blocks\.0\.conv1\.0\.weight \(16, 64, 3, 3\)"):
         create_model(card, "cpu")
     torch.save({**tiny_unet().state_dict(), "aux.weight": torch.zeros(2)}, tmp_path / "extra.pth")

@@ -13,7 +13,7 @@ conv, tanh. Instance norm without affine parameters or running statistics, so bi
 have them dropped, as the repository's own loader does.
 
 Weights: that state dict (``.pth``), or a TorchScript file of a generator taking N x 3 x H x W in [-1, 1] and
-returning the same in [-1, 1]; the file itself says which (see :mod:`qpbridge.families.torch_weights`).
+returning the same in [-1, 1]; the file itself says which (see :mod:`qpbridge.families.weights`).
 
 Pixels. Inputs are normalised to [-1, 1] (``x / 255 * 2 - 1``: card normalisation mean 0.5, std 0.5, the
 repository's ``Normalize((0.5,)*3, (0.5,)*3)``); the tanh output goes back to RGB as
@@ -53,7 +53,7 @@ from qpbridge.families.torch_runtime import (
     resolve_torch_device,
 )
 from qpbridge.families.torch_segmentation import _bool_param, _float_param, _int_param, pad_to
-from qpbridge.families.torch_weights import is_torchscript, load_into, load_state_dict, load_torchscript
+from qpbridge.families.weights import is_torchscript, load_state_dict_file, load_torchscript, load_weights_strict
 
 if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
@@ -149,9 +149,9 @@ def load_generator(card: ModelCard, device: torch.device) -> nn.Module:
         ngf = _int_param(params, "ngf", 64, 1)
         n_blocks = _int_param(params, "n_blocks", 9, 0)
         gen = ResnetGenerator(3, 3, ngf, n_blocks, _bool_param(params, "use_dropout", False))
-        state = {k: v for k, v in load_state_dict(weights, card.name).items()
+        state = {k: v for k, v in load_state_dict_file(weights, card.name).items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-        load_into(gen, state, card.name, weights)
+        load_weights_strict(gen, state, card.name, weights)
     gen = gen.to(device).eval()
     for p in gen.parameters():
         p.requires_grad_(False)

@@ -82,7 +82,7 @@ from qpbridge.families.base import NO_CLASS, SemanticResult, TileResult, registe
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import IMAGENET_MEAN, IMAGENET_STD, DeviceWorker, Normalization
 from qpbridge.families.torch_segmentation import TorchSegmentation, _bool_param, pad_to
-from qpbridge.families.torch_weights import is_torchscript, load_into, load_state_dict, load_torchscript
+from qpbridge.families.weights import is_torchscript, load_state_dict_file, load_torchscript, load_weights_strict
 
 if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
@@ -360,7 +360,7 @@ class GradCAMSegmentation(TorchSegmentation):
                 raise ModelCardError(f"model '{self.card.name}': a state dict needs its architecture: set the card "
                                      "parameter 'arch' (a torchvision model name such as resnet18, or timm:<name>)")
             classifier = self._build(arch, k)
-            load_into(classifier, load_state_dict(weights, self.card.name), self.card.name, weights)
+            load_weights_strict(classifier, load_state_dict_file(weights, self.card.name), self.card.name, weights)
             kind = "timm" if arch.startswith("timm:") and target is None else "module"
             net = GradCAMNet(classifier, kind, target or (None if kind == "timm" else _default_target(classifier)),
                              self.scores, self._thresholds())

@@ -3,8 +3,8 @@
 The network is :class:`~qpbridge.families.hovernet_net.HoverNet` (``params.arch``), held as
 
 - ``params.format = "state_dict"`` (default): ``card.weights`` is a ``torch.save`` of its state dict (a plain
-  dict of tensors, or ``{"model": state_dict}`` as ``qpbridge train`` checkpoints hold it), loaded with
-  ``weights_only=True``;
+  dict of tensors, or ``{"model": state_dict}`` as ``qpbridge train`` checkpoints hold it), read and loaded
+  by :mod:`qpbridge.families.weights` (``weights_only=True``, strict);
 - ``params.format = "torchscript"``: ``card.weights`` is a ``torch.jit.save`` file of any module with the same
   output layout (N, 4 [+ n_types + 1], H, W): NP logits, HV, TP logits.
 
@@ -22,7 +22,6 @@ without types every nucleus is ``classes[0]``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +42,7 @@ from qpbridge.families.torch_runtime import (
     resolve_torch_device,
 )
 from qpbridge.families.torch_segmentation import _bool_param, _float_param, _int_param, pad_to
+from qpbridge.families.weights import load_state_dict_file, load_torchscript, load_weights_strict
 
 if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
@@ -58,16 +58,6 @@ PROBABILITY = "Nucleus: probability mean"
 FORMATS = ("state_dict", "torchscript")
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``path``: a plain one, or the ``model`` entry of a training checkpoint."""
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"{path} holds no state dict of tensors", path=str(path))
-    return state
-
-
 def build_network(card: ModelCard, weights: Path | None) -> torch.nn.Module:
     """The card's network (fp32, CPU), with its weights when given."""
     arch = HoverArch.from_params(card.params)
@@ -77,30 +67,11 @@ def build_network(card: ModelCard, weights: Path | None) -> torch.nn.Module:
     if weights is None:
         return HoverNet(arch)
     if fmt == "torchscript":
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
-                module: torch.nn.Module = torch.jit.load(str(weights), map_location="cpu")
-        except Exception as exc:
-            raise ModelLoadError(f"model '{card.name}': {weights} is not a loadable TorchScript file "
-                                 f"({type(exc).__name__}: {exc}); a state dict needs \"format\": \"state_dict\"",
-                                 path=str(weights)) from exc
-        return module
-    try:
-        state = load_state_dict(weights)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"model '{card.name}': cannot read the state dict {weights} ({type(exc).__name__}: "
-                             f"{exc}); a TorchScript file needs \"format\": \"torchscript\"",
-                             path=str(weights)) from exc
+        return load_torchscript(weights, card.name, torch.device("cpu"),
+                                hint='a state dict needs "format": "state_dict"')
+    state = load_state_dict_file(weights, card.name, hint='a TorchScript file needs "format": "torchscript"')
     net = HoverNet(arch)
-    try:
-        net.load_state_dict({k: v.float() for k, v in state.items()})
-    except RuntimeError as exc:  # missing, unexpected or mis-shaped keys
-        first = str(exc).split("\n\t")[1:3]
-        raise ModelLoadError(f"model '{card.name}': {weights} does not fit the card's arch {arch}: "
-                             f"{'; '.join(s.strip() for s in first)}", path=str(weights)) from exc
+    load_weights_strict(net, state, card.name, weights, target=f"the card's arch {arch}")
     return net
 
 

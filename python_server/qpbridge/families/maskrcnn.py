@@ -62,7 +62,12 @@ from qpbridge.families.torch_runtime import (
     precision_param,
     resolve_torch_device,
 )
-from qpbridge.families.weights import load_state_dict_file, load_weights_strict, read_numpy_pickle
+from qpbridge.families.weights import (
+    load_state_dict_file,
+    load_weights_strict,
+    read_numpy_pickle,
+    unwrap_checkpoint,
+)
 
 if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
@@ -233,26 +238,27 @@ class _AsIs(torch.nn.Module):
 # ---- weights -------------------------------------------------------------------------------------------
 
 
-def read_detectron2(path: Path) -> dict[str, Any]:
+def read_detectron2(path: Path, model: str | None = None) -> dict[str, Any]:
     """The ``model`` state dict of a detectron2 checkpoint (numpy arrays or tensors), read safely: a
-    ``torch.save`` zip with ``weights_only``, any other file as a pickle of numpy arrays only."""
+    ``torch.save`` zip with ``weights_only``, any other file as a pickle of numpy arrays only. ``model`` names
+    the card in errors."""
+    whose = f"model '{model}': " if model else ""
     if zipfile.is_zipfile(path):
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ModelLoadError(f"cannot read {path} ({type(exc).__name__}: {exc}); a detectron2 checkpoint with "
-                                 "an optimizer or scheduler state may hold other objects: keep only its 'model' "
-                                 "entry (torch.save({'model': ckpt['model']}, path))", path=str(path)) from exc
+            raise ModelLoadError(f"{whose}cannot read {path} ({type(exc).__name__}: {exc}); a detectron2 checkpoint "
+                                 "with an optimizer or scheduler state may hold other objects: keep only its "
+                                 "'model' entry (torch.save({'model': ckpt['model']}, path))", path=str(path)) from exc
     else:
         try:
             data = read_numpy_pickle(path)
         except Exception as exc:
-            raise ModelLoadError(f"cannot read {path} as a detectron2 checkpoint: {type(exc).__name__}: {exc}",
-                                 path=str(path)) from exc
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        data = data["model"]
+            raise ModelLoadError(f"{whose}cannot read {path} as a detectron2 checkpoint: {type(exc).__name__}: "
+                                 f"{exc}", path=str(path)) from exc
+    data = unwrap_checkpoint(data)
     if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} holds a {type(data).__name__}, not a detectron2 checkpoint dict",
+        raise ModelLoadError(f"{whose}{path} holds a {type(data).__name__}, not a detectron2 checkpoint dict",
                              path=str(path))
     return {str(k): v for k, v in data.items()}
 
@@ -305,12 +311,12 @@ class MaskRCNNFamily(ModelFamily):
         what = f"model '{card.name}': {path}"
         k = len(card.classes)
         if fmt == "torchvision":
-            state: dict[str, Any] = load_state_dict_file(path)
+            state: dict[str, Any] = load_state_dict_file(path, card.name)
         else:
-            state = read_detectron2(path)
+            state = read_detectron2(path, card.name)
             if fmt == "auto" and not _is_detectron2(state):
                 fmt = "torchvision"
-                state = load_state_dict_file(path)
+                state = load_state_dict_file(path, card.name)
             elif fmt == "auto":
                 fmt = "detectron2"
         if fmt == "detectron2":
@@ -330,7 +336,7 @@ class MaskRCNNFamily(ModelFamily):
                                      f"background first) but the card lists {k}", path=str(path))
             norm = Normalization(IMAGENET_MEAN, IMAGENET_STD, 255.0)
             model = build_maskrcnn(k + 1, self.settings, detectron2=False)
-        load_weights_strict(model, state, f"{what}: the weights")
+        load_weights_strict(model, state, card.name, path)
         return model.to(self.torch_device), norm
 
     def _head(self, output: list[dict[str, torch.Tensor]], x: torch.Tensor) -> dict[str, torch.Tensor]:

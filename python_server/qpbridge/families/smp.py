@@ -122,9 +122,9 @@ class SmpSegmentation(TorchSegmentation):
         if weights.is_dir():
             spec, state = self._read_folder(weights, spec)
         else:
-            state = load_state_dict_file(weights)
+            state = load_state_dict_file(weights, card.name)
         model = build_smp_model(spec)
-        load_weights_strict(model, state, f"model '{card.name}': the weights in {weights}")
+        load_weights_strict(model, state, card.name, weights)
         encoder = getattr(model, "encoder", None)
         stride = int(getattr(encoder, "output_stride", 32) or 32)
         return PadToStride(model, stride).float().to(device)
@@ -155,5 +155,5 @@ class SmpSegmentation(TorchSegmentation):
         merged = {**{k: v for k, v in config.items() if not k.startswith("_")}, **spec, "arch": saved_arch}
         for file in STATE_FILES:
             if (folder / file).is_file():
-                return merged, load_state_dict_file(folder / file)
+                return merged, load_state_dict_file(folder / file, name)
         raise ModelLoadError(f"model '{name}': {folder} has no {' or '.join(STATE_FILES)}", path=str(folder))

@@ -6,7 +6,6 @@ set mean/std. The machinery is :class:`~qpbridge.families.torch_segmentation.Tor
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from qpbridge.errors import ModelLoadError
 from qpbridge.families.base import register_family
 from qpbridge.families.torch_segmentation import TorchSegmentation
+from qpbridge.families.weights import load_torchscript
 
 __all__ = ["TorchScriptSegmentation"]
 
@@ -28,13 +28,6 @@ class TorchScriptSegmentation(TorchSegmentation):
         if weights.is_dir():
             raise ModelLoadError(f"model '{self.card.name}': {weights} is a folder; a TorchScript family needs "
                                  "the .pt file itself", path=str(weights))
-        try:
-            with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; WSInfer models are TorchScript
-                warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
-                module: torch.nn.Module = torch.jit.load(str(weights), map_location=device)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"model '{self.card.name}': {weights} is not a loadable TorchScript file ({type(exc).__name__}: "
-                f"{exc}); export the model with torch.jit.trace/script and torch.jit.save (a plain state dict "
-                "needs its architecture: use a family that knows it)", path=str(weights)) from exc
-        return module
+        return load_torchscript(weights, self.card.name, device,
+                                hint="export the model with torch.jit.trace/script and torch.jit.save (a plain "
+                                     "state dict needs its architecture: use a family that knows it)")
