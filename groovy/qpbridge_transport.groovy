@@ -85,6 +85,8 @@ class QpbJson {
  * the caller only waits on a Future and can give up at once.
  */
 class QpbConnection {
+    /** Time left for the answer to a request sent again after a `busy` reply. */
+    static final long BUSY_ANSWER_MS = 500
     final String address
     long connectTimeoutMs = 5000
     /** The server's CURVE public key (40 characters of Z85, or a .key file from `qpbridge keys new`) for a
@@ -160,7 +162,9 @@ class QpbConnection {
                 if (reply == null || !idMatches(reply, id)) continue // a late reply to a request we gave up on
                 everAnswered = true
                 Long retry = busyRetryMs(reply)
-                if (retry != null && System.nanoTime() + retry * 1000000L < deadline) {
+                // Retry only while the wait and the retry's answer still fit before the deadline; else the busy
+                // answer stands (never a 'no reply' from a server that did reply).
+                if (retry != null && System.nanoTime() + (retry + BUSY_ANSWER_MS) * 1000000L < deadline) {
                     // The server is full (per-client fair share): wait as it asks and send again.
                     Thread.sleep(retry)
                     id = nextId++

@@ -336,6 +336,34 @@ def test_adapter_roi_geojson_and_uris(version: str, tmp_path: Path) -> None:
     assert uris["rotated"] == [] and not uris["choice_rotated"]["use"]
 
 
+def test_busy_answer_stands_when_a_retry_cannot_be_answered_in_time(checks_classes: Path, models_dir: Path) -> None:
+    """A full server answers `busy, retry after 1000 ms`; with a 1.4 s deadline the retry's answer would not
+    fit, so the client reports the busy answer at once instead of retrying into a 'no reply'."""
+    import json
+
+    import zmq
+
+    from conftest import start_server
+    from qpbridge.protocol import Limits
+
+    running = start_server(models_dir, Limits(max_queued_requests=1), workers=1)
+    greedy = zmq.Context.instance().socket(zmq.DEALER)
+    greedy.setsockopt(zmq.LINGER, 0)
+    try:
+        greedy.connect(running.address)
+        tile = {"x": 0, "y": 0, "width": 64, "height": 64, "downsample": 1.0, "encoding": "raw"}
+        greedy.send_multipart([b"", json.dumps({"op": "predict", "v": 1, "model": "slow",
+                                                "tiles": [tile] * 200}).encode(), *([bytes(64 * 64 * 3)] * 200)])
+        results, _ = run_checks(checks_classes, ["busy", f"address={running.address}"])
+        busy = by_check(results)["busy"]
+        assert busy["error"] is not None and busy["error"]["code"] == "busy", busy
+        assert busy["seconds"] < 0.8  # no wait for a retry (1 s)
+    finally:
+        greedy.close()
+        running.server.stop()
+        running.thread.join(10)
+
+
 def test_curve_server_groovy_client(checks_classes: Path, models_dir: Path, tmp_path: Path) -> None:
     """A CURVE server: the Groovy client without the key gets a clear error within its connect timeout; with the
     key, JeroMQ 0.3.6 (the jar here) says exactly which jars CURVE needs. With a CURVE-capable JeroMQ named in

@@ -255,3 +255,21 @@ def test_pixels_no_tile_classifies_stay_out_of_every_region():
     stitcher.finish()
     assert len(out) == 1 and len(out[0].interiors) == 1
     assert out[0].area == pytest.approx(300 * 200 - 40 * 80, abs=1)
+
+
+def test_region_links_match_scipy_components():
+    """The union-find for small strip graphs numbers components exactly as scipy does (and big graphs go
+    to scipy), so which path runs never changes the regions."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from qpbridge.engine.vectorise import SMALL_GRAPH, _components
+
+    rng = np.random.default_rng(7)
+    for n, edges in [(1, 0), (2, 1), (5, 0), *[(int(rng.integers(2, 80)), int(rng.integers(0, 120)))
+                                            for _ in range(300)], (SMALL_GRAPH, 4000)]:
+        a, b = rng.integers(0, n, edges), rng.integers(0, n, edges)
+        group, count = _components(a, b, n)
+        expected_count, expected = connected_components(coo_matrix((np.ones(edges), (a, b)), shape=(n, n)),
+                                                        directed=False)
+        assert count == expected_count and np.array_equal(group, expected), (n, edges)

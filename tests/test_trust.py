@@ -192,6 +192,50 @@ def test_pipelining_client_gets_busy_and_others_are_served(models_dir):
         running.thread.join(10)
 
 
+def test_requests_of_a_vanished_client_are_dropped_not_run(models_dir):
+    """A client queues four slow requests and disconnects while the first runs: the three waiting ones
+    can never be answered, so they are dropped at once instead of occupying the worker for 1.5 s."""
+    running = start_server(models_dir, Limits(max_client_requests=4), workers=1)
+    try:
+        px = bytes(64 * 64 * 3)
+        header = {"op": "predict", "v": 1, "model": "slow", "tiles": [tile()] * 10}  # 0.5 s each
+        gone = dealer(running.address)
+        for i in range(4):
+            gone.send_multipart([b"", json.dumps({**header, "id": i}).encode(), *([px] * 10)])
+        time.sleep(0.2)  # the first is running, three wait
+        t0 = time.monotonic()
+        gone.close(linger=0)
+        while running.server.dropped_requests < 3 and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+        assert running.server.dropped_requests == 3
+        # The worker is free once the running request ends, not after the whole backlog (2 s in all).
+        with Client(running.address, timeout_s=10) as other:
+            other.predict("dark", [(TileSpec(0, 0, 64, 64), np.zeros((64, 64, 3), np.uint8))])
+        assert time.monotonic() - t0 < 1.2
+        # A client that stays keeps all of its requests: nothing of its is dropped.
+        stay = dealer(running.address)
+        for i in range(3):
+            stay.send_multipart([b"", json.dumps({**header, "id": i, "tiles": [tile()]}).encode(), px])
+        replies = [json.loads(stay.recv_multipart()[-1]) for _ in range(3) if stay.poll(5000)]
+        stay.close()
+        assert [r["ok"] for r in replies] == [True] * 3 and running.server.dropped_requests == 3
+    finally:
+        running.server.stop()
+        running.thread.join(10)
+
+
+def test_a_reused_socket_number_does_not_drop_the_new_client():
+    """Socket numbers are reused: a disconnect reported late for an old connection on descriptor 9 must
+    not drop the client now connected through descriptor 9 (another remote address)."""
+    from qpbridge.server.router import gone_routes
+
+    peers = {b"old": (9, "('127.0.0.1', 40000)"), b"new": (9, "('127.0.0.1', 40001)"),
+             b"other": (11, "('127.0.0.1', 40002)"), b"unknown": (9, None)}
+    assert gone_routes(peers, 9, "('127.0.0.1', 40001)") == {b"old"}
+    assert gone_routes(peers, 9, None) == {b"old", b"new"}  # nothing on 9 now: both closed
+    assert gone_routes(peers, 12, None) == set()
+
+
 def test_blending_memory_of_running_jobs_is_budgeted(models_dir):
     # 'seams' (2 classes, 64 px tiles): a 4,000 px wide region needs (2 + 1) * 2 * 64 * 4000 * 4 B = 6 MB.
     running = start_server(models_dir, Limits(max_stitch_bytes=8 << 20))

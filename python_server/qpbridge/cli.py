@@ -61,6 +61,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     if device == "cpu":
         log.warning("running on the CPU: deep-learning models will be slow (no CUDA device in use)")
+    from qpbridge import gc_policy
+
+    gc_policy.relax()
+    gc_policy.freeze_startup()
     server.serve_forever()
     return 0
 

@@ -13,6 +13,7 @@
  *   cancel   address=         interrupt a running planned job of model 'slow': time to return, server job state
  *   nojeromq                  the library without JeroMQ on the classpath
  *   curve    address= key= [client=]   a CURVE server: hello without the key, and with it (key: .key file)
+ *   busy     address=         a model request to a full server, with a deadline too short for a retry
  */
 import javax.imageio.ImageIO
 import java.awt.RenderingHints
@@ -321,6 +322,17 @@ if (check == 'hello') {
         } catch (Exception e) {
             emit([check: 'server_missing_mpp', error: errorInfo(e)])
         }
+    } finally {
+        c.close()
+    }
+} else if (check == 'busy') {
+    QpbClient c = new QpbClient(opt.address)
+    long t0 = System.nanoTime()
+    try {
+        c.call([op: 'predict', model: 'dark', tiles: []], [], 1400L, 1)
+        emit([check: 'busy', error: null, seconds: (System.nanoTime() - t0) / 1e9])
+    } catch (Exception e) {
+        emit([check: 'busy', error: errorInfo(e), seconds: (System.nanoTime() - t0) / 1e9])
     } finally {
         c.close()
     }

@@ -61,7 +61,7 @@ class FeatureBuilder:
             for i in np.flatnonzero(holed).tolist():
                 arr[i] = geometry.fill_small_holes(arr[i], self.max_hole)
         scale, shift, grid = np.array([sx, sy]), np.array([x0, y0]), geometry.GRID
-        fast = shapely.simplify(arr, self.tol, preserve_topology=False) if self.tol > 0 else arr
+        fast = geometry.simplify_polygons(arr, self.tol) if self.tol > 0 else arr
         g = shapely.transform(fast, lambda c: np.round((c * scale + shift) / grid) * grid)
         ok = (shapely.get_type_id(arr) == shapely.GeometryType.POLYGON) & ~shapely.is_empty(g)
         if self.clip is not None:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
+from qpbridge import gc_policy
 from qpbridge.engine.features import FeatureBuilder
 from qpbridge.engine.morphology import Morphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
@@ -161,6 +162,7 @@ class PlanRun:
 
     def __init__(self, engine: Engine, model_name: str, plan: TilePlan, builder: FeatureBuilder,
                  sink: Sink, results: ResultStore | None = None) -> None:
+        gc_policy.relax()
         self.engine = engine
         self.model_name = model_name
         self.card = engine.card(model_name)

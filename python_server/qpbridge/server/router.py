@@ -15,6 +15,8 @@ import ctypes
 import gc
 import ipaddress
 import logging
+import os
+import socket
 import threading
 import time
 from collections import OrderedDict, deque
@@ -90,21 +92,30 @@ class _Share:
     tiles: int = 0
 
 
+@dataclass
+class _Queued:
+    """A model request waiting for a worker: ``run`` it, or ``drop`` it (its client has gone)."""
+
+    route: bytes  # the ZeroMQ routing id its reply would go to
+    run: Callable[[], None]
+    drop: Callable[[], None]
+
+
 class _FairQueue:
     """Model requests, one queue per client, taken round-robin: a client's backlog delays another client's
     next request by at most one request per worker, never by the whole backlog."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._queues: OrderedDict[bytes, deque[Callable[[], None]]] = OrderedDict()
+        self._queues: OrderedDict[bytes, deque[_Queued]] = OrderedDict()
         self._closed = False
 
-    def put(self, client: bytes, item: Callable[[], None]) -> None:
+    def put(self, client: bytes, item: _Queued) -> None:
         with self._cond:
             self._queues.setdefault(client, deque()).append(item)
             self._cond.notify()
 
-    def get(self) -> Callable[[], None] | None:
+    def get(self) -> _Queued | None:
         with self._cond:
             while not self._queues and not self._closed:
                 self._cond.wait()
@@ -116,11 +127,51 @@ class _FairQueue:
                 self._queues[client] = queue  # to the back of the line
             return item
 
+    def remove(self, routes: set[bytes]) -> list[_Queued]:
+        """Take out every waiting request whose reply would go to one of ``routes``."""
+        out: list[_Queued] = []
+        with self._cond:
+            for client in list(self._queues):
+                queue = self._queues[client]
+                keep = deque(q for q in queue if q.route not in routes)
+                out.extend(q for q in queue if q.route in routes)
+                if keep:
+                    self._queues[client] = keep
+                else:
+                    del self._queues[client]
+        return out
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._queues.clear()
             self._cond.notify_all()
+
+
+MAX_PEERS = 10_000  # routing ids remembered with their connection (least recently heard from forgotten)
+
+
+def _peer_name(fd: int) -> str | None:
+    """The remote address of the connection on socket ``fd`` now, or None (closed, or not a socket).
+
+    A duplicate of the descriptor is inspected, so the connection libzmq owns is never touched."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    try:
+        return repr(sock.getpeername())
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def gone_routes(peers: dict[bytes, tuple[int, str | None]], fd: int, now_on_fd: str | None) -> set[bytes]:
+    """Routing ids whose connection closed, told that socket ``fd`` disconnected: those heard from on
+    ``fd`` from another remote address than the connection on ``fd`` now (descriptors are reused, and the
+    event may arrive after a new client's first message on the same number)."""
+    return {route for route, (f, name) in peers.items() if f == fd and name is not None and name != now_on_fd}
 
 
 def _malloc_trim() -> None:
@@ -201,6 +252,12 @@ class Server:
         self._share_lock = threading.Lock()
         self._stop = threading.Event()
         self._trim_due = False
+        # Who is still connected: a request queued by a client that has gone can never be answered (its
+        # routing id dies with its connection), so it is dropped instead of run. libzmq tells which socket
+        # each message came from (SRCFD) and when a socket disconnects (the monitor).
+        self._peers: OrderedDict[bytes, tuple[int, str | None]] = OrderedDict()
+        self._monitor: zmq.Socket | None = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.dropped_requests = 0
 
     def _setup_curve(self, secret_file: Path, clients: Path | None) -> None:
         from qpbridge.keys import load_secret
@@ -223,6 +280,12 @@ class Server:
         self.public_key = public.decode("ascii")
 
     def _close_sockets(self) -> None:
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._router.disable_monitor()
+            monitor.close(linger=0)
+            self._monitor = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -246,6 +309,8 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         next_sweep = time.monotonic() + 1.0
         try:
             while not self._stop.is_set():
@@ -262,6 +327,8 @@ class Server:
                         if frames is None:
                             break
                         self._dispatch(*frames)
+                if self._monitor is not None and self._monitor in events:
+                    self._disconnected()
                 if time.monotonic() >= next_sweep:
                     self._sweep()
                     next_sweep = time.monotonic() + 1.0
@@ -305,6 +372,7 @@ class Server:
             first = self._router.recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
+        self._heard_from(first)
         frames, total, err = [first], 0, None
         max_frames = self.limits.max_tiles_per_request + 3  # routing id, delimiter, header, tiles
         more = first.more
@@ -325,6 +393,46 @@ class Server:
             else:
                 frames.append(frame)
         return frames, err
+
+    def _heard_from(self, first: Any) -> None:
+        """Remember which connection (socket and remote address) a routing id speaks through."""
+        try:
+            fd = int(first.get(zmq.SRCFD))
+        except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+            return
+        route = first.bytes
+        known = self._peers.get(route)
+        if known is not None and known[0] == fd:
+            self._peers.move_to_end(route)
+            return
+        self._peers[route] = (fd, _peer_name(fd))
+        while len(self._peers) > MAX_PEERS:
+            self._peers.popitem(last=False)
+
+    def _disconnected(self) -> None:
+        """Drop the waiting requests of clients whose connection closed (the monitor said so)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        assert self._monitor is not None
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            fd = int(event["value"])
+            routes = gone_routes(self._peers, fd, _peer_name(fd))
+            for route in routes:
+                del self._peers[route]
+            if not routes:
+                continue
+            dropped = self._fair.remove(routes)
+            for item in dropped:
+                item.drop()
+            if dropped:
+                self.dropped_requests += len(dropped)
+                log.info("dropped %d queued requests of a client that disconnected", len(dropped))
 
     @staticmethod
     def _client_key(first: Any) -> bytes:
@@ -445,11 +553,16 @@ class Server:
                     job.inflight -= 1
                     job.last_seen = time.monotonic()
 
-        self._fair.put(req.client, lambda: self._work(req, run, done))
+        def drop() -> None:
+            req.frames = []
+            done()
+
+        self._fair.put(req.client, _Queued(req.envelope[0] if req.envelope else b"",
+                                           lambda: self._work(req, run, done), drop))
 
     def _worker(self) -> None:
         while (item := self._fair.get()) is not None:
-            item()
+            item.run()
 
     def _work(self, req: Request, run: Callable[[Server, Request], dict[str, Any]],
               done: Callable[[], None]) -> None:
