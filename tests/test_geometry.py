@@ -147,3 +147,30 @@ def test_simplify_polygons_matches_douglas_peucker():
     kept = shapely.get_num_coordinates(ours[:len(polys) - 2]).sum()
     assert kept < 0.9 * shapely.get_num_coordinates(arr[:len(polys) - 2]).sum()
     assert abs(kept - shapely.get_num_coordinates(geos[:len(polys) - 2]).sum()) < 0.05 * kept
+
+
+def test_fill_small_holes_many_matches_one_by_one():
+    """Vectorised hole filling equals the per-polygon one: small holes filled, large kept, untouched
+    polygons returned as they were."""
+    shell = [(0, 0), (100, 0), (100, 100), (0, 100)]
+    small, large = [(10, 10), (12, 10), (12, 12), (10, 12)], [(40, 40), (70, 40), (70, 70), (40, 70)]
+    polys = [Polygon(shell, [small, large]), Polygon(shell, [large]), Polygon(shell, [small]),
+             Polygon(shell), Polygon(shell, [small, [(80, 80), (81, 80), (81, 81)]])]
+    arr = np.empty(len(polys), dtype=object)
+    arr[:] = polys
+    out = geometry.fill_small_holes_many(arr, 10.0)
+    for got, p in zip(out, polys, strict=True):
+        want = geometry.fill_small_holes(p, 10.0)
+        assert got.equals(want) and len(got.interiors) == len(want.interiors)
+    assert out[1] is arr[1] and out[3] is arr[3]
+    assert [len(g.interiors) for g in out] == [1, 1, 0, 0, 0]
+
+
+def test_new_ids_are_distinct_version_4_uuids():
+    import uuid
+
+    ids = geometry.new_ids(5000)
+    assert len(set(ids)) == 5000 and geometry.new_ids(0) == []
+    for s in ids[:200]:
+        u = uuid.UUID(s)
+        assert str(u) == s and u.version == 4 and u.variant == uuid.RFC_4122

@@ -2,10 +2,10 @@
 
 A run builds hundreds of thousands of small containers (a GeoJSON ring is a list of ``[x, y]`` lists) and
 keeps them alive until the run ends. With CPython's default schedule (a collection every 700 net
-allocations) the collector scans those live objects over and over, and on a noisy map it cost more than
-building them did (measured with ``bench/bench_stitch.py``: 4.3 -> 2.8 ms per tile). None of these
-containers can form a cycle, so collecting less often loses nothing; the few cycles a run leaves behind (a
-stitcher and its run) are freed by the next collection, which the server also forces when it goes idle.
+allocations) the collector scans those live objects over and over: on a noisy map (``bench/bench_stitch.py``)
+a third of the stitching and feature time went to it. None of these containers can form a cycle, so
+collecting less often loses nothing; the few cycles a run leaves behind (a stitcher and its run) are freed
+by the next collection, which the server also forces when it goes idle.
 """
 
 from __future__ import annotations

@@ -57,9 +57,11 @@ class FeatureBuilder:
         arr[:] = list(geoms)
         if self.max_hole > 0:
             types = shapely.get_type_id(arr)
-            holed = (types == shapely.GeometryType.MULTIPOLYGON) | (shapely.get_num_interior_rings(arr) > 0)
-            for i in np.flatnonzero(holed).tolist():
+            for i in np.flatnonzero(types == shapely.GeometryType.MULTIPOLYGON).tolist():
                 arr[i] = geometry.fill_small_holes(arr[i], self.max_hole)
+            holed = np.flatnonzero((types == shapely.GeometryType.POLYGON) & (shapely.get_num_interior_rings(arr) > 0))
+            if len(holed):
+                arr[holed] = geometry.fill_small_holes_many(arr[holed], self.max_hole)
         scale, shift, grid = np.array([sx, sy]), np.array([x0, y0]), geometry.GRID
         fast = geometry.simplify_polygons(arr, self.tol) if self.tol > 0 else arr
         g = shapely.transform(fast, lambda c: np.round((c * scale + shift) / grid) * grid)
@@ -89,10 +91,12 @@ class FeatureBuilder:
         length = shapely.length(g).tolist()
         shapes = geometry.geojson_geometries(g)
         card, mpp, prefix = self.card, self.fullres_mpp, self.prefix
+        ids = geometry.new_ids(len(kept))
         for j, i in enumerate(kept.tolist()):
             meas = geometry.measurements_of(area[j], length[j], mpp, prefix)
             extra = extras[i] if extras is not None else None
             if extra:
                 meas.update(extra)
-            out[i] = geometry.make_feature(shapes[j], card.object_type, card.classes[classes[i]], meas, card.name)
+            out[i] = geometry.make_feature(shapes[j], card.object_type, card.classes[classes[i]], meas, card.name,
+                                           ids[j])
         return out
