@@ -31,8 +31,10 @@ def components(raster: np.ndarray, cls: int) -> list[int]:
     return sorted(np.bincount(labels.ravel())[1:].tolist())
 
 
+@pytest.mark.parametrize("flood_seeds", [0, 10 ** 9])  # spanning regions by labelling, by flood fills
 @pytest.mark.parametrize("cell", [3, 12, 40])
-def test_strips_trace_the_same_regions_as_the_whole_raster(cell):
+def test_strips_trace_the_same_regions_as_the_whole_raster(cell, flood_seeds, monkeypatch):
+    monkeypatch.setattr("qpbridge.engine.vectorise.FLOOD_SEEDS", flood_seeds)
     raster = blob_raster(230, 170, 3, cell, seed=cell)
     raster[100:110, 20:30] = NO_CLASS  # pixels no tile covered
     got: dict[int, list[shapely.Polygon]] = {1: [], 2: []}

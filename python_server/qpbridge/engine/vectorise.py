@@ -43,6 +43,7 @@ from qpbridge import geometry
 
 NO_CLASS = 255
 TRACE_OVERHEAD_PX = 20_000
+FLOOD_SEEDS = 8  # regions closing together up to which flood fills beat one labelling of their box
 
 # Called with (geometry in canvas pixels, class index).
 EmitRegion = Callable[[BaseGeometry, int], None]
@@ -221,15 +222,26 @@ class RegionTracer:
                                      sy[i:i + 1])
             return
         crop = self._crop(bx0, by0, bx1, by1)
-        # Only the regions holding the seeds: other regions of the class may share the box. A region lies
-        # wholly inside its box, so its component in the box is the region itself; one labelling of the
-        # box serves every seed (a flood fill per seed costs more on noisy maps with thousands of them).
-        _, labels = cv2.connectedComponents((crop == cls).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-        lut = np.zeros(int(labels.max()) + 1, np.uint8)
-        lut[labels[sy - by0, sx - bx0]] = 1
-        lut[0] = 0
+        # Only the regions holding the seeds: other regions of the class may share the box.
         mask = np.zeros((crop.shape[0] + 2, crop.shape[1] + 2), np.uint8)
-        mask[1:-1, 1:-1] = lut[labels]
+        if len(sx) <= FLOOD_SEEDS:
+            # A few regions (a smooth map): flood fills touch only their pixels.
+            crop = np.ascontiguousarray(crop)
+            flags = 8 | cv2.FLOODFILL_MASK_ONLY | (1 << 8)
+            for x, y in zip((sx - bx0).tolist(), (sy - by0).tolist(), strict=True):
+                if not mask[y + 1, x + 1]:
+                    cv2.floodFill(crop, mask, (x, y), 0, 0, 0, flags)
+            mask[0] = mask[-1] = 0  # OpenCV marks the mask's frame as filled
+            mask[:, 0] = mask[:, -1] = 0
+        else:
+            # Many (a noisy map): one labelling of the box serves every seed. A region lies wholly inside
+            # its box, so its component in the box is the region itself.
+            _, labels = cv2.connectedComponents((crop == cls).view(np.uint8), connectivity=8,
+                                                ltype=cv2.CV_32S)
+            lut = np.zeros(int(labels.max()) + 1, np.uint8)
+            lut[labels[sy - by0, sx - bx0]] = 1
+            lut[0] = 0
+            mask[1:-1, 1:-1] = lut[labels]
         self._trace(mask, bx0 - 1, by0 - 1, cls)
 
     def _crop(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
