@@ -44,6 +44,7 @@ from torch import nn
 
 from qpbridge.errors import ModelCardError, ModelLoadError
 from qpbridge.families.base import ModelFamily, TileResult, register_family
+from qpbridge.families.params import bool_param, float_param, int_param
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
     DEFAULT_MAX_WAIT_S,
@@ -52,7 +53,7 @@ from qpbridge.families.torch_runtime import (
     precision_param,
     resolve_torch_device,
 )
-from qpbridge.families.torch_segmentation import _bool_param, _float_param, _int_param, pad_to
+from qpbridge.families.torch_segmentation import pad_to
 from qpbridge.families.weights import is_torchscript, load_state_dict_file, load_torchscript, load_weights_strict
 
 if TYPE_CHECKING:
@@ -146,9 +147,9 @@ def load_generator(card: ModelCard, device: torch.device) -> nn.Module:
         gen: nn.Module = load_torchscript(weights, card.name, device)
     else:
         params = card.params
-        ngf = _int_param(params, "ngf", 64, 1)
-        n_blocks = _int_param(params, "n_blocks", 9, 0)
-        gen = ResnetGenerator(3, 3, ngf, n_blocks, _bool_param(params, "use_dropout", False))
+        ngf = int_param(params, "ngf", 64, 1)
+        n_blocks = int_param(params, "n_blocks", 9, 0)
+        gen = ResnetGenerator(3, 3, ngf, n_blocks, bool_param(params, "use_dropout", False))
         state = {k: v for k, v in load_state_dict_file(weights, card.name).items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
         load_weights_strict(gen, state, card.name, weights)
@@ -166,9 +167,9 @@ def worker_settings(card: ModelCard) -> dict[str, Any]:
     """The DeviceWorker settings a torch card's ``params`` give (shared with the pipeline family)."""
     params = card.params
     return {"precision": precision_param(params),
-            "max_batch": _int_param(params, "max_batch", max(1, card.batch_size), 1),
-            "max_wait_s": _float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0,
-            "channels_last": _bool_param(params, "channels_last", True)}
+            "max_batch": int_param(params, "max_batch", max(1, card.batch_size), 1),
+            "max_wait_s": float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0,
+            "channels_last": bool_param(params, "channels_last", True)}
 
 
 def group_by_size(tiles: Sequence[np.ndarray], size: int) -> dict[tuple[int, int], list[int]]:

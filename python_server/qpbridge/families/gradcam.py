@@ -79,9 +79,10 @@ from torch import nn
 
 from qpbridge.errors import ModelCardError, ModelLoadError
 from qpbridge.families.base import NO_CLASS, SemanticResult, TileResult, register_family
+from qpbridge.families.params import bool_param
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import IMAGENET_MEAN, IMAGENET_STD, DeviceWorker, Normalization
-from qpbridge.families.torch_segmentation import TorchSegmentation, _bool_param, pad_to
+from qpbridge.families.torch_segmentation import TorchSegmentation, pad_to
 from qpbridge.families.weights import is_torchscript, load_state_dict_file, load_torchscript, load_weights_strict
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ class Adjustment:
             bg_sigma=_number(bg.get("sigma_px", 2.0), "background.sigma_px", 0.0),
             bg_exceptions=tuple(index(n, "background.exceptions") for n in bg.get("exceptions", [])),
             other=other_index, other_mult=_number((other or {}).get("mult", 0.05), "other.mult", 0.0),
-            subtract=_bool_param(params, "class_subtraction", True), refine=refine, radius=radius,
+            subtract=bool_param(params, "class_subtraction", True), refine=refine, radius=radius,
             eps=_number(params.get("guided_eps", 1e-2), "guided_eps", 1e-12))
 
     def __call__(self, cams: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:

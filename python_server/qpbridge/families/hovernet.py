@@ -33,6 +33,7 @@ from qpbridge.errors import ModelCardError, ModelLoadError
 from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, card_weights, register_family
 from qpbridge.families.hovernet_net import HoverArch, HoverNet, split_output
 from qpbridge.families.hovernet_post import HoverPostParams, hover_instances, instance_types
+from qpbridge.families.params import bool_param, float_param, int_param
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
     DEFAULT_MAX_WAIT_S,
@@ -41,7 +42,7 @@ from qpbridge.families.torch_runtime import (
     precision_param,
     resolve_torch_device,
 )
-from qpbridge.families.torch_segmentation import _bool_param, _float_param, _int_param, pad_to
+from qpbridge.families.torch_segmentation import pad_to
 from qpbridge.families.weights import load_state_dict_file, load_torchscript, load_weights_strict
 
 if TYPE_CHECKING:
@@ -99,10 +100,10 @@ class HoverNetFamily(ModelFamily):
             raise ModelCardError(f"hovernet card '{card.name}': tile size {card.tile_size} must be a multiple of "
                                  f"{self.arch.multiple} (2 ** (arch.levels - 1))")
         precision = precision_param(params)
-        max_batch = _int_param(params, "max_batch", max(1, card.batch_size), 1)
-        wait_s = _float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0
-        channels_last = _bool_param(params, "channels_last", True)
-        compile_shape = (max_batch, card.tile_size, card.tile_size) if _bool_param(params, "compile", False) \
+        max_batch = int_param(params, "max_batch", max(1, card.batch_size), 1)
+        wait_s = float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0
+        channels_last = bool_param(params, "channels_last", True)
+        compile_shape = (max_batch, card.tile_size, card.tile_size) if bool_param(params, "compile", False) \
             else None
         self.torch_device = resolve_torch_device(device)
         weights = card_weights(card, f"weights ({card.params.get('format', 'state_dict')})", file_only=True)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qpbridge.errors import ModelCardError
+from qpbridge.families.params import object_param
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,7 @@ class HoverArch:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> HoverArch:
-        arch = params.get("arch", {})
-        if not isinstance(arch, dict):
-            raise ModelCardError("hovernet card parameter 'arch' must be an object")
-        unknown = set(arch) - {"width", "levels", "blocks", "n_types"}
-        if unknown:
-            raise ModelCardError(f"unknown hovernet 'arch' key(s): {', '.join(sorted(unknown))}")
+        arch = object_param(params, "arch", cls.__dataclass_fields__, "hovernet")
         values = {**asdict(cls()), **arch}
         for key, low in (("width", 1), ("levels", 2), ("blocks", 1), ("n_types", 0)):
             v = values[key]

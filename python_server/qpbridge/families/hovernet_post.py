@@ -30,6 +30,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from qpbridge.errors import ModelCardError
+from qpbridge.families.params import object_param
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,7 @@ class HoverPostParams:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> HoverPostParams:
-        post = params.get("post", {})
-        if not isinstance(post, dict):
-            raise ModelCardError("hovernet card parameter 'post' must be an object")
-        unknown = set(post) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ModelCardError(f"unknown hovernet 'post' key(s): {', '.join(sorted(unknown))}")
+        post = object_param(params, "post", cls.__dataclass_fields__, "hovernet")
         values: dict[str, float] = {}
         for key, value in post.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:

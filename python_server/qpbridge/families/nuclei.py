@@ -48,6 +48,7 @@ from skimage.segmentation import watershed
 
 from qpbridge.errors import ModelCardError
 from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, register_family
+from qpbridge.families.params import object_param
 from qpbridge.families.stains import (
     DEFAULT_EOSIN,
     DEFAULT_HEMATOXYLIN,
@@ -86,12 +87,7 @@ class NucleusParams:
 
     @classmethod
     def from_card(cls, params: dict[str, Any]) -> NucleusParams:
-        stains = params.get("stain_vectors", {})
-        if not isinstance(stains, dict):
-            raise ModelCardError("nuclei card parameter 'stain_vectors' must be an object")
-        unknown = set(stains) - {"hematoxylin", "eosin"}
-        if unknown:
-            raise ModelCardError(f"unknown stain(s) in 'stain_vectors': {', '.join(sorted(unknown))}")
+        stains = object_param(params, "stain_vectors", ("hematoxylin", "eosin"), "nuclei")
         return cls(
             hematoxylin=_vector(stains.get("hematoxylin", DEFAULT_HEMATOXYLIN), "hematoxylin"),
             eosin=_vector(stains.get("eosin", DEFAULT_EOSIN), "eosin"),

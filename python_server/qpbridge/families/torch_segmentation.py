@@ -38,7 +38,6 @@ For stitching, :meth:`TorchSegmentation.predict_native` returns the model's own 
 from __future__ import annotations
 
 import logging
-import math
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,8 +46,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from qpbridge.errors import ModelCardError, ModelLoadError
+from qpbridge.errors import ModelLoadError
 from qpbridge.families.base import ModelFamily, SemanticResult, TileResult, card_weights
+from qpbridge.families.params import bool_param, float_param, int_param
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
     DEFAULT_MAX_WAIT_S,
@@ -62,27 +62,6 @@ if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
 
 log = logging.getLogger("qpbridge")
-
-
-def _int_param(params: dict[str, Any], key: str, default: int, minimum: int) -> int:
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelCardError(f"card parameter '{key}' must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _float_param(params: dict[str, Any], key: str, default: float, minimum: float) -> float:
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise ModelCardError(f"card parameter '{key}' must be a number >= {minimum}, got {value!r}")
-    return float(value)
-
-
-def _bool_param(params: dict[str, Any], key: str, default: bool) -> bool:
-    value = params.get(key, default)
-    if not isinstance(value, bool):
-        raise ModelCardError(f"card parameter '{key}' must be true or false, got {value!r}")
-    return value
 
 
 def pad_to(tile: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -105,10 +84,10 @@ class TorchSegmentation(ModelFamily):
         super().__init__(card, device)
         params = card.params
         precision = precision_param(params)
-        max_batch = _int_param(params, "max_batch", max(1, card.batch_size), 1)
-        wait_s = _float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0
-        channels_last = _bool_param(params, "channels_last", True)
-        compile_shape = (max_batch, card.tile_size, card.tile_size) if _bool_param(params, "compile", False) \
+        max_batch = int_param(params, "max_batch", max(1, card.batch_size), 1)
+        wait_s = float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0
+        channels_last = bool_param(params, "channels_last", True)
+        compile_shape = (max_batch, card.tile_size, card.tile_size) if bool_param(params, "compile", False) \
             else None
         normalization = Normalization.from_card(card.normalization, self.default_mean, self.default_std)
         self.torch_device = resolve_torch_device(device)

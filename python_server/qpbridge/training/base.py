@@ -58,6 +58,13 @@ class FamilyTrainer(ABC):
     def export(self, model: torch.nn.Module, out: Path, name: str) -> dict[str, Any]:
         """Write the weights into the model folder ``out`` and return the card for them."""
 
+    def served_card(self, name: str, weights: str, **params: Any) -> dict[str, Any]:
+        """The training card as the exported model's card: its name, its weights file, ``params`` added."""
+        card = {**self.card, "name": name, "weights": weights}
+        if params:
+            card["params"] = {**card.get("params", {}), **params}
+        return card
+
     @classmethod
     def load_data(cls, root: Path) -> TileSet:
         """The training data of the folder ``root``: by default a tile folder of ``cls.mode`` masks."""
@@ -132,3 +139,29 @@ def trainer_class(family: str) -> type[FamilyTrainer]:
     except KeyError:
         known = ", ".join(sorted(set(_REGISTRY) | set(TRAINER_MODULES)))
         raise ModelCardError(f"no trainer for model family '{family}'; qpbridge trains: {known}") from None
+
+
+# The model folder may be served while training goes on, so exported weights replace the old ones whole.
+def save_state_dict(state: dict[str, Any], path: Path) -> None:
+    """``state`` (tensors, moved to the CPU) written to ``path`` by an atomic rename."""
+    import os
+
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def save_pretrained_folder(model: Any, folder: Path) -> None:
+    """``model.save_pretrained`` into ``folder``, swapped in for the old folder rather than written over it."""
+    import os
+    import shutil
+
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -27,7 +27,6 @@ keys, which the family loads) and the other direction's in ``generator_<BtoA|Ato
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,9 +39,9 @@ from torch.nn import functional as F
 
 from qpbridge.errors import BadRequestError, ModelCardError
 from qpbridge.families.cyclegan import DOWNSAMPLING, PaddedGenerator, ResnetGenerator
-from qpbridge.families.torch_segmentation import _bool_param, _int_param
+from qpbridge.families.params import bool_param, int_param
 from qpbridge.training.augment import random_crops
-from qpbridge.training.base import FamilyTrainer, register_trainer
+from qpbridge.training.base import FamilyTrainer, register_trainer, save_state_dict
 from qpbridge.training.data import TileSet, _read_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -145,9 +144,9 @@ class CycleGANTrainer(FamilyTrainer):
         if direction not in ("AtoB", "BtoA"):
             raise ModelCardError(f"card parameter 'direction' must be AtoB or BtoA, got {direction!r}")
         self.direction = str(direction)
-        self.arch = {"ngf": _int_param(params, "ngf", 64, 1), "n_blocks": _int_param(params, "n_blocks", 9, 0),
-                     "use_dropout": _bool_param(params, "use_dropout", False),
-                     "ndf": _int_param(params, "ndf", 64, 1), "n_layers": _int_param(params, "n_layers_D", 3, 1)}
+        self.arch = {"ngf": int_param(params, "ngf", 64, 1), "n_blocks": int_param(params, "n_blocks", 9, 0),
+                     "use_dropout": bool_param(params, "use_dropout", False),
+                     "ndf": int_param(params, "ndf", 64, 1), "n_layers": int_param(params, "n_layers_D", 3, 1)}
         smallest = min(min(im.shape[:2]) for im in data.images["train"])
         side = min(crop or int(card["tile"]["size"]), smallest)
         if side < 16:
@@ -212,14 +211,6 @@ class CycleGANTrainer(FamilyTrainer):
         served, other = (net.G_A, net.G_B) if self.direction == "AtoB" else (net.G_B, net.G_A)
         reverse = "BtoA" if self.direction == "AtoB" else "AtoB"
         for generator, file in ((served, "weights.pt"), (other, f"generator_{reverse}.pt")):
-            state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
-            tmp = out / f"{file}.tmp"
-            torch.save(state, str(tmp))
-            os.replace(tmp, out / file)  # the folder may be served while training goes on
-        card = dict(self.card)
-        card["name"] = name
-        card["weights"] = "weights.pt"
-        params = card.get("params", {})
-        card["params"] = {**params, "ngf": self.arch["ngf"], "n_blocks": self.arch["n_blocks"],
-                          "use_dropout": self.arch["use_dropout"]}
-        return card
+            save_state_dict(generator.state_dict(), out / file)
+        return self.served_card(name, "weights.pt", ngf=self.arch["ngf"], n_blocks=self.arch["n_blocks"],
+                                use_dropout=self.arch["use_dropout"])

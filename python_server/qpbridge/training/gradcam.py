@@ -25,7 +25,6 @@ classifier's state dict (``weights.pt``), which the family loads into ``params.a
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from torch.nn import functional as F
 
 from qpbridge.errors import ModelCardError
 from qpbridge.families.gradcam import Adjustment, build_classifier
-from qpbridge.training.base import register_trainer
+from qpbridge.training.base import register_trainer, save_state_dict
 from qpbridge.training.data import TileSet
 from qpbridge.training.semantic import SemanticCrops
 
@@ -135,14 +134,8 @@ class GradCAMClassifierTrainer(SemanticCrops):
         return classification_metrics(true, pred, self.output_names, self.multi_label)
 
     def export(self, model: torch.nn.Module, out: Path, name: str) -> dict[str, Any]:
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        tmp = out / "weights.pt.tmp"
-        torch.save(state, str(tmp))
-        os.replace(tmp, out / "weights.pt")  # the folder may be served while training goes on
-        card = dict(self.card)
-        card["name"] = name
-        card["weights"] = "weights.pt"
-        return card
+        save_state_dict(model.state_dict(), out / "weights.pt")
+        return self.served_card(name, "weights.pt")
 
 
 def classification_metrics(true: np.ndarray, pred: np.ndarray, names: list[str], multi_label: bool

@@ -5,7 +5,6 @@ after HoVer-Net's post-processing (the family's own, so validation measures what
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -21,7 +20,7 @@ from qpbridge.families.hovernet_post import HoverPostParams, hover_instances
 from qpbridge.families.torch_runtime import Normalization
 from qpbridge.metrics import instance_metrics
 from qpbridge.training.augment import ColourJitter, hv_signs, random_crops
-from qpbridge.training.base import FamilyTrainer, register_trainer
+from qpbridge.training.base import FamilyTrainer, register_trainer, save_state_dict
 from qpbridge.training.data import TileSet
 from qpbridge.training.losses import hover_loss
 from qpbridge.training.targets import hv_maps
@@ -135,17 +134,11 @@ class HoverNetTrainer(FamilyTrainer):
         return means
 
     def export(self, model: torch.nn.Module, out: Path, name: str) -> dict[str, Any]:
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state = dict(model.state_dict())
         size = sum(v.numel() * v.element_size() for v in state.values())
         if size > MAX_WEIGHTS_BYTES:  # fp16 halves it; BN statistics and weights keep 3 significant digits
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        tmp = out / "weights.pt.tmp"
-        torch.save(state, str(tmp))
-        os.replace(tmp, out / "weights.pt")  # the folder may be served while training goes on
-        card = dict(self.card)
-        card["name"] = name
-        card["weights"] = "weights.pt"
-        card["params"] = {**card.get("params", {}), "format": "state_dict",
-                          "arch": {"width": self.arch.width, "levels": self.arch.levels, "blocks": self.arch.blocks,
-                                   "n_types": self.arch.n_types}}
-        return card
+        save_state_dict(state, out / "weights.pt")
+        return self.served_card(name, "weights.pt", format="state_dict",
+                                arch={"width": self.arch.width, "levels": self.arch.levels,
+                                      "blocks": self.arch.blocks, "n_types": self.arch.n_types})

@@ -17,7 +17,6 @@ loads (``params.weights_format: torchvision``)."""
 from __future__ import annotations
 
 import math
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from qpbridge.families.maskrcnn import MaskRCNNSettings, _paint, build_maskrcnn
 from qpbridge.families.torch_runtime import IMAGENET_MEAN, IMAGENET_STD, Normalization
 from qpbridge.metrics import InstanceImage, coco_metrics
 from qpbridge.training.augment import ColourJitter
-from qpbridge.training.base import FamilyTrainer, JitteredCrops, register_trainer
+from qpbridge.training.base import FamilyTrainer, JitteredCrops, register_trainer, save_state_dict
 from qpbridge.training.data import TileSet
 
 
@@ -159,13 +158,7 @@ class MaskRCNNTrainer(JitteredCrops, FamilyTrainer):
         return result
 
     def export(self, model: torch.nn.Module, out: Path, name: str) -> dict[str, Any]:
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+        state = {k: v for k, v in model.state_dict().items()
                  if not k.endswith("num_batches_tracked")}  # FrozenBatchNorm2d has no such buffer
-        tmp = out / "weights.pt.tmp"
-        torch.save(state, str(tmp))
-        os.replace(tmp, out / "weights.pt")  # the folder may be served while training goes on
-        card = dict(self.card)
-        card["name"] = name
-        card["weights"] = "weights.pt"
-        card["params"] = {**card.get("params", {}), "weights_format": "torchvision"}
-        return card
+        save_state_dict(state, out / "weights.pt")
+        return self.served_card(name, "weights.pt", weights_format="torchvision")

@@ -5,8 +5,6 @@ upsampled to the labels, ``labels`` = class indices of the card's classes), vali
 
 from __future__ import annotations
 
-import os
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from torch.nn import functional as F
 from qpbridge.errors import BadRequestError, ModelCardError
 from qpbridge.families.torch_runtime import IMAGENET_MEAN, IMAGENET_STD, Normalization
 from qpbridge.training.augment import ColourJitter
-from qpbridge.training.base import FamilyTrainer, JitteredCrops, register_trainer
+from qpbridge.training.base import FamilyTrainer, JitteredCrops, register_trainer, save_pretrained_folder
 from qpbridge.training.data import TileSet
 
 IGNORE = 255  # label of pixels that take no part in the loss or the metrics
@@ -98,16 +96,5 @@ class SegformerTrainer(JitteredCrops, FamilyTrainer):
         return result
 
     def export(self, model: torch.nn.Module, out: Path, name: str) -> dict[str, Any]:
-        tmp = out / "weights.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp))  # type: ignore[operator]
-        final = out / "weights"
-        old = out / "weights.old"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        card = dict(self.card)
-        card["name"] = name
-        card["weights"] = "weights"
-        return card
+        save_pretrained_folder(model, out / "weights")
+        return self.served_card(name, "weights")

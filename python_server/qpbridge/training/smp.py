@@ -6,15 +6,13 @@ downloaded: trained from scratch), trained on semantic tiles with cross-entropy 
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qpbridge.families.smp import PadToStride, build_smp_model, smp_spec
-from qpbridge.training.base import register_trainer
+from qpbridge.training.base import register_trainer, save_pretrained_folder
 from qpbridge.training.semantic import SemanticTrainer, ce_dice_loss
 
 
@@ -48,15 +46,5 @@ class SmpTrainer(SemanticTrainer):
         return ce_dice_loss(out, batch["labels"])
 
     def export(self, model: torch.nn.Module, out: Path, name: str) -> dict[str, Any]:
-        tmp = out / "weights.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp))  # type: ignore[operator]
-        final, old = out / "weights", out / "weights.old"
-        if final.exists():  # swapped, not overwritten: the folder may be served while training goes on
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        card = dict(self.card)
-        card["name"] = name
-        card["weights"] = "weights"
-        return card
+        save_pretrained_folder(model, out / "weights")
+        return self.served_card(name, "weights")
