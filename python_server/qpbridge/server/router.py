@@ -102,12 +102,17 @@ class _Queued:
 
 
 class _FairQueue:
-    """Model requests, one queue per client, taken round-robin: a client's backlog delays another client's
-    next request by at most one request per worker, never by the whole backlog."""
+    """Model requests, one queue per client; the next comes from the waiting client served longest ago (one
+    never served first). A client's backlog delays another client's next request by at most the requests
+    already running, never by the whole backlog, even when the backlog arrives one request at a time."""
+
+    FORGET_AFTER = 4096  # clients remembered when last served; past that only waiting ones are kept
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._queues: OrderedDict[bytes, deque[_Queued]] = OrderedDict()
+        self._queues: dict[bytes, deque[_Queued]] = {}  # waiting clients, in order of arrival
+        self._served: dict[bytes, int] = {}  # client -> tick of the request last taken from it
+        self._tick = 0
         self._closed = False
 
     def put(self, client: bytes, item: _Queued) -> None:
@@ -121,10 +126,17 @@ class _FairQueue:
                 self._cond.wait()
             if not self._queues:
                 return None
-            client, queue = self._queues.popitem(last=False)
+            # min() keeps the first of equals: ties go by arrival. A client whose queue emptied when its last
+            # request was taken re-enters at the back of the dict, and its tick keeps it behind newcomers.
+            client = min(self._queues, key=lambda c: self._served.get(c, -1))
+            queue = self._queues[client]
             item = queue.popleft()
-            if queue:
-                self._queues[client] = queue  # to the back of the line
+            if not queue:
+                del self._queues[client]
+            self._tick += 1
+            self._served[client] = self._tick
+            if len(self._served) > self.FORGET_AFTER:
+                self._served = {c: t for c, t in self._served.items() if c in self._queues}
             return item
 
     def remove(self, routes: set[bytes]) -> list[_Queued]:
