@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -575,6 +576,38 @@ def test_compile_param_reaches_the_worker(hf_root: Path, monkeypatch: pytest.Mon
     engine = Engine(None, compile_models=True)  # serve --compile
     assert engine.card("tissue").params.get("compile") is None
     assert engine.effective_card("tissue").params["compile"] is True
+
+
+@pytest.mark.slow
+def test_real_compile_serves_eager_meanwhile_then_the_same_answers(hf_root: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``"compile": true`` with torch's own compiler (Inductor) on a real SegFormer: requests are answered
+    by the eager model while it compiles, then by the compiled one, with the same probabilities."""
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (apt-get install g++)")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold compile, every time
+    folder = tmp_path / "compiled"
+    shutil.copytree(hf_root, folder)
+    (folder / "config.json").write_text(json.dumps(card_dict(params={"compile": True})))
+    model = create_model(load_card(folder), "cpu")
+    assert isinstance(model, TorchSegmentation)
+    try:
+        batch = tiles(8, seed=5)  # the card's batch_size: the shape that is compiled
+        eager = probs_of(model.predict(batch))
+        assert model.worker.compile_state == "compiling" and model.worker.compiled_passes == 0
+        deadline = time.monotonic() + 600
+        while model.worker.compile_state == "compiling" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert model.worker.compile_state == "ready"
+        compiled = probs_of(model.predict(batch))
+        assert model.worker.compiled_passes == 1
+        np.testing.assert_allclose(compiled, eager, atol=1e-4)
+        probs_of(model.predict(batch[:3]))  # another shape: eager, not recompiled
+        assert model.worker.compiled_passes == 1
+    finally:
+        model.close()
 
 
 @pytest.mark.gpu

@@ -179,7 +179,8 @@ class DeviceWorker:
     ``model`` is called with one float tensor (N, 3, H, W); without ``head`` its output is anything
     :func:`extract_logits` understands, with logits (N, C, h, w), and ``n_outputs`` (the card's class count),
     when given, is checked on every batch; with ``head``, results are ``head(output, x)``'s named tensors.
-    ``forward_passes`` and ``tiles_processed`` count the work done (for tests and stats).
+    ``forward_passes`` and ``tiles_processed`` count the work done, ``compiled_passes`` the passes that ran
+    the compiled model (for tests and stats).
     """
 
     def __init__(self, model: Callable[[torch.Tensor], Any], device: torch.device, *, name: str = "model",
@@ -212,6 +213,7 @@ class DeviceWorker:
         self.head = head
         self.autograd = autograd
         self.forward_passes = 0
+        self.compiled_passes = 0
         self.tiles_processed = 0
         self.busy_s = 0.0  # time spent in forward passes on this thread (their launch, on CUDA)
         self._gpu_spans: list[tuple[Any, Any]] = []  # CUDA events around each forward pass
@@ -560,6 +562,7 @@ class DeviceWorker:
         compiled = self._compiled
         if compiled is not None and (n, h, w) == self.compile_shape:
             model = compiled
+            self.compiled_passes += 1
         with self._grad_mode(), self._autocast():
             x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view == channels_last
             if not self.channels_last:
