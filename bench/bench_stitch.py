@@ -11,7 +11,8 @@ builds the GeoJSON features as a run does. Two cases:
   (portal tracts) laid on a lattice, with background in the corners: a few large regions;
 - noisy: independent random logits per output pixel (the worst case for the tracer).
 
-Each size runs in its own process, so the peak RSS printed is that size's own. Times cover ``add`` and
+Tiles go to the stitcher in the card's batches (``add_batch``), as an engine run hands them over. Each
+size runs in its own process, so the peak RSS printed is that size's own. Times cover ``add_batch`` and
 ``finish`` only (tile outputs are generated outside the clock).
 
 End-to-end mode runs the engine session on a generated JPEG pyramid with a zero-cost model that returns
@@ -103,13 +104,15 @@ def run_one(size: int, case: str) -> dict[str, float]:
             pool.append((e / e.sum(axis=0)).astype(np.float32))
     extent = side // 4
     elapsed = 0.0
-    for i, t in enumerate(plan.tiles):
-        probs = pool[i % len(pool)] if pool else smooth_tile(t.x // 4, t.y // 4, OUT, extent)
-        result = SemanticResult(probs=probs, scale=4)
+    batch = card.batch_size
+    for start in range(0, len(plan.tiles), batch):  # in the card's batches, as a run stitches them
+        tiles = plan.tiles[start:start + batch]
+        results = [SemanticResult(probs=pool[(start + i) % len(pool)] if pool else
+                                  smooth_tile(t.x // 4, t.y // 4, OUT, extent), scale=4)
+                   for i, t in enumerate(tiles)]
         t0 = time.perf_counter()
-        stitcher.add(t, result)
-        if (i + 1) % card.batch_size == 0:
-            flush()
+        stitcher.add_batch(tiles, results)
+        flush()
         elapsed += time.perf_counter() - t0
     t0 = time.perf_counter()
     stitcher.finish()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import cv2
 import numpy as np
 import pytest
@@ -275,3 +277,54 @@ def test_region_links_match_scipy_components():
         expected_count, expected = connected_components(coo_matrix((np.ones(edges), (a, b)), shape=(n, n)),
                                                         directed=False)
         assert count == expected_count and np.array_equal(group, expected), (n, edges)
+
+
+@pytest.mark.parametrize("few", [0, 4, 10**6])
+def test_strip_labelling_boxes_match_opencv_statistics(few, monkeypatch):
+    """Boxes from projections (few components) and from OpenCV's statistics (many) are the same boxes."""
+    import cv2
+
+    from qpbridge.engine import vectorise
+
+    monkeypatch.setattr(vectorise, "FEW_COMPONENTS", few)
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        strip = np.zeros((int(rng.integers(1, 40)), int(rng.integers(1, 90))), np.uint8)
+        for _ in range(int(rng.integers(0, 7))):  # a few rectangles and blobs of classes 1 and 2
+            y, x = int(rng.integers(0, strip.shape[0])), int(rng.integers(0, strip.shape[1]))
+            strip[y:y + int(rng.integers(1, 12)), x:x + int(rng.integers(1, 30))] = rng.integers(1, 3)
+        if trial % 5 == 0:
+            strip = rng.integers(0, 3, strip.shape).astype(np.uint8)  # noisy: many components
+        for cls, many in ((1, False), (2, False), (1, True)):
+            n, labels, boxes = vectorise._label(strip, cls, many)
+            n_cv, labels_cv, stats, _ = cv2.connectedComponentsWithStats((strip == cls).view(np.uint8),
+                                                                         connectivity=8, ltype=cv2.CV_32S)
+            assert n == n_cv and boxes.dtype == np.int64
+            np.testing.assert_array_equal(labels, labels_cv)
+            np.testing.assert_array_equal(boxes, stats[1:, :4])
+
+
+@pytest.mark.parametrize("tile,step", [(16, 12), (16, 8), (16, 5), (10, 10)])
+def test_host_ring_sums_equal_a_copied_up_buffer_to_the_bit(tile, step):
+    """The host accumulator is a ring of rows: tiles added across its wrap, after many shifts, hold the
+    very same float sums and classes as in a buffer that is copied up by a strip each time (any overlap)."""
+    from qpbridge.engine.stitching import _HostBlend, cosine_window
+
+    rng = np.random.default_rng(tile * step)
+    h, w, k = tile + step, 9 * step + tile, 9
+    ring, plain = _HostBlend(3, h, w), _HostBlend(3, h, w)
+    win = cosine_window(tile, tile, tile - step)
+    tops = [0]
+    for _ in range(7):
+        for y in (0, step):  # this row of tiles and the next, as the stitcher may hold both
+            for i in range(k):
+                probs = rng.random((3, tile, tile)).astype(np.float32)
+                ring.add(probs, win, y, i * step)
+                plain.add(probs, win, y, i * step)
+        np.testing.assert_array_equal(ring.rows(h)[0], plain.rows(h)[0])
+        np.testing.assert_array_equal(ring.classes(step), plain.classes(step))
+        ring.shift(step)
+        plain.acc[:, :-step] = plain.acc[:, step:].copy()  # the copied-up buffer the ring replaced
+        plain.acc[:, -step:] = 0
+        tops.append(ring.top)
+    assert any(b < a for a, b in itertools.pairwise(tops))  # the ring wrapped around

@@ -110,7 +110,11 @@ def _is_tensor(x: Any) -> bool:
 
 
 class _HostBlend:
-    """The rolling accumulator in numpy.
+    """The rolling accumulator in numpy, as a ring of rows: moving on by a strip zeroes the rows that were
+    finalised and moves the start, where copying the buffer up would rewrite all of its rows per strip.
+
+    Rows are addressed as the stitcher sees them (0 = the first row not finalised yet); ``acc`` holds them
+    from physical row ``top`` on, wrapping around (:meth:`rows` gives them in order).
 
     The window weights are summed only once some tile leaves pixels to no class (``track_weights``):
     while every tile's probabilities sum to one, the weight sum is the sum over classes, and a pixel is
@@ -120,6 +124,7 @@ class _HostBlend:
     def __init__(self, n_classes: int, h: int, w: int) -> None:
         self.acc = np.zeros((n_classes, h, w), np.float32)
         self.wsum = np.zeros((h, w), np.float32)
+        self.top = 0
         self.tracking = False
 
     def track_weights(self) -> None:
@@ -133,16 +138,41 @@ class _HostBlend:
     def window(self, win: np.ndarray) -> np.ndarray:
         return win
 
+    def _spans(self, y: int, h: int) -> list[tuple[int, int, int]]:
+        """Rows y .. y + h - 1 as (offset in them, physical row, count): one span, or two across the wrap."""
+        size = self.acc.shape[1]
+        if y < 0 or y + h > size:
+            raise ValueError(f"rows {y}..{y + h} are outside the blending buffer of {size} rows")
+        p = (self.top + y) % size
+        first = min(h, size - p)
+        return [(0, p, first)] if first == h else [(0, p, first), (first, 0, h - first)]
+
+    def rows(self, h: int) -> tuple[np.ndarray, np.ndarray]:
+        """The accumulator and weight sums of rows 0 .. h - 1, in order (a copy only across the wrap)."""
+        parts = self._spans(0, h)
+        if len(parts) == 1:
+            _, p, n = parts[0]
+            return self.acc[:, p:p + n], self.wsum[p:p + n]
+        return (np.concatenate([self.acc[:, p:p + n] for _, p, n in parts], axis=1),
+                np.concatenate([self.wsum[p:p + n] for _, p, n in parts]))
+
     def add(self, probs: Any, win: np.ndarray, y: int, x: int) -> None:
         h, w = win.shape
         if _is_tensor(probs):
             probs = probs.cpu().numpy()
-        self.acc[:, y:y + h, x:x + w] += np.asarray(probs, np.float32) * win
-        if self.tracking:
-            self.wsum[y:y + h, x:x + w] += win
+        probs = np.asarray(probs, np.float32)
+        for o, p, n in self._spans(y, h):
+            self.acc[:, p:p + n, x:x + w] += probs[:, o:o + n] * win[o:o + n]
+            if self.tracking:
+                self.wsum[p:p + n, x:x + w] += win[o:o + n]
 
     def classes(self, h: int) -> np.ndarray:
-        acc, wsum = self.acc[:, :h], self.wsum[:h]
+        cmap = np.empty((h, self.acc.shape[2]), np.uint8)
+        for o, p, n in self._spans(0, h):
+            cmap[o:o + n] = self._classes(self.acc[:, p:p + n], self.wsum[p:p + n])
+        return cmap
+
+    def _classes(self, acc: np.ndarray, wsum: np.ndarray) -> np.ndarray:
         # argmax class by class: one pass per class over contiguous rows beats a strided argmax
         best = acc[0].copy()
         cmap = np.zeros(best.shape, np.uint8)
@@ -156,11 +186,11 @@ class _HostBlend:
         return cmap
 
     def shift(self, step: int) -> None:
-        self.acc[:, :-step] = self.acc[:, step:]
-        self.acc[:, -step:] = 0
-        if self.tracking:
-            self.wsum[:-step] = self.wsum[step:]
-            self.wsum[-step:] = 0
+        for _, p, n in self._spans(0, step):
+            self.acc[:, p:p + n] = 0
+            if self.tracking:
+                self.wsum[p:p + n] = 0
+        self.top = (self.top + step) % self.acc.shape[1]
 
 
 class _DeviceBlend:

@@ -91,6 +91,7 @@ class RegionTracer:
         self.closed = False
         self.peak_rows = 0  # most raster rows retained at once (for stats and tests)
         self.regions = 0
+        self.many: dict[int, bool] = {}  # per class: the last strip held many components
 
     @property
     def retained_bytes(self) -> int:
@@ -120,19 +121,16 @@ class RegionTracer:
     # ---- one class of one strip -----------------------------------------------------------------------
 
     def _strip_class(self, cls: int, prev: _OpenRegions, strip: np.ndarray, y0: int, last: bool) -> _OpenRegions:
-        import cv2
-
         h = strip.shape[0]
         k = len(prev)
         if h:
-            n, labels, stats, _ = cv2.connectedComponentsWithStats((strip == cls).view(np.uint8), connectivity=8,
-                                                                   ltype=cv2.CV_32S)
+            n, labels, st = _label(strip, cls, many=self.many.get(cls, False))
+            self.many[cls] = n - 1 > FEW_COMPONENTS  # the next strip of a noisy map is likely noisy too
         else:
-            n, labels, stats = 1, np.zeros((0, self.width), np.int32), np.zeros((1, 5), np.int32)
+            n, labels, st = 1, np.zeros((0, self.width), np.int32), np.zeros((0, 4), np.int64)
         if n == 1 and k == 0:
             return prev if h == 0 else _OpenRegions.empty(self.width)
         m = n - 1
-        st = stats[1:].astype(np.int64)
         lx0, ly0 = st[:, 0], st[:, 1] + y0
         lx1, ly1 = lx0 + st[:, 2], ly0 + st[:, 3]
         at_bottom = (st[:, 1] + st[:, 3] == h) if not last else np.zeros(m, bool)
@@ -256,6 +254,36 @@ class RegionTracer:
             self.rows.popleft()
 
 
+FEW_COMPONENTS = 4  # components of a strip up to which boxes from projections beat OpenCV's statistics
+
+
+def _label(strip: np.ndarray, cls: int, many: bool = False) -> tuple[int, np.ndarray, np.ndarray]:
+    """8-connected components of class ``cls`` in ``strip``: their count + 1 (OpenCV's count, background
+    included), the label image and each component's box (x, y, width, height), int64.
+
+    OpenCV's statistics (area, centroid and box of every component) cost about four times the labelling
+    itself. A strip of a smooth map holds a handful of components, whose boxes come cheaper from one row and
+    one column projection each; a noisy strip holds thousands and is labelled again with statistics, or
+    with statistics at once when ``many`` are expected."""
+    import cv2
+
+    fg = (strip == cls).view(np.uint8)
+    if many:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8, ltype=cv2.CV_32S)
+        return n, labels, stats[1:, :4].astype(np.int64)
+    n, labels = cv2.connectedComponents(fg, connectivity=8, ltype=cv2.CV_32S)
+    if n - 1 > FEW_COMPONENTS:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8, ltype=cv2.CV_32S)
+        return n, labels, stats[1:, :4].astype(np.int64)
+    boxes = np.zeros((n - 1, 4), np.int64)
+    for lab in range(1, n):
+        mask = fg if n == 2 else labels == lab
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        boxes[lab - 1] = (cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0])
+    return n, labels, boxes
+
+
 SMALL_GRAPH = 512  # nodes + distinct edges below which a union-find in Python beats scipy's fixed cost
 
 
@@ -266,7 +294,9 @@ def _components(a: np.ndarray, b: np.ndarray, n: int) -> tuple[np.ndarray, int]:
     Edges come one per adjacent pixel pair, so most repeat: they are made distinct first. A strip of a
     smooth map links a handful of regions, where scipy's sparse-graph set-up (about 0.4 ms) would cost more
     than the whole strip's tracing; large graphs (noisy maps) still go to scipy."""
-    pairs = np.unique(a * n + b)
+    codes = a * n + b
+    # Counting is linear where sorting is not: a smooth strip has few nodes and thousands of pixel pairs.
+    pairs = np.flatnonzero(np.bincount(codes, minlength=n * n)) if n * n <= 1 << 16 else np.unique(codes)
     if n + len(pairs) > SMALL_GRAPH:
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
