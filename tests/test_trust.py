@@ -63,6 +63,14 @@ def tile(**kw: object) -> dict:
     return {"x": 0, "y": 0, "width": 64, "height": 64, "downsample": 1.0, "encoding": "raw", **kw}
 
 
+def send_slow(sock: zmq.Socket, tiles: int, request_id: int | None = None) -> None:
+    """One predict of ``tiles`` blank 64 px tiles to the 'slow' model (50 ms a tile), on a raw DEALER."""
+    header: dict = {"op": "predict", "v": 1, "model": "slow", "tiles": [tile()] * tiles}
+    if request_id is not None:
+        header["id"] = request_id
+    sock.send_multipart([b"", json.dumps(header).encode(), *([bytes(64 * 64 * 3)] * tiles)])
+
+
 # ---- hostile messages ----------------------------------------------------------------------------------
 _rng = random.Random(3)
 RANDOM_RING = [[_rng.uniform(0, 4000), _rng.uniform(0, 4000)] for _ in range(400)]  # crosses itself everywhere
@@ -166,11 +174,9 @@ def test_heavy_planning_runs_off_the_receiving_loop(server):
 def test_pipelining_client_gets_busy_and_others_are_served(models_dir):
     running = start_server(models_dir, Limits(max_client_requests=4), workers=1)
     try:
-        px = bytes(64 * 64 * 3)
-        header = {"op": "predict", "v": 1, "model": "slow", "tiles": [tile()] * 20}  # 1 s each
         greedy = dealer(running.address)
         for i in range(12):
-            greedy.send_multipart([b"", json.dumps({**header, "id": i}).encode(), *([px] * 20)])
+            send_slow(greedy, 20, i)  # 1 s each
         time.sleep(0.1)
         with Client(running.address, timeout_s=10) as other:
             other.predict("dark", [(TileSpec(0, 0, 64, 64), np.zeros((64, 64, 3), np.uint8))])
@@ -216,11 +222,9 @@ def test_requests_of_a_vanished_client_are_dropped_not_run(models_dir):
     can never be answered, so they are dropped at once instead of occupying the worker for 1.5 s."""
     running = start_server(models_dir, Limits(max_client_requests=4), workers=1)
     try:
-        px = bytes(64 * 64 * 3)
-        header = {"op": "predict", "v": 1, "model": "slow", "tiles": [tile()] * 10}  # 0.5 s each
         gone = dealer(running.address)
         for i in range(4):
-            gone.send_multipart([b"", json.dumps({**header, "id": i}).encode(), *([px] * 10)])
+            send_slow(gone, 10, i)  # 0.5 s each
         time.sleep(0.2)  # the first is running, three wait
         t0 = time.monotonic()
         gone.close(linger=0)
@@ -234,7 +238,7 @@ def test_requests_of_a_vanished_client_are_dropped_not_run(models_dir):
         # A client that stays keeps all of its requests: nothing of its is dropped.
         stay = dealer(running.address)
         for i in range(3):
-            stay.send_multipart([b"", json.dumps({**header, "id": i, "tiles": [tile()]}).encode(), px])
+            send_slow(stay, 1, i)
         replies = [json.loads(stay.recv_multipart()[-1]) for _ in range(3) if stay.poll(5000)]
         stay.close()
         assert [r["ok"] for r in replies] == [True] * 3 and running.server.dropped_requests == 3
@@ -279,8 +283,7 @@ def test_python_client_retries_busy_answers(models_dir):
     running = start_server(models_dir, Limits(max_queued_requests=1), workers=1)
     try:
         greedy = dealer(running.address)
-        greedy.send_multipart([b"", json.dumps({"op": "predict", "v": 1, "model": "slow",
-                                                "tiles": [tile()] * 20}).encode(), *([bytes(64 * 64 * 3)] * 20)])
+        send_slow(greedy, 20)
         time.sleep(0.1)
         probe = exchange(running.address, [json.dumps({"op": "predict", "v": 1, "model": "dark",
                                                        "tiles": []}).encode()])
@@ -300,8 +303,7 @@ def test_queued_bytes_are_bounded_server_wide(models_dir):
     running = start_server(models_dir, Limits(max_queued_bytes=1 << 20), workers=1)
     try:
         first = dealer(running.address)
-        first.send_multipart([b"", json.dumps({"op": "predict", "v": 1, "model": "slow",
-                                               "tiles": [tile()] * 20}).encode(), *([bytes(64 * 64 * 3)] * 20)])
+        send_slow(first, 20)
         time.sleep(0.1)
         big = [tile(width=512, height=512)] * 2  # 1.5 MiB more than the 1 MiB queued budget allows
         header = {"op": "predict", "v": 1, "model": "dark", "tiles": big}

@@ -268,20 +268,18 @@ def _label(strip: np.ndarray, cls: int, many: bool = False) -> tuple[int, np.nda
     import cv2
 
     fg = (strip == cls).view(np.uint8)
-    if many:
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8, ltype=cv2.CV_32S)
-        return n, labels, stats[1:, :4].astype(np.int64)
-    n, labels = cv2.connectedComponents(fg, connectivity=8, ltype=cv2.CV_32S)
-    if n - 1 > FEW_COMPONENTS:
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8, ltype=cv2.CV_32S)
-        return n, labels, stats[1:, :4].astype(np.int64)
-    boxes = np.zeros((n - 1, 4), np.int64)
-    for lab in range(1, n):
-        mask = fg if n == 2 else labels == lab
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
-        boxes[lab - 1] = (cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0])
-    return n, labels, boxes
+    if not many:
+        n, labels = cv2.connectedComponents(fg, connectivity=8, ltype=cv2.CV_32S)
+        if n - 1 <= FEW_COMPONENTS:
+            boxes = np.zeros((n - 1, 4), np.int64)
+            for lab in range(1, n):
+                mask = fg if n == 2 else labels == lab
+                rows = np.flatnonzero(mask.any(axis=1))
+                cols = np.flatnonzero(mask.any(axis=0))
+                boxes[lab - 1] = (cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0])
+            return n, labels, boxes
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8, ltype=cv2.CV_32S)
+    return n, labels, stats[1:, :4].astype(np.int64)
 
 
 SMALL_GRAPH = 512  # nodes + distinct edges below which a union-find in Python beats scipy's fixed cost

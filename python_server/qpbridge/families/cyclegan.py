@@ -44,14 +44,13 @@ from torch import nn
 
 from qpbridge.errors import ModelCardError, ModelLoadError
 from qpbridge.families.base import ModelFamily, TileResult, register_family
-from qpbridge.families.params import bool_param, float_param, int_param
+from qpbridge.families.params import bool_param, int_param
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
-    DEFAULT_MAX_WAIT_S,
     DeviceWorker,
     Normalization,
-    precision_param,
     resolve_torch_device,
+    worker_settings,
 )
 from qpbridge.families.torch_segmentation import pad_to
 from qpbridge.families.weights import is_torchscript, load_state_dict_file, load_torchscript, load_weights_strict
@@ -161,15 +160,6 @@ def load_generator(card: ModelCard, device: torch.device) -> nn.Module:
 
 def generator_normalization(card: ModelCard) -> Normalization:
     return Normalization.from_card(card.normalization, CYCLEGAN_MEAN, CYCLEGAN_STD)
-
-
-def worker_settings(card: ModelCard) -> dict[str, Any]:
-    """The DeviceWorker settings a torch card's ``params`` give (shared with the pipeline family)."""
-    params = card.params
-    return {"precision": precision_param(params),
-            "max_batch": int_param(params, "max_batch", max(1, card.batch_size), 1),
-            "max_wait_s": float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0,
-            "channels_last": bool_param(params, "channels_last", True)}
 
 
 def group_by_size(tiles: Sequence[np.ndarray], size: int) -> dict[tuple[int, int], list[int]]:

@@ -33,14 +33,12 @@ from qpbridge.errors import ModelCardError, ModelLoadError
 from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, card_weights, register_family
 from qpbridge.families.hovernet_net import HoverArch, HoverNet, split_output
 from qpbridge.families.hovernet_post import HoverPostParams, hover_instances, instance_types
-from qpbridge.families.params import bool_param, float_param, int_param
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
-    DEFAULT_MAX_WAIT_S,
     DeviceWorker,
     Normalization,
-    precision_param,
     resolve_torch_device,
+    worker_settings,
 )
 from qpbridge.families.torch_segmentation import pad_to
 from qpbridge.families.weights import load_state_dict_file, load_torchscript, load_weights_strict
@@ -99,19 +97,13 @@ class HoverNetFamily(ModelFamily):
         if card.tile_size % self.arch.multiple:
             raise ModelCardError(f"hovernet card '{card.name}': tile size {card.tile_size} must be a multiple of "
                                  f"{self.arch.multiple} (2 ** (arch.levels - 1))")
-        precision = precision_param(params)
-        max_batch = int_param(params, "max_batch", max(1, card.batch_size), 1)
-        wait_s = float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0
-        channels_last = bool_param(params, "channels_last", True)
-        compile_shape = (max_batch, card.tile_size, card.tile_size) if bool_param(params, "compile", False) \
-            else None
+        settings = worker_settings(card, compile=True)
         self.torch_device = resolve_torch_device(device)
         weights = card_weights(card, f"weights ({card.params.get('format', 'state_dict')})", file_only=True)
         model = build_network(card, weights)
-        self.worker = DeviceWorker(model, self.torch_device, name=card.name, precision=precision,
-                                   normalization=Normalization.from_card(card.normalization), max_batch=max_batch,
-                                   max_wait_s=wait_s, channels_last=channels_last, compile_shape=compile_shape,
-                                   head=self._head)
+        self.worker = DeviceWorker(model, self.torch_device, name=card.name,
+                                   normalization=Normalization.from_card(card.normalization), head=self._head,
+                                   **settings)
         self.worker.warm_up(card.tile_size)  # a broken model fails at load, not mid-job
 
     def _head(self, output: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -54,13 +54,12 @@ from qpbridge.errors import ModelCardError, ModelLoadError
 from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, card_weights, register_family
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
-    DEFAULT_MAX_WAIT_S,
     IMAGENET_MEAN,
     IMAGENET_STD,
     DeviceWorker,
     Normalization,
-    precision_param,
     resolve_torch_device,
+    worker_settings,
 )
 from qpbridge.families.weights import (
     load_state_dict_file,
@@ -283,16 +282,7 @@ class MaskRCNNFamily(ModelFamily):
                                  f"instance-segmentation (it says {card.task})")
         params = card.params
         self.settings = MaskRCNNSettings(params)
-        precision = precision_param(params)
-        max_batch = params.get("max_batch", max(1, card.batch_size))
-        wait_ms = params.get("batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0)
-        channels_last = params.get("channels_last", False)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ModelCardError(f"card parameter 'max_batch' must be an integer >= 1, got {max_batch!r}")
-        if isinstance(wait_ms, bool) or not isinstance(wait_ms, (int, float)) or wait_ms < 0:
-            raise ModelCardError(f"card parameter 'batch_wait_ms' must be a number >= 0, got {wait_ms!r}")
-        if not isinstance(channels_last, bool):
-            raise ModelCardError(f"card parameter 'channels_last' must be true or false, got {channels_last!r}")
+        settings = worker_settings(card, channels_last=False)
         self.torch_device = resolve_torch_device(device)
         model, default_norm = self._load(card_weights(card, "Mask R-CNN weights file", file_only=True))
         normalization = Normalization.from_card(card.normalization, default_norm.mean, default_norm.std)
@@ -300,8 +290,7 @@ class MaskRCNNFamily(ModelFamily):
             normalization = Normalization(normalization.mean, normalization.std, default_norm.scale)
         self.normalization = normalization
         self.worker = DeviceWorker(_ListInput(model), self.torch_device, name=card.name, normalization=normalization,
-                                   precision=precision, max_batch=max_batch, max_wait_s=float(wait_ms) / 1000.0,
-                                   channels_last=channels_last, weights="autocast", head=self._head)
+                                   weights="autocast", head=self._head, **settings)
         self.worker.warm_up(card.tile_size)  # a broken model fails at load, not mid-job
 
     def _load(self, path: Path) -> tuple[torch.nn.Module, Normalization]:

@@ -50,10 +50,9 @@ from qpbridge.families.cyclegan import (
     load_generator,
     rgb_head,
     tanh_to_rgb,
-    worker_settings,
 )
 from qpbridge.families.stains import check_rgb_tile
-from qpbridge.families.torch_runtime import DeviceWorker, Head, Normalization, resolve_torch_device
+from qpbridge.families.torch_runtime import DeviceWorker, Head, Normalization, resolve_torch_device, worker_settings
 from qpbridge.families.torch_segmentation import pad_to
 
 if TYPE_CHECKING:

@@ -53,13 +53,17 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from qpbridge.errors import ModelCardError, ModelLoadError, QPBridgeError, TileError
+from qpbridge.families.params import bool_param, float_param, int_param
+
+if TYPE_CHECKING:
+    from qpbridge.cards import ModelCard
 
 log = logging.getLogger("qpbridge")
 
@@ -114,6 +118,22 @@ def precision_param(params: dict[str, Any]) -> str:
     if value not in PRECISIONS:
         raise ModelCardError(f"card parameter 'precision' must be one of {', '.join(PRECISIONS)}, got {value!r}")
     return str(value)
+
+
+def worker_settings(card: ModelCard, *, channels_last: bool = True, compile: bool = False) -> dict[str, Any]:
+    """The :class:`DeviceWorker` settings a torch card's ``params`` give, checked: ``precision``, ``max_batch``
+    (default the card's batch size), ``batch_wait_ms``, ``channels_last`` (default ``channels_last``) and,
+    for families that can compile, ``compile`` (full batches of the card's tile size; off by default)."""
+    params = card.params
+    max_batch = int_param(params, "max_batch", max(1, card.batch_size), 1)
+    settings: dict[str, Any] = {
+        "precision": precision_param(params), "max_batch": max_batch,
+        "max_wait_s": float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0,
+        "channels_last": bool_param(params, "channels_last", channels_last)}
+    if compile:
+        settings["compile_shape"] = (max_batch, card.tile_size, card.tile_size) \
+            if bool_param(params, "compile", False) else None
+    return settings
 
 
 def extract_logits(output: Any) -> torch.Tensor:

@@ -48,14 +48,12 @@ import torch
 
 from qpbridge.errors import ModelLoadError
 from qpbridge.families.base import ModelFamily, SemanticResult, TileResult, card_weights
-from qpbridge.families.params import bool_param, float_param, int_param
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
-    DEFAULT_MAX_WAIT_S,
     DeviceWorker,
     Normalization,
-    precision_param,
     resolve_torch_device,
+    worker_settings,
 )
 
 if TYPE_CHECKING:
@@ -82,18 +80,11 @@ class TorchSegmentation(ModelFamily):
 
     def __init__(self, card: ModelCard, device: str = "cpu") -> None:
         super().__init__(card, device)
-        params = card.params
-        precision = precision_param(params)
-        max_batch = int_param(params, "max_batch", max(1, card.batch_size), 1)
-        wait_s = float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0
-        channels_last = bool_param(params, "channels_last", True)
-        compile_shape = (max_batch, card.tile_size, card.tile_size) if bool_param(params, "compile", False) \
-            else None
-        normalization = Normalization.from_card(card.normalization, self.default_mean, self.default_std)
+        settings = worker_settings(card, compile=True)
+        precision = settings.pop("precision")
+        settings["normalization"] = Normalization.from_card(card.normalization, self.default_mean, self.default_std)
         self.torch_device = resolve_torch_device(device)
         weights = card_weights(card, self.weights_kind)
-        settings: dict[str, Any] = {"normalization": normalization, "max_batch": max_batch, "max_wait_s": wait_s,
-                                    "channels_last": channels_last, "compile_shape": compile_shape}
         half = precision != "fp32" and self.torch_device.type == "cuda"
         # Weights cast to the card's dtype first; some (exported) models only run under autocast, or fp32.
         attempts = [(precision, "cast"), (precision, "autocast"), ("fp32", "cast")] if half else [(precision, "cast")]
