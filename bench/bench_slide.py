@@ -1,14 +1,16 @@
 """Whole-slide throughput vs the model-only ceiling, in one run: prints measured numbers (not a test).
 
     python bench/bench_slide.py [--device auto|cpu|cuda] [--size 32768] [--precision fp16 fp32]
-                                [--compile] [--batch 256] [--model-only-tiles 4096] [--readers 8]
+                                [--compile] [--compile-mode max-autotune|default] [--batch 256]
+                                [--model-only-tiles 4096] [--readers 8] [--slide PATH] [--switch-interval S]
 
 Builds SegFormer-B0 with random weights (speed only; HOTSPoT's architecture, 3 classes, 256 px tiles at
 1 µm/px), saves it as a save_pretrained folder and serves it through the real card/engine path. Writes a
 synthetic JPEG-compressed pyramidal TIFF of --size x --size px at 0.5 µm/px, then for each precision and
-mode (eager; compiled too with --compile, timed once the background compile is warm):
-- model-only: the same model fed ready uint8 tiles already in memory, outputs as the run takes them
-  (native resolution, left on the GPU), synchronised at the end (tiles/s);
+mode (eager; compiled too with --compile, timed once the background compile is warm; the random weights
+are seeded, so every run traces the same class maps):
+- model-only: the same model fed ready uint8 tiles already in memory, from as many threads as a run feeds
+  it, outputs as the run takes them (native resolution, left on the GPU), synchronised at the end (tiles/s);
 - end to end: `annotate_slide` on the slide (pipelined block reads, model, device-side blending, linear
   vectorising, features), tiles/s, the ratio of the two, each stage's busy time, the GPU's idle fraction,
   the limiting stage, peak host RSS and peak GPU memory.
@@ -63,11 +65,14 @@ def write_slide(path: Path, size: int) -> Path:
     return path
 
 
-def make_card(root: Path, precision: str, batch: int, compiled: bool) -> str:
+def make_card(root: Path, precision: str, batch: int, compiled: bool, compile_mode: str = "max-autotune") -> str:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     weights = root / "b0-weights"
     if not weights.exists():
+        import torch
+
+        torch.manual_seed(0)  # the same random network every run: its class maps set the stitching work
         SegformerForSemanticSegmentation(SegformerConfig(num_labels=3)).save_pretrained(weights)  # B0 defaults
     name = f"segformer-b0-{precision}-{'compiled' if compiled else 'eager'}"
     folder = root / "models" / name
@@ -79,9 +84,67 @@ def make_card(root: Path, precision: str, batch: int, compiled: bool) -> str:
                     {"name": "Lobule", "color": [222, 120, 160]}, {"name": "Portal tract", "color": [30, 110, 220]}],
         "tile": {"size": 256, "overlap": 64, "batch_size": batch}, "mpp": 1.0,
         "postprocess": {"simplify_um": 2.0, "min_area_um2": 500.0, "max_hole_area_um2": 100.0},
-        "params": {"precision": precision, "tissue_filter": False, "compile": compiled}, "weights": str(weights),
+        "params": {"precision": precision, "tissue_filter": False, "compile": compiled, "compile_mode": compile_mode},
+        "weights": str(weights),
     }))
     return name
+
+
+class ThreadCPU:
+    """CPU seconds of each group of this process's threads over a stretch of time (Linux: /proc), sampled by a
+    thread of its own: shows which threads compute while the run waits (for the GIL, among others)."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        import os
+        import threading
+
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.period_s = period_s
+        self.start: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cpu(self, tid: int) -> float | None:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+
+    def _sample(self) -> None:
+        import re
+        import threading
+
+        for th in threading.enumerate():
+            tid = th.native_id
+            if tid is None or th is self._thread:
+                continue
+            cpu = self._cpu(tid)
+            if cpu is not None:
+                self.start.setdefault(tid, cpu)
+                self.last[tid] = (re.sub(r"[_-]\d+$", "", th.name), cpu)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def __enter__(self) -> ThreadCPU:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+    def groups(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for tid, (name, cpu) in self.last.items():
+            out[name] = out.get(name, 0.0) + cpu - self.start.get(tid, cpu)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def wait_compiled(model: object, timeout_s: float) -> float:
@@ -103,7 +166,7 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     from qpbridge.engine import Engine
     from qpbridge.engine.session import RunOptions
 
-    name = make_card(root, precision, args.batch, compiled)
+    name = make_card(root, precision, args.batch, compiled, args.compile_mode)
     engine = Engine(root / "models", device=device)
     model = engine.model(name)
     cuda = device.startswith("cuda")
@@ -116,14 +179,18 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    n = 0
+    # Fed from as many threads as a run feeds it (RunOptions.feeders), so the next batch is handed over while
+    # this one computes, as in the run: one caller alone would wait for each batch before sending the next.
+    from concurrent.futures import ThreadPoolExecutor
+
+    feeders = RunOptions().feeders
+    batches = -(-args.model_only_tiles // len(tiles))
     t = time.perf_counter()
-    while n < args.model_only_tiles:
-        model.predict_native(tiles, on_device=on_device)
-        n += len(tiles)
+    with ThreadPoolExecutor(feeders) as pool:
+        list(pool.map(lambda _: model.predict_native(tiles, on_device=on_device), range(batches)))
     if cuda:
         torch.cuda.synchronize()
-    model_only = n / (time.perf_counter() - t)
+    model_only = batches * len(tiles) / (time.perf_counter() - t)
 
     profiler = None
     if args.profile:
@@ -131,7 +198,10 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
 
         profiler = cProfile.Profile()  # the calling thread: the stitching stage
         profiler.enable()
-    result = annotate_slide(engine, slide, name, tissue_filter=False, options=RunOptions(readers=args.readers))
+    with ThreadCPU() as cpu:
+        result = annotate_slide(engine, slide, name, tissue_filter=False, options=RunOptions(readers=args.readers))
+    print(f"{precision} {'compiled' if compiled else 'eager'}: CPU s by thread over the run: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in cpu.groups().items() if v >= 0.01), flush=True)
     if profiler is not None:
         import pstats
 
@@ -153,12 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=32768, help="slide side in px at 0.5 µm/px")
     ap.add_argument("--precision", nargs="+", default=["fp16", "fp32"], choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--compile", action="store_true", help="also run with torch.compile (after its warm-up)")
+    ap.add_argument("--compile-mode", default="max-autotune", choices=["max-autotune", "default"],
+                    help="the card's compile_mode: autotuned kernels (minutes) or Inductor's default")
     ap.add_argument("--compile-timeout", type=float, default=1800.0)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--model-only-tiles", type=int, default=4096)
     ap.add_argument("--readers", type=int, default=8)
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the stitching thread of each end-to-end run, print its top N functions")
+    ap.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                    help="sys.setswitchinterval for this process (how long a thread may hold the GIL)")
+    ap.add_argument("--slide", type=Path, help="reuse this synthetic slide (written there first if missing)")
     ap.add_argument("--write-slide", nargs=2, metavar=("PATH", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write_slide:
@@ -167,20 +242,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     from qpbridge.devices import resolve_device
     from qpbridge.pools import pool_size
 
     device = resolve_device(args.device)
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none"
     print(f"device {device} ({gpu}); torch {torch.__version__}; slide {args.size}x{args.size} px at 0.5 µm/px; "
-          f"batch {args.batch}; {args.readers} readers")
+          f"batch {args.batch}; {args.readers} readers; GIL switch interval {sys.getswitchinterval() * 1e3:g} ms")
     rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        slide = write_slide(root / "slide.tif", args.size)
-        print(f"wrote synthetic slide in {time.perf_counter() - t:.1f} s ({slide.stat().st_size / 1e6:.1f} MB)",
-              flush=True)
+        slide = args.slide or root / "slide.tif"
+        if not slide.exists():
+            write_slide(slide, args.size)
+            print(f"wrote synthetic slide in {time.perf_counter() - t:.1f} s ({slide.stat().st_size / 1e6:.1f} MB)",
+                  flush=True)
         for precision in args.precision:
             if precision != "fp32" and not device.startswith("cuda"):
                 print(f"{precision}: skipped (half precision runs on CUDA only)")
@@ -199,15 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
     print("| precision | mode | model-only tiles/s | end-to-end tiles/s | ratio | tiles | wall s | reading s "
-          "(threads) | model s | device s | stitching s | features s (threads) | GPU idle | limit | features | "
-          "peak GPU MiB |")
+          "(threads) | model s | device s | stitching s (class strips, tracing; on a CPU) | features s (threads) | "
+          "GPU idle | limit | features | peak GPU MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stats"]
         dev = f"{st.device_s:.2f}" if st.device_s is not None else "-"
         print(f"| {r['precision']} | {r['mode']} | {r['model_only']:.0f} | {r['e2e']:.0f} | "
               f"{r['e2e'] / r['model_only']:.2f} | {st.tiles} | {st.seconds:.2f} | {st.read_s:.2f} ({st.readers}) | "
-              f"{st.model_s:.2f} | {dev} | {st.stitch_s:.2f} | {st.features_s:.2f} ({pool_size()}) | "
+              f"{st.model_s:.2f} | {dev} | {st.stitch_s:.2f} ({st.extra.get('class_strips_s', 0):.2f}, "
+              f"{st.extra.get('tracing_s', 0):.2f}; CPU {st.stitch_cpu_s:.2f}) | {st.features_s:.2f} ({pool_size()}) | "
               f"{100 * st.model_idle_fraction:.0f}% | {st.limit} | "
               f"{r['features']} | {r['gpu_mib']:.0f} |")
     print(f"peak host RSS {rss:.0f} MiB")

@@ -575,8 +575,19 @@ def test_compile_param_reaches_the_worker(hf_root: Path, monkeypatch: pytest.Mon
     assert isinstance(model, TorchSegmentation)
     try:
         assert model.worker.compile_shape == (model.worker.max_batch, TILE, TILE)
+        assert model.worker.compile_mode == "max-autotune"
     finally:
         model.close()
+    quick = create_model(ModelCard.from_dict(card_dict(params={"compile": True, "compile_mode": "default"}),
+                                             folder=hf_root), "cpu")
+    assert isinstance(quick, TorchSegmentation)
+    try:
+        assert quick.worker.compile_mode == "default"
+    finally:
+        quick.close()
+    with pytest.raises(ModelCardError, match="compile_mode"):  # CUDA graphs would share output memory
+        create_model(ModelCard.from_dict(card_dict(params={"compile": True, "compile_mode": "reduce-overhead"}),
+                                         folder=hf_root), "cpu")
     from qpbridge.engine import Engine
 
     engine = Engine(None, compile_models=True)  # serve --compile

@@ -206,7 +206,8 @@ def test_pipeline_reports_stage_times_and_the_limit(tmp_path, models_dir):
     st = result.stats
     assert st.tiles == len(result.plan.tiles) > 50 and done[-1] == st.tiles and not st.cancelled
     assert st.read_s > 0 and st.model_s > 0 and st.stitch_s > 0 and 0 <= st.model_idle_fraction <= 1
-    assert st.limit in {"reading", "model", "stitching"} and "tiles/s" in st.table()
+    assert st.limit in {"reading", "model", "stitching", "features"} and "tiles/s" in st.table()
+    assert 0 < st.extra["tracing_s"] < st.stitch_s and 0 < st.extra["class_strips_s"] < st.stitch_s
     assert len(result.features) == 1
     assert shapely.geometry.shape(result.features[0]["geometry"]).area == pytest.approx(np.pi * 250 ** 2, rel=0.02)
 
@@ -328,3 +329,4 @@ def test_host_ring_sums_equal_a_copied_up_buffer_to_the_bit(tile, step):
         plain.acc[:, -step:] = 0
         tops.append(ring.top)
     assert any(b < a for a, b in itertools.pairwise(tops))  # the ring wrapped around
+

@@ -21,6 +21,7 @@ from qpbridge.cli import main
 from qpbridge.client import Client
 from qpbridge.engine import Engine
 from qpbridge.engine.plan import make_plan
+from qpbridge.engine.reading import BLOCK_PX, BLOCK_ROWS, band_of, blocks_of
 from qpbridge.engine.session import RunOptions
 from qpbridge.engine.stitching import InstanceCollector, SemanticStitcher
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, RemoteError
@@ -560,3 +561,74 @@ def test_kept_instances_do_not_depend_on_the_order_tiles_arrive_in():
     for seed, batch in ((1, 1), (2, 4), (3, 3)):
         order = np.random.default_rng(seed).permutation(len(plan.tiles))
         assert kept(order, batch)[0] == reference
+
+
+# ---- block reads ----------------------------------------------------------------------------------------
+
+
+def _box_area(blocks) -> int:
+    return sum((max(t.x + t.w for t in b) - min(t.x for t in b)) * (max(t.y + t.h for t in b) - min(t.y for t in b))
+               for b in blocks)
+
+
+def test_blocks_read_each_canvas_pixel_about_once_band_by_band_in_plan_order():
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 256, "overlap": 64}})
+    plan = make_plan(card, (0, 0, 9000, 7000), None)
+    blocks = blocks_of(plan)
+    assert sorted(t.index for b in blocks for t in b) == list(range(len(plan.tiles)))  # every tile once
+    for b in blocks:
+        assert [t.index for t in b] == sorted(t.index for t in b)
+        assert len({band_of(t) for t in b}) == 1 and len({t.row for t in b}) <= BLOCK_ROWS
+        assert max(t.x + t.w for t in b) - min(t.x for t in b) <= BLOCK_PX
+    bands = [band_of(b[0]) for b in blocks]
+    assert bands == sorted(bands)
+    canvas = plan.width * plan.height
+    rows_only = blocks_of(plan, rows=1)  # one plan row per block: rows overlap, their pixels are read twice
+    assert _box_area(blocks) / canvas < 1.15  # the rows of a band share their overlaps
+    assert _box_area(rows_only) / canvas > 1.3
+
+
+def test_sparse_plans_are_read_in_row_runs_not_empty_boxes():
+    """Kept tiles far apart inside one band (tissue islands): each run of a row is read on its own."""
+    import dataclasses
+
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 256, "overlap": 64}})
+    full = make_plan(card, (0, 0, 6000, 6000), None)
+    corners = [t for t in full.tiles if (t.row % 4, t.col % 10) in ((0, 0), (0, 1), (3, 8), (3, 9))]
+    plan = dataclasses.replace(full, tiles=corners)
+    blocks = blocks_of(plan)
+    assert sorted(t.index for b in blocks for t in b) == sorted(t.index for t in plan.tiles)
+    assert all(len({t.row for t in b}) == 1 for b in blocks)
+    assert _box_area(blocks) == sum((max(t.x + t.w for t in b) - min(t.x for t in b)) * 256 for b in blocks)
+    assert _box_area(blocks) < 0.9 * sum(t.w * t.h for t in plan.tiles)  # pairs of overlapping tiles (a box: 6x)
+    diagonal = make_plan(card, (0, 0, 6000, 6000), None,
+                         shapely.buffer(shapely.LineString([(0, 0), (6000, 6000)]), 40))
+    assert any(len({t.row for t in b}) > 1 for b in blocks_of(diagonal))  # dense enough to read in boxes
+
+
+def test_band_reads_reach_the_model_in_plan_order_with_the_same_regions(shapes_slide, models_dir, monkeypatch):
+    """Blocks several rows tall and cut across (here 4 rows x 4 tiles) are fed to the model in plan order,
+    and the regions equal those of row-by-row reads."""
+    from qpbridge.engine import reading
+    from qpbridge.engine.session import PlanRun
+
+    path, _ = shapes_slide
+    seen: list[int] = []
+    infer = PlanRun.infer
+
+    def spy(self, tiles, pixels):
+        seen.extend(t.index for t in tiles)
+        return infer(self, tiles, pixels)
+
+    monkeypatch.setattr(PlanRun, "infer", spy)
+    monkeypatch.setattr(reading, "BLOCK_PX", 208)  # 64 px tiles at a step of 48: 4 tiles across
+    engine = Engine(models_dir)
+    opts = RunOptions(readers=3, feeders=1, prefetch_blocks=2)
+    banded = annotate_slide(engine, path, "seams", tissue_filter=False, options=opts)
+    assert seen == list(range(len(banded.plan.tiles))) and banded.plan.rows > 2 * reading.BLOCK_ROWS
+    assert banded.plan.cols > 3 * 4
+    monkeypatch.setattr(reading, "BLOCK_ROWS", 1)
+    rows = annotate_slide(engine, path, "seams", tissue_filter=False, options=opts)
+    assert len(banded.features) == len(rows.features) > 0
+    for a, b in zip(banded.features, rows.features, strict=True):
+        assert shape(a["geometry"]).equals(shape(b["geometry"]))

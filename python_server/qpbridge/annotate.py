@@ -82,7 +82,7 @@ class AnnotateResult:
 
 
 def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | None = None,
-                   roi: BaseGeometry | None = None, tissue_filter: bool = True, readers: int = 2,
+                   roi: BaseGeometry | None = None, tissue_filter: bool = True, readers: int | None = None,
                    options: RunOptions | None = None,
                    on_progress: Callable[[Progress], None] | None = None,
                    should_stop: Callable[[], bool] | None = None,
@@ -109,8 +109,10 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
     if on_plan is not None:
         on_plan(plan)
     builder = FeatureBuilder(card, fullres_mpp, roi, (slide.width, slide.height))
+    if options is None:
+        options = RunOptions() if readers is None else RunOptions(readers=readers)
     features, stats = run_plan(engine, model_name, plan, slide.read, builder,
-                               options=options or RunOptions(readers=readers), on_progress=on_progress,
+                               options=options, on_progress=on_progress,
                                should_stop=should_stop, sink=sink,
                                results=results(slide, plan) if results is not None else None)
     return AnnotateResult(features, plan, stats, slide)

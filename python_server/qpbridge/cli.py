@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mpp", type=float, help="full-resolution pixel size in µm/px (overrides the slide's)")
     a.add_argument("--overlay", help="also write a PNG of the results over a thumbnail")
     a.add_argument("--no-tissue-filter", action="store_true", help="run on background tiles too")
-    a.add_argument("--readers", type=int, default=2, help="slide-reading threads (default: 2)")
+    a.add_argument("--readers", type=int, default=None,
+                   help="slide-reading threads (default: half the cores, 2 to 8)")
     a.add_argument("--models-dir", help="extra model cards")
     a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a.add_argument("--quiet", action="store_true", help="no progress line")

@@ -16,6 +16,12 @@ def pool_size() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def reader_threads() -> int:
+    """Default slide-reading threads: half the cores, 2 to 8 (JPEG decoding releases the GIL; the other half
+    is left to the model's feeders, stitching and features)."""
+    return max(2, min(8, (os.cpu_count() or 1) // 2))
+
+
 def postprocess_pool() -> ThreadPoolExecutor:
     """The process-wide pool for per-tile post-processing, created on first use."""
     global _POOL

@@ -49,7 +49,7 @@ class BatchOptions:
     models_dir: Path | None = None
     device: str = "auto"
     tissue_filter: bool = True
-    readers: int = 2
+    readers: int | None = None  # slide-reading threads (None: the engine's default)
     timeout: float = 120.0
     force: bool = False
 
@@ -119,7 +119,8 @@ class Runner(Protocol):
 class InProcessRunner:
     """The engine in this process: slides through tiffslide, PNG/JPEG in memory."""
 
-    def __init__(self, model: str, models_dir: Path | None, device: str, tissue_filter: bool, readers: int) -> None:
+    def __init__(self, model: str, models_dir: Path | None, device: str, tissue_filter: bool,
+                 readers: int | None) -> None:
         from qpbridge.devices import resolve_device
         from qpbridge.engine import Engine
 

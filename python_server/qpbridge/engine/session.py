@@ -7,15 +7,16 @@ slide jobs (the server reads the slide: :meth:`PlanRun.run`).
 :meth:`PlanRun.run` is a pipeline of three stages joined by bounded queues, so memory stays flat and the
 model is fed the next batch while the previous one is stitched:
 
-1. reading: row blocks of tiles (:mod:`qpbridge.engine.reading`) on a thread pool, at least
-   ``prefetch_blocks`` and at least two model batches' worth of tiles ahead (so the next batch is read
-   while the model runs this one);
+1. reading: blocks of tiles a few plan rows tall (:mod:`qpbridge.engine.reading`) on a thread pool, at
+   least ``prefetch_blocks`` and at least two model batches' worth of tiles ahead (so the next batch is
+   read while the model runs this one); each band of rows goes on in plan order once it is read;
 2. the model: one thread gathers tiles into the card's batches and hands them to ``feeders`` threads
    that call the model (so the next batch is stacked and handed over while the device worker launches
    this one; the worker batches further across callers); results go on in plan order;
    ``thread_safe = False`` families are called one at a time;
-3. stitching (blending and tracing), on the calling thread, at most ``queue_batches`` batches behind the
-   model;
+3. stitching (blending, class strips and tracing), on the calling thread, at most ``queue_batches``
+   batches behind the model (tracing on a thread of its own was measured slower: the threads of a run
+   already contend for the GIL);
 4. features: the traced polygons of each batch are cleaned, measured and turned into GeoJSON in chunks on
    the shared post-processing pool (vectorised shapely calls, which release the GIL), at most a few chunks
    per thread behind the stitcher, and handed to the sink in the order they were traced.
@@ -42,11 +43,11 @@ from qpbridge import gc_policy
 from qpbridge.engine.features import FeatureBuilder
 from qpbridge.engine.morphology import Morphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
-from qpbridge.engine.reading import ReadBox, blocks_of, read_block
+from qpbridge.engine.reading import ReadBox, band_of, blocks_of, read_block
 from qpbridge.engine.stitching import BLEND_WINDOWS, InstanceCollector, SemanticStitcher
 from qpbridge.errors import BadRequestError, ModelCardError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
-from qpbridge.pools import pool_size, postprocess_pool
+from qpbridge.pools import pool_size, postprocess_pool, reader_threads
 from qpbridge.protocol import TileSpec, planned_tile_spec
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ class Progress:
 
 @dataclass
 class RunOptions:
-    readers: int = 2  # threads reading blocks
+    readers: int = field(default_factory=reader_threads)  # threads reading blocks
     prefetch_blocks: int = 8  # block reads in flight (at least two batches' worth)
     queue_batches: int = 2  # model outputs waiting to be stitched
     feeders: int = 2  # threads calling the model, each with one batch
@@ -91,6 +92,7 @@ class RunStats:
     model_s: float = 0.0  # in model calls, summed over the feeder threads
     feeders: int = 1
     stitch_s: float = 0.0
+    stitch_cpu_s: float = 0.0  # of which on a CPU: the rest waited (for the GIL, or for the device)
     stitch_wait_s: float = 0.0  # time the stitching stage waited for model outputs
     features_s: float = 0.0  # building features, summed over the pool's threads
     features: int = 0
@@ -116,9 +118,13 @@ class RunStats:
     def table(self) -> str:
         rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
         device = f" (device {self.device_s:.2f} s)" if self.device_s is not None else ""
+        parts = f"{self.stitch_cpu_s:.2f} s on a CPU"
+        if "tracing_s" in self.extra:
+            parts += (f"; class strips {self.extra['class_strips_s']:.2f} s, tracing {self.extra['tracing_s']:.2f} s, "
+                      f"blended on {self.extra.get('blend_on') or '-'}")
         return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s); busy: reading "
                 f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s over {self.feeders} "
-                f"feeders{device}, stitching {self.stitch_s:.2f} s, features {self.features_s:.2f} s over "
+                f"feeders{device}, stitching {self.stitch_s:.2f} s ({parts}), features {self.features_s:.2f} s over "
                 f"{pool_size()} threads ({self.features} features); model idle "
                 f"{100 * self.model_idle_fraction:.0f}% of the run (waiting for pixels {self.read_wait_s:.2f} s); "
                 f"limit: {self.limit}")
@@ -369,6 +375,17 @@ class PlanRun:
                 per_block = max(1, len(plan.tiles) // max(1, len(blocks)))
                 depth = max(opts.prefetch_blocks, -(-2 * batch_size // per_block))
                 reads = _ahead(pool, blocks, timed_read, depth)
+                band: list[tuple[PlannedTile, np.ndarray]] = []  # a band's tiles, to the model in plan order
+
+                def feed_band() -> bool:
+                    band.sort(key=lambda item: item[0].index)
+                    for item in band:
+                        pending.append(item)
+                        if len(pending) >= batch_size and not flush():
+                            return False
+                    band.clear()
+                    return True
+
                 try:
                     for fut in reads:
                         if stopped():
@@ -376,10 +393,11 @@ class PlanRun:
                         t = time.perf_counter()
                         tiles = fut.result()
                         stats.read_wait_s += time.perf_counter() - t
-                        for item in tiles:
-                            pending.append(item)
-                            if len(pending) >= batch_size and not flush():
-                                return
+                        if tiles and band and band_of(tiles[0][0]) != band_of(band[0][0]) and not feed_band():
+                            return
+                        band.extend(tiles)
+                    if not stopped() and not feed_band():
+                        return
                 finally:
                     reads.close()  # cancels reads not started
                 if pending and not stopped():
@@ -411,9 +429,10 @@ class PlanRun:
                     if isinstance(item, BaseException):
                         raise item
                     tiles, results = item
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.thread_time()
                     self.stitch_batch(tiles, results)
                     stats.stitch_s += time.perf_counter() - t
+                    stats.stitch_cpu_s += time.thread_time() - c
                     done += len(tiles)
                     if on_progress is not None:
                         on_progress(Progress(done, len(plan.tiles), time.perf_counter() - t0))
@@ -421,7 +440,7 @@ class PlanRun:
                 stop.set()
                 worker.join()
         stats.cancelled = done < len(plan.tiles)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         if not stats.cancelled:
             self.finish()
         else:
@@ -432,6 +451,7 @@ class PlanRun:
                     self.stitcher.finish()
                 self._dispatch(wait=True)
         stats.stitch_s += time.perf_counter() - t
+        stats.stitch_cpu_s += time.thread_time() - c
         stats.tiles = done
         stats.seconds = time.perf_counter() - t0
         stats.features_s, stats.features = self.features_s, self.features
@@ -441,6 +461,8 @@ class PlanRun:
         if isinstance(self.stitcher, SemanticStitcher):
             stats.extra["stitch_buffer_bytes"] = self.stitcher.buffer_bytes
             stats.extra["blend_on"] = self.stitcher.blend_on
+            stats.extra["class_strips_s"] = self.stitcher.classes_s
+            stats.extra["tracing_s"] = self.stitcher.trace_s
         return stats
 
 

@@ -28,9 +28,10 @@ smaller than half the overlap) whole.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from shapely.geometry.base import BaseGeometry
@@ -107,6 +108,15 @@ def blend_window(kind: str, h: int, w: int, overlap: int) -> np.ndarray:
 
 def _is_tensor(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
+
+
+def _held(x: Any) -> Any:
+    """A model's output tensor made safe to blend on this thread's stream (the model runs on its own)."""
+    if _is_tensor(x) and getattr(x, "is_cuda", False):
+        from qpbridge.families.torch_runtime import handed_over
+
+        return handed_over(x)
+    return x
 
 
 class _HostBlend:
@@ -293,6 +303,10 @@ class SemanticStitcher:
         self.partial = False  # some tile left pixels to no class
         self.blend: _HostBlend | _DeviceBlend | None = None
         self.tracer: RegionTracer | None = None
+        # time taken by class strips (argmax, and on a device the wait for it and the copy to the host), and by
+        # filtering and tracing them; the rest of the stitching time is blending
+        self.classes_s = 0.0
+        self.trace_s = 0.0
 
     @property
     def blend_on(self) -> str:
@@ -332,7 +346,7 @@ class SemanticStitcher:
 
     def add(self, tile: PlannedTile, result: SemanticResult) -> None:
         if result.probs is not None:
-            probs: Any = result.probs
+            probs: Any = _held(result.probs)
         else:
             cmap = result.class_map()
             self.partial = self.partial or bool((cmap == NO_CLASS).any())
@@ -379,7 +393,7 @@ class SemanticStitcher:
             assert isinstance(self.blend, _DeviceBlend)
             import torch
 
-            probs = torch.stack([cast(Any, r.probs) for r in results[i:i + run]])
+            probs = torch.stack([_held(r.probs) for r in results[i:i + run]])
             s = self.scale
             win = self.blend.window(self._window(int(probs.shape[2]), int(probs.shape[3])))
             self.blend.add_run(probs, win, t0.y // s - self.base_row * self.step, t0.x // s, self.step)
@@ -435,12 +449,16 @@ class SemanticStitcher:
         last = row == self.plan.rows - 1
         h = (self.height - row * step) if last else step
         h = max(0, min(h, self.buf_h))
+        t0 = time.perf_counter()
         classes = self.blend.classes(h)
+        t1 = time.perf_counter()
         if self.filter is not None:
             self.filter.add_strip(classes, last=last)
         else:
             self.tracer.add_strip(classes, last=last)
         self.blend.shift(step)
+        self.classes_s += t1 - t0
+        self.trace_s += time.perf_counter() - t1
 
 
 def _resize(probs: Any, shape: tuple[int, int]) -> Any:

@@ -22,7 +22,9 @@ multiple of it (16x fewer values for SegFormer, which the stitcher blends on tha
 float32 from a CPU model and float16 from a CUDA model. On CUDA the copy back goes into reused pinned
 buffers, asynchronously, and a second thread hands results to callers, so the next batch is prepared and
 launched while the previous one is still being copied; with ``on_device=True`` the probabilities stay on
-the GPU as a tensor (for blending there) and nothing is copied back.
+the GPU as a tensor (for blending there) and nothing is copied back. On CUDA the model runs on a stream of
+its own, so a caller's GPU work never queues behind the next batch; results are handed over once their
+pass is complete, and a caller that queues work on them passes them through :func:`handed_over` first.
 
 ``compile_shape`` (N, H, W) opts in to ``torch.compile``: the model is compiled and warmed on that batch
 shape on a background thread while the eager model serves, and batches of exactly that shape switch to
@@ -123,7 +125,8 @@ def precision_param(params: dict[str, Any]) -> str:
 def worker_settings(card: ModelCard, *, channels_last: bool = True, compile: bool = False) -> dict[str, Any]:
     """The :class:`DeviceWorker` settings a torch card's ``params`` give, checked: ``precision``, ``max_batch``
     (default the card's batch size), ``batch_wait_ms``, ``channels_last`` (default ``channels_last``) and,
-    for families that can compile, ``compile`` (full batches of the card's tile size; off by default)."""
+    for families that can compile, ``compile`` (full batches of the card's tile size; off by default) and
+    ``compile_mode`` (:data:`COMPILE_MODES`)."""
     params = card.params
     max_batch = int_param(params, "max_batch", max(1, card.batch_size), 1)
     settings: dict[str, Any] = {
@@ -131,9 +134,20 @@ def worker_settings(card: ModelCard, *, channels_last: bool = True, compile: boo
         "max_wait_s": float_param(params, "batch_wait_ms", DEFAULT_MAX_WAIT_S * 1000.0, 0.0) / 1000.0,
         "channels_last": bool_param(params, "channels_last", channels_last)}
     if compile:
-        settings["compile_shape"] = (max_batch, card.tile_size, card.tile_size) \
-            if bool_param(params, "compile", False) else None
+        on = bool_param(params, "compile", False)
+        settings["compile_shape"] = (max_batch, card.tile_size, card.tile_size) if on else None
+        mode = params.get("compile_mode", "max-autotune")
+        if mode not in COMPILE_MODES:
+            raise ModelCardError(f"card parameter 'compile_mode' must be one of {', '.join(COMPILE_MODES)}, "
+                                 f"got {mode!r}")
+        settings["compile_mode"] = mode
     return settings
+
+
+# Card ``compile_mode``: "max-autotune" benchmarks kernel choices for the GPU (minutes, the fastest model);
+# "default" compiles without autotuning (faster to warm up). Modes with CUDA graphs are not offered: a
+# graph replay reuses its output memory, which results handed to callers must not share.
+COMPILE_MODES = ("max-autotune", "default")
 
 
 def extract_logits(output: Any) -> torch.Tensor:
@@ -186,6 +200,7 @@ class _Pending:
     event: Any = None  # torch.cuda.Event when the copy back is asynchronous
     error: BaseException | None = None
     buffers: tuple[torch.Tensor, ...] = ()  # pinned buffers to give back to the pool once delivered
+    on_device: bool = False  # ``output`` stays on the device: callers get it once ``event`` has completed
 
 
 _STOP = object()
@@ -207,8 +222,8 @@ class DeviceWorker:
                  n_outputs: int | None = None, normalization: Normalization | None = None,
                  precision: str = "fp32", max_batch: int = 32, max_wait_s: float = DEFAULT_MAX_WAIT_S,
                  channels_last: bool = True, weights: str = "cast",
-                 compile_shape: tuple[int, int, int] | None = None, head: Head | None = None,
-                 autograd: bool = False) -> None:
+                 compile_shape: tuple[int, int, int] | None = None, compile_mode: str = "max-autotune",
+                 head: Head | None = None, autograd: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ModelCardError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if max_batch < 1 or max_wait_s < 0:
@@ -249,6 +264,7 @@ class DeviceWorker:
         self.model: Callable[[torch.Tensor], Any] | None = model
         self._compiled: Callable[[torch.Tensor], Any] | None = None
         self.compile_shape = compile_shape
+        self.compile_mode = compile_mode
         self.compile_state = "off" if compile_shape is None else "compiling"
         norm = self.normalization
         std = torch.tensor(norm.std, dtype=torch.float32)
@@ -385,6 +401,15 @@ class DeviceWorker:
     def _loop(self) -> None:
         if self.cuda:
             torch.cuda.set_device(self.device)  # so streams and events of this thread are the model's device
+            # The model's own stream: a consumer's work on its stream (the stitcher's blending and its copy of a
+            # class strip to the host) never waits behind the next batch's forward pass, as it would in the
+            # one default stream.
+            with torch.cuda.stream(torch.cuda.Stream(self.device)):
+                self._serve()
+        else:
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             batch = self._gather()
             if batch is None:
@@ -448,11 +473,9 @@ class DeviceWorker:
             if not self.cuda:
                 return _Pending(batch, out)
             if batch[0].on_device:
-                start = 0
-                for req in batch:  # the caller's stream orders its use after this pass
-                    req.future.set_result(_rows(out, start, start + req.n))
-                    start += req.n
-                return _Pending([], None)
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.device))
+                return _Pending(batch, out, ready, on_device=True)
             if isinstance(out, dict):
                 host_outs = {k: self._out_buffer(tuple(v.shape), v.dtype) for k, v in out.items()}
                 for k, v in out.items():
@@ -500,13 +523,16 @@ class DeviceWorker:
 
     def _deliver(self, pending: _Pending) -> None:
         error = pending.error
-        out: np.ndarray | dict[str, np.ndarray] | None = None
+        out: Any = None  # arrays, or tensors left on the device
         if error is None and pending.output is not None:
             try:
                 if pending.event is not None:
                     pending.event.synchronize()
                 output = pending.output
-                out = {k: v.numpy() for k, v in output.items()} if isinstance(output, dict) else output.numpy()
+                if pending.on_device:  # complete now: a caller may use it on any stream (see handed_over)
+                    out = output
+                else:
+                    out = {k: v.numpy() for k, v in output.items()} if isinstance(output, dict) else output.numpy()
             except BaseException as exc:  # an asynchronous CUDA error surfaces here
                 r0 = pending.requests[0]
                 error = self._wrap(exc, sum(r.n for r in pending.requests), *r0.size)
@@ -612,7 +638,7 @@ class DeviceWorker:
             model = self.model
             if model is None:
                 return
-            mode = "max-autotune-no-cudagraphs" if self.cuda else None
+            mode = "max-autotune-no-cudagraphs" if self.cuda and self.compile_mode == "max-autotune" else None
             compiled = torch.compile(model, mode=mode, dynamic=False)
             with self._grad_mode(), self._autocast():
                 x = torch.zeros((n, 3, h, w), dtype=self.input_dtype, device=self.device)
@@ -681,8 +707,16 @@ def _concat(results: list[Any]) -> Any:
     if isinstance(first, dict):
         return {k: _concat([r[k] for r in results]) for k in first}
     if isinstance(first, torch.Tensor):
-        return torch.cat(results)
+        return torch.cat([handed_over(r) for r in results])
     return np.concatenate(results)
+
+
+def handed_over(t: Any) -> Any:
+    """``t``, a tensor a worker computed on its own stream, made safe to use on the calling thread's stream:
+    its memory is not given back to the worker's stream until the work queued here on it is done."""
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        t.record_stream(torch.cuda.current_stream(t.device))
+    return t
 
 
 def _join(parts: list[Future[Any]]) -> Future[Any]:
