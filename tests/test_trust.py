@@ -149,23 +149,29 @@ def test_frame_count_and_total_are_refused_while_reading(small_server):
 
 
 def test_heavy_planning_runs_off_the_receiving_loop(server):
-    """A job.open with a 40,000-vertex ROI over a large region is planned on a pool: hello stays prompt."""
+    """A job.open with a 40,000-vertex ROI over a region of about 76,000 tiles is planned on a pool: hello stays
+    prompt while it is planned. Planned on the loop, a hello sent meanwhile would wait for the whole job.open;
+    off it, a hello waits at most for the GIL (one large JSON encoding of the plan holds it for a moment), so
+    its worst time is compared with the job's own time, which a loaded machine stretches alike."""
     angles = np.linspace(0, 2 * np.pi, 40_000, endpoint=False)
-    ring = [[round(20000 + 19000 * np.cos(a), 1), round(20000 + 19000 * np.sin(a), 1)] for a in angles]
+    ring = [[round(66000 + 65000 * np.cos(a), 1), round(66000 + 65000 * np.sin(a), 1)] for a in angles]
     header = {"op": "job.open", "v": 1, "model": "nuclei", "image": {"mpp": 0.5},
-              "region": {"x": 0, "y": 0, "width": 40000, "height": 40000},
+              "region": {"x": 0, "y": 0, "width": 132000, "height": 132000},
               "roi": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}}
     sock = dealer(server.address)
     try:
+        t0 = time.monotonic()
         sock.send_multipart([b"", json.dumps(header).encode()])
         time.sleep(0.05)
         worst = max(hello_seconds(server.address) for _ in range(5))
         assert sock.poll(60_000)
         reply = json.loads(sock.recv_multipart()[-1])
+        job_s = time.monotonic() - t0
     finally:
         sock.close()
     assert reply["ok"], reply
-    assert worst < 0.5, f"hello took {worst:.2f} s while a job was planned"
+    assert len(reply["plan"]["tiles"]) > 50_000
+    assert worst < job_s / 3, f"hello took {worst:.2f} s while a job was planned in {job_s:.2f} s"
     with Client(server.address) as c:
         c.job_close(reply["job"])
 
