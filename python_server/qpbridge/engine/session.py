@@ -45,8 +45,9 @@ from qpbridge.engine.morphology import Morphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
 from qpbridge.engine.reading import ReadBox, band_of, blocks_of, read_block
 from qpbridge.engine.stitching import BLEND_WINDOWS, InstanceCollector, SemanticStitcher
-from qpbridge.errors import BadRequestError, ModelCardError
+from qpbridge.errors import BadRequestError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
+from qpbridge.families.params import choice_param
 from qpbridge.pools import pool_size, postprocess_pool, reader_threads
 from qpbridge.protocol import TileSpec, planned_tile_spec
 
@@ -145,10 +146,7 @@ def make_stitcher(card: ModelCard, plan: TilePlan,
 
 def blend_window_param(card: ModelCard) -> str:
     """The card's ``params.blend_window`` (default ``cosine``), checked."""
-    kind = card.params.get("blend_window", "cosine")
-    if kind not in BLEND_WINDOWS:
-        raise ModelCardError(f"card parameter 'blend_window' must be one of {', '.join(BLEND_WINDOWS)}, got {kind!r}")
-    return str(kind)
+    return choice_param(card.params, "blend_window", BLEND_WINDOWS, "cosine")
 
 
 _END = object()

@@ -33,6 +33,7 @@ from qpbridge.errors import ModelCardError, ModelLoadError
 from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, card_weights, register_family
 from qpbridge.families.hovernet_net import HoverArch, HoverNet, split_output
 from qpbridge.families.hovernet_post import HoverPostParams, hover_instances, instance_types
+from qpbridge.families.params import choice_param
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
     DeviceWorker,
@@ -60,9 +61,7 @@ FORMATS = ("state_dict", "torchscript")
 def build_network(card: ModelCard, weights: Path | None) -> torch.nn.Module:
     """The card's network (fp32, CPU), with its weights when given."""
     arch = HoverArch.from_params(card.params)
-    fmt = card.params.get("format", "state_dict")
-    if fmt not in FORMATS:
-        raise ModelCardError(f"hovernet card parameter 'format' must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    fmt = choice_param(card.params, "format", FORMATS, "state_dict", "hovernet")
     if weights is None:
         return HoverNet(arch)
     if fmt == "torchscript":

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from qpbridge.errors import ModelCardError, ModelLoadError
 from qpbridge.families.base import InstanceResult, ModelFamily, TileResult, card_weights, register_family
+from qpbridge.families.params import choice_param
 from qpbridge.families.stains import check_rgb_tile
 from qpbridge.families.torch_runtime import (
     IMAGENET_MEAN,
@@ -103,11 +104,7 @@ class MaskRCNNSettings:
         self.rpn_pre_nms = integer("rpn_pre_nms_top_n", 1000)
         self.rpn_post_nms = integer("rpn_post_nms_top_n", 1000)
         self.rpn_nms_threshold = number("rpn_nms_threshold", 0.7, 0.0, 1.0)
-        fmt = params.get("weights_format", "auto")
-        if fmt not in FORMATS:
-            raise ModelCardError(f"maskrcnn card parameter 'weights_format' must be one of {', '.join(FORMATS)}, "
-                                 f"got {fmt!r}")
-        self.weights_format = str(fmt)
+        self.weights_format = choice_param(params, "weights_format", FORMATS, "auto", "maskrcnn")
         colour = params.get("input_format", "BGR")
         if colour not in ("BGR", "RGB"):
             raise ModelCardError(f"maskrcnn card parameter 'input_format' must be BGR or RGB, got {colour!r}")

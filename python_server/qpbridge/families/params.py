@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from qpbridge.errors import ModelCardError
@@ -28,6 +28,15 @@ def bool_param(params: dict[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ModelCardError(f"card parameter '{key}' must be true or false, got {value!r}")
     return value
+
+
+def choice_param(params: dict[str, Any], key: str, choices: Sequence[str], default: str, family: str = "") -> str:
+    """One of ``choices`` (``default`` when absent); ``family`` names the card's family in the error."""
+    value = params.get(key, default)
+    if value not in choices:
+        who = f"{family} card" if family else "card"
+        raise ModelCardError(f"{who} parameter '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
 
 
 def object_param(params: dict[str, Any], key: str, known: Iterable[str], family: str) -> dict[str, Any]:

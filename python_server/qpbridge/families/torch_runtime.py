@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from qpbridge.errors import ModelCardError, ModelLoadError, QPBridgeError, TileError
-from qpbridge.families.params import bool_param, float_param, int_param
+from qpbridge.families.params import bool_param, choice_param, float_param, int_param
 
 if TYPE_CHECKING:
     from qpbridge.cards import ModelCard
@@ -116,10 +116,7 @@ class Normalization:
 
 
 def precision_param(params: dict[str, Any]) -> str:
-    value = params.get("precision", "fp32")
-    if value not in PRECISIONS:
-        raise ModelCardError(f"card parameter 'precision' must be one of {', '.join(PRECISIONS)}, got {value!r}")
-    return str(value)
+    return choice_param(params, "precision", tuple(PRECISIONS), "fp32")
 
 
 def worker_settings(card: ModelCard, *, channels_last: bool = True, compile: bool = False) -> dict[str, Any]:
@@ -136,11 +133,7 @@ def worker_settings(card: ModelCard, *, channels_last: bool = True, compile: boo
     if compile:
         on = bool_param(params, "compile", False)
         settings["compile_shape"] = (max_batch, card.tile_size, card.tile_size) if on else None
-        mode = params.get("compile_mode", "max-autotune")
-        if mode not in COMPILE_MODES:
-            raise ModelCardError(f"card parameter 'compile_mode' must be one of {', '.join(COMPILE_MODES)}, "
-                                 f"got {mode!r}")
-        settings["compile_mode"] = mode
+        settings["compile_mode"] = choice_param(params, "compile_mode", COMPILE_MODES, "max-autotune")
     return settings
 
 
