@@ -1,8 +1,9 @@
 """Whole-slide throughput vs the model-only ceiling, in one run: prints measured numbers (not a test).
 
     python bench/bench_slide.py [--device auto|cpu|cuda] [--size 32768] [--precision fp16 fp32]
-                                [--compile] [--compile-mode max-autotune|default] [--batch 256]
+                                [--compile [--no-eager]] [--compile-mode max-autotune|default] [--batch 256]
                                 [--model-only-tiles 4096] [--readers 8] [--slide PATH] [--switch-interval S]
+                                [--trace auto|thread|process[-stacked] ...]
 
 Builds SegFormer-B0 with random weights (speed only; HOTSPoT's architecture, 3 classes, 256 px tiles at
 1 µm/px), saves it as a save_pretrained folder and serves it through the real card/engine path. Writes a
@@ -20,12 +21,14 @@ Exits non-zero if any run fails. fp16/bf16 run on CUDA only (skipped on a CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +150,28 @@ class ThreadCPU:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+@contextlib.contextmanager
+def unsliced(model: object, on: bool) -> Iterator[None]:
+    """With ``on``, the model's results lose their batch reference, so the stitcher stacks each run of tiles
+    tile by tile (how it blended before it took runs as slices of the batch output)."""
+    if not on:
+        yield
+        return
+    native = model.predict_native  # type: ignore[attr-defined]
+
+    def plain(*a: object, **k: object) -> list:
+        out = native(*a, **k)
+        for r in out:
+            r.batch = None
+        return out
+
+    model.predict_native = plain  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        del model.predict_native  # type: ignore[attr-defined]
+
+
 def wait_compiled(model: object, timeout_s: float) -> float:
     worker = getattr(model, "worker", None)
     t = time.perf_counter()
@@ -159,7 +184,8 @@ def wait_compiled(model: object, timeout_s: float) -> float:
     return time.perf_counter() - t
 
 
-def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool, args: argparse.Namespace) -> dict:
+def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool,
+            args: argparse.Namespace) -> list[dict]:
     import torch
 
     from qpbridge.annotate import annotate_slide
@@ -198,23 +224,36 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
 
         profiler = cProfile.Profile()  # the calling thread: the stitching stage
         profiler.enable()
-    with ThreadCPU() as cpu:
-        result = annotate_slide(engine, slide, name, tissue_filter=False, options=RunOptions(readers=args.readers))
-    print(f"{precision} {'compiled' if compiled else 'eager'}: CPU s by thread over the run: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in cpu.groups().items() if v >= 0.01), flush=True)
+    rows = []
+    for trace in args.trace:  # the same model, one end-to-end run per way of tracing, in the order given
+        mode = f"{'compiled' if compiled else 'eager'}, trace {trace}"
+        where, *flags = trace.split("-")
+        opts = RunOptions(readers=args.readers, trace_process={"auto": None, "thread": False, "process": True}[where])
+        with ThreadCPU() as cpu, unsliced(model, "stacked" in flags):
+            result = annotate_slide(engine, slide, name, tissue_filter=False, options=opts)
+        st = result.stats
+        child = st.extra.get("trace_process_cpu_s")
+        print(f"{precision} {mode}: CPU s by thread over the run: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in cpu.groups().items() if v >= 0.01)
+              + (f"; tracing process {child:.2f}" if child is not None else ""), flush=True)
+        rows.append({"precision": precision, "mode": mode, "compile_s": compile_s, "model_only": model_only,
+                     "e2e": st.tiles / st.seconds, "stats": st, "features": len(result.features),
+                     "gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else 0.0})
     if profiler is not None:
         import pstats
 
         profiler.disable()
         print(f"{precision} {'compiled' if compiled else 'eager'}: stitching thread, top {args.profile} by own time")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
-    st = result.stats
     close = getattr(model, "close", None)
     if close is not None:
         close()
-    return {"precision": precision, "mode": "compiled" if compiled else "eager", "compile_s": compile_s,
-            "model_only": model_only, "e2e": st.tiles / st.seconds, "stats": st, "features": len(result.features),
-            "gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else 0.0}
+    return rows
+
+
+def child(st: object) -> str:
+    cpu = getattr(st, "extra", {}).get("trace_process_cpu_s")
+    return f"; tracing process CPU {cpu:.2f}" if cpu is not None else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=32768, help="slide side in px at 0.5 µm/px")
     ap.add_argument("--precision", nargs="+", default=["fp16", "fp32"], choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--compile", action="store_true", help="also run with torch.compile (after its warm-up)")
+    ap.add_argument("--no-eager", action="store_true", help="with --compile: the compiled runs only")
     ap.add_argument("--compile-mode", default="max-autotune", choices=["max-autotune", "default"],
                     help="the card's compile_mode: autotuned kernels (minutes) or Inductor's default")
     ap.add_argument("--compile-timeout", type=float, default=1800.0)
@@ -234,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--switch-interval", type=float, default=None, metavar="S",
                     help="sys.setswitchinterval for this process (how long a thread may hold the GIL)")
     ap.add_argument("--slide", type=Path, help="reuse this synthetic slide (written there first if missing)")
+    ap.add_argument("--trace", nargs="+", default=["auto"],
+                    choices=[w + f for w in ("auto", "thread", "process") for f in ("", "-stacked")],
+                    help="where class strips are traced: one end-to-end run per value, in this order, with the same "
+                         "model (e.g. thread process thread process); -stacked: each run of tiles stacked tile by tile "
+                         "instead of sliced from the batch output")
     ap.add_argument("--write-slide", nargs=2, metavar=("PATH", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write_slide:
@@ -264,21 +309,22 @@ def main(argv: list[str] | None = None) -> int:
             if precision != "fp32" and not device.startswith("cuda"):
                 print(f"{precision}: skipped (half precision runs on CUDA only)")
                 continue
-            for compiled in ([False, True] if args.compile else [False]):
+            for compiled in [m for m in (False, True) if (m and args.compile) or (not m and not args.no_eager)]:
                 try:
-                    r = one_run(root, slide, device, precision, compiled, args)
+                    runs = one_run(root, slide, device, precision, compiled, args)
                 except Exception:
                     failed += 1
                     print(f"{precision} {'compiled' if compiled else 'eager'}: FAILED", file=sys.stderr)
                     traceback.print_exc()
                     continue
-                rows.append(r)
-                st = r["stats"]
-                print(f"{precision} {r['mode']}: {st.table()}", flush=True)
+                rows.extend(runs)
+                for r in runs:
+                    print(f"{precision} {r['mode']}: {r['stats'].table()}", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
     print("| precision | mode | model-only tiles/s | end-to-end tiles/s | ratio | tiles | wall s | reading s "
-          "(threads) | model s | device s | stitching s (class strips, tracing; on a CPU) | features s (threads) | "
+          "(threads) | model s | device s | stitching s (blending, class strips, tracing, handing features on, "
+          "finishing; on a CPU) | features s (threads; slowest chunk) | "
           "GPU idle | limit | features | peak GPU MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -286,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         dev = f"{st.device_s:.2f}" if st.device_s is not None else "-"
         print(f"| {r['precision']} | {r['mode']} | {r['model_only']:.0f} | {r['e2e']:.0f} | "
               f"{r['e2e'] / r['model_only']:.2f} | {st.tiles} | {st.seconds:.2f} | {st.read_s:.2f} ({st.readers}) | "
-              f"{st.model_s:.2f} | {dev} | {st.stitch_s:.2f} ({st.extra.get('class_strips_s', 0):.2f}, "
-              f"{st.extra.get('tracing_s', 0):.2f}; CPU {st.stitch_cpu_s:.2f}) | {st.features_s:.2f} ({pool_size()}) | "
+              f"{st.model_s:.2f} | {dev} | {st.stitch_s:.2f} ({st.extra.get('blending_s', 0):.2f}, "
+              f"{st.extra.get('class_strips_s', 0):.2f}, "
+              f"{st.extra.get('tracing_s', 0):.2f}, {st.extra.get('handing_features_s', 0):.2f}, "
+              f"{st.extra.get('finishing_s', 0):.2f}; CPU {st.stitch_cpu_s:.2f}{child(st)}) | "
+              f"{st.features_s:.2f} ({pool_size()}; {st.extra.get('slowest_feature_chunk_s', 0):.2f}) | "
               f"{100 * st.model_idle_fraction:.0f}% | {st.limit} | "
               f"{r['features']} | {r['gpu_mib']:.0f} |")
     print(f"peak host RSS {rss:.0f} MiB")

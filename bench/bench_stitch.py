@@ -1,7 +1,7 @@
 """Stitching + vectorising speed on one core, without a model: prints measured numbers (not a test).
 
     python bench/bench_stitch.py [--sizes 25 50 100] [--cases smooth noisy]
-    python bench/bench_stitch.py --end-to-end [--size 8192] [--readers 2]
+    python bench/bench_stitch.py --end-to-end [--size 8192] [--readers 2] [--trace auto|thread|process ...]
 
 Stitch mode feeds a :class:`SemanticStitcher` precomputed SegFormer-shaped outputs (3 classes, 64 x 64
 softmax probabilities per 256 px tile with 64 px overlap, HOTSPoT's card) for an N x N tile plan, and
@@ -149,7 +149,7 @@ def stitch_table(sizes: list[int], cases: list[str]) -> int:
     return 0
 
 
-def end_to_end(size: int, readers: int, batch: int) -> int:
+def end_to_end(size: int, readers: int, batch: int, trace: list[str]) -> int:
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -180,13 +180,16 @@ def end_to_end(size: int, readers: int, batch: int) -> int:
         card = {**CARD, "tile": {**CARD["tile"], "batch_size": batch}}
         (card_dir / "config.json").write_text(json.dumps(card))
         engine = Engine(root / "models")
-        result = annotate_slide(engine, slide, CARD["name"], tissue_filter=False,
-                                options=RunOptions(readers=readers))
-        st = result.stats
-        print(f"end to end, zero-cost model: {st.tiles} tiles in {st.seconds:.2f} s = "
-              f"{st.tiles / st.seconds:.1f} tiles/s; {len(result.features)} features; "
-              f"peak RSS {peak_rss_mib():.0f} MiB")
-        print(st.table())
+        for where in trace:  # alternately, on the same slide and engine
+            opts = RunOptions(readers=readers, trace_process={"auto": None, "thread": False, "process": True}[where])
+            result = annotate_slide(engine, slide, CARD["name"], tissue_filter=False, options=opts)
+            st = result.stats
+            child = st.extra.get("trace_process_cpu_s")
+            print(f"end to end, zero-cost model, trace {where}: {st.tiles} tiles in {st.seconds:.2f} s = "
+                  f"{st.tiles / st.seconds:.1f} tiles/s; {len(result.features)} features; "
+                  f"peak RSS {peak_rss_mib():.0f} MiB"
+                  + (f"; tracing process CPU {child:.2f} s" if child is not None else ""))
+            print(st.table())
     return 0
 
 
@@ -199,12 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=8192, help="end-to-end slide side in px at 0.5 µm/px")
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--trace", nargs="+", default=["auto"], choices=["auto", "thread", "process"],
+                    help="end to end: where class strips are traced, one run per value in this order")
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(int(args.one[0]), args.one[1])))
         return 0
     if args.end_to_end:
-        return end_to_end(args.size, args.readers, args.batch)
+        return end_to_end(args.size, args.readers, args.batch, args.trace)
     return stitch_table(args.sizes, args.cases)
 
 

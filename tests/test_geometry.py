@@ -174,3 +174,43 @@ def test_new_ids_are_distinct_version_4_uuids():
     for s in ids[:200]:
         u = uuid.UUID(s)
         assert str(u) == s and u.version == 4 and u.variant == uuid.RFC_4122
+
+
+def _square(x: float, y: float, s: float) -> list[tuple[float, float]]:
+    return [(x, y), (x + s, y), (x + s, y + s), (x, y + s)]
+
+
+def test_valid_many_agrees_with_geos_on_polygons_with_many_holes(monkeypatch):
+    """The ring-by-ring check of polygons with many holes answers as GEOS does: it proves the clear cases valid
+    and leaves every other case (touching, crossing, nested or escaping holes, bad rings) to GEOS."""
+    grid = [_square(10 + 20 * i, 10 + 20 * j, 8) for i in range(10) for j in range(10)]  # 100 holes, well apart
+    shell = _square(0, 0, 210)
+    cases = {
+        "apart": (shell, grid, True),
+        "touching at a corner": (shell, [*grid, _square(18, 18, 2)], True),
+        "overlapping": (shell, [*grid, _square(14, 14, 8)], False),
+        "nested": (shell, [*grid, _square(12, 12, 3)], False),
+        "crossing the shell": (shell, [*grid, _square(205, 100, 10)], False),
+        "outside": (shell, [*grid, _square(300, 300, 5)], False),
+        "touching the shell at a point": (shell, [*grid, [(0, 100), (5, 95), (9, 100), (5, 105)]], True),
+        "along the shell": (shell, [*grid, _square(0, 100, 5)], False),
+        "a bow-tie hole": (shell, [*grid, [(2, 2), (6, 6), (6, 2), (2, 6)]], False),
+        "a bow-tie shell": ([(0, 0), (210, 210), (210, 0), (0, 210)], grid, False),
+        # holes touching corner to corner in a ring cut the interior in two
+        "cutting the interior": (shell, [_square(20, 20, 10), _square(30, 30, 10), _square(40, 20, 10),
+                                        _square(30, 10, 10), *[_square(100 + 10 * i, 100, 4) for i in range(8)]],
+                                 False),
+    }
+    monkeypatch.setattr(geometry, "MANY_HOLES", 8)
+    polys = np.empty(len(cases), dtype=object)
+    polys[:] = [Polygon(s, holes) for s, holes, _ in cases.values()]
+    got = geometry.valid_many(polys)
+    geos = shapely.is_valid(polys)
+    for (name, (_, _, expect)), g, v in zip(cases.items(), got, geos, strict=True):
+        assert bool(v) == expect, name  # the cases are what they say
+        assert bool(g) == bool(v), name
+    assert geometry.holes_clearly_apart(polys[0])  # proven without GEOS's whole-polygon check
+    assert not any(geometry.holes_clearly_apart(p) for p in polys[1:])  # every other case went to GEOS
+    few = np.empty(2, dtype=object)
+    few[:] = [Polygon(shell, grid[:3]), shapely.Point(1, 1)]
+    assert geometry.valid_many(few).tolist() == [True, True] and len(geometry.valid_many(few[:0])) == 0

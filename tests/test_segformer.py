@@ -637,6 +637,9 @@ def test_cuda_cast_weights_and_device_outputs(hf_root: Path, hf_model: TorchSegm
         batch = tiles(4, seed=12)
         on_gpu = model.predict_native(batch, on_device=True)
         assert all(isinstance(r.probs, torch.Tensor) and r.probs.is_cuda for r in on_gpu)
+        # each whole tile names its row of the batch output, so the stitcher can slice runs of tiles from it
+        assert [r.batch[1] for r in on_gpu if r.batch is not None] == list(range(len(batch)))
+        assert all(r.batch is not None and r.batch[0][r.batch[1]].data_ptr() == r.probs.data_ptr() for r in on_gpu)
         cpu = hf_model.predict_native(batch)
         for a, b in zip(on_gpu, cpu, strict=True):
             np.testing.assert_allclose(a.probs.float().cpu().numpy(), b.probs, atol=2e-2)
@@ -666,16 +669,28 @@ def test_cuda_annotate_blends_on_the_device(wsinfer_folder: Path, tmp_path: Path
     img = cv2.GaussianBlur((rng.random((600, 800, 3)) * 255).astype(np.uint8), (0, 0), 12)
     img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX)
     slide = write_pyramid(tmp_path / "s.tif", img, mpp=0.5, levels=2)
+    from qpbridge.engine.session import RunOptions
+
     runs = {}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # compare like with like
     try:
         for device in ("cpu", "cuda"):
             engine = Engine(None, device=device, any_model_path=True)
-            runs[device] = annotate_slide(engine, slide, str(wsinfer_folder), tissue_filter=False)
+            runs[device] = annotate_slide(engine, slide, str(wsinfer_folder), tissue_filter=False,
+                                          options=RunOptions(trace_process=False))
+        # traced and built in processes: the same polygons as the same engine on threads
+        apart = annotate_slide(engine, slide, str(wsinfer_folder), tissue_filter=False,
+                               options=RunOptions(trace_process=True))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     gpu, cpu = runs["cuda"], runs["cpu"]
+    assert apart.stats.extra["trace_process_cpu_s"] > 0 and len(gpu.features) > 0
+    import shapely
+
+    ua = shapely.union_all([shape(f["geometry"]) for f in apart.features])
+    ub = shapely.union_all([shape(f["geometry"]) for f in gpu.features])
+    assert ua.symmetric_difference(ub).area < 0.005 * ub.area  # the same regions (up to a near-tied pixel)
     assert gpu.stats.extra["blend_on"] == "device" and cpu.stats.extra["blend_on"] == "host"
     assert gpu.stats.device_s is not None and gpu.stats.device_s > 0
     area = {d: sum(shape(f["geometry"]).area for f in r.features) for d, r in runs.items()}

@@ -156,7 +156,22 @@ def test_batched_device_blend_equals_tile_by_tile():
         p = soft[:, t.y // 4:t.y // 4 + (t.h + 3) // 4, t.x // 4:t.x // 4 + (t.w + 3) // 4]
         return SemanticResult(probs=torch.from_numpy(np.ascontiguousarray(p)).half(), scale=4)
 
-    def run(batched: bool):  # type: ignore[no-untyped-def]
+    def from_batch(chunk):  # type: ignore[no-untyped-def]
+        """Results as a family hands them over: rows of one padded batch output; edge tiles cut from theirs."""
+        full = np.zeros((len(chunk), 3, 16, 16), np.float32)
+        for j, t in enumerate(chunk):
+            p = np.asarray(result(t).probs.float())
+            full[j, :, :p.shape[1], :p.shape[2]] = p
+        base = torch.from_numpy(full).half()
+        out = []
+        for j, t in enumerate(chunk):
+            oh, ow = (t.h + 3) // 4, (t.w + 3) // 4
+            whole = (oh, ow) == (16, 16)
+            out.append(SemanticResult(probs=base[j] if whole else base[j][:, :oh, :ow], scale=4,
+                                      batch=(base, j) if whole else None))
+        return out
+
+    def run(batched: bool, sliced: bool = False):  # type: ignore[no-untyped-def]
         out: list[tuple[shapely.Geometry, int]] = []
         strips: list[np.ndarray] = []
         st = SemanticStitcher(plan, 3, [1, 2], lambda g, c, e: out.append((g, c)))
@@ -167,10 +182,13 @@ def test_batched_device_blend_equals_tile_by_tile():
         add_strip = st.tracer.add_strip
         st.tracer.add_strip = lambda strip, last=False: (strips.append(strip.copy()), add_strip(strip, last))[1]
         blend_run = st.blend.add_run  # type: ignore[union-attr]
-        st.blend.add_run = lambda p, *a: (runs.append(int(p.shape[0])), blend_run(p, *a))[1]  # type: ignore[union-attr]
+        st.blend.add_run = lambda p, *a: (runs.append(int(p.shape[0])), slices.append(p._base is not None),  # type: ignore[union-attr]
+                                          blend_run(p, *a))[2]
         for k in range(0, len(tiles), 13):  # batches that start and end mid-row
             chunk = tiles[k:k + 13]
-            if batched:
+            if sliced:
+                st.add_batch(chunk, from_batch(chunk))
+            elif batched:
                 st.add_batch(chunk, [result(t) for t in chunk])
             else:
                 for t in chunk:
@@ -179,13 +197,22 @@ def test_batched_device_blend_equals_tile_by_tile():
         return strips, sorted((c, round(g.area, 6)) for g, c in out)
 
     runs: list[int] = []
+    slices: list[bool] = []
     strips_a, polys_a = run(batched=True)
     assert max(runs) >= 5 and sum(runs) > len(tiles) // 2  # most tiles went through the batched path
+    assert not any(slices)  # tiles without their batch output are stacked
     strips_b, polys_b = run(batched=False)
     assert len(strips_a) == len(strips_b) == plan.rows
     for a, b in zip(strips_a, strips_b, strict=True):
         np.testing.assert_array_equal(a, b)
     assert polys_a == polys_b and len(polys_a) > 5
+    slices.clear()
+    strips_c, polys_c = run(batched=True, sliced=True)  # runs taken as slices of the batch output
+    # every run of whole tiles is a slice (the bottom row's tiles are cut short, as a family cuts edge tiles)
+    assert sum(n for n, sliced in zip(runs, slices, strict=True) if sliced) > len(tiles) // 2
+    for a, c in zip(strips_a, strips_c, strict=True):
+        np.testing.assert_array_equal(a, c)
+    assert polys_c == polys_a
 
 
 # ---- the engine run session --------------------------------------------------------------------------
@@ -208,6 +235,12 @@ def test_pipeline_reports_stage_times_and_the_limit(tmp_path, models_dir):
     assert st.read_s > 0 and st.model_s > 0 and st.stitch_s > 0 and 0 <= st.model_idle_fraction <= 1
     assert st.limit in {"reading", "model", "stitching", "features"} and "tiles/s" in st.table()
     assert 0 < st.extra["tracing_s"] < st.stitch_s and 0 < st.extra["class_strips_s"] < st.stitch_s
+    parts = ("blending_s", "class_strips_s", "tracing_s", "handing_features_s", "finishing_s")
+    assert all(st.extra[k] > 0 for k in parts[:-1]) and st.extra["finishing_s"] >= 0
+    # the parts are disjoint spans of the stitching thread's time
+    assert sum(st.extra[k] for k in parts) <= st.stitch_s * 1.01
+    assert 0 < st.extra["slowest_feature_chunk_s"] <= st.features_s
+    assert "finishing" in st.table() and "blending" in st.table()
     assert len(result.features) == 1
     assert shapely.geometry.shape(result.features[0]["geometry"]).area == pytest.approx(np.pi * 250 ** 2, rel=0.02)
 

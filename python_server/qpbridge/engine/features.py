@@ -68,7 +68,7 @@ class FeatureBuilder:
         ok = (shapely.get_type_id(arr) == shapely.GeometryType.POLYGON) & ~shapely.is_empty(g)
         if self.clip is not None:
             ok &= shapely.contains(self.clip, g)
-        ok[ok] = shapely.is_valid(g[ok])
+        ok[ok] = geometry.valid_many(g[ok])
         area = shapely.area(g)
         ok &= area >= max(self.min_area * sx * sy, grid * grid)
         careful = np.flatnonzero(~ok & ~shapely.is_empty(arr))

@@ -15,11 +15,15 @@ model is fed the next batch while the previous one is stitched:
    this one; the worker batches further across callers); results go on in plan order;
    ``thread_safe = False`` families are called one at a time;
 3. stitching (blending, class strips and tracing), on the calling thread, at most ``queue_batches``
-   batches behind the model (tracing on a thread of its own was measured slower: the threads of a run
-   already contend for the GIL);
+   batches behind the model. Large plans on machines with cores to spare trace in a child process
+   (:mod:`qpbridge.engine.trace_process`, ``RunOptions.trace_process``): the run's threads share one GIL,
+   and tracing is a long run of small numpy calls. Tracing on a thread of its own was measured slower
+   than inline (it only moves the work under the same lock);
 4. features: the traced polygons of each batch are cleaned, measured and turned into GeoJSON in chunks on
    the shared post-processing pool (vectorised shapely calls, which release the GIL), at most a few chunks
-   per thread behind the stitcher, and handed to the sink in the order they were traced.
+   per thread behind the stitcher, and handed to the sink in the order they were traced. (Building them in
+   worker processes was measured no faster: the features travel back pickled, and the one region that spans
+   a slide, closed last, is still built alone at the end.)
 
 Each stage's busy time is measured; the model's idle fraction (1 - busy / wall) says how much of the
 run the model (the GPU, for a torch family on CUDA) waited for the other stages.
@@ -27,6 +31,7 @@ run the model (the GPU, for a torch family on CUDA) waited for the other stages.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -74,12 +79,25 @@ class Progress:
         return (self.tiles_total - self.tiles_done) / rate if rate > 0 else None
 
 
+# Tracing moves to a process of its own (:mod:`qpbridge.engine.trace_process`) for plans this large, on machines
+# with cores to spare: below that, the process's start and the pipe cost more than the lock it frees.
+TRACE_PROCESS_TILES = 2048
+TRACE_PROCESS_CORES = 4
+
+
 @dataclass
 class RunOptions:
     readers: int = field(default_factory=reader_threads)  # threads reading blocks
     prefetch_blocks: int = 8  # block reads in flight (at least two batches' worth)
     queue_batches: int = 2  # model outputs waiting to be stitched
     feeders: int = 2  # threads calling the model, each with one batch
+    # Trace class strips in a child process (semantic models): None decides by the plan's size and the cores.
+    trace_process: bool | None = None
+
+    def traces_in_process(self, plan: TilePlan) -> bool:
+        if self.trace_process is not None:
+            return self.trace_process
+        return len(plan.tiles) >= TRACE_PROCESS_TILES and (os.cpu_count() or 1) >= TRACE_PROCESS_CORES
 
 
 @dataclass
@@ -121,8 +139,13 @@ class RunStats:
         device = f" (device {self.device_s:.2f} s)" if self.device_s is not None else ""
         parts = f"{self.stitch_cpu_s:.2f} s on a CPU"
         if "tracing_s" in self.extra:
-            parts += (f"; class strips {self.extra['class_strips_s']:.2f} s, tracing {self.extra['tracing_s']:.2f} s, "
-                      f"blended on {self.extra.get('blend_on') or '-'}")
+            parts += (f"; blending {self.extra.get('blending_s', 0.0):.2f} s on {self.extra.get('blend_on') or '-'}, "
+                      f"class strips {self.extra['class_strips_s']:.2f} s, tracing {self.extra['tracing_s']:.2f} s")
+        if "handing_features_s" in self.extra:
+            parts += f", handing features on {self.extra['handing_features_s']:.2f} s"
+        if "finishing_s" in self.extra:
+            parts += (f"; finishing {self.extra['finishing_s']:.2f} s, the slowest feature chunk "
+                      f"{self.extra.get('slowest_feature_chunk_s', 0.0):.2f} s")
         return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s); busy: reading "
                 f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s over {self.feeders} "
                 f"feeders{device}, stitching {self.stitch_s:.2f} s ({parts}), features {self.features_s:.2f} s over "
@@ -182,6 +205,8 @@ class PlanRun:
         self._stats_lock = threading.Lock()
         self.features_s = 0.0
         self.features = 0
+        self.handing_s = 0.0  # the stitching thread's time waiting for built features and handing them to the sink
+        self.slowest_chunk_s = 0.0  # the longest feature-building task (one region spanning a slide is built alone)
 
         def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:
             self._traced.append((geom, cls, extra))
@@ -195,8 +220,10 @@ class PlanRun:
         plan = self.plan
         out = self.builder.build_many([g for g, _, _ in items], [c for _, c, _ in items], plan.origin_x,
                                       plan.origin_y, plan.ds, plan.ds, [e for _, _, e in items])
+        took = time.perf_counter() - t
         with self._stats_lock:
-            self.features_s += time.perf_counter() - t
+            self.features_s += took
+            self.slowest_chunk_s = max(self.slowest_chunk_s, took)
         return out
 
     def _dispatch(self, wait: bool = False) -> None:
@@ -207,11 +234,13 @@ class PlanRun:
         for k in range(0, len(traced), FEATURE_CHUNK):
             self._building.append(pool.submit(self._build, traced[k:k + FEATURE_CHUNK]))
         backlog = 4 * pool_size()  # bounded: the stitcher waits rather than queue without limit
+        t = time.perf_counter()
         while self._building and (wait or self._building[0].done() or len(self._building) > backlog):
             for f in self._building.popleft().result():
                 if f is not None:
                     self.features += 1
                     self.sink(f)
+        self.handing_s += time.perf_counter() - t
 
     # ---- tiles sent by a client --------------------------------------------------------------------------
 
@@ -412,6 +441,70 @@ class PlanRun:
         model = self.engine.model(self.model_name)
         device_before = model.device_busy_s()
         done = 0
+        if isinstance(self.stitcher, SemanticStitcher) and opts.traces_in_process(plan):
+            self.stitcher.trace_in_process()
+        finished = False
+        try:
+            done = self._pipeline(opts, stats, model_stage, outputs, stop, t0, on_progress)
+            finished = True
+        finally:
+            if not finished:
+                self._close_stitcher()
+        stats.cancelled = done < len(plan.tiles)
+        t, c = time.perf_counter(), time.thread_time()
+        parts = self._stitch_parts()
+        try:
+            if not stats.cancelled:
+                self.finish()
+            else:
+                # Nothing already found is lost: features traced so far, and instances held back for neighbour
+                # tiles that will never come now.
+                with self._lock:
+                    if isinstance(self.stitcher, InstanceCollector):
+                        self.stitcher.finish()
+                    else:
+                        self.stitcher.sync()
+                    self._dispatch(wait=True)
+        finally:
+            self._close_stitcher()
+        # what is left open to the end (regions reaching the last strip, and their features), beyond the parts
+        # counted on their own
+        stats.extra["finishing_s"] = time.perf_counter() - t - (self._stitch_parts() - parts)
+        stats.stitch_s += time.perf_counter() - t
+        stats.stitch_cpu_s += time.thread_time() - c
+        stats.tiles = done
+        stats.seconds = time.perf_counter() - t0
+        stats.features_s, stats.features = self.features_s, self.features
+        device_after = model.device_busy_s()
+        if device_before is not None and device_after is not None:
+            stats.device_s = device_after - device_before
+        if isinstance(self.stitcher, SemanticStitcher):
+            stats.extra["stitch_buffer_bytes"] = self.stitcher.buffer_bytes
+            stats.extra["blend_on"] = self.stitcher.blend_on
+            stats.extra["class_strips_s"] = self.stitcher.classes_s
+            stats.extra["tracing_s"] = self.stitcher.trace_s
+            stats.extra["blending_s"] = self.stitcher.blend_s
+            if self.stitcher.trace_cpu_s is not None:
+                stats.extra["trace_process_cpu_s"] = self.stitcher.trace_cpu_s
+        stats.extra["handing_features_s"] = self.handing_s
+        stats.extra["slowest_feature_chunk_s"] = self.slowest_chunk_s
+        return stats
+
+    def _stitch_parts(self) -> float:
+        st = self.stitcher
+        counted = st.blend_s + st.classes_s + st.trace_s if isinstance(st, SemanticStitcher) else 0.0
+        return counted + self.handing_s
+
+    def _close_stitcher(self) -> None:
+        if isinstance(self.stitcher, SemanticStitcher):
+            self.stitcher.close()
+
+    def _pipeline(self, opts: RunOptions, stats: RunStats,
+                  model_stage: Callable[[ThreadPoolExecutor, ThreadPoolExecutor], None], outputs: queue.Queue[Any],
+                  stop: threading.Event, t0: float, on_progress: Callable[[Progress], None] | None) -> int:
+        """Start reading and the model, stitch what comes out on this thread; returns the tiles stitched."""
+        plan = self.plan
+        done = 0
         with ThreadPoolExecutor(stats.readers, thread_name_prefix="qpbridge-reader") as pool, \
                 ThreadPoolExecutor(stats.feeders, thread_name_prefix="qpbridge-feed") as feed:
             worker = threading.Thread(target=model_stage, args=(pool, feed), name="qpbridge-model-feed",
@@ -437,31 +530,7 @@ class PlanRun:
             finally:
                 stop.set()
                 worker.join()
-        stats.cancelled = done < len(plan.tiles)
-        t, c = time.perf_counter(), time.thread_time()
-        if not stats.cancelled:
-            self.finish()
-        else:
-            # Nothing already found is lost: features traced so far, and instances held back for neighbour
-            # tiles that will never come now.
-            with self._lock:
-                if isinstance(self.stitcher, InstanceCollector):
-                    self.stitcher.finish()
-                self._dispatch(wait=True)
-        stats.stitch_s += time.perf_counter() - t
-        stats.stitch_cpu_s += time.thread_time() - c
-        stats.tiles = done
-        stats.seconds = time.perf_counter() - t0
-        stats.features_s, stats.features = self.features_s, self.features
-        device_after = model.device_busy_s()
-        if device_before is not None and device_after is not None:
-            stats.device_s = device_after - device_before
-        if isinstance(self.stitcher, SemanticStitcher):
-            stats.extra["stitch_buffer_bytes"] = self.stitcher.buffer_bytes
-            stats.extra["blend_on"] = self.stitcher.blend_on
-            stats.extra["class_strips_s"] = self.stitcher.classes_s
-            stats.extra["tracing_s"] = self.stitcher.trace_s
-        return stats
+        return done
 
 
 def _ahead(pool: ThreadPoolExecutor, blocks: list[list[PlannedTile]],

@@ -39,6 +39,7 @@ from shapely.geometry.base import BaseGeometry
 from qpbridge import geometry
 from qpbridge.engine.morphology import Morphology, StripMorphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
+from qpbridge.engine.trace_process import RemoteTracer
 from qpbridge.engine.vectorise import RegionTracer
 from qpbridge.families import NO_CLASS, InstanceResult, SemanticResult
 from qpbridge.pools import postprocess_pool
@@ -302,11 +303,37 @@ class SemanticStitcher:
         self.peak_pending = 0
         self.partial = False  # some tile left pixels to no class
         self.blend: _HostBlend | _DeviceBlend | None = None
-        self.tracer: RegionTracer | None = None
+        self.tracer: RegionTracer | RemoteTracer | None = None
+        self.remote: RemoteTracer | None = None  # tracing in a child process (:meth:`trace_in_process`)
+        self._handed: Any = None  # the last batch output handed over to this thread's stream
         # time taken by class strips (argmax, and on a device the wait for it and the copy to the host), and by
         # filtering and tracing them; the rest of the stitching time is blending
         self.classes_s = 0.0
         self.trace_s = 0.0
+        self.blend_s = 0.0  # adding tiles into the accumulator (and, blending on a device, queueing that work)
+
+    def trace_in_process(self) -> None:
+        """Filter and trace the class strips in a child process (:mod:`qpbridge.engine.trace_process`), taken
+        now so that it starts while the first tiles are read; before the first tile is added."""
+        if self.blend is not None:
+            raise RuntimeError("tracing can move to a process only before the first tile")
+        if self.remote is None:
+            self.remote = RemoteTracer(lambda g, c: self.emit(g, c, None))
+
+    def sync(self) -> None:
+        """Emit every region of the strips finalised so far (tracing in a process runs behind)."""
+        if self.remote is not None and self.remote.width:
+            self.remote.sync()
+
+    def close(self) -> None:
+        """End a stitching that will not be finished (a failed or cancelled run): its tracing process goes."""
+        if self.remote is not None:
+            self.remote.close()
+
+    @property
+    def trace_cpu_s(self) -> float | None:
+        """CPU time of the tracing process, when tracing runs in one."""
+        return self.remote.busy_s if self.remote is not None else None
 
     @property
     def blend_on(self) -> str:
@@ -333,6 +360,11 @@ class SemanticStitcher:
             self.blend = _DeviceBlend(self.n_classes, self.buf_h, self.width, device)
         else:
             self.blend = _HostBlend(self.n_classes, self.buf_h, self.width)
+        if self.remote is not None:
+            self.remote.open(self.width, self.emit_classes, scale=s, min_area=self.min_area, max_hole=self.max_hole,
+                             morphology=self.morphology.at_scale(s) if self.morphology is not None else None)
+            self.tracer = self.remote
+            return
         self.tracer = RegionTracer(self.width, self.emit_classes, lambda g, c: self.emit(g, c, None),
                                    scale=s, min_area=self.min_area, max_hole=self.max_hole)
         if self.morphology is not None:
@@ -345,8 +377,17 @@ class SemanticStitcher:
         return self.windows[key]
 
     def add(self, tile: PlannedTile, result: SemanticResult) -> None:
+        t0, before = time.perf_counter(), self.classes_s + self.trace_s
+        self._add(tile, result)
+        self.blend_s += time.perf_counter() - t0 - (self.classes_s + self.trace_s - before)
+
+    def _add(self, tile: PlannedTile, result: SemanticResult) -> None:
         if result.probs is not None:
-            probs: Any = _held(result.probs)
+            probs: Any = result.probs
+            if result.batch is None:
+                probs = _held(probs)
+            elif result.batch[0] is not self._handed:  # once per batch output, not per tile
+                self._handed = _held(result.batch[0])
         else:
             cmap = result.class_map()
             self.partial = self.partial or bool((cmap == NO_CLASS).any())
@@ -372,6 +413,11 @@ class SemanticStitcher:
         """:meth:`add` of several tiles. Blending on the device, runs of whole tiles that sit side by side in
         one row and can be blended now are added together (:meth:`_DeviceBlend.add_run`), which takes the
         per-tile kernel launches off the stitching thread; the result is the same as adding them one by one."""
+        t0, before = time.perf_counter(), self.classes_s + self.trace_s
+        self._add_batch(tiles, results)
+        self.blend_s += time.perf_counter() - t0 - (self.classes_s + self.trace_s - before)
+
+    def _add_batch(self, tiles: Sequence[PlannedTile], results: Sequence[SemanticResult]) -> None:
         i, n = 0, len(tiles)
         while i < n:
             t0, r0 = tiles[i], results[i]
@@ -387,19 +433,32 @@ class SemanticStitcher:
                 if run > 1 and not self._run_fits(tiles[i:i + run], shape):
                     run = 1
             if run == 1:
-                self.add(t0, r0)
+                self._add(t0, r0)
                 i += 1
                 continue
             assert isinstance(self.blend, _DeviceBlend)
-            import torch
-
-            probs = torch.stack([_held(r.probs) for r in results[i:i + run]])
+            probs = self._run_probs(results[i:i + run])
             s = self.scale
             win = self.blend.window(self._window(int(probs.shape[2]), int(probs.shape[3])))
             self.blend.add_run(probs, win, t0.y // s - self.base_row * self.step, t0.x // s, self.step)
             self.remaining[t0.row] -= run
             self._advance()
             i += run
+
+    def _run_probs(self, run: Sequence[SemanticResult]) -> Any:
+        """The probabilities of a run of tiles as one (K, C, h, w) tensor: a slice of the batch output they are
+        consecutive rows of (one call for the run, and one hand-over per batch, as every tensor call gives up the
+        GIL and waits to take it back behind the run's other threads), else stacked."""
+        b0 = run[0].batch
+        if b0 is not None and all(r.batch is not None and r.batch[0] is b0[0] and r.batch[1] == b0[1] + k
+                                  for k, r in enumerate(run)):
+            base = b0[0]
+            if base is not self._handed:
+                self._handed = _held(base)
+            return base[b0[1]:b0[1] + len(run)]
+        import torch
+
+        return torch.stack([_held(r.probs) for r in run])
 
     def _run_fits(self, run: Sequence[PlannedTile], shape: tuple[int, ...]) -> bool:
         """Whole tiles (no resize), one grid step apart, at the stitcher's output scale."""
@@ -433,6 +492,8 @@ class SemanticStitcher:
 
                 raise JobStateError(f"{sum(self.remaining)} tiles of the plan were never sent; send them "
                                     "before finishing")
+            if self.remote is not None:
+                self.remote.finish()  # never opened: the process goes back for the next run
             return
         self._advance()  # rows without tiles at the end are closed here
         if self.base_row < self.plan.rows:

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,9 @@ class SemanticResult:
     classes: np.ndarray | None = None
     probs: np.ndarray | None = None
     scale: int = 1
+    # (batch, row): ``probs`` is ``batch[row]`` of a batch output left on the device, so the stitcher can take
+    # a run of tiles side by side as one slice of it rather than one tensor call per tile
+    batch: tuple[Any, int] | None = None
 
     def class_map(self) -> np.ndarray:
         if self.classes is not None:

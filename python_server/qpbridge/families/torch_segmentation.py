@@ -156,8 +156,9 @@ class TorchSegmentation(ModelFamily):
                 oh, ow = -(-th // scale), -(-tw // scale)
                 p = probs[j]
                 if tuple(p.shape[1:]) != (oh, ow):
-                    p = p[:, :oh, :ow]
-                results[i] = SemanticResult(probs=p, scale=scale)
+                    results[i] = SemanticResult(probs=p[:, :oh, :ow], scale=scale)
+                else:
+                    results[i] = SemanticResult(probs=p, scale=scale, batch=(probs, j) if on_device else None)
         return [r for r in results if r is not None]
 
     def device_busy_s(self) -> float | None:

@@ -1,0 +1,269 @@
+"""Filtering and tracing class strips in a process of its own.
+
+A whole-slide run on a GPU is bound by host work that holds the interpreter lock, not by the device: the
+reading threads, the model's dispatch, blending, tracing and feature building all take turns under one GIL.
+Tracing (:class:`~qpbridge.engine.vectorise.RegionTracer`, with the card's
+:class:`~qpbridge.engine.morphology.StripMorphology` in front of it) is a long, strictly ordered run of
+small numpy and OpenCV calls over every strip, and only one uint8 strip goes in and a few polygons come out,
+so it moves to a child process cheaply: :class:`RemoteTracer` has the tracer's ``add_strip`` / ``finish``,
+sends each strip down a pipe and emits the regions the child sends back (as WKB) on the caller's thread.
+A thread of the parent receives them, so neither side can block the other on a full pipe.
+
+The child is started with ``spawn`` (safe beside CUDA and threads) and kept for the next run when a run
+ends cleanly (``IDLE_PROCESSES`` at most), so a server pays its start-up once. A run that fails or is
+cancelled ends its child. A child that dies, or a tracer that raises in it, fails the run with the child's
+reason.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from qpbridge.engine.morphology import Morphology
+from qpbridge.errors import InternalError
+
+IDLE_PROCESSES = 2  # finished runs' children kept for the next runs
+STRIPS_AHEAD = 8  # strips sent and not yet traced before add_strip waits for the child
+
+EmitRegion = Callable[[Any, int], None]
+
+
+# ---- the child ------------------------------------------------------------------------------------------------
+
+def _serve(conn: Any) -> None:
+    """The child's loop: one run at a time, opened, fed strips, finished."""
+    import cv2
+    import shapely
+
+    from qpbridge.engine.morphology import StripMorphology
+    from qpbridge.engine.vectorise import RegionTracer
+
+    # One strip at a time: OpenCV's worker threads would only spin on strips this small, on cores the
+    # parent's readers and feature builders use.
+    cv2.setNumThreads(1)
+    tracer: RegionTracer | None = None
+    add: Callable[[np.ndarray, bool], None] | None = None
+    found: list[tuple[Any, int]] = []
+    cpu0 = time.process_time()
+
+    def flush(reply: tuple[Any, ...]) -> None:
+        if found:
+            geoms = np.empty(len(found), dtype=object)
+            geoms[:] = [g for g, _ in found]
+            conn.send(("regions", shapely.to_wkb(geoms).tolist(), [c for _, c in found]))
+            found.clear()
+        conn.send(reply)
+
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        kind = msg[0]
+        try:
+            if kind == "open":
+                _, width, classes, scale, min_area, max_hole, morphology = msg
+                tracer = RegionTracer(width, classes, lambda g, c: found.append((g, c)), scale=scale,
+                                      min_area=min_area, max_hole=max_hole)
+                add = tracer.add_strip
+                if morphology is not None:
+                    add = StripMorphology(morphology, tracer.add_strip).add_strip
+                found.clear()
+                cpu0 = time.process_time()
+            elif kind == "strip":
+                _, seq, shape, data, last = msg
+                assert tracer is not None and add is not None, "a strip before the run was opened"
+                add(np.frombuffer(data, np.uint8).reshape(shape), last)
+                flush(("traced", seq + 1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
+            elif kind == "finish":
+                assert tracer is not None, "finish before the run was opened"
+                tracer.finish()
+                flush(("finished", -1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
+                tracer = add = None
+            elif kind == "exit":
+                return
+        except Exception:
+            found.clear()
+            tracer = add = None
+            conn.send(("error", traceback.format_exc(limit=8)))
+
+
+# ---- the parent -----------------------------------------------------------------------------------------------
+
+class _Child:
+    """A tracing process, its pipe and the thread that receives what it sends."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_serve, args=(child_conn,), name="qpbridge-trace", daemon=True)
+        self.proc.start()
+        child_conn.close()
+        self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.receiver = threading.Thread(target=self._receive, name="qpbridge-trace-receive", daemon=True)
+        self.receiver.start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                self.inbox.put(("died",))
+                return
+            self.inbox.put(msg)
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, OSError):
+            raise self.died() from None
+
+    def died(self) -> InternalError:
+        self.proc.join(timeout=1.0)
+        return InternalError(f"the tracing process ended unexpectedly (exit code {self.proc.exitcode})")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def end(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send(("exit",))
+        self.proc.join(timeout=2.0)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=2.0)
+        self.conn.close()
+
+
+_IDLE: list[_Child] = []
+_IDLE_LOCK = threading.Lock()
+
+
+def _acquire() -> _Child:
+    with _IDLE_LOCK:
+        while _IDLE:
+            child = _IDLE.pop()
+            if child.alive and child.inbox.empty():
+                return child
+            child.end()
+    return _Child()
+
+
+def _release(child: _Child) -> None:
+    with _IDLE_LOCK:
+        if len(_IDLE) < IDLE_PROCESSES and child.alive:
+            _IDLE.append(child)
+            return
+    child.end()
+
+
+@atexit.register
+def _end_idle() -> None:
+    with _IDLE_LOCK:
+        children, _IDLE[:] = list(_IDLE), []
+    for child in children:
+        child.end()
+
+
+class RemoteTracer:
+    """A :class:`~qpbridge.engine.vectorise.RegionTracer` (and morphology filter) running in a child process.
+
+    ``emit(geometry, class)`` is called on the thread that calls :meth:`add_strip`, :meth:`sync` or
+    :meth:`finish`, in the order the regions were traced. ``busy_s`` is the child's CPU time for this run.
+    The process is taken at construction (from the idle ones, or started), so it starts up while the run's
+    first tiles are read and run; :meth:`open` is called with the raster's width when the first tile sets it.
+    """
+
+    def __init__(self, emit: EmitRegion) -> None:
+        self.emit = emit
+        self.child: _Child | None = _acquire()
+        self.width = 0
+        self.sent = 0  # strips sent
+        self.traced = 0  # strips the child has traced
+        self.peak_rows = 0
+        self.regions = 0
+        self.busy_s = 0.0
+
+    def open(self, width: int, classes: list[int], *, scale: float = 1.0, min_area: float = 0.0,
+             max_hole: float = 0.0, morphology: Morphology | None = None) -> None:
+        self.width = width
+        self._send(("open", width, list(classes), float(scale), float(min_area), float(max_hole), morphology))
+
+    def add_strip(self, strip: np.ndarray, last: bool = False) -> None:
+        strip = np.ascontiguousarray(strip, dtype=np.uint8)
+        if strip.ndim != 2 or strip.shape[1] != self.width:
+            raise ValueError(f"strips must be (h, {self.width}) uint8, got {strip.shape}")
+        self._send(("strip", self.sent, strip.shape, strip.tobytes(), last))
+        self.sent += 1
+        self._take(block_until=self.sent - STRIPS_AHEAD)
+
+    def sync(self) -> None:
+        """Wait until every strip sent so far is traced and its regions emitted."""
+        self._take(block_until=self.sent)
+
+    def finish(self) -> None:
+        """Close every region (as ``RegionTracer.finish``), emit them and give the process back for reuse."""
+        if self.child is None:
+            return
+        if self.width:  # opened: else there is nothing to finish
+            self._send(("finish",))
+            self._take(block_until=self.sent, finished=True)
+        child, self.child = self.child, None
+        _release(child)
+
+    def close(self) -> None:
+        """End the run without finishing it (failed or cancelled): the process is ended, not reused."""
+        child, self.child = self.child, None
+        if child is not None:
+            child.end()
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        if self.child is None:
+            raise InternalError("the tracing process of this run was already closed")
+        self.child.send(msg)
+
+    def _take(self, block_until: int, finished: bool = False) -> None:
+        """Emit the regions received; block until ``block_until`` strips are traced (and, with ``finished``,
+        until the run's finish is acknowledged)."""
+        import shapely
+
+        child = self.child
+        assert child is not None
+        done = False
+        while True:
+            waiting = self.traced < block_until or (finished and not done)
+            try:
+                msg = child.inbox.get(timeout=1.0) if waiting else child.inbox.get_nowait()
+            except queue.Empty:
+                if not waiting:
+                    return
+                if not child.alive and child.inbox.empty():
+                    self.close()
+                    raise child.died() from None
+                continue
+            kind = msg[0]
+            if kind == "regions":
+                for geom, cls in zip(shapely.from_wkb(msg[1]), msg[2], strict=True):
+                    self.emit(geom, int(cls))
+            elif kind in ("traced", "finished"):  # (kind, strips traced or -1, peak rows, regions, CPU s)
+                if kind == "traced":
+                    self.traced = msg[1]
+                done = done or kind == "finished"
+                self.peak_rows, self.regions, self.busy_s = int(msg[2]), int(msg[3]), float(msg[4])
+            elif kind == "error":
+                self.close()
+                raise InternalError(f"tracing failed in its process:\n{msg[1]}")
+            elif kind == "died":
+                self.close()
+                raise child.died()

@@ -1,0 +1,158 @@
+"""Tracing class strips in a child process: the same regions as in-process tracing, errors and crashes of the
+child fail the run with its reason, and a finished run's process is reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import shape
+
+from conftest import DARK_CARD, write_pyramid
+from qpbridge.annotate import annotate_slide
+from qpbridge.engine import Engine
+from qpbridge.engine import trace_process as tp
+from qpbridge.engine.morphology import Morphology
+from qpbridge.engine.session import RunOptions
+from qpbridge.engine.vectorise import NO_CLASS, RegionTracer
+from qpbridge.errors import InternalError
+
+
+def _raster(h: int, w: int, seed: int) -> np.ndarray:
+    """Blobs of three classes, some crossing many strips, with holes and uncovered pixels."""
+    rng = np.random.default_rng(seed)
+    noise = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 4)
+    raster = ((noise - noise.min()) / np.ptp(noise) * 2.999).astype(np.uint8)
+    raster[h - 20:, :25] = NO_CLASS
+    return raster
+
+
+def _trace(tracer: RegionTracer | tp.RemoteTracer, raster: np.ndarray, step: int) -> None:
+    for y in range(0, raster.shape[0], step):
+        tracer.add_strip(raster[y:y + step], last=y + step >= raster.shape[0])
+    tracer.finish()
+
+
+@pytest.mark.parametrize("morphology", [None, Morphology(opening_px=2, closing_px=1, classes=(1, 2), fill=0)])
+def test_remote_tracer_emits_what_the_tracer_emits_in_order(morphology):
+    raster = _raster(230, 170, seed=3)
+    local: list[tuple[shapely.Geometry, int]] = []
+    tracer = RegionTracer(170, [1, 2], lambda g, c: local.append((g, c)), scale=4, min_area=40, max_hole=30)
+    if morphology is not None:
+        from qpbridge.engine.morphology import StripMorphology
+
+        filt = StripMorphology(morphology, tracer.add_strip)
+        for y in range(0, 230, 16):
+            filt.add_strip(raster[y:y + 16], last=y + 16 >= 230)
+        tracer.finish()
+    else:
+        _trace(tracer, raster, 16)
+    remote: list[tuple[shapely.Geometry, int]] = []
+    rt = tp.RemoteTracer(lambda g, c: remote.append((g, c)))
+    rt.open(170, [1, 2], scale=4, min_area=40, max_hole=30, morphology=morphology)
+    _trace(rt, raster, 16)
+    assert len(local) > 10 and any(len(g.interiors) for g, _ in local)
+    assert [c for _, c in remote] == [c for _, c in local]
+    assert all(a.equals_exact(b, 0) for (a, _), (b, _) in zip(remote, local, strict=True))
+    assert rt.regions == tracer.regions and rt.peak_rows == tracer.peak_rows and rt.busy_s > 0
+
+
+def test_finished_process_is_reused_and_a_closed_one_is_not():
+    rt = tp.RemoteTracer(lambda g, c: None)
+    assert rt.child is not None
+    pid = rt.child.proc.pid
+    rt.open(50, [1])
+    _trace(rt, _raster(60, 50, seed=1), 20)
+    again = tp.RemoteTracer(lambda g, c: None)
+    assert again.child is not None and again.child.proc.pid == pid  # back in the idle set, taken again
+    proc = again.child.proc
+    again.close()
+    assert not proc.is_alive()
+    fresh = tp.RemoteTracer(lambda g, c: None)
+    assert fresh.child is not None and fresh.child.proc.pid != pid
+    fresh.close()
+
+
+def test_an_error_in_the_child_fails_with_its_traceback():
+    rt = tp.RemoteTracer(lambda g, c: None)
+    rt.open(40, [1])
+    assert rt.child is not None
+    rt.child.send(("strip", 0, (2, 41), bytes(80), False))  # bytes that do not make the shape it names
+    rt.sent = 1
+    with pytest.raises(InternalError, match=r"(?s)tracing failed in its process.*cannot reshape"):
+        rt.sync()
+    assert rt.child is None  # the process was ended, not given back
+
+
+def test_a_child_that_dies_fails_the_run_with_its_exit_code():
+    rt = tp.RemoteTracer(lambda g, c: None)
+    rt.open(40, [1])
+    assert rt.child is not None
+    rt.add_strip(np.zeros((4, 40), np.uint8))
+    rt.sync()
+    os.kill(rt.child.proc.pid, signal.SIGKILL)
+    with pytest.raises(InternalError, match="ended unexpectedly"):
+        for _ in range(100):  # the pipe takes a strip or two before the death shows
+            rt.add_strip(np.zeros((4, 40), np.uint8))
+        rt.finish()
+
+
+def test_a_slide_traced_in_a_process_gives_the_same_features(tmp_path: Path):
+    """The whole run: same polygons, in the same order, as tracing on the stitching thread; a cancelled run
+    keeps what the process traced."""
+    img = np.full((900, 1100, 3), 235, np.uint8)
+    cv2.ellipse(img, (450, 380), (330, 200), 25, 0, 360, (30, 30, 30), -1)
+    cv2.circle(img, (850, 650), 180, (30, 30, 30), -1)
+    cv2.circle(img, (850, 650), 70, (235, 235, 235), -1)  # a hole
+    for k in range(12):  # specks in many strips
+        cv2.circle(img, (80 + 80 * k, 820 - 50 * (k % 3)), 9, (30, 30, 30), -1)
+        cv2.circle(img, (60 + 80 * k, 40), 12, (30, 30, 30), -1)  # closed in the first strips
+    slide = write_pyramid(tmp_path / "shapes.tif", img, mpp=0.5)
+    card = {**DARK_CARD, "name": "seams", "tile": {"size": 64, "overlap": 16, "batch_size": 16}}
+    (tmp_path / "models" / "seams").mkdir(parents=True)
+    (tmp_path / "models" / "seams" / "config.json").write_text(json.dumps(card))
+    engine = Engine(tmp_path / "models")
+    here = annotate_slide(engine, slide, "seams", tissue_filter=False,
+                          options=RunOptions(readers=2, trace_process=False))
+    there = annotate_slide(engine, slide, "seams", tissue_filter=False,
+                           options=RunOptions(readers=2, trace_process=True))
+    assert "trace_process_cpu_s" not in here.stats.extra and there.stats.extra["trace_process_cpu_s"] > 0
+    assert there.stats.features == len(there.features)
+    assert len(here.features) == len(there.features) >= 20
+    for a, b in zip(here.features, there.features, strict=True):
+        assert shape(a["geometry"]).equals(shape(b["geometry"]))
+        assert a["properties"] == b["properties"]  # measurements and classes too
+    done = {"tiles": 0}
+
+    def progress(p) -> None:  # type: ignore[no-untyped-def]
+        done["tiles"] = p.tiles_done
+
+    cut = annotate_slide(engine, slide, "seams", tissue_filter=False, on_progress=progress,
+                         should_stop=lambda: done["tiles"] >= 16,
+                         options=RunOptions(readers=2, trace_process=True))
+    assert cut.stats.cancelled and 0 < len(cut.features) < len(there.features)
+    top = {shape(f["geometry"]).wkb for f in there.features}
+    assert any(shape(f["geometry"]).wkb in top for f in cut.features)  # regions closed before the cut
+
+
+def test_large_plans_on_many_cores_trace_in_a_process(monkeypatch):
+    from qpbridge.cards import ModelCard
+    from qpbridge.engine.plan import make_plan
+    from qpbridge.engine.session import TRACE_PROCESS_TILES
+
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
+    big = make_plan(card, (0, 0, 48 * 50, 48 * 50), None)
+    small = make_plan(card, (0, 0, 480, 480), None)
+    assert len(big.tiles) >= TRACE_PROCESS_TILES > len(small.tiles)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert RunOptions().traces_in_process(big) and not RunOptions().traces_in_process(small)
+    assert not RunOptions(trace_process=False).traces_in_process(big)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert not RunOptions().traces_in_process(big) and RunOptions(trace_process=True).traces_in_process(small)
+
