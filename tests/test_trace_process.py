@@ -73,7 +73,7 @@ def test_finished_process_is_reused_and_a_closed_one_is_not():
     assert again.child is not None and again.child.proc.pid == pid  # back in the idle set, taken again
     proc = again.child.proc
     again.close()
-    assert not proc.is_alive()
+    assert proc.poll() is not None
     fresh = tp.RemoteTracer(lambda g, c: None)
     assert fresh.child is not None and fresh.child.proc.pid != pid
     fresh.close()
@@ -156,3 +156,30 @@ def test_large_plans_on_many_cores_trace_in_a_process(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert not RunOptions().traces_in_process(big) and RunOptions(trace_process=True).traces_in_process(small)
 
+
+
+def test_an_unguarded_user_script_runs_once(tmp_path: Path):
+    """A library user's script without ``if __name__ == "__main__"``: the tracing process must not run it again
+    (multiprocessing's spawn would import it in the child and start the run there too)."""
+    import subprocess
+    import sys
+
+    img = np.full((700, 900, 3), 235, np.uint8)
+    cv2.circle(img, (450, 350), 200, (150, 60, 160), -1)
+    slide = write_pyramid(tmp_path / "s.tif", img, mpp=0.5)
+    marks = tmp_path / "marks.txt"
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from qpbridge.annotate import annotate_slide\n"
+        "from qpbridge.engine import Engine\n"
+        "from qpbridge.engine.session import RunOptions\n"
+        f"with open({str(marks)!r}, 'a') as f:\n"
+        "    f.write('ran\\n')\n"
+        f"r = annotate_slide(Engine(), Path({str(slide)!r}), 'tissue', tissue_filter=False,\n"
+        "                   options=RunOptions(readers=1, trace_process=True))\n"
+        "print('features', len(r.features), r.stats.extra['trace_process_cpu_s'] > 0)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "True" in out.stdout and "features 1 " in out.stdout + " "
+    assert marks.read_text() == "ran\n"
