@@ -9,7 +9,7 @@ over every strip. Only one uint8 strip goes in and a few polygons come out, so i
 cheaply: :class:`RemoteTracer` has the tracer's ``add_strip`` / ``finish``, sends each strip down a pipe and
 emits the regions the child sends back (as WKB) on the caller's thread. A thread of the parent receives
 them, so neither side can block the other on a full pipe. (Measured there: faster than tracing on the
-stitching thread in each of 12 alternating pairs, by 1-32%.)
+stitching thread in each of 12 alternating pairs, by 1-31%.)
 
 The child is a fresh interpreter (safe beside CUDA and threads; nothing of the parent's main script runs in
 it) on one end of a socket pair. It is kept for the next run when a run ends cleanly (``IDLE_PROCESSES`` at
