@@ -150,6 +150,10 @@ class ThreadCPU:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+# --trace: where class strips are traced (RunOptions.trace_process; auto: the engine's rule)
+TRACE_PROCESS = {"auto": None, "thread": False, "process": True}
+
+
 @contextlib.contextmanager
 def unsliced(model: object, on: bool) -> Iterator[None]:
     """With ``on``, the model's results lose their batch reference, so the stitcher stacks each run of tiles
@@ -228,7 +232,7 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     for trace in args.trace:  # the same model, one end-to-end run per way of tracing, in the order given
         mode = f"{'compiled' if compiled else 'eager'}, trace {trace}"
         where, *flags = trace.split("-")
-        opts = RunOptions(readers=args.readers, trace_process={"auto": None, "thread": False, "process": True}[where])
+        opts = RunOptions(readers=args.readers, trace_process=TRACE_PROCESS[where])
         with ThreadCPU() as cpu, unsliced(model, "stacked" in flags):
             result = annotate_slide(engine, slide, name, tissue_filter=False, options=opts)
         st = result.stats
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="sys.setswitchinterval for this process (how long a thread may hold the GIL)")
     ap.add_argument("--slide", type=Path, help="reuse this synthetic slide (written there first if missing)")
     ap.add_argument("--trace", nargs="+", default=["auto"],
-                    choices=[w + f for w in ("auto", "thread", "process") for f in ("", "-stacked")],
+                    choices=[w + f for w in TRACE_PROCESS for f in ("", "-stacked")],
                     help="where class strips are traced: one end-to-end run per value, in this order, with the same "
                          "model (e.g. thread process thread process); -stacked: each run of tiles stacked tile by tile "
                          "instead of sliced from the batch output")

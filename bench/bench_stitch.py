@@ -153,7 +153,7 @@ def end_to_end(size: int, readers: int, batch: int, trace: list[str]) -> int:
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_slide import write_slide
+    from bench_slide import TRACE_PROCESS, write_slide
 
     from qpbridge.annotate import annotate_slide
     from qpbridge.engine import Engine
@@ -181,7 +181,7 @@ def end_to_end(size: int, readers: int, batch: int, trace: list[str]) -> int:
         (card_dir / "config.json").write_text(json.dumps(card))
         engine = Engine(root / "models")
         for where in trace:  # alternately, on the same slide and engine
-            opts = RunOptions(readers=readers, trace_process={"auto": None, "thread": False, "process": True}[where])
+            opts = RunOptions(readers=readers, trace_process=TRACE_PROCESS[where])
             result = annotate_slide(engine, slide, CARD["name"], tissue_filter=False, options=opts)
             st = result.stats
             child = st.extra.get("trace_process_cpu_s")

@@ -440,20 +440,13 @@ class PlanRun:
 
         model = self.engine.model(self.model_name)
         device_before = model.device_busy_s()
-        done = 0
         if isinstance(self.stitcher, SemanticStitcher) and opts.traces_in_process(plan):
             self.stitcher.trace_in_process()
-        finished = False
         try:
             done = self._pipeline(opts, stats, model_stage, outputs, stop, t0, on_progress)
-            finished = True
-        finally:
-            if not finished:
-                self._close_stitcher()
-        stats.cancelled = done < len(plan.tiles)
-        t, c = time.perf_counter(), time.thread_time()
-        parts = self._stitch_parts()
-        try:
+            stats.cancelled = done < len(plan.tiles)
+            t, c = time.perf_counter(), time.thread_time()
+            parts = self._stitch_parts()
             if not stats.cancelled:
                 self.finish()
             else:
@@ -466,7 +459,7 @@ class PlanRun:
                         self.stitcher.sync()
                     self._dispatch(wait=True)
         finally:
-            self._close_stitcher()
+            self._close_stitcher()  # after a clean finish there is nothing left to close
         # what is left open to the end (regions reaching the last strip, and their features), beyond the parts
         # counted on their own
         stats.extra["finishing_s"] = time.perf_counter() - t - (self._stitch_parts() - parts)

@@ -39,7 +39,7 @@ from shapely.geometry.base import BaseGeometry
 from qpbridge import geometry
 from qpbridge.engine.morphology import Morphology, StripMorphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
-from qpbridge.engine.trace_process import RemoteTracer
+from qpbridge.engine.trace_process import RemoteTracer, strip_tracer
 from qpbridge.engine.vectorise import RegionTracer
 from qpbridge.families import NO_CLASS, InstanceResult, SemanticResult
 from qpbridge.pools import postprocess_pool
@@ -113,7 +113,7 @@ def _is_tensor(x: Any) -> bool:
 
 def _held(x: Any) -> Any:
     """A model's output tensor made safe to blend on this thread's stream (the model runs on its own)."""
-    if _is_tensor(x) and getattr(x, "is_cuda", False):
+    if _is_tensor(x):
         from qpbridge.families.torch_runtime import handed_over
 
         return handed_over(x)
@@ -360,15 +360,15 @@ class SemanticStitcher:
             self.blend = _DeviceBlend(self.n_classes, self.buf_h, self.width, device)
         else:
             self.blend = _HostBlend(self.n_classes, self.buf_h, self.width)
+        morphology = self.morphology.at_scale(s) if self.morphology is not None else None
         if self.remote is not None:
             self.remote.open(self.width, self.emit_classes, scale=s, min_area=self.min_area, max_hole=self.max_hole,
-                             morphology=self.morphology.at_scale(s) if self.morphology is not None else None)
+                             morphology=morphology)
             self.tracer = self.remote
             return
-        self.tracer = RegionTracer(self.width, self.emit_classes, lambda g, c: self.emit(g, c, None),
-                                   scale=s, min_area=self.min_area, max_hole=self.max_hole)
-        if self.morphology is not None:
-            self.filter = StripMorphology(self.morphology.at_scale(s), self.tracer.add_strip)
+        self.tracer, self.filter = strip_tracer(self.width, self.emit_classes, lambda g, c: self.emit(g, c, None),
+                                                scale=s, min_area=self.min_area, max_hole=self.max_hole,
+                                                morphology=morphology)
 
     def _window(self, h: int, w: int) -> np.ndarray:
         key = (h, w)
@@ -377,17 +377,26 @@ class SemanticStitcher:
         return self.windows[key]
 
     def add(self, tile: PlannedTile, result: SemanticResult) -> None:
+        self._blending(self._add, tile, result)
+
+    def _blending(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)``, its time counted as blending but for the strips it finalises (counted on their own)."""
         t0, before = time.perf_counter(), self.classes_s + self.trace_s
-        self._add(tile, result)
+        fn(*args)
         self.blend_s += time.perf_counter() - t0 - (self.classes_s + self.trace_s - before)
+
+    def _hand_over(self, batch: Any) -> None:
+        """Hand a batch output over to this thread's stream once, not once per tile of it."""
+        if batch is not self._handed:
+            self._handed = _held(batch)
 
     def _add(self, tile: PlannedTile, result: SemanticResult) -> None:
         if result.probs is not None:
             probs: Any = result.probs
             if result.batch is None:
                 probs = _held(probs)
-            elif result.batch[0] is not self._handed:  # once per batch output, not per tile
-                self._handed = _held(result.batch[0])
+            else:
+                self._hand_over(result.batch[0])
         else:
             cmap = result.class_map()
             self.partial = self.partial or bool((cmap == NO_CLASS).any())
@@ -413,9 +422,7 @@ class SemanticStitcher:
         """:meth:`add` of several tiles. Blending on the device, runs of whole tiles that sit side by side in
         one row and can be blended now are added together (:meth:`_DeviceBlend.add_run`), which takes the
         per-tile kernel launches off the stitching thread; the result is the same as adding them one by one."""
-        t0, before = time.perf_counter(), self.classes_s + self.trace_s
-        self._add_batch(tiles, results)
-        self.blend_s += time.perf_counter() - t0 - (self.classes_s + self.trace_s - before)
+        self._blending(self._add_batch, tiles, results)
 
     def _add_batch(self, tiles: Sequence[PlannedTile], results: Sequence[SemanticResult]) -> None:
         i, n = 0, len(tiles)
@@ -452,10 +459,8 @@ class SemanticStitcher:
         b0 = run[0].batch
         if b0 is not None and all(r.batch is not None and r.batch[0] is b0[0] and r.batch[1] == b0[1] + k
                                   for k, r in enumerate(run)):
-            base = b0[0]
-            if base is not self._handed:
-                self._handed = _held(base)
-            return base[b0[1]:b0[1] + len(run)]
+            self._hand_over(b0[0])
+            return b0[0][b0[1]:b0[1] + len(run)]
         import torch
 
         return torch.stack([_held(r.probs) for r in run])

@@ -35,13 +35,22 @@ from typing import Any
 
 import numpy as np
 
-from qpbridge.engine.morphology import Morphology
+from qpbridge.engine.morphology import Morphology, StripMorphology
+from qpbridge.engine.vectorise import RegionTracer
 from qpbridge.errors import InternalError
 
 IDLE_PROCESSES = 2  # finished runs' children kept for the next runs
 STRIPS_AHEAD = 8  # strips sent and not yet traced before add_strip waits for the child
 
 EmitRegion = Callable[[Any, int], None]
+
+
+def strip_tracer(width: int, classes: list[int], emit: EmitRegion, *, scale: float, min_area: float,
+                 max_hole: float, morphology: Morphology | None) -> tuple[RegionTracer, StripMorphology | None]:
+    """A tracer of class strips and, when the card asks for morphology, the filter strips go through first
+    (feeding the tracer); the same chain on the stitching thread or in the tracing process."""
+    tracer = RegionTracer(width, classes, emit, scale=scale, min_area=min_area, max_hole=max_hole)
+    return tracer, StripMorphology(morphology, tracer.add_strip) if morphology is not None else None
 
 
 # ---- the child ------------------------------------------------------------------------------------------------
@@ -58,9 +67,6 @@ def _serve(conn: Any) -> None:
     """The child's loop: one run at a time, opened, fed strips, finished."""
     import cv2
     import shapely
-
-    from qpbridge.engine.morphology import StripMorphology
-    from qpbridge.engine.vectorise import RegionTracer
 
     # One strip at a time: OpenCV's worker threads would only spin on strips this small, on cores the
     # parent's readers and feature builders use.
@@ -87,11 +93,9 @@ def _serve(conn: Any) -> None:
         try:
             if kind == "open":
                 _, width, classes, scale, min_area, max_hole, morphology = msg
-                tracer = RegionTracer(width, classes, lambda g, c: found.append((g, c)), scale=scale,
-                                      min_area=min_area, max_hole=max_hole)
-                add = tracer.add_strip
-                if morphology is not None:
-                    add = StripMorphology(morphology, tracer.add_strip).add_strip
+                tracer, filt = strip_tracer(width, classes, lambda g, c: found.append((g, c)), scale=scale,
+                                            min_area=min_area, max_hole=max_hole, morphology=morphology)
+                add = (filt or tracer).add_strip
                 found.clear()
                 cpu0 = time.process_time()
             elif kind == "strip":
