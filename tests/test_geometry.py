@@ -214,3 +214,109 @@ def test_valid_many_agrees_with_geos_on_polygons_with_many_holes(monkeypatch):
     few = np.empty(2, dtype=object)
     few[:] = [Polygon(shell, grid[:3]), shapely.Point(1, 1)]
     assert geometry.valid_many(few).tolist() == [True, True] and len(geometry.valid_many(few[:0])) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_traced_outlines_are_exactly_the_pixel_edges(seed):
+    """Each region's polygon covers exactly its pixels (up to the PINCH cuts at corners where pixels only touch),
+    is valid, keeps its holes, and has only corners for vertices, at pixel corners or PINCH off them."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        h, w = (int(v) for v in rng.integers(1, 36, 2))
+        if trial % 2:
+            mask = (rng.random((h, w)) < rng.uniform(0.2, 0.8)).astype(np.uint8)
+        else:
+            small = rng.random((h // 5 + 2, w // 5 + 2)).astype(np.float32)
+            mask = (cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC) > 0.5).astype(np.uint8)
+        n, labels = cv2.connectedComponents(mask, connectivity=8)
+        polys = geometry.trace_regions(mask, 3.0, -2.0, 2.0)
+        assert len(polys) == n - 1
+        for p in polys:
+            assert p.is_valid and p.geom_type == "Polygon"
+            pt = p.representative_point()
+            lab = labels[int(pt.y / 2.0 + 2.0), int(pt.x / 2.0 - 3.0)]
+            assert lab > 0
+            ys, xs = np.nonzero(labels == lab)
+            pixels = shapely.union_all(shapely.box((xs + 3) * 2.0, (ys - 2) * 2.0, (xs + 4) * 2.0, (ys - 1) * 2.0))
+            pinch_area = 4 * geometry.PINCH ** 2 / 2  # one cut, in px² scaled by 2²
+            assert p.symmetric_difference(pixels).area <= pinch_area * 4 * len(xs) + 1e-9
+            assert p.area == pytest.approx(4.0 * len(xs), abs=pinch_area * 4 * len(xs) + 1e-9)
+            # its holes: the 4-connected components of everything else, but for the one around the mask
+            outside = np.pad((labels != lab).astype(np.uint8), 1, constant_values=1)
+            assert len(p.interiors) == cv2.connectedComponents(outside, connectivity=4)[0] - 2
+            for ring in (p.exterior, *p.interiors):
+                xy = np.asarray(ring.coords)[:-1] / 2.0
+                off = np.abs(xy - np.round(xy))
+                assert ((off < 1e-9) | (np.abs(off - geometry.PINCH) < 1e-9)).all()
+                d = np.diff(np.vstack([xy, xy[:1]]), axis=0)
+                turn = d[:, 0] * np.roll(d[:, 1], 1) - d[:, 1] * np.roll(d[:, 0], 1)
+                assert (np.abs(turn) > 1e-12).all()  # no vertex on a straight edge
+
+
+def test_small_holes_filled_and_small_regions_dropped_exactly():
+    """trace_regions's max_hole and min_area give exactly what filling and dropping the full result gives."""
+    rng = np.random.default_rng(5)
+    for _ in range(150):
+        h, w = (int(v) for v in rng.integers(1, 50, 2))
+        mask = (rng.random((h, w)) < rng.uniform(0.3, 0.8)).astype(np.uint8)
+        min_area, max_hole, scale = float(rng.uniform(0, 30)), float(rng.uniform(0, 8)), float(rng.choice([1, 4]))
+        got = geometry.trace_regions(mask, 0, 0, scale, min_area=min_area, max_hole=max_hole)
+        full = [geometry.fill_small_holes(p, max_hole * scale ** 2) for p in geometry.trace_regions(mask, 0, 0, scale)]
+        want = [p for p in full if p.area >= min_area * scale ** 2]
+        key = lambda p: (round(p.area, 6), p.bounds)  # noqa: E731
+        assert len(got) == len(want)
+        for a, b in zip(sorted(got, key=key), sorted(want, key=key), strict=True):
+            assert a.equals(b) and len(a.interiors) == len(b.interiors)
+
+
+def test_min_area_is_decided_on_the_region_not_its_simplified_outline():
+    """A staircase region whose simplified outline is smaller than min_area is kept, and one whose simplified
+    outline is larger is dropped: the region's own area decides, whatever the simplification tolerance."""
+    from qpbridge.cards import ModelCard
+    from qpbridge.engine.features import FeatureBuilder
+
+    steps = np.tril(np.ones((12, 12), np.uint8))  # a staircase triangle of 78 px
+    mask = np.pad(steps, 2)
+    (region,) = geometry.trace_regions(mask)
+    simplified = geometry.simplify_polygons(np.array([region], dtype=object), 1.5)[0]
+    assert region.area == 78 and abs(simplified.area - region.area) > 2  # simplification moves the area
+    card = {"schema_version": 1, "name": "m", "family": "bench-fixed", "task": "semantic-segmentation",
+            "object_type": "annotation", "classes": [{"name": "Background", "color": [255, 255, 255]},
+                                                        {"name": "Tissue", "color": [200, 0, 0]}],
+            "tile": {"size": 64, "overlap": 0, "batch_size": 1}, "mpp": 1.0,
+            "postprocess": {"simplify_um": 1.5}}
+    for min_area, kept in ((77.5, True), (78.5, False), ((region.area + simplified.area) / 2, True)):
+        builder = FeatureBuilder(ModelCard.from_dict({**card, "postprocess": {**card["postprocess"],
+                                                                                "min_area_um2": min_area}}), 1.0)
+        (feature,) = builder.build_many([region], [1], 0, 0, 1, 1)
+        assert (feature is not None) == kept, min_area
+
+
+def test_rings_listed_in_any_order_give_the_same_polygons(monkeypatch):
+    """OpenCV lists each shell's holes right after it; rings listed in another order (shuffled here, the
+    hierarchy renumbered to match) are put back in that order, and the polygons are the same."""
+    import cv2
+
+    rng = np.random.default_rng(8)
+    mask = (rng.random((40, 50)) < 0.6).astype(np.uint8)
+    want = geometry.trace_regions(mask, min_area=3, max_hole=2)
+    assert sum(len(p.interiors) for p in want) >= 5
+    real = cv2.findContours
+
+    def shuffled(*args):  # type: ignore[no-untyped-def]
+        contours, hierarchy = real(*args)
+        perm = rng.permutation(len(contours))
+        new_pos = np.argsort(perm)
+        h = hierarchy[0][perm].copy()
+        h[:, 3] = np.where(h[:, 3] >= 0, new_pos[np.maximum(h[:, 3], 0)], -1)
+        h[:, :3] = -1  # siblings and children are not read
+        return tuple(contours[i] for i in perm), h[None]
+
+    monkeypatch.setattr(cv2, "findContours", shuffled)
+    got = geometry.trace_regions(mask, min_area=3, max_hole=2)
+    key = lambda p: (round(p.area, 6), p.bounds)  # noqa: E731
+    assert len(got) == len(want)
+    for a, b in zip(sorted(got, key=key), sorted(want, key=key), strict=True):
+        assert a.is_valid and a.equals(b) and len(a.interiors) == len(b.interiors)

@@ -1,8 +1,8 @@
 """Masks to polygons to QuPath GeoJSON features.
 
 Polygons follow pixel edges exactly (their area is the pixel count): OpenCV traces contours through
-pixel centres, which would lose 10-20% of a small nucleus's area, so contours are traced on the mask
-doubled in size and mapped to pixel corners (see ``_contours``). All geometry is made valid and snapped
+pixel centres, which would lose 10-20% of a small nucleus's area, so each step of its trace is mapped to
+the pixel sides it passes (see ``_contours``). All geometry is made valid and snapped
 to a 0.01 px grid, because QuPath rounds coordinates when it reads GeoJSON and rejects a whole file over
 one invalid ring.
 """
@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import shapely
-from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon, mapping
 from shapely.geometry.base import BaseGeometry
 
@@ -36,135 +35,188 @@ def _polygonal(geom: BaseGeometry) -> BaseGeometry:
     return shapely.union_all(parts)
 
 
+# Moore neighbourhood directions as OpenCV's border following steps: k turns from +x (0) towards +y (2).
+_DIR_X = np.array([1, 1, 0, -1, -1, -1, 0, 1], np.int64)
+_DIR_Y = np.array([0, 1, 1, 1, 0, -1, -1, -1], np.int64)
+_DIR_CODE = np.zeros(9, np.int64)  # [(dy + 1) * 3 + dx + 1] -> k
+_DIR_CODE[(_DIR_Y + 1) * 3 + _DIR_X + 1] = np.arange(8)
+ISOLATED = 64  # visit-table row of a one-pixel region
+PINCH = 0.02  # how far a ring backs off a corner where two pixels touch (survives the 0.01 grid)
+
+
+def _crack_tables() -> tuple[np.ndarray, ...]:
+    """The corners a border visit adds to the pixel-edge outline, per (entry a, exit b) and variant.
+
+    OpenCV follows a border with the region on the side of direction k - 2 of each step k. Leaving a pixel
+    entered in direction a, it scans the neighbours a + 3, a + 2, ... until the next border pixel (b): all
+    of those are background, and the 4-neighbours among them (even directions) are exactly this pixel's
+    sides ("cracks") on the outline, in order; the side facing k runs along k - 2. Consecutive sides of one
+    pixel always turn, so each side's start is a corner, except perhaps the first, which may continue the
+    last side of the visit before.
+
+    Row ``a * 8 + b + 65 * v`` (``ISOLATED`` for a one-pixel region) holds the visit's corners as offsets
+    from the pixel's top-left corner, for the variants v = 0 (all), 1 (pinched: the first corner, which
+    the region only touches there, becomes two points backed off it by ``PINCH`` along the edge coming in
+    and the edge going out) and 2 (the first corner left out, being on a straight edge). Also returned: the
+    number of corners per row; for the 65 plain rows the direction of the first and the last side (-1 for
+    none); and, per plain row, what its sides add to twice a ring's signed area (the shoelace sum): so much
+    times the pixel's x, so much times its y, plus a constant."""
+    start = {0: (1, 1), 2: (0, 1), 4: (0, 0), 6: (1, 0)}
+    rows = ISOLATED + 1
+    count = np.zeros(3 * rows, np.int64)
+    fx, fy = np.zeros((3 * rows, 5)), np.zeros((3 * rows, 5))
+    first, last = np.full(rows, -1, np.int64), np.full(rows, -1, np.int64)
+    twice = np.zeros((3, rows), np.int64)
+    for row in range(rows):
+        a, b = divmod(row, 8)
+        scanned = (4, 3, 2, 1, 0, 7, 6, 5) if row == ISOLATED else [(a + 3 - t) % 8 for t in range((a + 3 - b) % 8)]
+        sides = [k for k in scanned if k % 2 == 0]
+        if not sides:
+            continue
+        first[row], last[row] = (sides[0] - 2) % 8, (sides[-1] - 2) % 8
+        for k in sides:  # cross((x + sx, y + sy), u) for the side from corner (sx, sy) one step along u
+            sx, sy = start[k]
+            ux, uy = _DIR_X[(k - 2) % 8], _DIR_Y[(k - 2) % 8]
+            twice[:, row] += (uy, -ux, sx * uy - sy * ux)
+        corners = [start[k] for k in sides]
+        (cx, cy), lo, hi = corners[0], (a - 1) % 8, (a + 1) % 8
+        pinched = [(cx - PINCH * _DIR_X[lo], cy - PINCH * _DIR_Y[lo]),
+                   (cx + PINCH * _DIR_X[hi], cy + PINCH * _DIR_Y[hi]), *corners[1:]]
+        for v, pts in enumerate((corners, pinched, corners[1:])):
+            count[row + v * rows] = len(pts)
+            for j, (px, py) in enumerate(pts):
+                fx[row + v * rows, j], fy[row + v * rows, j] = px, py
+    return count, fx, fy, first, last, twice
+
+
+_CRACKS = _crack_tables()
+
+
 def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
               offset: tuple[float, float] = (0.0, 0.0), scale: float = 1.0) -> list[BaseGeometry]:
     """Pixel-edge polygons (with holes) of the 8-connected foreground of a binary mask, one per region.
 
-    OpenCV traces contours through pixel centres. Traced on the mask doubled in size instead, every
-    contour point is the centre of the sub-pixel nearest one corner of its pixel, so mapping sub-pixel
-    index p to corner (p + 1) // 2 gives exactly the pixel edges: a polygon's area is its pixel count,
-    with no buffering, and rings are valid by construction (pinches: see ``_unpinch``). All rings of the
-    mask are mapped in one vectorised pass and the polygons built in one shapely call.
+    OpenCV traces each border through the centres of its pixels. Every step of that trace tells which
+    sides of the pixel it leaves lie on the border (``_crack_tables``), so the pixel-edge outline follows
+    from the trace by table look-ups, in one vectorised pass over all rings of the mask: a polygon's area
+    is its pixel count, with no buffering, and only corners are kept. Where a region's pixels touch only
+    at a corner, the outline would pass that corner twice and touch itself (invalid); instead it backs
+    off the corner by ``PINCH`` along both edges of each pass, so the region stays one valid polygon, as
+    8-connectivity says it is, and gains PINCH² / 2 px² per pass.
 
-    Regions whose filled area is surely below ``min_area`` px² and holes surely below ``max_hole`` px²
-    are left out before any polygon is built (post-processing would drop or fill them anyway): by Pick's
-    theorem a region's filled sub-pixel count is at most its contour's area + length / 2 + 1, and a
-    hole's at most its contour's area. Coordinates are ``(pixel + offset) * scale``.
+    Holes smaller than ``max_hole`` px² are filled, then regions smaller than ``min_area`` px² (small holes
+    filled) left out, before any polygon is built. Coordinates are ``(pixel + offset) * scale``.
     """
     import cv2
 
     m = np.ascontiguousarray(mask, dtype=np.uint8)
     if m.size == 0:
         return []
-    m2 = cv2.resize(m, (m.shape[1] * 2, m.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
-    contours, hierarchy = cv2.findContours(m2, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     if hierarchy is None or not contours:
         return []
     parent = hierarchy[0][:, 3].astype(np.int64)
-    is_hole = parent >= 0
-    p, lens, starts, ring, nxt, prv = _ring_arrays(contours)
-    if min_area > 0 or max_hole > 0:
-        # Filter whole rings first: noisy masks have many more small rings than kept ones.
-        q = p[nxt]
-        area = np.abs(np.add.reduceat(p[:, 0] * q[:, 1] - q[:, 0] * p[:, 1], starts)) / 2.0
-        keep = np.ones(len(lens), bool)
-        if min_area > 0:
-            d = q - p
-            length = np.add.reduceat(np.hypot(d[:, 0], d[:, 1]), starts)
-            keep &= is_hole | (area + 0.5 * length + 1.0 >= 4.0 * min_area)
-        if max_hole > 0:
-            keep &= ~is_hole | (area >= 4.0 * max_hole)
-        keep &= ~is_hole | keep[np.maximum(parent, 0)]  # holes of dropped regions go too
-        if not keep.all():
-            kept = np.flatnonzero(keep)
-            if len(kept) == 0:
-                return []
-            new_pos = np.full(len(lens), -1, np.int64)
-            new_pos[kept] = np.arange(len(kept))
-            parent = np.where(is_hole[kept], new_pos[np.maximum(parent[kept], 0)], -1)
-            is_hole = parent >= 0
-            contours = [contours[i] for i in kept.tolist()]
-            p, lens, starts, ring, nxt, prv = _ring_arrays(contours)
-    d = p[nxt] - p
-    keep_ring = np.ones(len(lens), bool)
-    pts = ((p + 1) >> 1).astype(np.float64)
-    _unpinch(pts, p, d, prv, nxt, m2)
-    keep_pt = np.any(pts != pts[prv], axis=1)
-    keep_pt[starts] = True
-    n_kept = np.bincount(ring[keep_pt], minlength=len(lens))
-    keep_ring &= n_kept >= 3
-    keep_ring &= ~is_hole | keep_ring[np.maximum(parent, 0)]  # holes of dropped regions go too
-    shells = np.flatnonzero(keep_ring & ~is_hole)
-    if len(shells) == 0:
-        return []
-    sel = keep_pt & keep_ring[ring]
-    kept_rings = np.flatnonzero(keep_ring)
-    new_index = np.full(len(lens), -1, np.int64)
-    new_index[kept_rings] = np.arange(len(kept_rings))
-    xy = pts[sel]
-    if offset != (0.0, 0.0) or scale != 1.0:
-        xy = (xy + np.asarray(offset, np.float64)) * scale
-    rings = shapely.linearrings(xy, indices=new_index[ring[sel]])
-    shell_pos = np.full(len(lens), -1, np.int64)
-    shell_pos[shells] = np.arange(len(shells))
-    holes = np.flatnonzero(keep_ring & is_hole)
-    if len(holes) == 0:
-        return list(shapely.polygons(rings[new_index[shells]]))
-    # Each polygon's shell first, then its holes.
-    members = np.concatenate([shells, holes])
-    owner = np.concatenate([np.arange(len(shells)), shell_pos[parent[holes]]])
-    order = np.lexsort((np.concatenate([np.zeros(len(shells)), np.ones(len(holes))]), owner))
-    return list(shapely.polygons(rings[new_index[members[order]]], indices=owner[order]))
-
-
-def _ring_arrays(contours: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """All rings' points in one (n, 2) array, ring lengths and starts, each point's ring, next and previous."""
-    lens = np.fromiter((len(c) for c in contours), np.int64, len(contours))
-    p = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
-    n = len(p)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    n_rings = len(contours)
+    lens = np.fromiter(map(len, contours), np.int64, n_rings)
+    p = np.concatenate(contours).reshape(-1, 2)
+    x, y = p[:, 0], p[:, 1]
+    n = len(x)
+    starts = np.cumsum(lens) - lens
     ends = starts + lens - 1
-    ring = np.repeat(np.arange(len(lens)), lens)
-    nxt = np.arange(1, n + 1)
-    nxt[ends] = starts
-    prv = np.arange(-1, n - 1)
-    prv[starts] = ends
-    return p, lens, starts, ring, nxt, prv
+    dx, dy = np.empty(n, np.int64), np.empty(n, np.int64)
+    np.subtract(x[1:], x[:-1], out=dx[:-1])
+    np.subtract(y[1:], y[:-1], out=dy[:-1])
+    dx[ends], dy[ends] = x[starts] - x[ends], y[starts] - y[ends]
+    b = _DIR_CODE[dy * 3 + dx + 4]  # each visit's exit, and the next visit's entry
+    a = np.empty_like(b)
+    a[1:] = b[:-1]
+    a[starts] = b[ends]
+    row = a * 8 + b
+    row[starts[lens == 1]] = ISOLATED
+    count, fx, fy, first, last, twice = _CRACKS
+    rows = ISOLATED + 1
 
+    # A diagonal entry with background on both sides passes a corner the region only touches.
+    pinch = np.zeros(n, bool)
+    diag = np.flatnonzero(a & 1)
+    if len(diag):
+        mp = np.zeros((m.shape[0] + 2, m.shape[1] + 2), np.uint8)  # (np.pad costs 100 µs per call)
+        mp[1:-1, 1:-1] = m
+        ad = a[diag]
+        px, py = x[diag] - _DIR_X[ad] + 1, y[diag] - _DIR_Y[ad] + 1  # the pixel it came from, in mp
+        lo, hi = (ad - 1) % 8, (ad + 1) % 8
+        bg = (mp[py + _DIR_Y[lo], px + _DIR_X[lo]] == 0) & (mp[py + _DIR_Y[hi], px + _DIR_X[hi]] == 0)
+        pinch[diag[bg & (row[diag] != ISOLATED)]] = True
 
-PINCH = 0.02  # how far a ring backs off a corner where two pixels touch (survives the 0.01 grid)
+    is_hole = parent >= 0
+    keep_ring = np.ones(n_rings, bool)
+    if min_area > 0 or max_hole > 0:
+        # Shoelace per ring, summed side by side from the visits (the region lies to the right of each step
+        # in image coordinates, so with this sign shells come out positive and holes negative); each pinch
+        # adds PINCH² / 2 to the region.
+        sums = np.add.reduceat(x * twice[0][row] + y * twice[1][row] + twice[2][row], starts)
+        area = -0.5 * sums + 0.5 * PINCH * PINCH * np.add.reduceat(pinch, starts)
+        if max_hole > 0:
+            keep_ring &= ~is_hole | (-area >= max_hole)
+        if min_area > 0:
+            kept_holes = np.flatnonzero(is_hole & keep_ring)
+            net = area - np.bincount(parent[kept_holes], -area[kept_holes], minlength=n_rings)
+            keep_ring &= net[np.where(is_hole, parent, np.arange(n_rings))] >= min_area
+    if not keep_ring[~is_hole].any():
+        return []
+    owner = np.where(is_hole, parent, np.arange(n_rings))  # each ring's shell
+    if not keep_ring.all():
+        sel = np.repeat(keep_ring, lens)
+        x, y, row, pinch = x[sel], y[sel], row[sel], pinch[sel]
+        lens, owner, is_hole = lens[keep_ring], owner[keep_ring], is_hole[keep_ring]
+        starts = np.cumsum(lens) - lens
+        ends = starts + lens - 1
 
-
-def _unpinch(pts: np.ndarray, p: np.ndarray, d: np.ndarray, prv: np.ndarray, nxt: np.ndarray,
-             m2: np.ndarray) -> None:
-    """Move ring points off the corners where two pixels touch only diagonally (in place).
-
-    Such a pinch is a diagonal step of a contour whose two side pixels (in ``m2``, the doubled mask) are
-    background; both its ends map to the shared corner, so the ring would pass through it twice and touch
-    itself (invalid). Instead, each pass backs off the corner by ``PINCH`` along its incoming and outgoing
-    edges, cutting the corner: the two passes stay apart, the region stays one valid polygon, as
-    8-connectivity says it is, and loses PINCH² px² per pinch.
-    """
-    diag = np.flatnonzero((np.abs(d[:, 0]) == 1) & (np.abs(d[:, 1]) == 1))
-    if len(diag) == 0:
-        return
-    # A diagonal step that cuts a concave corner has a foreground side pixel: no pinch there.
-    side = (m2[p[diag, 1], p[diag, 0] + d[diag, 0]] > 0) | (m2[p[diag, 1] + d[diag, 1], p[diag, 0]] > 0)
-    i = diag[~side]
-    if len(i) == 0:
-        return
-    j = nxt[i]
-    corner = pts[i].copy()
-    before, after = pts[prv[i]].copy(), pts[nxt[j]].copy()
-    pts[i] = corner + PINCH * np.sign(before - corner)
-    pts[j] = corner + PINCH * np.sign(after - corner)
+    # The previous visit's last side runs on in this visit's first side: that corner is not one.
+    prev_row = np.empty_like(row)
+    prev_row[1:] = row[:-1]
+    prev_row[starts] = row[ends]
+    lf = last[prev_row]
+    variant = np.where((lf >= 0) & (lf == first[row]), 2, 0)
+    variant[pinch] = 1
+    rr = row + rows * variant
+    c = count[rr]
+    cum = np.cumsum(c)
+    # index into the flattened tables of each corner: its row's first entry, plus its place in the visit
+    flat = np.repeat(rr * 5 - (cum - c), c)
+    flat += np.arange(len(flat))
+    kx = np.repeat(x, c) + fx.ravel()[flat]
+    ky = np.repeat(y, c) + fy.ravel()[flat]
+    klens = np.add.reduceat(c, starts)
+    if offset != (0.0, 0.0) or scale != 1.0:
+        kx = (kx + offset[0]) * scale
+        ky = (ky + offset[1]) * scale
+    # Polygons from ragged arrays (closed rings, each shell followed by its holes), in one call. OpenCV
+    # lists a shell's holes right after it; were that ever not so, the rings are put in that order first.
+    n_kept = len(klens)
+    kstarts = np.cumsum(klens) - klens
+    change = owner[1:] != owner[:-1]
+    if is_hole[0] or is_hole[1:][change].any() or (owner[1:] < owner[:-1]).any():
+        order = np.lexsort((is_hole, owner))
+        cum = np.cumsum(klens[order]) - klens[order]
+        pts = np.repeat(kstarts[order] - cum, klens[order]) + np.arange(len(kx))
+        kx, ky, klens, is_hole = kx[pts], ky[pts], klens[order], is_hole[order]
+        kstarts = np.cumsum(klens) - klens
+    coords = np.empty((len(kx) + n_kept, 2))
+    at = np.arange(len(kx)) + np.repeat(np.arange(n_kept), klens)
+    coords[at, 0], coords[at, 1] = kx, ky
+    ends = kstarts + klens + np.arange(n_kept)  # where each ring's closing point goes
+    coords[ends, 0], coords[ends, 1] = kx[kstarts], ky[kstarts]
+    ring_offsets = np.concatenate([[0], ends + 1])
+    geom_offsets = np.concatenate([np.flatnonzero(~is_hole), [n_kept]])
+    return list(shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets)))
 
 
 def trace_regions(mask: np.ndarray, x_off: float = 0.0, y_off: float = 0.0, scale: float = 1.0, *,
                   min_area: float = 0.0, max_hole: float = 0.0) -> list[BaseGeometry]:
     """One pixel-edge polygon (with holes) per 8-connected region of a binary mask, in the coordinates
-    ``(pixel + offset) * scale``. ``min_area`` and ``max_hole`` (mask pixels²) skip regions and holes
-    that post-processing would drop or fill."""
+    ``(pixel + offset) * scale``. Holes smaller than ``max_hole`` (mask pixels²) are filled, then regions
+    smaller than ``min_area`` (mask pixels², small holes included) dropped."""
     return _contours(mask, min_area, max_hole, (float(x_off), float(y_off)), float(scale))
 
 
@@ -185,24 +237,53 @@ def mask_to_polygons(mask: np.ndarray) -> list[BaseGeometry]:
 
 
 def labels_to_polygons(labels: np.ndarray, offset: tuple[float, float] = (0.0, 0.0)) -> dict[int, BaseGeometry]:
-    """One polygon per label of a label image (shifted by ``offset``); a split label keeps its largest piece."""
+    """One polygon per label of a label image (shifted by ``offset``); a split label keeps its largest piece.
+
+    Labels may touch, so each is traced from its own mask; the masks are laid out side by side in one
+    mosaic, a background pixel apart, and traced in one call (tracing them one by one costs a fixed
+    overhead per label, most of the time for nuclei)."""
     from scipy import ndimage
 
-    out: dict[int, BaseGeometry] = {}
-    slices = ndimage.find_objects(labels)
-    for idx, sl in enumerate(slices):
-        if sl is None:
-            continue
-        label = idx + 1
+    found = [(i + 1, sl) for i, sl in enumerate(ndimage.find_objects(labels)) if sl is not None]
+    if not found:
+        return {}
+    sizes = np.array([(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) for _, sl in found])
+    # Shelves of crops, tallest first, in rows about as wide as the mosaic is tall.
+    order = np.argsort(-sizes[:, 0], kind="stable").tolist()
+    width = max(int(sizes[:, 1].max()), int(math.sqrt(float(((sizes + 1).prod(axis=1)).sum())))) + 2
+    at = np.zeros((len(found), 2), np.int64)  # each crop's top-left in the mosaic
+    x = y = 1
+    shelf = 0
+    for i in order:
+        h, w = sizes[i]
+        if x + w + 1 > width:
+            x, y = 1, y + shelf + 1
+            shelf = 0
+        at[i] = (y, x)
+        x += w + 1
+        shelf = max(shelf, h)
+    mosaic = np.zeros((y + shelf + 1, width), np.uint8)
+    owner = np.full(mosaic.shape, -1, np.int64)
+    for i, (label, sl) in enumerate(found):
+        (y0, x0), (h, w) = at[i], sizes[i]
         crop = labels[sl] == label
-        geom = mask_to_geometry(np.pad(crop, 1))
-        if geom.is_empty:
-            continue
-        if isinstance(geom, MultiPolygon):
-            geom = max(geom.geoms, key=lambda g: g.area)
-        # -1 undoes the padding; the slice start moves the crop back into the tile.
-        out[label] = affinity.translate(geom, sl[1].start - 1 + offset[0], sl[0].start - 1 + offset[1])
-    return out
+        mosaic[y0:y0 + h, x0:x0 + w] = crop
+        owner[y0:y0 + h, x0:x0 + w] = i
+    polys = np.asarray(_contours(mosaic), dtype=object)
+    if len(polys) == 0:
+        return {}
+    # A polygon stays inside its pixels' box, so its lowest corner lies in its own crop.
+    bounds = shapely.bounds(polys)
+    crop_of = owner[bounds[:, 1].astype(np.int64), bounds[:, 0].astype(np.int64)]
+    area = shapely.area(polys)
+    best = np.lexsort((-area, crop_of))  # by crop, largest first
+    first = best[np.r_[True, crop_of[best][1:] != crop_of[best][:-1]]]
+    keep, which = polys[first], crop_of[first]
+    starts = np.array([(sl[1].start, sl[0].start) for _, sl in found], np.float64)
+    shift = starts[which] - at[which][:, ::-1] + np.asarray(offset, np.float64)
+    coords, idx = shapely.get_coordinates(keep, return_index=True)
+    keep = shapely.set_coordinates(keep.copy(), coords + shift[idx])
+    return {found[k][0]: g for k, g in zip(which.tolist(), keep.tolist(), strict=True)}
 
 
 def to_fullres(geom: BaseGeometry, x0: float, y0: float, scale_x: float, scale_y: float) -> BaseGeometry:
@@ -216,7 +297,7 @@ def clean(geom: BaseGeometry, simplify_tol: float = 0.0, min_area: float = 0.0, 
     return out
 
 
-_EMPTY = Polygon()
+EMPTY = Polygon()
 
 
 def clean_many(geoms: Sequence[BaseGeometry] | np.ndarray, simplify_tol: float = 0.0, min_area: float = 0.0,
@@ -253,10 +334,10 @@ def clean_many(geoms: Sequence[BaseGeometry] | np.ndarray, simplify_tol: float =
     if min_area > 0:
         for i in live[shapely.get_type_id(out[live]) == shapely.GeometryType.MULTIPOLYGON].tolist():
             keep = [g for g in out[i].geoms if g.area >= min_area]
-            out[i] = (keep[0] if len(keep) == 1 else MultiPolygon(keep)) if keep else _EMPTY
+            out[i] = (keep[0] if len(keep) == 1 else MultiPolygon(keep)) if keep else EMPTY
     small = live[shapely.is_empty(out[live]) | (shapely.area(out[live]) < max(min_area, GRID * GRID))]
     for i in small.tolist():
-        out[i] = _EMPTY
+        out[i] = EMPTY
     return out
 
 
@@ -292,7 +373,7 @@ def simplify_polygons(geoms: np.ndarray, tol: float) -> np.ndarray:
     dead = np.zeros(len(idx), bool)
     dead[owner[is_shell & (sizes == 0)]] = True
     live_ring = (sizes > 0) & ~dead[owner]
-    out[idx[dead]] = _EMPTY
+    out[idx[dead]] = EMPTY
     if not live_ring.any():
         return out
     # shift back: each kept ring's points plus its first original point

@@ -62,6 +62,11 @@ class FeatureBuilder:
             holed = np.flatnonzero((types == shapely.GeometryType.POLYGON) & (shapely.get_num_interior_rings(arr) > 0))
             if len(holed):
                 arr[holed] = geometry.fill_small_holes_many(arr[holed], self.max_hole)
+        if self.min_area > 0:
+            # The region's own area (small holes filled) decides, not its simplified outline's: a region
+            # is kept or dropped whatever the simplification tolerance, as the tracer already decided.
+            small = np.flatnonzero(shapely.area(arr) < self.min_area)
+            arr[small] = geometry.EMPTY
         scale, shift, grid = np.array([sx, sy]), np.array([x0, y0]), geometry.GRID
         fast = geometry.simplify_polygons(arr, self.tol) if self.tol > 0 else arr
         g = shapely.transform(fast, lambda c: np.round((c * scale + shift) / grid) * grid)
@@ -70,7 +75,7 @@ class FeatureBuilder:
             ok &= shapely.contains(self.clip, g)
         ok[ok] = geometry.valid_many(g[ok])
         area = shapely.area(g)
-        ok &= area >= max(self.min_area * sx * sy, grid * grid)
+        ok &= area >= grid * grid
         careful = np.flatnonzero(~ok & ~shapely.is_empty(arr))
         if len(careful):
             c = geometry.clean_many(arr[careful], self.tol, self.min_area, snap=False)

@@ -1,33 +1,39 @@
 """Class rasters to region polygons, strip by strip, in time linear in the pixels.
 
 A uint8 class raster (one class index per pixel, ``NO_CLASS`` where nothing was predicted) arrives as
-horizontal strips, top to bottom. For each emitted class:
+horizontal strips, top to bottom, which are gathered into chunks of at least ``CHUNK_ROWS`` rows. For each
+emitted class and chunk:
 
-1. The strip's 8-connected components of that class are labelled once (OpenCV).
-2. Components on the strip's top row are linked to the regions still *open* from the strip above (a
+1. The chunk's 8-connected components of that class are labelled once (OpenCV).
+2. Components on the chunk's top row are linked to the regions still *open* from the chunk above (a
    region is open while it touches the lowest row seen so far) by 8-adjacency between the two rows; the
-   links are resolved as a graph in one vectorised call (scipy), which also merges the bounding boxes.
-3. A region that does not reach the strip's bottom row is closed and traced exactly once, with
-   ``cv2.findContours`` (``RETR_CCOMP``: outer boundary and holes). A region living in one strip is
-   traced from the strip, together with every other such region of the strip; a region spanning strips
-   is traced from the retained rows of the class raster inside its bounding box, flood-filled from a seed
-   pixel so that only that region is traced.
+   links are resolved as a graph in one vectorised call, which also merges the bounding boxes and pixel
+   counts.
+3. A region that does not reach the chunk's bottom row is closed and traced exactly once, with
+   ``cv2.findContours`` (``RETR_CCOMP``: outer boundary and holes; see ``geometry.trace_regions``). A
+   region living in one chunk is traced from the chunk, together with every other such region of the
+   chunk; a region spanning chunks is traced from the retained rows of the class raster inside its
+   bounding box, flood-filled from a seed pixel (or, for many regions at once, labelled) so that only
+   that region is traced.
 
 Nothing is ever re-unioned: every pixel is labelled once per class, traced once, and copied once more
-for each spanning region whose bounding box holds it. Regions whose bounding box is smaller than
-``min_area`` cannot yield a polygon that large (a traced polygon stays inside its pixels' box), so they
-are dropped before tracing, which keeps noisy maps cheap.
+for each spanning region whose bounding box holds it. A region is traced only if it can reach
+``min_area``: its pixels, plus the enclosed background inside its bounding box (where all its holes
+lie), must reach it. Noisy maps, where most components are specks, stay cheap that way.
 
 Memory: the table of open regions holds at most one entry per pixel of a row (bounded by the width).
-Rows of the class raster are kept from the top of the highest open region down, one byte per pixel: a
-region that stays open over the whole slide (a tissue-wide class) keeps at most the whole raster, so the
-bound is one byte per output pixel. For a 150,000 x 100,000 px slide scanned at 0.25 µm/px and a model at
-1 µm/px with quarter-resolution outputs (SegFormer), the output raster is 9,375 x 6,250 px: at most
-59 MB; at 0.5 µm/px it is 18,750 x 12,500 px, 234 MB. Regions that close (the usual case) free their
-rows as soon as they are traced. Tracing one region needs, for the time of the trace, about 7 more bytes
-per pixel of its bounding box (the crop and flood-fill mask, 1 B each, and the mask doubled in size for
-pixel-edge contours, 4 B, plus OpenCV's contour points): a region as large as the whole raster above
-takes about 0.4 GB for that moment, then gives it back.
+Rows of the class raster are kept from the top of the highest open region down (and a chunk's strips
+until the chunk is complete), one byte per pixel: a region that stays open over the whole slide (a
+tissue-wide class) keeps at most the whole raster, so the bound is one byte per output pixel. For a
+150,000 x 100,000 px slide scanned at 0.25 µm/px and a model at 1 µm/px with quarter-resolution outputs
+(SegFormer), the output raster is 9,375 x 6,250 px: at most 59 MB; at 0.5 µm/px it is 18,750 x 12,500
+px, 234 MB. Regions that close (the usual case) free their rows as soon as they are traced. Labelling a
+chunk takes about 15 bytes per pixel of it for that moment (two int32 label images, a summed-area table
+and masks): 36 MB for a chunk of 256 rows of the 9,375 px wide raster. Tracing a region spanning chunks
+needs, for the time of the trace, about 3 more bytes per pixel of its bounding box (the crop, the mask
+and OpenCV's copy of it) plus OpenCV's contour points, or about 15 where many small regions are labelled
+at once: a region as large as the whole raster above takes about 0.2 GB for that moment, then gives it
+back.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from shapely.geometry.base import BaseGeometry
 from qpbridge import geometry
 
 NO_CLASS = 255
+CHUNK_ROWS = 256  # raster rows labelled at once (see ``RegionTracer.add_strip``)
 TRACE_OVERHEAD_PX = 20_000
 FLOOD_SEEDS = 8  # regions closing together up to which flood fills beat one labelling of their box
 
@@ -60,11 +67,12 @@ class _OpenRegions:
     y1: np.ndarray
     sx: np.ndarray
     sy: np.ndarray
+    area: np.ndarray  # pixels so far
 
     @classmethod
     def empty(cls, width: int) -> _OpenRegions:
         z = np.zeros(0, np.int64)
-        return cls(np.full(width, -1, np.int64), z, z, z, z, z, z)
+        return cls(np.full(width, -1, np.int64), z, z, z, z, z, z, z)
 
     def __len__(self) -> int:
         return len(self.x0)
@@ -74,43 +82,60 @@ class RegionTracer:
     """Turns class-raster strips into one polygon per 8-connected region per class.
 
     ``scale`` is the size of a raster pixel in canvas pixels (4 for quarter-resolution outputs): polygons
-    are emitted in canvas pixels. ``min_area`` (canvas pixels²) drops regions too small to be kept and
-    ``max_hole`` (canvas pixels²) fills holes too small to be kept, before any polygon is built.
+    are emitted in canvas pixels. ``max_hole`` (canvas pixels²) fills smaller holes, then ``min_area``
+    (canvas pixels²) drops smaller regions (small holes filled), exactly, before any polygon is built.
     """
 
     def __init__(self, width: int, classes: list[int], emit: EmitRegion, *, scale: float = 1.0,
-                 min_area: float = 0.0, max_hole: float = 0.0) -> None:
+                 min_area: float = 0.0, max_hole: float = 0.0, chunk_rows: int = CHUNK_ROWS) -> None:
         self.width = width
         self.scale = float(scale)
         self.min_px = max(0.0, min_area) / (self.scale * self.scale)
         self.max_hole_px = max(0.0, max_hole) / (self.scale * self.scale)
         self.emit = emit
+        self.chunk_rows = max(1, chunk_rows)
         self.open = {c: _OpenRegions.empty(width) for c in classes}
         self.rows: deque[tuple[int, np.ndarray]] = deque()
+        self.pending: list[np.ndarray] = []  # strips not labelled yet
+        self.pending_rows = 0
         self.y = 0  # the next raster row expected
+        self.labelled = 0  # the first raster row not labelled yet
         self.closed = False
         self.peak_rows = 0  # most raster rows retained at once (for stats and tests)
         self.regions = 0
-        self.many: dict[int, bool] = {}  # per class: the last strip held many components
+        self.many: dict[int, bool] = {}  # per class: the last chunk held many components
 
     @property
     def retained_bytes(self) -> int:
-        return sum(r.nbytes for _, r in self.rows)
+        return sum(r.nbytes for _, r in self.rows) + sum(r.nbytes for r in self.pending)
 
     def add_strip(self, strip: np.ndarray, last: bool = False) -> None:
-        """The next rows of the raster; ``last`` closes every region."""
+        """The next rows of the raster; ``last`` closes every region.
+
+        Strips are labelled and traced in chunks of at least ``chunk_rows`` rows: what a chunk costs beyond
+        its pixels (linking its first row to the regions open above it, tracing the regions that close
+        across its top) is paid once per chunk, not once per strip."""
         if self.closed:
             raise RuntimeError("the tracer is closed")
         strip = np.ascontiguousarray(strip, dtype=np.uint8)
         if strip.ndim != 2 or strip.shape[1] != self.width:
             raise ValueError(f"strips must be (h, {self.width}) uint8, got {strip.shape}")
-        y0 = self.y
         if strip.shape[0]:
-            self.rows.append((y0, strip))
-            self.peak_rows = max(self.peak_rows, sum(r.shape[0] for _, r in self.rows))
-        self.y += strip.shape[0]
+            self.pending.append(strip)
+            self.pending_rows += strip.shape[0]
+            self.y += strip.shape[0]
+            self.peak_rows = max(self.peak_rows, sum(r.shape[0] for _, r in self.rows) + self.pending_rows)
+        if self.pending_rows < self.chunk_rows and not last:
+            return
+        chunk = (self.pending[0] if len(self.pending) == 1 else
+                 np.concatenate(self.pending) if self.pending else np.zeros((0, self.width), np.uint8))
+        self.pending, self.pending_rows = [], 0
+        y0 = self.labelled
+        self.labelled += chunk.shape[0]
+        if chunk.shape[0]:
+            self.rows.append((y0, chunk))
         for cls in self.open:
-            self.open[cls] = self._strip_class(cls, self.open[cls], strip, y0, last)
+            self.open[cls] = self._strip_class(cls, self.open[cls], chunk, y0, last)
         self._trim()
         self.closed = last
 
@@ -127,7 +152,7 @@ class RegionTracer:
             n, labels, st = _label(strip, cls, many=self.many.get(cls, False))
             self.many[cls] = n - 1 > FEW_COMPONENTS  # the next strip of a noisy map is likely noisy too
         else:
-            n, labels, st = 1, np.zeros((0, self.width), np.int32), np.zeros((0, 4), np.int64)
+            n, labels, st = 1, np.zeros((0, self.width), np.int32), np.zeros((0, 5), np.int64)
         if n == 1 and k == 0:
             return prev if h == 0 else _OpenRegions.empty(self.width)
         m = n - 1
@@ -144,6 +169,7 @@ class RegionTracer:
         for arr, vals, op in ((gx0, (prev.x0, lx0), np.minimum), (gy0, (prev.y0, ly0), np.minimum),
                               (gx1, (prev.x1, lx1), np.maximum), (gy1, (prev.y1, ly1), np.maximum)):
             op.at(arr, group, np.concatenate(vals))
+        garea = np.bincount(group, np.concatenate((prev.area, st[:, 4])), minlength=g_count).astype(np.int64)
         has_prev = np.zeros(g_count, bool)
         has_prev[group[:k]] = True
         is_open = np.zeros(g_count, bool)
@@ -152,6 +178,13 @@ class RegionTracer:
         done = ~is_open & big
 
         single = done & ~has_prev  # closed inside this strip: exactly one component each
+        doubt = np.flatnonzero(single & (garea < self.min_px))
+        if len(doubt):
+            # Too few pixels, unless holes make up the difference: a region's holes lie inside its box and
+            # away from the strip's edges, so the enclosed background there bounds them.
+            enclosed = _enclosed(strip == cls)
+            single[doubt] = garea[doubt] + _box_sums(enclosed, gx0[doubt], gy0[doubt] - y0, gx1[doubt],
+                                                     gy1[doubt] - y0) >= self.min_px
         if single.any():
             lut = np.zeros(n, np.uint8)
             lut[1:] = single[group[k:]]
@@ -162,7 +195,7 @@ class RegionTracer:
             first_prev[group[:k][::-1]] = np.arange(k)[::-1]
             seeds = first_prev[spanning]
             self._trace_spanning(cls, gx0[spanning], gy0[spanning], gx1[spanning], gy1[spanning],
-                                 prev.sx[seeds], prev.sy[seeds])
+                                 prev.sx[seeds], prev.sy[seeds], garea[spanning])
 
         og = np.flatnonzero(is_open)
         new_id = np.full(g_count, -1, np.int64)
@@ -176,7 +209,7 @@ class RegionTracer:
         sx = np.zeros(len(og), np.int64)
         sx[ids[xs][::-1]] = xs[::-1]  # the first pixel of each open region on the bottom row
         sy = np.full(len(og), y0 + h - 1, np.int64)
-        return _OpenRegions(ids, gx0[og], gy0[og], gx1[og], gy1[og], sx, sy)
+        return _OpenRegions(ids, gx0[og], gy0[og], gx1[og], gy1[og], sx, sy, garea[og])
 
     @staticmethod
     def _link(prev: _OpenRegions, top: np.ndarray | None, k: int, m: int) -> tuple[np.ndarray, int]:
@@ -204,7 +237,7 @@ class RegionTracer:
             self.emit(geom, cls)
 
     def _trace_spanning(self, cls: int, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,
-                        sx: np.ndarray, sy: np.ndarray) -> None:
+                        sx: np.ndarray, sy: np.ndarray, area: np.ndarray) -> None:
         """Trace regions closing now that span strips: in one pass over their joint box when they fill a
         fair part of it (many regions: one OpenCV call), else one by one (few regions far apart)."""
         import cv2
@@ -217,9 +250,15 @@ class RegionTracer:
         if len(x0) > 1 and joint > 4 * separate:
             for i in range(len(x0)):
                 self._trace_spanning(cls, x0[i:i + 1], y0[i:i + 1], x1[i:i + 1], y1[i:i + 1], sx[i:i + 1],
-                                     sy[i:i + 1])
+                                     sy[i:i + 1], area[i:i + 1])
             return
         crop = self._crop(bx0, by0, bx1, by1)
+        if (area < self.min_px).any():
+            # Too few pixels, unless holes make up the difference (as for regions inside one strip).
+            keep = area + _box_sums(_enclosed(crop == cls), x0 - bx0, y0 - by0, x1 - bx0, y1 - by0) >= self.min_px
+            if not keep.any():
+                return
+            sx, sy = sx[keep], sy[keep]
         # Only the regions holding the seeds: other regions of the class may share the box.
         mask = np.zeros((crop.shape[0] + 2, crop.shape[1] + 2), np.uint8)
         if len(sx) <= FLOOD_SEEDS:
@@ -249,7 +288,7 @@ class RegionTracer:
     def _trim(self) -> None:
         """Forget raster rows above every open region."""
         tops = [int(o.y0.min()) for o in self.open.values() if len(o)]
-        keep_from = min(tops) if tops else self.y
+        keep_from = min(tops) if tops else self.labelled
         while self.rows and self.rows[0][0] + self.rows[0][1].shape[0] <= keep_from:
             self.rows.popleft()
 
@@ -259,7 +298,7 @@ FEW_COMPONENTS = 4  # components of a strip up to which boxes from projections b
 
 def _label(strip: np.ndarray, cls: int, many: bool = False) -> tuple[int, np.ndarray, np.ndarray]:
     """8-connected components of class ``cls`` in ``strip``: their count + 1 (OpenCV's count, background
-    included), the label image and each component's box (x, y, width, height), int64.
+    included), the label image and each component's box and pixel count (x, y, width, height, area), int64.
 
     OpenCV's statistics (area, centroid and box of every component) cost about four times the labelling
     itself. A strip of a smooth map holds a handful of components, whose boxes come cheaper from one row and
@@ -271,15 +310,35 @@ def _label(strip: np.ndarray, cls: int, many: bool = False) -> tuple[int, np.nda
     if not many:
         n, labels = cv2.connectedComponents(fg, connectivity=8, ltype=cv2.CV_32S)
         if n - 1 <= FEW_COMPONENTS:
-            boxes = np.zeros((n - 1, 4), np.int64)
+            boxes = np.zeros((n - 1, 5), np.int64)
             for lab in range(1, n):
                 mask = fg if n == 2 else labels == lab
                 rows = np.flatnonzero(mask.any(axis=1))
                 cols = np.flatnonzero(mask.any(axis=0))
-                boxes[lab - 1] = (cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0])
+                boxes[lab - 1] = (cols[0], rows[0], cols[-1] + 1 - cols[0], rows[-1] + 1 - rows[0],
+                                  np.count_nonzero(mask))
             return n, labels, boxes
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8, ltype=cv2.CV_32S)
-    return n, labels, stats[1:, :4].astype(np.int64)
+    return n, labels, stats[1:].astype(np.int64)
+
+
+def _enclosed(fg: np.ndarray) -> np.ndarray:
+    """Summed-area table (OpenCV's ``integral``) of the background of boolean mask ``fg`` that is enclosed: its
+    4-connected components that do not reach the mask's edge. Every hole of a region lies there."""
+    import cv2
+
+    n, labels = cv2.connectedComponents((~fg).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    inner = np.ones(n, np.uint8)
+    inner[0] = 0
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        inner[edge] = 0
+    table: np.ndarray = cv2.integral(inner[labels])
+    return table
+
+
+def _box_sums(table: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """Sums over boxes [x0, x1) x [y0, y1) from a summed-area table."""
+    return (table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]).astype(np.int64)
 
 
 SMALL_GRAPH = 512  # nodes + distinct edges below which a union-find in Python beats scipy's fixed cost
