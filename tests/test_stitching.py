@@ -28,6 +28,16 @@ def blob_raster(h: int, w: int, classes: int, cell: int, seed: int) -> np.ndarra
     return np.argmax(big, axis=0).astype(np.uint8)
 
 
+def feed_strips(tracer: RegionTracer, raster: np.ndarray, seed: int, tallest: int) -> None:
+    """The raster to the tracer in strips of random heights (1 to tallest - 1 rows), the last one closing it."""
+    rng = np.random.default_rng(seed)
+    y = 0
+    while y < raster.shape[0]:
+        h = int(rng.integers(1, tallest))
+        tracer.add_strip(raster[y:y + h], last=y + h >= raster.shape[0])
+        y += h
+
+
 def components(raster: np.ndarray, cls: int) -> list[int]:
     _, labels = cv2.connectedComponents((raster == cls).astype(np.uint8), connectivity=8)
     return sorted(np.bincount(labels.ravel())[1:].tolist())
@@ -40,13 +50,7 @@ def test_strips_trace_the_same_regions_as_the_whole_raster(cell, flood_seeds, mo
     raster = blob_raster(230, 170, 3, cell, seed=cell)
     raster[100:110, 20:30] = NO_CLASS  # pixels no tile covered
     got: dict[int, list[shapely.Polygon]] = {1: [], 2: []}
-    tracer = RegionTracer(170, [1, 2], lambda g, c: got[c].append(g))
-    rng = np.random.default_rng(cell)
-    y = 0
-    while y < raster.shape[0]:
-        h = int(rng.integers(1, 40))
-        tracer.add_strip(raster[y:y + h], last=y + h >= raster.shape[0])
-        y += h
+    feed_strips(RegionTracer(170, [1, 2], lambda g, c: got[c].append(g)), raster, cell, 40)
     for cls in (1, 2):
         polys = got[cls]
         assert all(p.is_valid and p.geom_type == "Polygon" for p in polys)
@@ -66,12 +70,7 @@ def test_strips_keep_exactly_the_regions_the_whole_raster_keeps(cell, chunk):
     got: dict[int, list[shapely.Polygon]] = {1: [], 2: []}
     tracer = RegionTracer(190, [1, 2], lambda g, c: got[c].append(g), scale=scale, min_area=min_area,
                           max_hole=max_hole, chunk_rows=chunk)
-    rng = np.random.default_rng(cell)
-    y = 0
-    while y < raster.shape[0]:
-        h = int(rng.integers(1, 30))
-        tracer.add_strip(raster[y:y + h], last=y + h >= raster.shape[0])
-        y += h
+    feed_strips(tracer, raster, cell, 30)
     key = lambda p: (round(p.area, 6), p.bounds)  # noqa: E731
     for cls in (1, 2):
         want = trace_regions((raster == cls).astype(np.uint8), 0, 0, scale, min_area=min_area / 16,
