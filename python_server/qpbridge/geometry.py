@@ -64,7 +64,7 @@ def _crack_tables() -> tuple[np.ndarray, ...]:
     start = {0: (1, 1), 2: (0, 1), 4: (0, 0), 6: (1, 0)}
     rows = ISOLATED + 1
     count = np.zeros(3 * rows, np.int64)
-    fx, fy = np.zeros((3 * rows, 5)), np.zeros((3 * rows, 5))
+    fx, fy = np.zeros((3 * rows, 6)), np.zeros((3 * rows, 6))  # up to 5 corners, and a closing point
     first, last = np.full(rows, -1, np.int64), np.full(rows, -1, np.int64)
     twice = np.zeros((3, rows), np.int64)
     for row in range(rows):
@@ -140,12 +140,16 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
     pinch = np.zeros(n, bool)
     diag = np.flatnonzero(a & 1)
     if len(diag):
-        mp = np.zeros((m.shape[0] + 2, m.shape[1] + 2), np.uint8)  # (np.pad costs 100 µs per call)
+        w = m.shape[1] + 2
+        mp = np.zeros((m.shape[0] + 2, w), np.uint8)  # (np.pad costs 100 µs per call)
         mp[1:-1, 1:-1] = m
+        flat_mp = mp.ravel()
+        # the two pixels beside the step: from the pixel it came from, directions a - 1 and a + 1
+        step = _DIR_Y * w + _DIR_X
+        side_lo, side_hi = np.roll(step, 1) - step, np.roll(step, -1) - step
+        at = (y[diag] + 1) * w + (x[diag] + 1)
         ad = a[diag]
-        px, py = x[diag] - _DIR_X[ad] + 1, y[diag] - _DIR_Y[ad] + 1  # the pixel it came from, in mp
-        lo, hi = (ad - 1) % 8, (ad + 1) % 8
-        bg = (mp[py + _DIR_Y[lo], px + _DIR_X[lo]] == 0) & (mp[py + _DIR_Y[hi], px + _DIR_X[hi]] == 0)
+        bg = (flat_mp[at + side_lo[ad]] == 0) & (flat_mp[at + side_hi[ad]] == 0)
         pinch[diag[bg & (row[diag] != ISOLATED)]] = True
 
     is_hole = parent >= 0
@@ -172,6 +176,17 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
         starts = np.cumsum(lens) - lens
         ends = starts + lens - 1
 
+    # Polygons come from ragged arrays: closed rings, each shell followed by its holes. OpenCV lists a
+    # shell's holes right after it; were that ever not so, the rings are put in that order first.
+    if is_hole[0] or is_hole[1:][owner[1:] != owner[:-1]].any() or (owner[1:] < owner[:-1]).any():
+        order = np.lexsort((is_hole, owner))
+        cum = np.cumsum(lens[order]) - lens[order]
+        visits = np.repeat(starts[order] - cum, lens[order]) + np.arange(len(x))
+        x, y, row, pinch = x[visits], y[visits], row[visits], pinch[visits]
+        lens, is_hole = lens[order], is_hole[order]
+        starts = np.cumsum(lens) - lens
+        ends = starts + lens - 1
+
     # The previous visit's last side runs on in this visit's first side: that corner is not one.
     prev_row = np.empty_like(row)
     prev_row[1:] = row[:-1]
@@ -181,35 +196,22 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
     variant[pinch] = 1
     rr = row + rows * variant
     c = count[rr]
+    c[ends] += 1  # room for the ring's closing point after its last visit's corners
     cum = np.cumsum(c)
     # index into the flattened tables of each corner: its row's first entry, plus its place in the visit
-    flat = np.repeat(rr * 5 - (cum - c), c)
+    flat = np.repeat(rr * 6 - (cum - c), c)
     flat += np.arange(len(flat))
     kx = np.repeat(x, c) + fx.ravel()[flat]
     ky = np.repeat(y, c) + fy.ravel()[flat]
-    klens = np.add.reduceat(c, starts)
+    closing = cum[ends] - 1
+    ring_offsets = np.concatenate([[0], closing + 1])
+    kx[closing], ky[closing] = kx[ring_offsets[:-1]], ky[ring_offsets[:-1]]
     if offset != (0.0, 0.0) or scale != 1.0:
         kx = (kx + offset[0]) * scale
         ky = (ky + offset[1]) * scale
-    # Polygons from ragged arrays (closed rings, each shell followed by its holes), in one call. OpenCV
-    # lists a shell's holes right after it; were that ever not so, the rings are put in that order first.
-    n_kept = len(klens)
-    kstarts = np.cumsum(klens) - klens
-    change = owner[1:] != owner[:-1]
-    if is_hole[0] or is_hole[1:][change].any() or (owner[1:] < owner[:-1]).any():
-        order = np.lexsort((is_hole, owner))
-        cum = np.cumsum(klens[order]) - klens[order]
-        pts = np.repeat(kstarts[order] - cum, klens[order]) + np.arange(len(kx))
-        kx, ky, klens, is_hole = kx[pts], ky[pts], klens[order], is_hole[order]
-        kstarts = np.cumsum(klens) - klens
-    coords = np.empty((len(kx) + n_kept, 2))
-    at = np.arange(len(kx)) + np.repeat(np.arange(n_kept), klens)
-    coords[at, 0], coords[at, 1] = kx, ky
-    ends = kstarts + klens + np.arange(n_kept)  # where each ring's closing point goes
-    coords[ends, 0], coords[ends, 1] = kx[kstarts], ky[kstarts]
-    ring_offsets = np.concatenate([[0], ends + 1])
-    geom_offsets = np.concatenate([np.flatnonzero(~is_hole), [n_kept]])
-    return list(shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets)))
+    geom_offsets = np.concatenate([np.flatnonzero(~is_hole), [len(lens)]])
+    return list(shapely.from_ragged_array(shapely.GeometryType.POLYGON, np.stack([kx, ky], axis=1),
+                                          (ring_offsets, geom_offsets)))
 
 
 def trace_regions(mask: np.ndarray, x_off: float = 0.0, y_off: float = 0.0, scale: float = 1.0, *,
