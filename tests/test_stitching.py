@@ -83,6 +83,24 @@ def test_strips_keep_exactly_the_regions_the_whole_raster_keeps(cell, chunk):
     assert sum(len(v) for v in got.values()) < sum(len(components(raster, c)) for c in (1, 2)) / (3 if cell == 1 else 1)
 
 
+def test_flush_traces_the_strips_waiting_for_a_chunk():
+    """Strips wait for a full chunk; ``flush`` traces them now (what a cancelled run keeps), and going on
+    afterwards gives the same regions as never flushing."""
+    raster = blob_raster(120, 90, 3, 6, seed=4)
+    plain: list[shapely.Polygon] = []
+    feed_strips(RegionTracer(90, [1, 2], lambda g, c: plain.append(g), chunk_rows=256), raster, 1, 20)
+    got: list[shapely.Polygon] = []
+    tracer = RegionTracer(90, [1, 2], lambda g, c: got.append(g), chunk_rows=256)
+    tracer.add_strip(raster[:60])
+    assert got == [] and tracer.pending_rows == 60
+    tracer.flush()
+    closed = [p for p in plain if p.bounds[3] <= 59]  # regions that end above the last row given (59)
+    assert len(got) == len(closed) > 0 and tracer.pending_rows == 0
+    tracer.add_strip(raster[60:], last=True)
+    key = lambda p: (round(p.area, 6), p.bounds)  # noqa: E731
+    assert [key(p) for p in sorted(got, key=key)] == [key(p) for p in sorted(plain, key=key)]
+
+
 def test_regions_spanning_many_strips_keep_their_holes():
     raster = np.zeros((300, 200), np.uint8)
     cv2.circle(raster, (100, 150), 90, 1, -1)

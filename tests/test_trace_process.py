@@ -63,6 +63,23 @@ def test_remote_tracer_emits_what_the_tracer_emits_in_order(morphology):
     assert rt.regions == tracer.regions and rt.peak_rows == tracer.peak_rows and rt.busy_s > 0
 
 
+def test_sync_traces_the_strips_the_child_holds_for_a_chunk():
+    raster = _raster(230, 170, seed=5)
+    local: list[tuple[shapely.Geometry, int]] = []
+    tracer = RegionTracer(170, [1, 2], lambda g, c: local.append((g, c)))
+    tracer.add_strip(raster[:100])
+    tracer.flush()
+    remote: list[tuple[shapely.Geometry, int]] = []
+    rt = tp.RemoteTracer(lambda g, c: remote.append((g, c)))
+    rt.open(170, [1, 2])
+    rt.add_strip(raster[:50])
+    rt.add_strip(raster[50:100])
+    rt.sync()
+    assert len(remote) == len(local) > 3  # emitted, though 100 rows are less than a chunk
+    assert all(a.equals_exact(b, 0) for (a, _), (b, _) in zip(remote, local, strict=True))
+    rt.close()
+
+
 def test_finished_process_is_reused_and_a_closed_one_is_not():
     rt = tp.RemoteTracer(lambda g, c: None)
     assert rt.child is not None

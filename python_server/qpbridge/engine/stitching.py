@@ -321,9 +321,12 @@ class SemanticStitcher:
             self.remote = RemoteTracer(lambda g, c: self.emit(g, c, None))
 
     def sync(self) -> None:
-        """Emit every region of the strips finalised so far (tracing in a process runs behind)."""
+        """Emit every region the strips finalised so far close (the tracer waits for chunks of strips, and
+        tracing in a process runs behind)."""
         if self.remote is not None and self.remote.width:
             self.remote.sync()
+        elif isinstance(self.tracer, RegionTracer):
+            self.tracer.flush()
 
     def close(self) -> None:
         """End a stitching that will not be finished (a failed or cancelled run): its tracing process goes."""

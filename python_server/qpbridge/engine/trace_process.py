@@ -103,6 +103,11 @@ def _serve(conn: Any) -> None:
                 assert tracer is not None and add is not None, "a strip before the run was opened"
                 add(np.frombuffer(data, np.uint8).reshape(shape), last)
                 flush(("traced", seq + 1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
+            elif kind == "flush":
+                _, seq = msg
+                assert tracer is not None, "flush before the run was opened"
+                tracer.flush()
+                flush(("traced", seq + 1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
             elif kind == "finish":
                 assert tracer is not None, "finish before the run was opened"
                 tracer.finish()
@@ -239,7 +244,10 @@ class RemoteTracer:
         self._take(block_until=self.sent - STRIPS_AHEAD)
 
     def sync(self) -> None:
-        """Wait until every strip sent so far is traced and its regions emitted."""
+        """Trace every strip sent so far, those waiting for a full chunk too, and emit their regions."""
+        if self.width:
+            self._send(("flush", self.sent))
+            self.sent += 1
         self._take(block_until=self.sent)
 
     def finish(self) -> None:

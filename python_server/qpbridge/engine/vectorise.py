@@ -125,8 +125,16 @@ class RegionTracer:
             self.pending_rows += strip.shape[0]
             self.y += strip.shape[0]
             self.peak_rows = max(self.peak_rows, sum(r.shape[0] for _, r in self.rows) + self.pending_rows)
-        if self.pending_rows < self.chunk_rows and not last:
-            return
+        if self.pending_rows >= self.chunk_rows or last:
+            self._label_pending(last)
+
+    def flush(self) -> None:
+        """Label and trace the strips waiting for a full chunk now, so that every region they close is emitted
+        (a run that stops early keeps them)."""
+        if self.pending and not self.closed:
+            self._label_pending(False)
+
+    def _label_pending(self, last: bool) -> None:
         chunk = (self.pending[0] if len(self.pending) == 1 else
                  np.concatenate(self.pending) if self.pending else np.zeros((0, self.width), np.uint8))
         self.pending, self.pending_rows = [], 0
