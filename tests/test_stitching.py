@@ -101,6 +101,19 @@ def test_flush_traces_the_strips_waiting_for_a_chunk():
     assert [key(p) for p in sorted(got, key=key)] == [key(p) for p in sorted(plain, key=key)]
 
 
+def test_strips_of_a_very_wide_raster_are_not_held_back(monkeypatch):
+    """Chunks are bounded in pixels too: on a raster this wide, each strip is labelled as it comes."""
+    monkeypatch.setattr("qpbridge.engine.vectorise.CHUNK_PIXELS", 90 * 25)
+    raster = blob_raster(120, 90, 3, 6, seed=4)
+    tracer = RegionTracer(90, [1, 2], lambda g, c: None, chunk_rows=256)
+    tracer.add_strip(raster[:20])
+    assert tracer.pending_rows == 20  # 1,800 px: waits
+    tracer.add_strip(raster[20:30])
+    assert tracer.pending_rows == 0 and tracer.labelled == 30  # 2,700 px: labelled
+    tracer.add_strip(raster[30:60])
+    assert tracer.pending_rows == 0 and tracer.labelled == 60  # one strip over the budget goes on alone
+
+
 def test_regions_spanning_many_strips_keep_their_holes():
     raster = np.zeros((300, 200), np.uint8)
     cv2.circle(raster, (100, 150), 90, 1, -1)

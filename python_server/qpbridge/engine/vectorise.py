@@ -1,8 +1,8 @@
 """Class rasters to region polygons, strip by strip, in time linear in the pixels.
 
 A uint8 class raster (one class index per pixel, ``NO_CLASS`` where nothing was predicted) arrives as
-horizontal strips, top to bottom, which are gathered into chunks of at least ``CHUNK_ROWS`` rows. For each
-emitted class and chunk:
+horizontal strips, top to bottom, which are gathered into chunks of at least ``CHUNK_ROWS`` rows (or
+``CHUNK_PIXELS`` pixels, on very wide rasters). For each emitted class and chunk:
 
 1. The chunk's 8-connected components of that class are labelled once (OpenCV).
 2. Components on the chunk's top row are linked to the regions still *open* from the chunk above (a
@@ -29,11 +29,12 @@ tissue-wide class) keeps at most the whole raster, so the bound is one byte per 
 (SegFormer), the output raster is 9,375 x 6,250 px: at most 59 MB; at 0.5 µm/px it is 18,750 x 12,500
 px, 234 MB. Regions that close (the usual case) free their rows as soon as they are traced. Labelling a
 chunk takes about 15 bytes per pixel of it for that moment (two int32 label images, a summed-area table
-and masks): 36 MB for a chunk of 256 rows of the 9,375 px wide raster. Tracing a region spanning chunks
-needs, for the time of the trace, about 3 more bytes per pixel of its bounding box (the crop, the mask
-and OpenCV's copy of it) plus OpenCV's contour points, or about 15 where many small regions are labelled
-at once: a region as large as the whole raster above takes about 0.2 GB for that moment, then gives it
-back.
+and masks): 36 MB for a chunk of 256 rows of the 9,375 px wide raster, and under 130 MB for any chunk of
+several strips (fewer than 2 x ``CHUNK_PIXELS`` pixels); a single strip larger than that is labelled as
+it is, as it would be without chunks. Tracing a region spanning chunks needs, for the time of the trace,
+about 3 more bytes per pixel of its bounding box (the crop, the mask and OpenCV's copy of it) plus
+OpenCV's contour points, or about 15 where many small regions are labelled at once: a region as large as
+the whole raster above takes about 0.2 GB for that moment, then gives it back.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from qpbridge import geometry
 
 NO_CLASS = 255
 CHUNK_ROWS = 256  # raster rows labelled at once (see ``RegionTracer.add_strip``)
+CHUNK_PIXELS = 1 << 22  # or fewer rows of a wide raster: labelling this many pixels takes about 60 MB
 TRACE_OVERHEAD_PX = 20_000
 FLOOD_SEEDS = 8  # regions closing together up to which flood fills beat one labelling of their box
 
@@ -112,9 +114,10 @@ class RegionTracer:
     def add_strip(self, strip: np.ndarray, last: bool = False) -> None:
         """The next rows of the raster; ``last`` closes every region.
 
-        Strips are labelled and traced in chunks of at least ``chunk_rows`` rows: what a chunk costs beyond
-        its pixels (linking its first row to the regions open above it, tracing the regions that close
-        across its top) is paid once per chunk, not once per strip."""
+        Strips are labelled and traced in chunks of at least ``chunk_rows`` rows, or ``CHUNK_PIXELS`` pixels
+        (a strip of a very wide raster goes on alone, as large as it is): what a chunk costs beyond its
+        pixels (linking its first row to the regions open above it, tracing the regions that close across
+        its top) is paid once per chunk, not once per strip."""
         if self.closed:
             raise RuntimeError("the tracer is closed")
         strip = np.ascontiguousarray(strip, dtype=np.uint8)
@@ -125,7 +128,7 @@ class RegionTracer:
             self.pending_rows += strip.shape[0]
             self.y += strip.shape[0]
             self.peak_rows = max(self.peak_rows, sum(r.shape[0] for _, r in self.rows) + self.pending_rows)
-        if self.pending_rows >= self.chunk_rows or last:
+        if self.pending_rows >= self.chunk_rows or self.pending_rows * self.width >= CHUNK_PIXELS or last:
             self._label_pending(last)
 
     def flush(self) -> None:
