@@ -222,14 +222,6 @@ def trace_regions(mask: np.ndarray, x_off: float = 0.0, y_off: float = 0.0, scal
     return _contours(mask, min_area, max_hole, (float(x_off), float(y_off)), float(scale))
 
 
-def mask_to_geometry(mask: np.ndarray) -> BaseGeometry:
-    """All foreground of a binary mask as one (Multi)Polygon in pixel coordinates (pixel (0,0) = [0,1]²)."""
-    polys = list(_contours(mask))
-    if not polys:
-        return Polygon()
-    return polys[0] if len(polys) == 1 else shapely.union_all(polys)
-
-
 def mask_to_polygons(mask: np.ndarray) -> list[BaseGeometry]:
     """One polygon per 8-connected foreground region of a binary mask."""
     out: list[BaseGeometry] = []

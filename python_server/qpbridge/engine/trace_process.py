@@ -76,7 +76,8 @@ def _serve(conn: Any) -> None:
     found: list[tuple[Any, int]] = []
     cpu0 = time.process_time()
 
-    def flush(reply: tuple[Any, ...]) -> None:
+    def answer(reply: tuple[Any, ...]) -> None:
+        """Send the regions traced since the last answer, then ``reply``."""
         if found:
             geoms = np.empty(len(found), dtype=object)
             geoms[:] = [g for g, _ in found]
@@ -102,16 +103,16 @@ def _serve(conn: Any) -> None:
                 _, seq, shape, data, last = msg
                 assert tracer is not None and add is not None, "a strip before the run was opened"
                 add(np.frombuffer(data, np.uint8).reshape(shape), last)
-                flush(("traced", seq + 1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
+                answer(("traced", seq + 1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
             elif kind == "flush":
                 _, seq = msg
                 assert tracer is not None, "flush before the run was opened"
                 tracer.flush()
-                flush(("traced", seq + 1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
+                answer(("traced", seq + 1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
             elif kind == "finish":
                 assert tracer is not None, "finish before the run was opened"
                 tracer.finish()
-                flush(("finished", -1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
+                answer(("finished", -1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
                 tracer = add = None
             elif kind == "exit":
                 return

@@ -146,7 +146,7 @@ class RegionTracer:
         if chunk.shape[0]:
             self.rows.append((y0, chunk))
         for cls in self.open:
-            self.open[cls] = self._strip_class(cls, self.open[cls], chunk, y0, last)
+            self.open[cls] = self._chunk_class(cls, self.open[cls], chunk, y0, last)
         self._trim()
         self.closed = last
 
@@ -154,14 +154,14 @@ class RegionTracer:
         if not self.closed:
             self.add_strip(np.zeros((0, self.width), np.uint8), last=True)
 
-    # ---- one class of one strip -----------------------------------------------------------------------
+    # ---- one class of one chunk -----------------------------------------------------------------------
 
-    def _strip_class(self, cls: int, prev: _OpenRegions, strip: np.ndarray, y0: int, last: bool) -> _OpenRegions:
-        h = strip.shape[0]
+    def _chunk_class(self, cls: int, prev: _OpenRegions, chunk: np.ndarray, y0: int, last: bool) -> _OpenRegions:
+        h = chunk.shape[0]
         k = len(prev)
         if h:
-            n, labels, st = _label(strip, cls, many=self.many.get(cls, False))
-            self.many[cls] = n - 1 > FEW_COMPONENTS  # the next strip of a noisy map is likely noisy too
+            n, labels, st = _label(chunk, cls, many=self.many.get(cls, False))
+            self.many[cls] = n - 1 > FEW_COMPONENTS  # the next chunk of a noisy map is likely noisy too
         else:
             n, labels, st = 1, np.zeros((0, self.width), np.int32), np.zeros((0, 5), np.int64)
         if n == 1 and k == 0:
@@ -171,7 +171,7 @@ class RegionTracer:
         lx1, ly1 = lx0 + st[:, 2], ly0 + st[:, 3]
         at_bottom = (st[:, 1] + st[:, 3] == h) if not last else np.zeros(m, bool)
 
-        # Nodes 0..k-1 are the open regions from above, k..k+m-1 this strip's components.
+        # Nodes 0..k-1 are the open regions from above, k..k+m-1 this chunk's components.
         group, g_count = self._link(prev, labels[0] if h else None, k, m)
         gx0 = np.full(g_count, np.iinfo(np.int64).max)
         gy0 = gx0.copy()
@@ -188,12 +188,12 @@ class RegionTracer:
         big = (gx1 - gx0) * (gy1 - gy0) >= self.min_px
         done = ~is_open & big
 
-        single = done & ~has_prev  # closed inside this strip: exactly one component each
+        single = done & ~has_prev  # closed inside this chunk: exactly one component each
         doubt = np.flatnonzero(single & (garea < self.min_px))
         if len(doubt):
             # Too few pixels, unless holes make up the difference: a region's holes lie inside its box and
-            # away from the strip's edges, so the enclosed background there bounds them.
-            enclosed = _enclosed(strip == cls)
+            # away from the chunk's edges, so the enclosed background there bounds them.
+            enclosed = _enclosed(chunk == cls)
             single[doubt] = garea[doubt] + _box_sums(enclosed, gx0[doubt], gy0[doubt] - y0, gx1[doubt],
                                                      gy1[doubt] - y0) >= self.min_px
         if single.any():
@@ -249,7 +249,7 @@ class RegionTracer:
 
     def _trace_spanning(self, cls: int, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,
                         sx: np.ndarray, sy: np.ndarray, area: np.ndarray) -> None:
-        """Trace regions closing now that span strips: in one pass over their joint box when they fill a
+        """Trace regions closing now that span chunks: in one pass over their joint box when they fill a
         fair part of it (many regions: one OpenCV call), else one by one (few regions far apart)."""
         import cv2
 
@@ -264,9 +264,10 @@ class RegionTracer:
                                      sy[i:i + 1], area[i:i + 1])
             return
         crop = self._crop(bx0, by0, bx1, by1)
+        fg = crop == cls
         if (area < self.min_px).any():
-            # Too few pixels, unless holes make up the difference (as for regions inside one strip).
-            keep = area + _box_sums(_enclosed(crop == cls), x0 - bx0, y0 - by0, x1 - bx0, y1 - by0) >= self.min_px
+            # Too few pixels, unless holes make up the difference (as for regions inside one chunk).
+            keep = area + _box_sums(_enclosed(fg), x0 - bx0, y0 - by0, x1 - bx0, y1 - by0) >= self.min_px
             if not keep.any():
                 return
             sx, sy = sx[keep], sy[keep]
@@ -284,8 +285,7 @@ class RegionTracer:
         else:
             # Many (a noisy map): one labelling of the box serves every seed. A region lies wholly inside
             # its box, so its component in the box is the region itself.
-            _, labels = cv2.connectedComponents((crop == cls).view(np.uint8), connectivity=8,
-                                                ltype=cv2.CV_32S)
+            _, labels = cv2.connectedComponents(fg.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
             lut = np.zeros(int(labels.max()) + 1, np.uint8)
             lut[labels[sy - by0, sx - bx0]] = 1
             lut[0] = 0
