@@ -9,6 +9,7 @@ one invalid ring.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import uuid
@@ -38,8 +39,6 @@ def _polygonal(geom: BaseGeometry) -> BaseGeometry:
 # Moore neighbourhood directions as OpenCV's border following steps: k turns from +x (0) towards +y (2).
 _DIR_X = np.array([1, 1, 0, -1, -1, -1, 0, 1], np.int64)
 _DIR_Y = np.array([0, 1, 1, 1, 0, -1, -1, -1], np.int64)
-_DIR_CODE = np.zeros(9, np.int64)  # [(dy + 1) * 3 + dx + 1] -> k
-_DIR_CODE[(_DIR_Y + 1) * 3 + _DIR_X + 1] = np.arange(8)
 ISOLATED = 64  # visit-table row of a one-pixel region
 PINCH = 0.02  # how far a ring backs off a corner where two pixels touch (survives the 0.01 grid)
 
@@ -90,6 +89,21 @@ def _crack_tables() -> tuple[np.ndarray, ...]:
 
 
 _CRACKS = _crack_tables()
+# Table offset of each visit's row by (previous visit's row, row): plain, or first corner skipped where the
+# previous visit's last side runs on in this visit's first.
+_VARIANT = np.where((_CRACKS[4][:, None] >= 0) & (_CRACKS[4][:, None] == _CRACKS[3][None, :]),
+                    2 * (ISOLATED + 1), 0).ravel().astype(np.int64)
+_DIAGONAL_ENTRY = (np.arange(ISOLATED + 1) // 8) % 2 == 1  # per visit row (the isolated row has no entry)
+_FOUR_NEIGHBOURS = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.uint8)
+_CORNERS_XY = (_CRACKS[1] + 1j * _CRACKS[2]).ravel()  # each table corner as x + iy
+
+
+@functools.lru_cache(maxsize=16)
+def _step_codes(wp: int) -> np.ndarray:
+    """Direction code of a step between pixels of a mask ``wp`` wide, indexed by flat index change + wp + 1."""
+    table = np.zeros(2 * wp + 3, np.int64)
+    table[_DIR_Y * wp + _DIR_X + wp + 1] = np.arange(8)
+    return table
 
 
 def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
@@ -105,52 +119,64 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
     8-connectivity says it is, and gains PINCH² / 2 px² per pass.
 
     Holes smaller than ``max_hole`` px² are filled, then regions smaller than ``min_area`` px² (small holes
-    filled) left out, before any polygon is built. Coordinates are ``(pixel + offset) * scale``.
+    filled) left out, before any polygon is built. One-pixel holes, most of a noisy map's, are filled in the
+    mask before tracing (no ring to trace, and no pinch cut left where one touched a corner); larger ones by
+    leaving their rings out. Coordinates are ``(pixel + offset) * scale``.
     """
     import cv2
 
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    m = np.asarray(mask)
     if m.size == 0:
         return []
-    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    m = np.ascontiguousarray(m.view(np.uint8) if m.dtype == bool else m, dtype=np.uint8)
+    wp = m.shape[1] + 2
+    # Traced with a background frame (OpenCV copies the mask into one anyway): the pinch test below reads a
+    # pixel's neighbours without bounds checks, and one-pixel holes are filled in it.
+    mp = cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    if max_hole > 1:
+        # One-pixel holes (background whose four neighbours are foreground) are most of the holes of a noisy
+        # map, and always smaller than max_hole: filled in the mask, they cost no ring to trace.
+        cv2.bitwise_or(mp, cv2.erode(mp, _FOUR_NEIGHBOURS, borderType=cv2.BORDER_CONSTANT, borderValue=0), dst=mp)
+    contours, hierarchy = cv2.findContours(mp, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     if hierarchy is None or not contours:
         return []
     parent = hierarchy[0][:, 3].astype(np.int64)
     n_rings = len(contours)
     lens = np.fromiter(map(len, contours), np.int64, n_rings)
     p = np.concatenate(contours).reshape(-1, 2)
-    x, y = p[:, 0], p[:, 1]
+    x, y = p[:, 0], p[:, 1]  # in the framed mask: one more than in the mask
     n = len(x)
     starts = np.cumsum(lens) - lens
     ends = starts + lens - 1
-    dx, dy = np.empty(n, np.int64), np.empty(n, np.int64)
-    np.subtract(x[1:], x[:-1], out=dx[:-1])
-    np.subtract(y[1:], y[:-1], out=dy[:-1])
-    dx[ends], dy[ends] = x[starts] - x[ends], y[starts] - y[ends]
-    b = _DIR_CODE[dy * 3 + dx + 4]  # each visit's exit, and the next visit's entry
-    a = np.empty_like(b)
-    a[1:] = b[:-1]
-    a[starts] = b[ends]
-    row = a * 8 + b
+    # Each visit's step to the next visit, from the pixels' flat indices in the framed mask.
+    at = y.astype(np.int64)
+    at *= wp
+    np.add(at, x, out=at)
+    d = np.empty(n, np.int64)
+    np.subtract(at[1:], at[:-1], out=d[:-1])
+    d[ends] = at[starts] - at[ends]
+    d += wp + 1
+    b = _step_codes(wp)[d]  # each visit's exit, and the next visit's entry
+    row = np.empty_like(b)
+    np.multiply(b[:-1], 8, out=row[1:])
+    row[starts] = b[ends] * 8
+    row += b
     row[starts[lens == 1]] = ISOLATED
-    count, fx, fy, first, last, twice = _CRACKS
+    count, twice = _CRACKS[0], _CRACKS[5]
     rows = ISOLATED + 1
 
     # A diagonal entry with background on both sides passes a corner the region only touches.
     pinch = np.zeros(n, bool)
-    diag = np.flatnonzero(a & 1)
+    diag = np.flatnonzero(_DIAGONAL_ENTRY[row])
     if len(diag):
-        w = m.shape[1] + 2
-        mp = np.zeros((m.shape[0] + 2, w), np.uint8)  # (np.pad costs 100 µs per call)
-        mp[1:-1, 1:-1] = m
         flat_mp = mp.ravel()
         # the two pixels beside the step: from the pixel it came from, directions a - 1 and a + 1
-        step = _DIR_Y * w + _DIR_X
+        step = _DIR_Y * wp + _DIR_X
         side_lo, side_hi = np.roll(step, 1) - step, np.roll(step, -1) - step
-        at = (y[diag] + 1) * w + (x[diag] + 1)
-        ad = a[diag]
-        bg = (flat_mp[at + side_lo[ad]] == 0) & (flat_mp[at + side_hi[ad]] == 0)
-        pinch[diag[bg & (row[diag] != ISOLATED)]] = True
+        ad = row[diag] >> 3
+        ad_at = at[diag]
+        bg = (flat_mp[ad_at + side_lo[ad]] == 0) & (flat_mp[ad_at + side_hi[ad]] == 0)
+        pinch[diag[bg]] = True
 
     is_hole = parent >= 0
     keep_ring = np.ones(n_rings, bool)
@@ -188,30 +214,33 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
         ends = starts + lens - 1
 
     # The previous visit's last side runs on in this visit's first side: that corner is not one.
-    prev_row = np.empty_like(row)
-    prev_row[1:] = row[:-1]
-    prev_row[starts] = row[ends]
-    lf = last[prev_row]
-    variant = np.where((lf >= 0) & (lf == first[row]), 2, 0)
-    variant[pinch] = 1
-    rr = row + rows * variant
+    key = np.empty_like(row)
+    np.multiply(row[:-1], rows, out=key[1:])
+    key[starts] = row[ends] * rows
+    key += row
+    rr = _VARIANT[key]
+    rr += row
+    pinched = np.flatnonzero(pinch)
+    rr[pinched] = row[pinched] + rows
     c = count[rr]
     c[ends] += 1  # room for the ring's closing point after its last visit's corners
     cum = np.cumsum(c)
     # index into the flattened tables of each corner: its row's first entry, plus its place in the visit
     flat = np.repeat(rr * 6 - (cum - c), c)
     flat += np.arange(len(flat))
-    kx = np.repeat(x, c) + fx.ravel()[flat]
-    ky = np.repeat(y, c) + fy.ravel()[flat]
+    base = np.empty(len(x), np.complex128)
+    base.real, base.imag = x, y
+    base += complex(offset[0] - 1.0, offset[1] - 1.0)  # the frame, then the offset
+    xy = np.repeat(base, c)
+    xy += _CORNERS_XY[flat]
     closing = cum[ends] - 1
     ring_offsets = np.concatenate([[0], closing + 1])
-    kx[closing], ky[closing] = kx[ring_offsets[:-1]], ky[ring_offsets[:-1]]
-    if offset != (0.0, 0.0) or scale != 1.0:
-        kx = (kx + offset[0]) * scale
-        ky = (ky + offset[1]) * scale
+    xy[closing] = xy[ring_offsets[:-1]]
+    coords = xy.view(np.float64).reshape(-1, 2)
+    if scale != 1.0:
+        coords *= scale
     geom_offsets = np.concatenate([np.flatnonzero(~is_hole), [len(lens)]])
-    return list(shapely.from_ragged_array(shapely.GeometryType.POLYGON, np.stack([kx, ky], axis=1),
-                                          (ring_offsets, geom_offsets)))
+    return list(shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets)))
 
 
 def trace_regions(mask: np.ndarray, x_off: float = 0.0, y_off: float = 0.0, scale: float = 1.0, *,
