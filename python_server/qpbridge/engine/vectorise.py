@@ -338,12 +338,11 @@ def _enclosed(fg: np.ndarray) -> np.ndarray:
     4-connected components that do not reach the mask's edge. Every hole of a region lies there."""
     import cv2
 
-    n, labels = cv2.connectedComponents((~fg).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-    inner = np.ones(n, np.uint8)
-    inner[0] = 0
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        inner[edge] = 0
-    table: np.ndarray = cv2.integral(inner[labels])
+    # Labelled inside a frame of background, every component reaching the edge is the frame's.
+    bg = cv2.copyMakeBorder((~fg).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=1)
+    _, labels = cv2.connectedComponents(bg, connectivity=4, ltype=cv2.CV_32S)
+    inner = (labels[1:-1, 1:-1] != labels[0, 0]) & bg[1:-1, 1:-1].view(bool)
+    table: np.ndarray = cv2.integral(inner.view(np.uint8))
     return table
 
 
