@@ -2,6 +2,7 @@
 
     python bench/bench_stitch.py [--sizes 25 50 100] [--cases smooth noisy]
     python bench/bench_stitch.py --end-to-end [--size 8192] [--readers 2] [--trace auto|thread|process ...]
+    python bench/bench_stitch.py --tracer-memory
 
 Stitch mode feeds a :class:`SemanticStitcher` precomputed SegFormer-shaped outputs (3 classes, 64 x 64
 softmax probabilities per 256 px tile with 64 px overlap, HOTSPoT's card) for an N x N tile plan, and
@@ -19,6 +20,11 @@ does on its post-processing threads (tile outputs are generated outside the cloc
 End-to-end mode runs the engine session on a generated JPEG pyramid with a zero-cost model that returns
 fixed quarter-resolution probabilities, so reading, the pipeline and stitching are what is measured; it
 prints tiles/s, the busy time of each stage and which stage limits.
+
+Tracer-memory mode measures (``tracemalloc``: numpy's and OpenCV's arrays) the peak memory the region tracer
+takes beyond the raster rows it keeps: for one chunk of 256 rows of a 9,375 px wide class raster (a smooth
+map, and independent random classes, the worst case), and for the trace of one region spanning a whole
+4,096 x 4,096 raster.
 """
 
 from __future__ import annotations
@@ -198,12 +204,51 @@ def end_to_end(size: int, readers: int, batch: int, trace: list[str]) -> int:
     return 0
 
 
+def tracer_memory() -> int:
+    import tracemalloc
+
+    from qpbridge.engine.vectorise import RegionTracer
+
+    def lattice(h: int, w: int) -> np.ndarray:  # class 1 around a lattice of class-2 discs
+        ys, xs = np.mgrid[0:h, 0:w]
+        return np.where((xs % 150 - 75) ** 2 + (ys % 150 - 75) ** 2 < 22 ** 2, 2, 1).astype(np.uint8)
+
+    def peak(tracer: RegionTracer, strip: np.ndarray) -> int:
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        tracer.add_strip(strip, last=True)
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top - base
+
+    width, rows = 9375, 256
+    cases = {"smooth": lattice(2 * rows, width),
+             "random": np.random.default_rng(0).integers(0, 3, (2 * rows, width)).astype(np.uint8)}
+    print(f"tracer memory beyond the raster rows kept: one chunk of {rows} x {width} px (min_area 31, max_hole 6 px)")
+    for name, raster in cases.items():
+        tracer = RegionTracer(width, [1, 2], lambda g, c: None, scale=4, min_area=500, max_hole=100, chunk_rows=rows)
+        tracer.add_strip(raster[:rows])
+        used = peak(tracer, raster[rows:])
+        print(f"  {name:<7} {used / 1e6:7.1f} MB = {used / (rows * width):5.1f} bytes per chunk pixel")
+    side = 4096
+    raster = lattice(side, side)
+    raster[:, :5] = 0  # class 1 spans every row: one region, traced at the end from the rows kept
+    tracer = RegionTracer(side, [1, 2], lambda g, c: None, scale=4, min_area=500, max_hole=100, chunk_rows=rows)
+    for y in range(0, side - rows, rows):
+        tracer.add_strip(raster[y:y + rows])
+    used = peak(tracer, raster[side - rows:])
+    print(f"one region spanning a {side} x {side} raster: {used / 1e6:.1f} MB = {used / side ** 2:.1f} bytes per "
+          "pixel of its box")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100])
     ap.add_argument("--cases", nargs="+", default=["smooth", "noisy"], choices=["smooth", "noisy"])
     ap.add_argument("--one", nargs=2, metavar=("SIZE", "CASE"), help=argparse.SUPPRESS)
     ap.add_argument("--end-to-end", action="store_true")
+    ap.add_argument("--tracer-memory", action="store_true")
     ap.add_argument("--size", type=int, default=8192, help="end-to-end slide side in px at 0.5 µm/px")
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
@@ -213,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_one(int(args.one[0]), args.one[1])))
         return 0
+    if args.tracer_memory:
+        return tracer_memory()
     if args.end_to_end:
         return end_to_end(args.size, args.readers, args.batch, args.trace)
     return stitch_table(args.sizes, args.cases)

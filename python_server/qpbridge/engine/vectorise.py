@@ -27,14 +27,16 @@ until the chunk is complete), one byte per pixel: a region that stays open over 
 tissue-wide class) keeps at most the whole raster, so the bound is one byte per output pixel. For a
 150,000 x 100,000 px slide scanned at 0.25 µm/px and a model at 1 µm/px with quarter-resolution outputs
 (SegFormer), the output raster is 9,375 x 6,250 px: at most 59 MB; at 0.5 µm/px it is 18,750 x 12,500
-px, 234 MB. Regions that close (the usual case) free their rows as soon as they are traced. Labelling a
-chunk takes about 15 bytes per pixel of it for that moment (two int32 label images, a summed-area table
-and masks): 36 MB for a chunk of 256 rows of the 9,375 px wide raster, and under 130 MB for any chunk of
-several strips (fewer than 2 x ``CHUNK_PIXELS`` pixels); a single strip larger than that is labelled as
-it is, as it would be without chunks. Tracing a region spanning chunks needs, for the time of the trace,
-about 3 more bytes per pixel of its bounding box (the crop, the mask and OpenCV's copy of it) plus
-OpenCV's contour points, or about 15 where many small regions are labelled at once: a region as large as
-the whole raster above takes about 0.2 GB for that moment, then gives it back.
+px, 234 MB. Regions that close (the usual case) free their rows as soon as they are traced. Labelling and
+tracing a chunk takes, for that moment, its label images, masks and summed-area table, plus the contour
+points of the regions it closes and a dozen arrays per step of them. Measured (numpy's and OpenCV's
+arrays, ``bench/bench_stitch.py --tracer-memory``) on a chunk of 256 rows of the 9,375 px wide raster: 14 bytes per chunk pixel on
+a smooth map (34 MB), 68 on independent random classes, the worst case (160 MB). A chunk of several
+strips holds fewer than 2 x ``CHUNK_PIXELS`` pixels; a single strip larger than that is labelled as it
+is, as it would be without chunks. Tracing a region spanning chunks takes, for the time of the trace,
+about 5 bytes per pixel of its bounding box (measured likewise: the crop, masks and OpenCV's copy) plus
+its contour points: a region as large as the whole raster above takes about 0.3 GB for that moment, then
+gives it back.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from qpbridge import geometry
 
 NO_CLASS = 255
 CHUNK_ROWS = 256  # raster rows labelled at once (see ``RegionTracer.add_strip``)
-CHUNK_PIXELS = 1 << 22  # or fewer rows of a wide raster: labelling this many pixels takes about 60 MB
+CHUNK_PIXELS = 1 << 22  # or fewer rows of a wide raster (4.2 M pixels: 60 MB to trace on a smooth map)
 TRACE_OVERHEAD_PX = 20_000
 FLOOD_SEEDS = 8  # regions closing together up to which flood fills beat one labelling of their box
 
