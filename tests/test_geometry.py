@@ -287,6 +287,21 @@ def test_small_holes_filled_and_small_regions_dropped_exactly():
                     assert a.symmetric_difference(b).area <= cuts * geometry.PINCH ** 2 * scale ** 2 + 1e-9
 
 
+def test_one_pixel_holes_are_filled_in_a_copy_unless_the_mask_is_scratch():
+    """Filling one-pixel holes before tracing leaves the caller's mask as it was, unless the caller gives it up."""
+    mask = np.ones((5, 6), np.uint8)
+    mask[2, 2] = 0  # a one-pixel hole
+    mask[0, 5] = 0  # background on the edge: not a hole
+    for given in (mask.copy(), mask.astype(bool)):
+        (poly,) = geometry.trace_regions(given, max_hole=2)
+        assert np.array_equal(given != 0, mask != 0) and len(poly.interiors) == 0 and poly.area == 29
+    scratch = mask.copy()
+    (poly,) = geometry.trace_regions(scratch, max_hole=2, scratch=True)
+    assert poly.area == 29 and scratch[2, 2] == 1 and scratch[0, 5] == 0
+    (holed,) = geometry.trace_regions(mask, max_hole=1)  # not smaller than max_hole: kept
+    assert len(holed.interiors) == 1 and holed.area == 28
+
+
 def test_min_area_is_decided_on_the_region_not_its_simplified_outline():
     """A staircase region whose simplified outline is smaller than min_area is kept, and one whose simplified
     outline is larger is dropped: the region's own area decides, whatever the simplification tolerance."""

@@ -99,15 +99,15 @@ _CORNERS_XY = (_CRACKS[1] + 1j * _CRACKS[2]).ravel()  # each table corner as x +
 
 
 @functools.lru_cache(maxsize=16)
-def _step_codes(wp: int) -> np.ndarray:
-    """Direction code of a step between pixels of a mask ``wp`` wide, indexed by flat index change + wp + 1."""
-    table = np.zeros(2 * wp + 3, np.int64)
-    table[_DIR_Y * wp + _DIR_X + wp + 1] = np.arange(8)
+def _step_codes(stride: int) -> np.ndarray:
+    """Direction code of a step between pixels, indexed by its flat index change at ``stride`` (>= 3) + stride + 1."""
+    table = np.zeros(2 * stride + 3, np.int64)
+    table[_DIR_Y * stride + _DIR_X + stride + 1] = np.arange(8)
     return table
 
 
-def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
-              offset: tuple[float, float] = (0.0, 0.0), scale: float = 1.0) -> list[BaseGeometry]:
+def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, offset: tuple[float, float] = (0.0, 0.0),
+              scale: float = 1.0, scratch: bool = False) -> list[BaseGeometry]:
     """Pixel-edge polygons (with holes) of the 8-connected foreground of a binary mask, one per region.
 
     OpenCV traces each border through the centres of its pixels. Every step of that trace tells which
@@ -121,7 +121,8 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
     Holes smaller than ``max_hole`` px² are filled, then regions smaller than ``min_area`` px² (small holes
     filled) left out, before any polygon is built. One-pixel holes, most of a noisy map's, are filled in the
     mask before tracing (no ring to trace, and no pinch cut left where one touched a corner); larger ones by
-    leaving their rings out. Coordinates are ``(pixel + offset) * scale``.
+    leaving their rings out (``scratch``: in the mask itself, which the caller gives up). Coordinates are
+    ``(pixel + offset) * scale``.
     """
     import cv2
 
@@ -129,34 +130,34 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
     if m.size == 0:
         return []
     m = np.ascontiguousarray(m.view(np.uint8) if m.dtype == bool else m, dtype=np.uint8)
-    wp = m.shape[1] + 2
-    # Traced with a background frame (OpenCV copies the mask into one anyway): the pinch test below reads a
-    # pixel's neighbours without bounds checks, and one-pixel holes are filled in it.
-    mp = cv2.copyMakeBorder(m, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     if max_hole > 1:
         # One-pixel holes (background whose four neighbours are foreground) are most of the holes of a noisy
         # map, and always smaller than max_hole: filled in the mask, they cost no ring to trace.
-        cv2.bitwise_or(mp, cv2.erode(mp, _FOUR_NEIGHBOURS, borderType=cv2.BORDER_CONSTANT, borderValue=0), dst=mp)
-    contours, hierarchy = cv2.findContours(mp, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+        if not scratch and np.shares_memory(m, mask):
+            m = m.copy()
+        np.bitwise_or(m, cv2.erode(m, _FOUR_NEIGHBOURS, borderType=cv2.BORDER_CONSTANT, borderValue=0), out=m)
+    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     if hierarchy is None or not contours:
         return []
     parent = hierarchy[0][:, 3].astype(np.int64)
     n_rings = len(contours)
     lens = np.fromiter(map(len, contours), np.int64, n_rings)
     p = np.concatenate(contours).reshape(-1, 2)
-    x, y = p[:, 0], p[:, 1]  # in the framed mask: one more than in the mask
+    x, y = p[:, 0], p[:, 1]
     n = len(x)
     starts = np.cumsum(lens) - lens
     ends = starts + lens - 1
-    # Each visit's step to the next visit, from the pixels' flat indices in the framed mask.
+    # Each visit's step to the next visit, from the pixels' flat indices at a stride (the width + 2) at which
+    # every step changes the index by its own amount.
+    stride = m.shape[1] + 2
     at = y.astype(np.int64)
-    at *= wp
+    at *= stride
     np.add(at, x, out=at)
     d = np.empty(n, np.int64)
     np.subtract(at[1:], at[:-1], out=d[:-1])
     d[ends] = at[starts] - at[ends]
-    d += wp + 1
-    b = _step_codes(wp)[d]  # each visit's exit, and the next visit's entry
+    d += stride + 1
+    b = _step_codes(stride)[d]  # each visit's exit, and the next visit's entry
     row = np.empty_like(b)
     np.multiply(b[:-1], 8, out=row[1:])
     row[starts] = b[ends] * 8
@@ -169,13 +170,17 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
     pinch = np.zeros(n, bool)
     diag = np.flatnonzero(_DIAGONAL_ENTRY[row])
     if len(diag):
-        flat_mp = mp.ravel()
-        # the two pixels beside the step: from the pixel it came from, directions a - 1 and a + 1
-        step = _DIR_Y * wp + _DIR_X
+        # the two pixels beside the step (from the pixel it came from, directions a - 1 and a + 1) lie in the
+        # box of the two pixels of the step, so in the mask
+        w = m.shape[1]
+        step = _DIR_Y * w + _DIR_X
         side_lo, side_hi = np.roll(step, 1) - step, np.roll(step, -1) - step
         ad = row[diag] >> 3
-        ad_at = at[diag]
-        bg = (flat_mp[ad_at + side_lo[ad]] == 0) & (flat_mp[ad_at + side_hi[ad]] == 0)
+        here = y[diag].astype(np.int64)
+        here *= w
+        np.add(here, x[diag], out=here)
+        flat_m = m.ravel()
+        bg = (flat_m[here + side_lo[ad]] == 0) & (flat_m[here + side_hi[ad]] == 0)
         pinch[diag[bg]] = True
 
     is_hole = parent >= 0
@@ -230,7 +235,8 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
     flat += np.arange(len(flat))
     base = np.empty(len(x), np.complex128)
     base.real, base.imag = x, y
-    base += complex(offset[0] - 1.0, offset[1] - 1.0)  # the frame, then the offset
+    if offset != (0.0, 0.0):
+        base += complex(offset[0], offset[1])
     xy = np.repeat(base, c)
     xy += _CORNERS_XY[flat]
     closing = cum[ends] - 1
@@ -244,11 +250,12 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0,
 
 
 def trace_regions(mask: np.ndarray, x_off: float = 0.0, y_off: float = 0.0, scale: float = 1.0, *,
-                  min_area: float = 0.0, max_hole: float = 0.0) -> list[BaseGeometry]:
+                  min_area: float = 0.0, max_hole: float = 0.0, scratch: bool = False) -> list[BaseGeometry]:
     """One pixel-edge polygon (with holes) per 8-connected region of a binary mask, in the coordinates
     ``(pixel + offset) * scale``. Holes smaller than ``max_hole`` (mask pixels²) are filled, then regions
-    smaller than ``min_area`` (mask pixels², small holes included) dropped."""
-    return _contours(mask, min_area, max_hole, (float(x_off), float(y_off)), float(scale))
+    smaller than ``min_area`` (mask pixels², small holes included) dropped. With ``scratch`` the mask may be
+    changed (its one-pixel holes filled in place), which saves a copy of it."""
+    return _contours(mask, min_area, max_hole, (float(x_off), float(y_off)), float(scale), scratch)
 
 
 def mask_to_polygons(mask: np.ndarray) -> list[BaseGeometry]:

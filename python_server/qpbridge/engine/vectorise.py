@@ -30,13 +30,13 @@ tissue-wide class) keeps at most the whole raster, so the bound is one byte per 
 px, 234 MB. Regions that close (the usual case) free their rows as soon as they are traced. Labelling and
 tracing a chunk takes, for that moment, its label images, masks and summed-area table, plus the contour
 points of the regions it closes and a dozen arrays per step of them. Measured (numpy's and OpenCV's
-arrays, ``bench/bench_stitch.py --tracer-memory``) on a chunk of 256 rows of the 9,375 px wide raster: 14 bytes per chunk pixel on
-a smooth map (34 MB), 68 on independent random classes, the worst case (160 MB). A chunk of several
-strips holds fewer than 2 x ``CHUNK_PIXELS`` pixels; a single strip larger than that is labelled as it
-is, as it would be without chunks. Tracing a region spanning chunks takes, for the time of the trace,
-about 5 bytes per pixel of its bounding box (measured likewise: the crop, masks and OpenCV's copy) plus
-its contour points: a region as large as the whole raster above takes about 0.3 GB for that moment, then
-gives it back.
+arrays, ``bench/bench_stitch.py --tracer-memory``) on a chunk of 256 rows of the 9,375 px wide raster:
+12 bytes per chunk pixel on a smooth map (30 MB), 66 on independent random classes, the worst case
+(160 MB). A chunk of several strips holds fewer than 2 x ``CHUNK_PIXELS`` pixels; a single strip larger
+than that is labelled as it is, as it would be without chunks. Tracing a region spanning chunks takes,
+for the time of the trace, about 4 bytes per pixel of its bounding box (measured likewise: the crop,
+masks and OpenCV's copy) plus its contour points: a region as large as the whole raster above takes
+about 0.25 GB for that moment, then gives it back.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from qpbridge import geometry
 
 NO_CLASS = 255
 CHUNK_ROWS = 256  # raster rows labelled at once (see ``RegionTracer.add_strip``)
-CHUNK_PIXELS = 1 << 22  # or fewer rows of a wide raster (4.2 M pixels: 60 MB to trace on a smooth map)
+CHUNK_PIXELS = 1 << 22  # or fewer rows of a wide raster (4.2 M pixels: 50 MB to trace on a smooth map)
 TRACE_OVERHEAD_PX = 20_000
 FLOOD_SEEDS = 8  # regions closing together up to which flood fills beat one labelling of their box
 
@@ -245,7 +245,7 @@ class RegionTracer:
 
     def _trace(self, mask: np.ndarray, x_off: int, y_off: int, cls: int) -> None:
         for geom in geometry.trace_regions(mask, x_off, y_off, self.scale, min_area=self.min_px,
-                                           max_hole=self.max_hole_px):
+                                           max_hole=self.max_hole_px, scratch=True):
             self.regions += 1
             self.emit(geom, cls)
 
@@ -274,9 +274,9 @@ class RegionTracer:
                 return
             sx, sy = sx[keep], sy[keep]
         # Only the regions holding the seeds: other regions of the class may share the box.
-        mask = np.zeros((crop.shape[0] + 2, crop.shape[1] + 2), np.uint8)
         if len(sx) <= FLOOD_SEEDS:
             # A few regions (a smooth map): flood fills touch only their pixels.
+            mask = np.zeros((crop.shape[0] + 2, crop.shape[1] + 2), np.uint8)
             crop = np.ascontiguousarray(crop)
             flags = 8 | cv2.FLOODFILL_MASK_ONLY | (1 << 8)
             for x, y in zip((sx - bx0).tolist(), (sy - by0).tolist(), strict=True):
@@ -284,6 +284,7 @@ class RegionTracer:
                     cv2.floodFill(crop, mask, (x, y), 0, 0, 0, flags)
             mask[0] = mask[-1] = 0  # OpenCV marks the mask's frame as filled
             mask[:, 0] = mask[:, -1] = 0
+            self._trace(mask, bx0 - 1, by0 - 1, cls)
         else:
             # Many (a noisy map): one labelling of the box serves every seed. A region lies wholly inside
             # its box, so its component in the box is the region itself.
@@ -291,8 +292,7 @@ class RegionTracer:
             lut = np.zeros(int(labels.max()) + 1, np.uint8)
             lut[labels[sy - by0, sx - bx0]] = 1
             lut[0] = 0
-            mask[1:-1, 1:-1] = lut[labels]
-        self._trace(mask, bx0 - 1, by0 - 1, cls)
+            self._trace(lut[labels], bx0, by0, cls)
 
     def _crop(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         parts = [r[max(y0 - ry, 0):y1 - ry, x0:x1] for ry, r in self.rows if ry < y1 and ry + r.shape[0] > y0]
