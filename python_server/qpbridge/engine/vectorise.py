@@ -31,7 +31,7 @@ px, 234 MB. Regions that close (the usual case) free their rows as soon as they 
 tracing a chunk takes, for that moment, its label images, masks and summed-area table, plus the contour
 points of the regions it closes and a dozen arrays per step of them. Measured (numpy's and OpenCV's
 arrays, ``bench/bench_stitch.py --tracer-memory``) on a chunk of 256 rows of the 9,375 px wide raster:
-12 bytes per chunk pixel on a smooth map (30 MB), 66 on independent random classes, the worst case
+13 bytes per chunk pixel on a smooth map (31 MB), 66 on independent random classes, the worst case
 (160 MB). A chunk of several strips holds fewer than 2 x ``CHUNK_PIXELS`` pixels; a single strip larger
 than that is labelled as it is, as it would be without chunks. Tracing a region spanning chunks takes,
 for the time of the trace, about 4 bytes per pixel of its bounding box (measured likewise: the crop,
