@@ -133,7 +133,7 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
     if max_hole > 1:
         # One-pixel holes (background whose four neighbours are foreground) are most of the holes of a noisy
         # map, and always smaller than max_hole: filled in the mask, they cost no ring to trace.
-        if not scratch and np.shares_memory(m, mask):
+        if not scratch and np.may_share_memory(m, mask):
             m = m.copy()
         np.bitwise_or(m, cv2.erode(m, _FOUR_NEIGHBOURS, borderType=cv2.BORDER_CONSTANT, borderValue=0), out=m)
     contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
