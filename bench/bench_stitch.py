@@ -209,6 +209,9 @@ def tracer_memory() -> int:
 
     from qpbridge.engine.vectorise import RegionTracer
 
+    def tracer(width: int) -> RegionTracer:  # a card's min_area 500 µm², max_hole 100 µm² at 4 µm per pixel
+        return RegionTracer(width, [1, 2], lambda g, c: None, scale=4, min_area=500, max_hole=100, chunk_rows=rows)
+
     def lattice(h: int, w: int) -> np.ndarray:  # class 1 around a lattice of class-2 discs
         ys, xs = np.mgrid[0:h, 0:w]
         return np.where((xs % 150 - 75) ** 2 + (ys % 150 - 75) ** 2 < 22 ** 2, 2, 1).astype(np.uint8)
@@ -226,17 +229,17 @@ def tracer_memory() -> int:
              "random": np.random.default_rng(0).integers(0, 3, (2 * rows, width)).astype(np.uint8)}
     print(f"tracer memory beyond the raster rows kept: one chunk of {rows} x {width} px (min_area 31, max_hole 6 px)")
     for name, raster in cases.items():
-        tracer = RegionTracer(width, [1, 2], lambda g, c: None, scale=4, min_area=500, max_hole=100, chunk_rows=rows)
-        tracer.add_strip(raster[:rows])
-        used = peak(tracer, raster[rows:])
+        chunked = tracer(width)
+        chunked.add_strip(raster[:rows])
+        used = peak(chunked, raster[rows:])
         print(f"  {name:<7} {used / 1e6:7.1f} MB = {used / (rows * width):5.1f} bytes per chunk pixel")
     side = 4096
     raster = lattice(side, side)
     raster[:, :5] = 0  # class 1 spans every row: one region, traced at the end from the rows kept
-    tracer = RegionTracer(side, [1, 2], lambda g, c: None, scale=4, min_area=500, max_hole=100, chunk_rows=rows)
+    spanning = tracer(side)
     for y in range(0, side - rows, rows):
-        tracer.add_strip(raster[y:y + rows])
-    used = peak(tracer, raster[side - rows:])
+        spanning.add_strip(raster[y:y + rows])
+    used = peak(spanning, raster[side - rows:])
     print(f"one region spanning a {side} x {side} raster: {used / 1e6:.1f} MB = {used / side ** 2:.1f} bytes per "
           "pixel of its box")
     return 0

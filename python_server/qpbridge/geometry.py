@@ -56,14 +56,15 @@ def _crack_tables() -> tuple[np.ndarray, ...]:
     Row ``a * 8 + b + 65 * v`` (``ISOLATED`` for a one-pixel region) holds the visit's corners as offsets
     from the pixel's top-left corner, for the variants v = 0 (all), 1 (pinched: the first corner, which
     the region only touches there, becomes two points backed off it by ``PINCH`` along the edge coming in
-    and the edge going out) and 2 (the first corner left out, being on a straight edge). Also returned: the
-    number of corners per row; for the 65 plain rows the direction of the first and the last side (-1 for
-    none); and, per plain row, what its sides add to twice a ring's signed area (the shoelace sum): so much
-    times the pixel's x, so much times its y, plus a constant."""
+    and the edge going out) and 2 (the first corner left out, being on a straight edge). Returned: the
+    number of corners per row; the corners, six slots per row, as complex offsets x + iy; for the 65 plain
+    rows the direction of the first and the last side (-1 for none); and, per plain row, what its sides add
+    to twice a ring's signed area (the shoelace sum): so much times the pixel's x, so much times its y,
+    plus a constant."""
     start = {0: (1, 1), 2: (0, 1), 4: (0, 0), 6: (1, 0)}
     rows = ISOLATED + 1
     count = np.zeros(3 * rows, np.int64)
-    fx, fy = np.zeros((3 * rows, 6)), np.zeros((3 * rows, 6))  # up to 5 corners, and a closing point
+    corners_xy = np.zeros((3 * rows, 6), np.complex128)  # up to 5 corners, and a closing point
     first, last = np.full(rows, -1, np.int64), np.full(rows, -1, np.int64)
     twice = np.zeros((3, rows), np.int64)
     for row in range(rows):
@@ -84,18 +85,17 @@ def _crack_tables() -> tuple[np.ndarray, ...]:
         for v, pts in enumerate((corners, pinched, corners[1:])):
             count[row + v * rows] = len(pts)
             for j, (px, py) in enumerate(pts):
-                fx[row + v * rows, j], fy[row + v * rows, j] = px, py
-    return count, fx, fy, first, last, twice
+                corners_xy[row + v * rows, j] = complex(px, py)
+    return count, corners_xy.ravel(), first, last, twice
 
 
-_CRACKS = _crack_tables()
+_COUNT, _CORNERS_XY, _FIRST_SIDE, _LAST_SIDE, _TWICE_AREA = _crack_tables()
 # Table offset of each visit's row by (previous visit's row, row): plain, or first corner skipped where the
 # previous visit's last side runs on in this visit's first.
-_VARIANT = np.where((_CRACKS[4][:, None] >= 0) & (_CRACKS[4][:, None] == _CRACKS[3][None, :]),
+_VARIANT = np.where((_LAST_SIDE[:, None] >= 0) & (_LAST_SIDE[:, None] == _FIRST_SIDE[None, :]),
                     2 * (ISOLATED + 1), 0).ravel().astype(np.int64)
 _DIAGONAL_ENTRY = (np.arange(ISOLATED + 1) // 8) % 2 == 1  # per visit row (the isolated row has no entry)
 _FOUR_NEIGHBOURS = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.uint8)
-_CORNERS_XY = (_CRACKS[1] + 1j * _CRACKS[2]).ravel()  # each table corner as x + iy
 
 
 @functools.lru_cache(maxsize=16)
@@ -120,9 +120,9 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
 
     Holes smaller than ``max_hole`` px² are filled, then regions smaller than ``min_area`` px² (small holes
     filled) left out, before any polygon is built. One-pixel holes, most of a noisy map's, are filled in the
-    mask before tracing (no ring to trace, and no pinch cut left where one touched a corner); larger ones by
-    leaving their rings out (``scratch``: in the mask itself, which the caller gives up). Coordinates are
-    ``(pixel + offset) * scale``.
+    mask before tracing (no ring to trace, and no pinch cut left where one touched a corner), in the mask
+    itself with ``scratch`` (the caller gives it up), else in a copy; larger ones by leaving their rings
+    out. Coordinates are ``(pixel + offset) * scale``.
     """
     import cv2
 
@@ -163,7 +163,6 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
     row[starts] = b[ends] * 8
     row += b
     row[starts[lens == 1]] = ISOLATED
-    count, twice = _CRACKS[0], _CRACKS[5]
     rows = ISOLATED + 1
 
     # A diagonal entry with background on both sides passes a corner the region only touches.
@@ -189,7 +188,7 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
         # Shoelace per ring, summed side by side from the visits (the region lies to the right of each step
         # in image coordinates, so with this sign shells come out positive and holes negative); each pinch
         # adds PINCH² / 2 to the region.
-        sums = np.add.reduceat(x * twice[0][row] + y * twice[1][row] + twice[2][row], starts)
+        sums = np.add.reduceat(x * _TWICE_AREA[0][row] + y * _TWICE_AREA[1][row] + _TWICE_AREA[2][row], starts)
         area = -0.5 * sums + 0.5 * PINCH * PINCH * np.add.reduceat(pinch, starts)
         if max_hole > 0:
             keep_ring &= ~is_hole | (-area >= max_hole)
@@ -227,7 +226,7 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
     rr += row
     pinched = np.flatnonzero(pinch)
     rr[pinched] = row[pinched] + rows
-    c = count[rr]
+    c = _COUNT[rr]
     c[ends] += 1  # room for the ring's closing point after its last visit's corners
     cum = np.cumsum(c)
     # index into the flattened tables of each corner: its row's first entry, plus its place in the visit

@@ -181,7 +181,7 @@ class _HostBlend:
             for c in range(probs.shape[0]):  # in place, one OpenCV call per class: half numpy's time
                 self.cv2.accumulateProduct(probs[c, o:o + n], rows, self.acc[c, p:p + n, x:x + w])
             if self.tracking:
-                self.wsum[p:p + n, x:x + w] += win[o:o + n]
+                self.wsum[p:p + n, x:x + w] += rows
 
     def classes(self, h: int) -> np.ndarray:
         cmap = np.empty((h, self.acc.shape[2]), np.uint8)

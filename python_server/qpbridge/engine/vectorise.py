@@ -31,8 +31,8 @@ px, 234 MB. Regions that close (the usual case) free their rows as soon as they 
 tracing a chunk takes, for that moment, its label images, masks and summed-area table, plus the contour
 points of the regions it closes and a dozen arrays per step of them. Measured (numpy's and OpenCV's
 arrays, ``bench/bench_stitch.py --tracer-memory``) on a chunk of 256 rows of the 9,375 px wide raster:
-13 bytes per chunk pixel on a smooth map (31 MB), 66 on independent random classes, the worst case
-(160 MB). A chunk of several strips holds fewer than 2 x ``CHUNK_PIXELS`` pixels; a single strip larger
+13 bytes per chunk pixel on a smooth map (31 MB), 62 on independent random classes, the worst case
+(150 MB). A chunk of several strips holds fewer than 2 x ``CHUNK_PIXELS`` pixels; a single strip larger
 than that is labelled as it is, as it would be without chunks. Tracing a region spanning chunks takes,
 for the time of the trace, about 4 bytes per pixel of its bounding box (measured likewise: the crop,
 masks and OpenCV's copy) plus its contour points: a region as large as the whole raster above takes
@@ -193,11 +193,8 @@ class RegionTracer:
         single = done & ~has_prev  # closed inside this chunk: exactly one component each
         doubt = np.flatnonzero(single & (garea < self.min_px))
         if len(doubt):
-            # Too few pixels, unless holes make up the difference: a region's holes lie inside its box and
-            # away from the chunk's edges, so the enclosed background there bounds them.
-            enclosed = _enclosed(chunk == cls)
-            single[doubt] = garea[doubt] + _box_sums(enclosed, gx0[doubt], gy0[doubt] - y0, gx1[doubt],
-                                                     gy1[doubt] - y0) >= self.min_px
+            single[doubt] = self._can_reach_min_area(chunk == cls, garea[doubt], gx0[doubt], gy0[doubt] - y0,
+                                                     gx1[doubt], gy1[doubt] - y0)
         if single.any():
             lut = np.zeros(n, np.uint8)
             lut[1:] = single[group[k:]]
@@ -268,8 +265,7 @@ class RegionTracer:
         crop = self._crop(bx0, by0, bx1, by1)
         fg = crop == cls
         if (area < self.min_px).any():
-            # Too few pixels, unless holes make up the difference (as for regions inside one chunk).
-            keep = area + _box_sums(_enclosed(fg), x0 - bx0, y0 - by0, x1 - bx0, y1 - by0) >= self.min_px
+            keep = self._can_reach_min_area(fg, area, x0 - bx0, y0 - by0, x1 - bx0, y1 - by0)
             if not keep.any():
                 return
             sx, sy = sx[keep], sy[keep]
@@ -293,6 +289,13 @@ class RegionTracer:
             lut[labels[sy - by0, sx - bx0]] = 1
             lut[0] = 0
             self._trace(lut.take(np.asarray(labels), mode="clip"), bx0, by0, cls)
+
+    def _can_reach_min_area(self, fg: np.ndarray, area: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray,
+                            y1: np.ndarray) -> np.ndarray:
+        """Whether regions of ``area`` pixels with boxes [x0, x1) x [y0, y1) in class mask ``fg`` can reach
+        ``min_area``: with too few pixels, only if holes make up the difference. A region's holes lie inside
+        its box and away from the mask's edges, so the enclosed background there bounds them."""
+        return area + _box_sums(_enclosed(fg), x0, y0, x1, y1) >= self.min_px
 
     def _crop(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         parts = [r[max(y0 - ry, 0):y1 - ry, x0:x1] for ry, r in self.rows if ry < y1 and ry + r.shape[0] > y0]
