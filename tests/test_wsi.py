@@ -102,6 +102,67 @@ def test_direct_tile_reads_equal_tiffslide(tmp_path, compression):
     assert s._direct is None
 
 
+def test_block_reads_decode_each_stored_tile_once_and_equal_single_reads(tmp_path):
+    """A plan read in overlapping blocks, on several threads, decodes each stored tile it needs about once
+    (the tiles a block uses in part are kept for the next), returns the pixels of tiffslide's own reads,
+    and keeps at most two rows of stored tiles, none after close."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qpbridge import slides
+    from qpbridge.engine.reading import read_block
+
+    rng = np.random.default_rng(11)
+    img = cv2.resize(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8), (3000, 2100), interpolation=cv2.INTER_CUBIC)
+    path = write_pyramid(tmp_path / "p.tif", img, mpp=0.5, compression="jpeg")
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 256, "overlap": 64}})
+    s = Slide(path)
+    plan = make_plan(card, (0, 0, s.width, s.height), s.mpp)  # 1 µm/px: level 1, 1500 x 1050 in 256 px tiles
+    blocks = blocks_of(plan, block_px=700, rows=2)  # blocks and bands end inside stored tiles
+    bands = len({band_of(b[0], 2) for b in blocks})
+    assert bands > 2 and len(blocks) > 2 * bands
+    decoded: list[int] = []
+    real_decode = slides._TiledLevels._decode
+
+    def counted(self, page, level, index, *rest):  # type: ignore[no-untyped-def]
+        decoded.append(index)
+        return real_decode(self, page, level, index, *rest)
+
+    # stored tiles (256 px, at level 1 = canvas pixels) that each block's box touches: decoded without keeping
+    boxes = [(min(t.x for t in b), min(t.y for t in b), max(t.x + t.w for t in b), max(t.y + t.h for t in b))
+             for b in blocks]
+    touched = sum(((min(x1, 1500) - 1) // 256 - x0 // 256 + 1) * ((min(y1, 1050) - 1) // 256 - y0 // 256 + 1)
+                  for x0, y0, x1, y1 in boxes)
+    across, down = -(-1500 // 256), -(-1050 // 256)
+    assert touched > 1.4 * across * down
+    slides._TiledLevels._decode = counted  # type: ignore[method-assign]
+    try:
+        seq = [read_block(plan, b, s.read) for b in blocks]
+        assert sorted(decoded) == list(range(across * down))  # in order, on one thread: each once
+        direct = s._direct
+        assert direct is not None and 0 < len(direct._kept) <= 2 * across + 16
+        s.close()
+        assert not direct._kept
+        s = Slide(path)
+        decoded.clear()
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda b: read_block(plan, b, s.read), blocks))
+    finally:
+        slides._TiledLevels._decode = real_decode  # type: ignore[method-assign]
+    # on four threads a tile that two need at the same moment may be decoded twice, still far fewer
+    assert sorted(set(decoded)) == list(range(across * down)) and len(decoded) < 0.85 * touched
+    s.close()
+    ref = Slide(path)
+    assert ref._direct is not None
+    ref._direct.close()
+    ref._direct = None  # tiffslide's read_region only
+    for tiles, seq_tiles in zip(got, seq, strict=True):
+        for (t, px), (_, seq_px) in zip(tiles, seq_tiles, strict=True):
+            want = read_block(plan, [t], ref.read)[0][1]
+            np.testing.assert_array_equal(px, want, err_msg=f"tile {t.index}")
+            np.testing.assert_array_equal(seq_px, want, err_msg=f"tile {t.index}")
+    ref.close()
+
+
 def test_direct_reads_of_the_cmu_svs_equal_tiffslide():
     s = Slide(need_data(CMU_SVS))
     assert s._direct is not None
