@@ -63,6 +63,8 @@ def test_slide_reading_picks_the_pyramid_level(shapes_slide):
     assert (s.width, s.height, s.mpp) == (1600, 1200, 0.5)
     assert s.level_downsamples == [1.0, 2.0, 4.0]
     assert s.level_for(2.0) == 1 and s.level_for(3.0) == 1 and s.level_for(1.5) == 0 and s.level_for(9) == 2
+    # a level up to 1% coarser than asked for is used (as QuPath does), not one 2x finer
+    assert s.level_for(1.985) == 1 and s.level_for(3.97) == 2 and s.level_for(1.97) == 0
     full = s.read(100, 100, 300, 200, 200, 100)
     half = s.read(100, 100, 300, 200, 100, 50)
     assert full.shape == (100, 200, 3) and half.shape == (50, 100, 3)
@@ -118,6 +120,7 @@ def test_block_reads_decode_each_stored_tile_once_and_equal_single_reads(tmp_pat
     s = Slide(path)
     plan = make_plan(card, (0, 0, s.width, s.height), s.mpp)  # 1 µm/px: level 1, 1500 x 1050 in 256 px tiles
     blocks = blocks_of(plan, block_px=700, rows=2)  # blocks and bands end inside stored tiles
+    s.read_overlap = plan.overlap * plan.ds  # as a run sets it
     bands = len({band_of(b[0], 2) for b in blocks})
     assert bands > 2 and len(blocks) > 2 * bands
     decoded: list[int] = []
@@ -143,6 +146,7 @@ def test_block_reads_decode_each_stored_tile_once_and_equal_single_reads(tmp_pat
         s.close()
         assert not direct._kept
         s = Slide(path)
+        s.read_overlap = plan.overlap * plan.ds
         decoded.clear()
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda b: read_block(plan, b, s.read), blocks))
@@ -161,6 +165,32 @@ def test_block_reads_decode_each_stored_tile_once_and_equal_single_reads(tmp_pat
             np.testing.assert_array_equal(px, want, err_msg=f"tile {t.index}")
             np.testing.assert_array_equal(seq_px, want, err_msg=f"tile {t.index}")
     ref.close()
+
+
+def test_a_level_within_one_percent_is_read_and_scaled_up(tmp_path, monkeypatch):
+    """A slide 0.5% off its pyramid's 2x level (1.99x asked for) is read from that level, scaled up by 0.5%,
+    not from level 0 averaged down: a quarter of the pixels decoded, and nearly the same picture."""
+    from qpbridge import slides
+
+    rng = np.random.default_rng(2)
+    img = cv2.resize(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), (1600, 1200), interpolation=cv2.INTER_CUBIC)
+    s = Slide(write_pyramid(tmp_path / "p.tif", img, mpp=0.5, compression="jpeg"))
+    levels: list[int] = []
+    real_read = slides._TiledLevels.read
+
+    def read(self, level, *rest):  # type: ignore[no-untyped-def]
+        levels.append(level)
+        return real_read(self, level, *rest)
+
+    monkeypatch.setattr(slides._TiledLevels, "read", read)
+    box = (101.5, 203.0, 101.5 + 1.99 * 500, 203.0 + 1.99 * 300, 500, 300)
+    near = s.read(*box)
+    monkeypatch.setattr(slides, "LEVEL_TOLERANCE", 0.0)
+    fine = s.read(*box)
+    assert levels == [1, 0]
+    assert near.shape == fine.shape == (300, 500, 3)
+    assert np.abs(near.astype(int) - fine).mean() < 2.5  # (the test pyramid subsamples its levels)
+    s.close()
 
 
 def test_direct_reads_of_the_cmu_svs_equal_tiffslide():

@@ -68,6 +68,7 @@ def tissue_geometry(engine: Engine, slide: Slide, roi: BaseGeometry | None = Non
     mpp = slide.require_mpp()
     region = (0, 0, slide.width, slide.height)
     plan = make_plan(card, region, mpp, roi)
+    slide.read_overlap = plan.overlap * plan.ds
     feats, _ = run_plan(engine, TISSUE_MODEL, plan, slide.read,
                         FeatureBuilder(card, mpp, roi, (slide.width, slide.height)))
     return shapely.union_all([shape(f["geometry"]) for f in feats]) if feats else shapely.Polygon()
@@ -109,6 +110,7 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
     if on_plan is not None:
         on_plan(plan)
     builder = FeatureBuilder(card, fullres_mpp, roi, (slide.width, slide.height))
+    slide.read_overlap = plan.overlap * plan.ds  # the run's blocks overlap by the plan's overlap
     if options is None:
         options = RunOptions() if readers is None else RunOptions(readers=readers)
     features, stats = run_plan(engine, model_name, plan, slide.read, builder,

@@ -7,12 +7,12 @@ which releases the GIL). The zarr path runs an asyncio round trip per tile in Py
 reading threads, kept the interpreter lock busy enough to slow every other stage of a run. Levels that do
 not fit (untiled, planar, z-stacks, other than 8 bits) are read through tiffslide as before.
 
-A run reads a slide in blocks whose boxes overlap (the plan's tiles overlap), so a stored tile that a read
-uses only in part is usually needed again by the next block to the right or the next band below. Such
-tiles are kept decoded, least recently used first out, up to two rows of the level's stored tiles (and at
-most ``TILE_CACHE_BYTES``): each stored tile of a slide read in blocks is then decoded about once, not about
-1.5 times. Memory: for a 150,000 px wide slide read at its full resolution in 256 px RGB tiles, 2 x 586
-tiles of 192 kB = 230 MB; from its 4x downsampled level, 58 MB.
+A run reads a slide in blocks whose boxes overlap by the plan's overlap (``Slide.read_overlap``), so a stored
+tile within that overlap of a box's bottom or right edge is needed again by the next band below or the next
+block to the right. Such tiles are kept decoded, least recently used first out, up to two rows of the level's
+stored tiles and 64 more (at most ``TILE_CACHE_BYTES``): each stored tile of a slide read in blocks is then
+decoded about once, not about 1.5 times. Memory: for a 150,000 px wide slide read at its full resolution in 256 px
+RGB tiles, (2 x 586 + 64) tiles of 192 kB = 243 MB; from its 4x downsampled level, 70 MB.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from qpbridge.errors import ImageReadError, MissingPixelSizeError
 from qpbridge.images import paste_scaled
 
+LEVEL_TOLERANCE = 0.01  # relative: a pyramid level this much coarser than asked for is still used (QuPath's rule)
 TILE_CACHE_BYTES = 256 << 20  # decoded stored tiles kept for reads that need them again (see above)
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", ".qptiff"}
@@ -58,6 +59,9 @@ class Slide:
             raise ImageReadError(f"pixel size override must be a positive number of µm/px, got {mpp}")
         self.mpp = mpp if mpp is not None else self.file_mpp
         self._direct = _TiledLevels.open(ts, self.path, self.level_dimensions)
+        # full-resolution pixels by which consecutive reads overlap (a run's blocks): the stored tiles there are
+        # kept decoded for the next read (see the module docstring)
+        self.read_overlap = 0.0
 
     def close(self) -> None:
         """Release the file descriptor of direct reads (tiffslide handles close with their threads) and the
@@ -95,10 +99,13 @@ class Slide:
         return self.mpp
 
     def level_for(self, downsample: float) -> int:
-        """The coarsest level that is still at least as fine as ``downsample``."""
+        """The coarsest level that is at least as fine as ``downsample``, or coarser by at most
+        ``LEVEL_TOLERANCE`` (as QuPath picks levels): a 40x scan at 0.252 µm/px read at 1 µm/px (3.97x) then
+        comes from the 4x level, scaled up by 0.8%, instead of decoding 16 times the pixels of level 0 and
+        averaging them down."""
         best = 0
         for i, d in enumerate(self.level_downsamples):
-            if d <= downsample * (1 + 1e-6):
+            if d <= downsample * (1 + 1e-6) or abs(d - downsample) <= LEVEL_TOLERANCE * max(d, downsample):
                 best = i
         return best
 
@@ -118,7 +125,7 @@ class Slide:
             return np.full((out_h, out_w, 3), 255, np.uint8)
         direct = self._direct
         if direct is not None and direct.can_read(level):
-            arr = direct.read(level, cx0, cy0, cx1, cy1)
+            arr = direct.read(level, cx0, cy0, cx1, cy1, self.read_overlap / lds)
             if arr.shape == (out_h, out_w, 3) and ds == lds and (cx0, cy0) == (lx0, ly0):
                 return arr  # whole level pixels inside the level (a run's blocks): no white, no resampling
         else:
@@ -183,8 +190,9 @@ class _TiledLevels:
     def can_read(self, level: int) -> bool:
         return self.fd >= 0 and level in self.pages
 
-    def read(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        """Level pixels [x0, x1) x [y0, y1) (inside the level) as (h, w) or (h, w, samples) uint8."""
+    def read(self, level: int, x0: int, y0: int, x1: int, y1: int, overlap: float = 0.0) -> np.ndarray:
+        """Level pixels [x0, x1) x [y0, y1) (inside the level) as (h, w) or (h, w, samples) uint8; the stored
+        tiles within ``overlap`` level pixels of the bottom or right edge (or past it) are kept decoded."""
         page = self.pages[level]
         tw, th = int(page.tilewidth), int(page.tilelength)
         across = -(-int(page.imagewidth) // tw)
@@ -192,7 +200,8 @@ class _TiledLevels:
         out = np.empty((y1 - y0, x1 - x0, spp), np.uint8)
         offsets, counts = page.dataoffsets, page.databytecounts
         # Two rows of stored tiles: a band of blocks leaves one row for the next band, plus block-edge columns.
-        keep_at_most = min(2 * across + 16, TILE_CACHE_BYTES // (th * tw * spp))
+        keep_at_most = min(2 * across + 64, TILE_CACHE_BYTES // (th * tw * spp))
+        keep_y, keep_x = y1 - max(0.0, overlap), x1 - max(0.0, overlap)  # tiles reaching past these are kept
         for ty in range(y0 // th, (y1 - 1) // th + 1):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
                 index = ty * across + tx
@@ -210,7 +219,7 @@ class _TiledLevels:
                         self._kept.move_to_end((level, index))
                 if seg is None:
                     seg = self._decode(page, level, index, count, int(offsets[index]), (th, tw, spp))
-                    if (bx1 - bx0, by1 - by0) != (tw, th) and keep_at_most > 0:  # used in part: kept
+                    if ((ty + 1) * th > keep_y or (tx + 1) * tw > keep_x) and keep_at_most > 0:
                         with self._lock:
                             self._kept[(level, index)] = seg
                             while len(self._kept) > keep_at_most:
