@@ -193,6 +193,36 @@ def test_a_level_within_one_percent_is_read_and_scaled_up(tmp_path, monkeypatch)
     s.close()
 
 
+@pytest.mark.parametrize("step", [1.005, 1.06, 1.979, 2.004, 2.2, 3.957])
+def test_near_whole_downsamples_match_exact_area_averaging(monkeypatch, step):
+    """A downsample near a whole number is done as a linear scale by the fraction, then whole-block averaging
+    (no fractional area resize, OpenCV's slow path), and gives the exact area average within 2 grey levels."""
+    from qpbridge import images
+
+    rng = np.random.default_rng(4)
+    src = cv2.resize(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8), (1400, 1000), interpolation=cv2.INTER_CUBIC)
+    cv2.line(src, (0, 500), (1399, 620), (20, 20, 20), 3)  # sharp edges too
+    cv2.circle(src, (700, 300), 150, (250, 240, 250), 5)
+    size = (int(1000 / step) - 2, int(1400 / step) - 2, 3)
+    calls: list[tuple[int, float]] = []
+    real_resize = cv2.resize
+
+    def resize(img, dsize, interpolation):  # type: ignore[no-untyped-def]
+        calls.append((interpolation, img.shape[1] / dsize[0]))
+        return real_resize(img, dsize, interpolation=interpolation)
+
+    monkeypatch.setattr(cv2, "resize", resize)
+    fast = np.full(size, 255, np.uint8)
+    images.paste_scaled(fast, src, 10.0, 20.0, 13.7, 22.1, step)
+    assert not [f for i, f in calls if i == cv2.INTER_AREA and abs(f - round(f)) > 1e-9], calls
+    monkeypatch.setattr(images, "NEAR_INTEGER", 0.0)
+    exact = np.full(size, 255, np.uint8)
+    images.paste_scaled(exact, src, 10.0, 20.0, 13.7, 22.1, step)
+    assert calls[-1][0] == cv2.INTER_AREA and abs(calls[-1][1] - step) < 0.01
+    diff = np.abs(fast.astype(int) - exact)
+    assert np.percentile(diff, 99) <= 2 and diff.mean() < 0.3, (np.percentile(diff, 99), diff.mean())
+
+
 def test_direct_reads_of_the_cmu_svs_equal_tiffslide():
     s = Slide(need_data(CMU_SVS))
     assert s._direct is not None
