@@ -4,8 +4,9 @@ Reading one 256 px tile at a time decodes each JPEG tile of a slide several time
 plan row at a time (consecutive rows overlap: a row 256 px tall at a step of 192 px decodes two rows of a
 slide's 256 px JPEG tiles, about 2.5 decodes per stored tile over the slide). So tiles are read together as
 blocks of up to ``BLOCK_ROWS`` plan rows and ``BLOCK_PX`` canvas pixels across (a band of rows, cut across),
-once, and sliced: about 1.5 decodes per stored tile. A block that its tiles cover sparsely (a tissue or ROI
-plan) is read row run by row run instead, so no large empty box is decoded.
+once, and sliced: about 1.5 decodes per stored tile, and about one where the slide keeps the stored tiles
+that neighbouring blocks share (``Slide.read_overlap``, set by a run). A block that its tiles cover sparsely
+(a tissue or ROI plan) is read row run by row run instead, so no large empty box is decoded.
 
 Blocks come band by band; the tiles of a band reach the model in plan order (:func:`band_of` says where a
 band ends). Tiles are views of their block, so memory is the blocks of one band, held until it is complete
