@@ -90,4 +90,5 @@ def read_block(plan: TilePlan, block: list[PlannedTile], read_box: ReadBox) -> l
     ds = plan.ds
     px = read_box(plan.origin_x + x0 * ds, plan.origin_y + y0 * ds, plan.origin_x + x1 * ds,
                   plan.origin_y + y1 * ds, x1 - x0, y1 - y0)
+    px.flags.writeable = False  # tiles overlap: one changed in place would change its neighbours
     return [(t, px[t.y - y0:t.y - y0 + t.h, t.x - x0:t.x - x0 + t.w]) for t in block]
