@@ -59,6 +59,13 @@ def run_plan(engine: Engine, model_name: str, plan: TilePlan, read_box: ReadBox,
     return features, stats
 
 
+def _reader(slide: Slide, plan: TilePlan) -> ReadBox:
+    """The slide's reads for a run of ``plan``, whose blocks overlap by the plan's overlap (the slide keeps the
+    stored tiles there decoded for the next block)."""
+    slide.read_overlap = plan.overlap * plan.ds
+    return slide.read
+
+
 def tissue_geometry(engine: Engine, slide: Slide, roi: BaseGeometry | None = None) -> BaseGeometry:
     """Tissue of the slide (full-resolution geometry) from the built-in tissue model at low resolution."""
     import shapely
@@ -68,8 +75,7 @@ def tissue_geometry(engine: Engine, slide: Slide, roi: BaseGeometry | None = Non
     mpp = slide.require_mpp()
     region = (0, 0, slide.width, slide.height)
     plan = make_plan(card, region, mpp, roi)
-    slide.read_overlap = plan.overlap * plan.ds
-    feats, _ = run_plan(engine, TISSUE_MODEL, plan, slide.read,
+    feats, _ = run_plan(engine, TISSUE_MODEL, plan, _reader(slide, plan),
                         FeatureBuilder(card, mpp, roi, (slide.width, slide.height)))
     return shapely.union_all([shape(f["geometry"]) for f in feats]) if feats else shapely.Polygon()
 
@@ -110,10 +116,9 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
     if on_plan is not None:
         on_plan(plan)
     builder = FeatureBuilder(card, fullres_mpp, roi, (slide.width, slide.height))
-    slide.read_overlap = plan.overlap * plan.ds  # the run's blocks overlap by the plan's overlap
     if options is None:
         options = RunOptions() if readers is None else RunOptions(readers=readers)
-    features, stats = run_plan(engine, model_name, plan, slide.read, builder,
+    features, stats = run_plan(engine, model_name, plan, _reader(slide, plan), builder,
                                options=options, on_progress=on_progress,
                                should_stop=should_stop, sink=sink,
                                results=results(slide, plan) if results is not None else None)
