@@ -3,6 +3,7 @@
     python bench/bench_stitch.py [--sizes 25 50 100] [--cases smooth noisy]
     python bench/bench_stitch.py --end-to-end [--size 8192] [--readers 2] [--trace auto|thread|process ...]
     python bench/bench_stitch.py --tracer-memory
+    python bench/bench_stitch.py --features-contended [--sizes 25] [--cases smooth noisy]
 
 Stitch mode feeds a :class:`SemanticStitcher` precomputed SegFormer-shaped outputs (3 classes, 64 x 64
 softmax probabilities per 256 px tile with 64 px overlap, HOTSPoT's card) for an N x N tile plan, and
@@ -25,6 +26,9 @@ Tracer-memory mode measures (``tracemalloc``: numpy's and OpenCV's arrays) the p
 takes beyond the raster rows it keeps: for one chunk of 256 rows of a 9,375 px wide class raster (a smooth
 map, and independent random classes, the worst case), and for the trace of one region spanning a whole
 4,096 x 4,096 raster.
+
+Features-contended mode builds each case's features in the engine's chunks, alone and beside a thread running
+Python bytecode: what a run's post-processing threads face beside its other threads.
 """
 
 from __future__ import annotations
@@ -66,7 +70,27 @@ def smooth_tile(ox: int, oy: int, n: int, extent: int) -> np.ndarray:
     return out
 
 
-def run_one(size: int, case: str) -> dict[str, float]:
+def batches(plan, card, case: str, side: int):  # type: ignore[no-untyped-def]
+    """The plan's tiles with their precomputed outputs, in the card's batches, as a run stitches them."""
+    from qpbridge.families import SemanticResult
+
+    rng = np.random.default_rng(0)
+    pool = []
+    if case == "noisy":
+        for _ in range(64):
+            logits = rng.standard_normal((3, OUT, OUT)).astype(np.float32) * 2
+            e = np.exp(logits - logits.max(axis=0))
+            pool.append((e / e.sum(axis=0)).astype(np.float32))
+    extent = side // 4
+    for start in range(0, len(plan.tiles), card.batch_size):
+        tiles = plan.tiles[start:start + card.batch_size]
+        yield tiles, [SemanticResult(probs=pool[(start + i) % len(pool)] if pool else
+                                     smooth_tile(t.x // 4, t.y // 4, OUT, extent), scale=4)
+                      for i, t in enumerate(tiles)]
+
+
+def setup(size: int):  # type: ignore[no-untyped-def]
+    """The card, an N x N tile plan, its side in px and a feature builder, as a run makes them."""
     import cv2  # noqa: F401  (imported here so that first-use imports stay off the clock)
     import scipy.sparse.csgraph  # noqa: F401
 
@@ -74,8 +98,6 @@ def run_one(size: int, case: str) -> dict[str, float]:
     from qpbridge.cards import ModelCard
     from qpbridge.engine.features import FeatureBuilder
     from qpbridge.engine.plan import make_plan
-    from qpbridge.engine.stitching import SemanticStitcher
-    from qpbridge.families import SemanticResult
 
     gc_policy.relax()  # as every engine run does
     card = ModelCard.from_dict(CARD)
@@ -83,7 +105,13 @@ def run_one(size: int, case: str) -> dict[str, float]:
     side = card.tile_size + (size - 1) * step
     plan = make_plan(card, (0, 0, side, side), 1.0)
     assert len(plan.tiles) == size * size
-    builder = FeatureBuilder(card, 1.0, None, (side, side))
+    return card, plan, side, FeatureBuilder(card, 1.0, None, (side, side))
+
+
+def run_one(size: int, case: str) -> dict[str, float]:
+    from qpbridge.engine.stitching import SemanticStitcher
+
+    card, plan, side, builder = setup(size)
     features = []
     build_s = 0.0
     pending: list = []
@@ -102,21 +130,8 @@ def run_one(size: int, case: str) -> dict[str, float]:
 
     stitcher = SemanticStitcher(plan, 3, [1, 2], emit, min_area=card.min_area_um2 / card.mpp ** 2,
                                 max_hole=card.max_hole_area_um2 / card.mpp ** 2)
-    rng = np.random.default_rng(0)
-    pool = []
-    if case == "noisy":
-        for _ in range(64):
-            logits = rng.standard_normal((3, OUT, OUT)).astype(np.float32) * 2
-            e = np.exp(logits - logits.max(axis=0))
-            pool.append((e / e.sum(axis=0)).astype(np.float32))
-    extent = side // 4
     elapsed = 0.0
-    batch = card.batch_size
-    for start in range(0, len(plan.tiles), batch):  # in the card's batches, as a run stitches them
-        tiles = plan.tiles[start:start + batch]
-        results = [SemanticResult(probs=pool[(start + i) % len(pool)] if pool else
-                                  smooth_tile(t.x // 4, t.y // 4, OUT, extent), scale=4)
-                   for i, t in enumerate(tiles)]
+    for tiles, results in batches(plan, card, case, side):
         t0 = time.perf_counter()
         stitcher.add_batch(tiles, results)
         flush()
@@ -245,6 +260,70 @@ def tracer_memory() -> int:
     return 0
 
 
+def _traced(size: int, case: str):  # type: ignore[no-untyped-def]
+    """The feature builder and the polygons a run traces for the case's N x N plan."""
+    from qpbridge.engine.stitching import SemanticStitcher
+
+    card, plan, side, builder = setup(size)
+    traced: list = []
+    stitcher = SemanticStitcher(plan, 3, [1, 2], lambda g, c, e: traced.append((g, c, e)),
+                                min_area=card.min_area_um2 / card.mpp ** 2,
+                                max_hole=card.max_hole_area_um2 / card.mpp ** 2)
+    for tiles, results in batches(plan, card, case, side):
+        stitcher.add_batch(tiles, results)
+    stitcher.finish()
+    return builder, traced
+
+
+def _build_all(builder, chunks: list) -> int:  # type: ignore[no-untyped-def]
+    n = 0
+    for chunk in chunks:
+        built = builder.build_many([g for g, _, _ in chunk], [c for _, c, _ in chunk], 0, 0, 1.0, 1.0,
+                                   [e for _, _, e in chunk])
+        n += sum(f is not None for f in built)
+    return n
+
+
+def _spin(stop) -> None:  # type: ignore[no-untyped-def]
+    while not stop.is_set():
+        for _ in range(1000):
+            pass
+
+
+def features_contended(size: int, cases: list[str]) -> int:
+    """Build the features of each case's N x N plan in the engine's chunks, alone and beside a thread that
+    runs Python bytecode (as a run's other threads do). Each call into C that gives up the GIL waits up to
+    the interpreter's switch interval to take it back beside such a thread, so the time beside it grows
+    with the number of such calls, not with the work."""
+    import threading
+
+    from qpbridge.engine.session import FEATURE_CHUNK
+
+    print(f"building features in chunks of {FEATURE_CHUNK} polygons, {size}x{size} plan; seconds, best of 3 "
+          f"alone, then once beside a thread running Python (switch interval {sys.getswitchinterval() * 1000:g} ms)")
+    print(f"{'case':<7} {'polygons':>9} {'features':>9} {'alone s':>8} {'beside s':>9} {'ratio':>6}")
+    for case in cases:
+        builder, traced = _traced(size, case)
+        chunks = [traced[k:k + FEATURE_CHUNK] for k in range(0, len(traced), FEATURE_CHUNK)]
+        alone = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            n_features = _build_all(builder, chunks)
+            alone.append(time.perf_counter() - t0)
+        stop = threading.Event()
+        spinner = threading.Thread(target=_spin, args=(stop,))
+        spinner.start()
+        try:
+            t0 = time.perf_counter()
+            _build_all(builder, chunks)
+            beside = time.perf_counter() - t0
+        finally:
+            stop.set()
+            spinner.join()
+        print(f"{case:<7} {len(traced):>9} {n_features:>9} {min(alone):>8.3f} {beside:>9.3f} "
+              f"{beside / min(alone):>6.1f}")
+    return 0
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100])
@@ -252,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", nargs=2, metavar=("SIZE", "CASE"), help=argparse.SUPPRESS)
     ap.add_argument("--end-to-end", action="store_true")
     ap.add_argument("--tracer-memory", action="store_true")
+    ap.add_argument("--features-contended", action="store_true",
+                    help="build each case's features alone and beside a thread running Python (--sizes: the first)")
     ap.add_argument("--size", type=int, default=8192, help="end-to-end slide side in px at 0.5 µm/px")
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
@@ -263,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tracer_memory:
         return tracer_memory()
+    if args.features_contended:
+        return features_contended(args.sizes[0], args.cases)
     if args.end_to_end:
         return end_to_end(args.size, args.readers, args.batch, args.trace)
     return stitch_table(args.sizes, args.cases)

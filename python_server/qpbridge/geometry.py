@@ -371,47 +371,36 @@ def clean_many(geoms: Sequence[BaseGeometry] | np.ndarray, simplify_tol: float =
 
 
 def simplify_polygons(geoms: np.ndarray, tol: float) -> np.ndarray:
-    """Plain Douglas-Peucker simplification (as ``shapely.simplify(..., preserve_topology=False)``) of the
-    Polygons of an object array, ring by ring with OpenCV; other geometries come back unchanged.
+    """Plain Douglas-Peucker simplification of the Polygons of an object array (what GEOS's
+    ``simplify(..., preserve_topology=False)`` does before it repairs invalid results); other geometries
+    come back unchanged. A shell that collapses (fewer than three points left) empties its polygon, a hole
+    that collapses is dropped. Results may be invalid: the caller checks.
 
-    GEOS spends about 50 µs per jagged traced polygon on it, most of it outside the algorithm; OpenCV's
-    ``approxPolyDP`` takes a few µs per ring. Like GEOS's, a shell that collapses (fewer than three
-    points) empties its polygon and a hole that collapses is dropped. Rings are simplified in float32
-    relative to their first point, which keeps coordinates within 1e-3 px of the originals."""
-    import cv2
-
+    All rings go to GEOS in one call, as linear rings: GEOS checks and repairs each simplified polygon (about
+    50 µs per jagged traced polygon, most of its time) but not a ring, and one call gives up the GIL once
+    for the whole array. A call per ring (OpenCV's ``approxPolyDP``) gave it up per ring, and beside a thread
+    running Python each ring then waited for the interpreter's switch interval (5 ms)."""
     out = geoms.copy()
     idx = np.flatnonzero((shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON) & ~shapely.is_empty(geoms))
     if len(idx) == 0 or tol <= 0:
         return out
     rings, owner = shapely.get_rings(geoms[idx], return_index=True)
-    counts = shapely.get_num_coordinates(rings)
-    coords = shapely.get_coordinates(rings)
-    starts = np.cumsum(counts) - counts
-    origin = np.repeat(coords[starts], counts, axis=0)
-    local = (coords - origin).astype(np.float32).reshape(-1, 1, 2)
-    pieces: list[np.ndarray] = []
-    sizes = np.zeros(len(counts), np.int64)
-    for r, (a, n) in enumerate(zip(starts.tolist(), counts.tolist(), strict=True)):
-        simple = cv2.approxPolyDP(local[a:a + n - 1], tol, True)  # the closing point left out
-        if len(simple) >= 3:
-            pieces.append(simple.reshape(-1, 2))
-            sizes[r] = len(simple)
-    is_shell = np.ones(len(counts), bool)
+    simple = shapely.simplify(rings, tol, preserve_topology=False)
+    counts = shapely.get_num_coordinates(simple)
+    # a collapsed ring comes back as a line of fewer than four points
+    live_ring = (shapely.get_type_id(simple) == shapely.GeometryType.LINEARRING) & (counts >= 4)
+    is_shell = np.ones(len(rings), bool)
     is_shell[1:] = owner[1:] != owner[:-1]
     dead = np.zeros(len(idx), bool)
-    dead[owner[is_shell & (sizes == 0)]] = True
-    live_ring = (sizes > 0) & ~dead[owner]
+    dead[owner[is_shell & ~live_ring]] = True
+    live_ring &= ~dead[owner]
     out[idx[dead]] = EMPTY
     if not live_ring.any():
         return out
-    # shift back: each kept ring's points plus its first original point
-    xy = np.concatenate(pieces).astype(np.float64) + np.repeat(coords[starts[sizes > 0]], sizes[sizes > 0], axis=0)
-    keep_pts = np.repeat(live_ring[sizes > 0], sizes[sizes > 0])
-    ring_id = np.repeat(np.arange(int(live_ring.sum())), sizes[live_ring])
-    new_rings = shapely.linearrings(xy[keep_pts], indices=ring_id)
-    polys = shapely.polygons(new_rings, indices=np.searchsorted(np.flatnonzero(~dead), owner[live_ring]))
-    out[idx[~dead]] = polys
+    coords = shapely.get_coordinates(simple[live_ring])
+    ring_offsets = np.concatenate([[0], np.cumsum(counts[live_ring])])
+    geom_offsets = np.concatenate([np.flatnonzero(is_shell[live_ring]), [int(live_ring.sum())]])
+    out[idx[~dead]] = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets))
     return out
 
 
