@@ -108,9 +108,15 @@ def setup(size: int):  # type: ignore[no-untyped-def]
     return card, plan, side, FeatureBuilder(card, 1.0, None, (side, side))
 
 
-def run_one(size: int, case: str) -> dict[str, float]:
+def stitcher_for(card, plan, emit):  # type: ignore[no-untyped-def]
+    """The stitcher a run builds for the card's plan (classes 1 and 2 emitted), polygons going to ``emit``."""
     from qpbridge.engine.stitching import SemanticStitcher
 
+    return SemanticStitcher(plan, 3, [1, 2], emit, min_area=card.min_area_um2 / card.mpp ** 2,
+                            max_hole=card.max_hole_area_um2 / card.mpp ** 2)
+
+
+def run_one(size: int, case: str) -> dict[str, float]:
     card, plan, side, builder = setup(size)
     features = []
     build_s = 0.0
@@ -128,8 +134,7 @@ def run_one(size: int, case: str) -> dict[str, float]:
         features.extend(f for f in built if f is not None)
         pending.clear()
 
-    stitcher = SemanticStitcher(plan, 3, [1, 2], emit, min_area=card.min_area_um2 / card.mpp ** 2,
-                                max_hole=card.max_hole_area_um2 / card.mpp ** 2)
+    stitcher = stitcher_for(card, plan, emit)
     elapsed = 0.0
     for tiles, results in batches(plan, card, case, side):
         t0 = time.perf_counter()
@@ -262,13 +267,9 @@ def tracer_memory() -> int:
 
 def _traced(size: int, case: str):  # type: ignore[no-untyped-def]
     """The feature builder and the polygons a run traces for the case's N x N plan."""
-    from qpbridge.engine.stitching import SemanticStitcher
-
     card, plan, side, builder = setup(size)
     traced: list = []
-    stitcher = SemanticStitcher(plan, 3, [1, 2], lambda g, c, e: traced.append((g, c, e)),
-                                min_area=card.min_area_um2 / card.mpp ** 2,
-                                max_hole=card.max_hole_area_um2 / card.mpp ** 2)
+    stitcher = stitcher_for(card, plan, lambda g, c, e: traced.append((g, c, e)))
     for tiles, results in batches(plan, card, case, side):
         stitcher.add_batch(tiles, results)
     stitcher.finish()
@@ -285,9 +286,10 @@ def _build_all(builder, chunks: list) -> int:  # type: ignore[no-untyped-def]
 
 
 def _spin(stop) -> None:  # type: ignore[no-untyped-def]
+    """Run Python bytecode until ``stop`` is set: it gives up the GIL only when the interpreter forces it."""
+    n = 0
     while not stop.is_set():
-        for _ in range(1000):
-            pass
+        n += 1
 
 
 def features_contended(size: int, cases: list[str]) -> int:
@@ -323,6 +325,7 @@ def features_contended(size: int, cases: list[str]) -> int:
         print(f"{case:<7} {len(traced):>9} {n_features:>9} {min(alone):>8.3f} {beside:>9.3f} "
               f"{beside / min(alone):>6.1f}")
     return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
