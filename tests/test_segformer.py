@@ -651,6 +651,96 @@ def test_cuda_cast_weights_and_device_outputs(hf_root: Path, hf_model: TorchSegm
         model.close()
 
 
+def test_cuda_graphs_are_on_by_default_for_full_batches_and_off_with_compile(hf_root: Path) -> None:
+    """Cards get a CUDA graph of full batches of their tile size unless they say ``cuda_graphs: false`` or
+    compile; on the CPU there is none."""
+    from qpbridge.families.torch_runtime import worker_settings
+
+    def shape(**params: Any) -> Any:
+        return worker_settings(ModelCard.from_dict(card_dict(params=params), folder=hf_root), compile=True)[
+            "graph_shape"]
+
+    assert shape() == (8, TILE, TILE) and shape(max_batch=4) == (4, TILE, TILE)
+    assert shape(cuda_graphs=False) is None and shape(compile=True) is None
+    with pytest.raises(ModelCardError, match="cuda_graphs"):
+        shape(cuda_graphs="yes")
+    model = create_model(load_card(hf_root), "cpu")
+    assert isinstance(model, TorchSegmentation)
+    try:
+        assert model.worker.graph_shape is None and model.worker.graph_state == "off"
+    finally:
+        model.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_full_batches_with_the_eager_results(hf_root: Path) -> None:
+    """Full batches of the card's tile size replay a CUDA graph captured at the first one: the eager model's
+    probabilities, results of one replay left untouched by the next, other batches eager."""
+    graphed = create_model(load_card(hf_root), "cuda")
+    eager = create_model(ModelCard.from_dict(card_dict(params={"precision": "fp16", "cuda_graphs": False}),
+                                             folder=hf_root), "cuda")
+    assert isinstance(graphed, TorchSegmentation) and isinstance(eager, TorchSegmentation)
+    try:
+        worker, n = graphed.worker, graphed.worker.max_batch
+        assert worker.graph_shape == (n, TILE, TILE) and eager.worker.graph_state == "off"
+        first = graphed.predict_native(tiles(n, seed=20), on_device=True)
+        kept = [r.probs.clone() for r in first]
+        assert worker.graph_state == "ready" and worker.graph_passes == 1
+        for seed in (21, 22):
+            batch = tiles(n, seed=seed)
+            for a, b in zip(graphed.predict_native(batch), eager.predict_native(batch), strict=True):
+                np.testing.assert_allclose(a.probs.astype(np.float32), b.probs.astype(np.float32), atol=2e-3)
+        assert worker.graph_passes == 3
+        assert all(torch.equal(r.probs, k) for r, k in zip(first, kept, strict=True))  # not overwritten
+        batch = tiles(n, seed=23)
+        full = graphed.predict(batch)  # full-resolution outputs: a graph of their own
+        assert worker.graph_passes == 4 and len(worker._graphs) == 2
+        for a, b in zip(full, eager.predict(batch), strict=True):
+            np.testing.assert_allclose(a.probs.astype(np.float32), b.probs.astype(np.float32), atol=2e-3)
+        part = tiles(n - 1, seed=24)
+        for a, b in zip(graphed.predict_native(part), eager.predict_native(part), strict=True):
+            np.testing.assert_allclose(a.probs.astype(np.float32), b.probs.astype(np.float32), atol=2e-3)
+        assert worker.graph_passes == 4  # a partial batch runs eagerly
+    finally:
+        graphed.close()
+        eager.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_that_cannot_be_captured_runs_eagerly() -> None:
+    """A forward pass that waits for the device (a host sync) cannot be captured: the worker says why in the
+    log and serves the eager model, with correct results, in the same process (a fresh one, so a broken CUDA
+    context could not hide in this one)."""
+    import subprocess
+    import sys
+
+    code = """
+import logging, numpy as np, torch
+from qpbridge.families.torch_runtime import DeviceWorker
+logging.basicConfig(level=logging.WARNING)
+class Syncing(torch.nn.Module):
+    def forward(self, x):
+        if float(x.abs().sum().item()) < 0:  # a host sync: not capturable
+            raise AssertionError
+        g = x.mean(dim=1, keepdim=True)
+        return torch.cat([g, -g], dim=1)
+rng = np.random.default_rng(0)
+batch = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+with DeviceWorker(Syncing(), torch.device("cuda"), n_outputs=2, max_batch=4, max_wait_s=0.0,
+                  graph_shape=(4, 32, 32)) as w, \
+        DeviceWorker(Syncing(), torch.device("cuda"), n_outputs=2, max_batch=4, max_wait_s=0.0) as plain:
+    for _ in range(2):
+        np.testing.assert_allclose(w.run(batch).astype(np.float32), plain.run(batch).astype(np.float32), atol=1e-3)
+    print("state", w.graph_state, w.graph_passes, w.forward_passes)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "state failed 0 2" in proc.stdout and "no CUDA graph" in proc.stderr
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_annotate_blends_on_the_device(wsinfer_folder: Path, tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ def test_block_reads_decode_each_stored_tile_once_and_equal_single_reads(tmp_pat
     ref._direct = None  # tiffslide's read_region only
     for tiles, seq_tiles in zip(got, seq, strict=True):
         for (t, px), (_, seq_px) in zip(tiles, seq_tiles, strict=True):
-            want = read_block(plan, [t], ref.read)[0][1]
+            want = ref.read(*plan.fullres_box(t), t.w, t.h)
             np.testing.assert_array_equal(px, want, err_msg=f"tile {t.index}")
             np.testing.assert_array_equal(seq_px, want, err_msg=f"tile {t.index}")
     ref.close()
@@ -707,6 +707,53 @@ def test_blocks_read_each_canvas_pixel_about_once_band_by_band_in_plan_order():
     rows_only = blocks_of(plan, rows=1)  # one plan row per block: rows overlap, their pixels are read twice
     assert _box_area(blocks) / canvas < 1.15  # the rows of a band share their overlaps
     assert _box_area(rows_only) / canvas > 1.3
+
+
+def test_block_tiles_are_rows_of_one_stack_per_size_and_fill_a_batch_in_few_copies():
+    """Each block's tiles are cut out of its box in one copy per tile size: every tile equals its crop of
+    the box, is contiguous and read-only, and the tiles of a batch come as one run per block and size (the
+    batch is filled with one copy per run, not per tile); tiles off the grid are cut one by one."""
+    import dataclasses
+
+    from qpbridge.engine.reading import read_block
+    from qpbridge.families.torch_runtime import contiguous_runs
+
+    rng = np.random.default_rng(5)
+    canvas = rng.integers(0, 255, (1000, 1400, 3), dtype=np.uint8)
+    calls = []
+
+    def read_box(x0, y0, x1, y1, w, h):  # type: ignore[no-untyped-def]
+        calls.append((w, h))
+        return canvas[int(y0):int(y0) + h, int(x0):int(x0) + w].copy()
+
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 256, "overlap": 64}})
+    plan = make_plan(card, (0, 0, 1400, 1000), None)  # 7 x 5 tiles, the last column and row cut short
+    assert len({(t.w, t.h) for t in plan.tiles}) == 4
+    blocks = blocks_of(plan, block_px=900, rows=2)
+    batch = []
+    for block in blocks:
+        got = read_block(plan, block, read_box)
+        assert [t for t, _ in got] == block
+        for t, px in got:
+            np.testing.assert_array_equal(px, canvas[t.y:t.y + t.h, t.x:t.x + t.w], err_msg=f"tile {t.index}")
+            assert px.flags.c_contiguous and not px.flags.writeable
+        full = [px for t, px in got if (t.w, t.h) == (256, 256)]
+        if len(full) == len(got):
+            assert len(contiguous_runs(full)) == 1  # the whole block: one copy into the batch
+        batch.extend(full)
+    assert len(calls) == len(blocks)
+    runs = contiguous_runs(batch)
+    assert len(runs) < len(batch) / 2 and sum(len(r) for r in runs) == len(batch)
+    np.testing.assert_array_equal(np.concatenate(runs), np.stack(batch))
+    # the same tiles in reverse order, or cut from other arrays, are not joined
+    assert len(contiguous_runs(batch[::-1])) == len(batch)
+    assert len(contiguous_runs([px.copy() for px in batch[:5]])) == 5
+    assert len(contiguous_runs([px[:, :128] for px in batch[:5]])) == 5
+    # a tile off the plan's grid is cut on its own, still exact
+    odd = dataclasses.replace(plan.tiles[0], x=10, y=6)
+    got = read_block(plan, [odd, plan.tiles[1]], read_box)
+    np.testing.assert_array_equal(got[0][1], canvas[6:262, 10:266])
+    np.testing.assert_array_equal(got[1][1], canvas[0:256, 192:448])
 
 
 def test_sparse_plans_are_read_in_row_runs_not_empty_boxes():

@@ -9,9 +9,10 @@ that neighbouring blocks share (``Slide.read_overlap``, set by a run). A block t
 (a tissue or ROI plan) is read row run by row run instead, so no large empty box is decoded.
 
 Blocks come band by band; the tiles of a band reach the model in plan order (:func:`band_of` says where a
-band ends). Tiles are views of their block, so memory is the blocks of one band, held until it is complete
-(for a 150,000 px wide slide at 0.25 µm/px and 256 px tiles at 1 µm/px with a step of 192 px: 832 rows of
-37,700 px x 3 bytes = 94 MB; the tiles as copies would be 4 rows x 196 tiles x 192 kB = 150 MB).
+band ends). Each block's tiles are cut out of it in one copy (per tile size) into a stack, so memory is the
+tiles of one band, held until it is complete (for a 150,000 px wide slide at 0.25 µm/px and 256 px tiles at
+1 µm/px with a step of 192 px: 4 rows x 196 tiles x 192 kB = 150 MB; the block read for them, 832 rows of
+up to ``BLOCK_PX`` px, is freed once they are cut).
 """
 
 from __future__ import annotations
@@ -81,8 +82,12 @@ def _row_runs(tiles: list[PlannedTile]) -> list[list[PlannedTile]]:
 
 
 def read_block(plan: TilePlan, block: list[PlannedTile], read_box: ReadBox) -> list[tuple[PlannedTile, np.ndarray]]:
-    """Read the block's bounding box once, at canvas resolution, and slice its tiles (views of the block: the
-    model's batch is a copy of them anyway, and overlapping tiles would hold their overlap twice)."""
+    """Read the block's bounding box once, at canvas resolution, and cut its tiles out of it.
+
+    The tiles of one size are gathered in one copy into a stack (one numpy call per size, which gives up the
+    GIL once: a copy per tile gives it up per tile, and beside a thread running Python each hand-over waits
+    for the interpreter's switch interval). Each tile is a contiguous, read-only row of its stack, so the
+    model's batch is filled with one copy per run of consecutive tiles."""
     x0 = min(t.x for t in block)
     x1 = max(t.x + t.w for t in block)
     y0 = min(t.y for t in block)
@@ -90,5 +95,30 @@ def read_block(plan: TilePlan, block: list[PlannedTile], read_box: ReadBox) -> l
     ds = plan.ds
     px = read_box(plan.origin_x + x0 * ds, plan.origin_y + y0 * ds, plan.origin_x + x1 * ds,
                   plan.origin_y + y1 * ds, x1 - x0, y1 - y0)
-    px.flags.writeable = False  # tiles overlap: one changed in place would change its neighbours
-    return [(t, px[t.y - y0:t.y - y0 + t.h, t.x - x0:t.x - x0 + t.w]) for t in block]
+    step = plan.step
+    sizes: dict[tuple[int, int], list[int]] = {}
+    for k, t in enumerate(block):
+        sizes.setdefault((t.h, t.w), []).append(k)
+    out: list[np.ndarray] = [px] * len(block)
+    for (h, w), members in sizes.items():
+        ys = [block[k].y - y0 for k in members]
+        xs = [block[k].x - x0 for k in members]
+        if any(v % step for v in ys + xs):  # not on the plan's grid: tile by tile
+            for k, y, x in zip(members, ys, xs, strict=True):
+                out[k] = _frozen(px[y:y + h, x:x + w].copy())
+            continue
+        rows, cols = np.array(ys) // step, np.array(xs) // step
+        # every grid cell as a (rows, cols, h, w, ...) view of the block: all inside it, since the furthest
+        # row and the furthest column each hold a tile of this size
+        grid = np.lib.stride_tricks.as_strided(
+            px, shape=(int(rows.max()) + 1, int(cols.max()) + 1, h, w, *px.shape[2:]),
+            strides=(step * px.strides[0], step * px.strides[1], *px.strides), writeable=False)
+        stack = _frozen(grid[rows, cols])
+        for j, k in enumerate(members):
+            out[k] = stack[j]
+    return list(zip(block, out, strict=True))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False  # as read, for every model: one changing its input in place is a bug
+    return a

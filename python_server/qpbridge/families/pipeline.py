@@ -182,7 +182,7 @@ class Pipeline(ModelFamily):
                 precision=old.precision, max_batch=old.max_batch, max_wait_s=old.max_wait_s,
                 channels_last=old.channels_last, weights="autocast" if old.weights == "autocast" else "cast",
                 compile_shape=(old.max_batch, last.tile_size, last.tile_size) if compile_chain else None,
-                compile_mode=old.compile_mode,
+                compile_mode=old.compile_mode, graph_shape=None if compile_chain else old.graph_shape,
                 head=_chained_head(old.head) if old.head is not None else None,
                 autograd=old.autograd)
             old.close()
