@@ -117,7 +117,8 @@ def test_feature_layout_matches_qupath():
 
 
 def test_simplify_polygons_is_geos_douglas_peucker_in_one_call(monkeypatch):
-    """All rings of traced, jagged regions (with holes) are simplified in one GEOS call, as linear rings.
+    """All rings of traced, jagged regions (with holes) are simplified in one GEOS call, as linear rings
+    (below ``RING_SLICE`` rings: see the next test).
     Wherever the result is valid it is exactly GEOS's own simplification of the polygon (which differs only
     in repairing invalid results); a collapsed hole is dropped, a collapsed shell empties its polygon, and
     other geometry types come back unchanged."""
@@ -161,6 +162,62 @@ def test_simplify_polygons_is_geos_douglas_peucker_in_one_call(monkeypatch):
     assert valid >= 0.9 * (len(polys) - 2)
     kept = shapely.get_num_coordinates(ours[:len(polys) - 2]).sum()
     assert kept < 0.9 * shapely.get_num_coordinates(arr[:len(polys) - 2]).sum()
+
+
+def test_rings_of_a_huge_region_are_shared_out_with_the_same_result(monkeypatch):
+    """Past ``RING_SLICE`` rings, simplification, hole areas and the ring-by-ring validity check run in
+    slices on the post-processing threads: the results equal those of one call, exactly."""
+    from qpbridge import pools
+
+    holes = [_square(10 + 20 * i + (j % 3), 10 + 20 * j, 8 + (i * j) % 5) for i in range(30) for j in range(30)]
+    jagged = [[(x + 0.3 * (k % 2), y) for k, (x, y) in enumerate(h)] for h in holes]
+    arr = np.empty(2, dtype=object)
+    arr[:] = [Polygon(_square(0, 0, 620), jagged), Polygon(_square(0, 0, 620), [*jagged, _square(14, 14, 8)])]
+    whole = (geometry.simplify_polygons(arr, 0.5), geometry.fill_small_holes_many(arr, 60.0),
+             geometry.valid_many(arr).tolist())
+    sizes: list[tuple[int, int]] = []
+    split_map = pools.split_map
+
+    def spy(func, items, min_chunk):  # type: ignore[no-untyped-def]
+        out = split_map(func, items, min_chunk)
+        sizes.append((len(items), len(out)))
+        return out
+
+    monkeypatch.setattr(geometry, "split_map", spy)
+    monkeypatch.setattr(geometry, "RING_SLICE", 100)
+    monkeypatch.setattr(geometry, "MANY_HOLES", 8)
+    sliced = (geometry.simplify_polygons(arr, 0.5), geometry.fill_small_holes_many(arr, 60.0),
+              geometry.valid_many(arr).tolist())
+    assert whole[2] == sliced[2] == [True, False]
+    for a, b in zip(whole[:2], sliced[:2], strict=True):
+        assert all(shapely.equals_exact(x, y, 0) for x, y in zip(a, b, strict=True))
+    assert len(sizes) >= 4 and all(n >= 900 for n, _ in sizes)
+    assert all(parts == min(pools.pool_size(), n // 100) for n, parts in sizes)  # every call went in slices
+
+
+def test_split_map_keeps_order_and_never_deadlocks_inside_the_pool():
+    """Slices come back in order, and tasks of the pool itself can split their work while every thread of
+    the pool is busy doing the same (the caller runs the slices no thread took)."""
+    import threading
+    import time
+
+    from qpbridge import pools
+
+    items = np.arange(1000)
+    assert np.concatenate(pools.split_map(lambda a: a * 2, items, 10)).tolist() == (items * 2).tolist()
+    assert len(pools.split_map(lambda a: a, items, 10)) == min(pools.pool_size(), 100)
+    assert pools.split_map(len, items[:15], 10) == [15]
+    threads: set[str] = set()
+
+    def slow(part: np.ndarray) -> int:
+        threads.add(threading.current_thread().name)
+        time.sleep(0.01)
+        return int(part.sum())
+
+    pool = pools.postprocess_pool()
+    tasks = [pool.submit(lambda: sum(pools.split_map(slow, items, 10))) for _ in range(3 * pools.pool_size())]
+    assert [t.result(timeout=60) for t in tasks] == [int(items.sum())] * len(tasks)
+    assert len(threads) == pools.pool_size()
 
 
 def test_fill_small_holes_many_matches_one_by_one():

@@ -22,6 +22,7 @@ from shapely.geometry import MultiPolygon, Polygon, mapping
 from shapely.geometry.base import BaseGeometry
 
 from qpbridge.cards import ClassInfo
+from qpbridge.pools import split_map
 
 GRID = 0.01  # coordinate grid in full-resolution pixels
 
@@ -385,7 +386,7 @@ def simplify_polygons(geoms: np.ndarray, tol: float) -> np.ndarray:
     if len(idx) == 0 or tol <= 0:
         return out
     rings, owner = shapely.get_rings(geoms[idx], return_index=True)
-    simple = shapely.simplify(rings, tol, preserve_topology=False)
+    simple = ring_map(lambda part: shapely.simplify(part, tol, preserve_topology=False), rings)
     counts = shapely.get_num_coordinates(simple)
     # a collapsed ring comes back as a line of fewer than four points
     live_ring = (shapely.get_type_id(simple) == shapely.GeometryType.LINEARRING) & (counts >= 4)
@@ -405,6 +406,16 @@ def simplify_polygons(geoms: np.ndarray, tol: float) -> np.ndarray:
 
 
 MANY_HOLES = 256  # holes from which validity is first checked ring by ring (see ``valid_many``)
+RING_SLICE = 2048  # rings from which per-ring work is shared out (see ``ring_map``)
+
+
+def ring_map(func: Any, rings: np.ndarray) -> np.ndarray:
+    """``func`` (a vectorised shapely call, one result per element) of an object array of rings or polygons,
+    in slices of at least ``RING_SLICE`` on the post-processing threads beside this one. A region spanning a
+    slide (tens of thousands of holes) closes last and is built alone at the end of a run; its rings are
+    independent, and these calls give up the GIL, so the threads share its cost."""
+    parts = split_map(func, rings, RING_SLICE)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def valid_many(geoms: np.ndarray) -> np.ndarray:
@@ -433,10 +444,16 @@ def holes_clearly_apart(poly: Polygon) -> bool:
     """Whether ``poly`` is valid by the sufficient condition of ``valid_many`` (False: not shown, not invalid)."""
     shell = shapely.polygons(shapely.get_exterior_ring(poly))
     holes = shapely.polygons(shapely.get_interior_ring(poly, np.arange(shapely.get_num_interior_rings(poly))))
-    if not shapely.is_valid(shell) or not shapely.is_valid(holes).all():
+    if not shapely.is_valid(shell):
         return False
-    shapely.prepare(shell)
-    if not shapely.contains_properly(shell, holes).all():
+
+    def inside(part: np.ndarray) -> np.ndarray:
+        # each slice its own prepared shell: a prepared geometry builds its indexes lazily, not thread-safely
+        own = shapely.polygons(shapely.get_exterior_ring(poly))
+        shapely.prepare(own)
+        return shapely.is_valid(part) & shapely.contains_properly(own, part)
+
+    if not ring_map(inside, holes).all():
         return False
     a, b = shapely.STRtree(holes).query(holes, predicate="intersects")
     return not bool((a != b).any())
@@ -466,7 +483,7 @@ def fill_small_holes_many(polys: np.ndarray, max_hole_area: float) -> np.ndarray
         return out
     is_shell = np.ones(len(rings), bool)
     is_shell[1:] = owner[1:] != owner[:-1]  # each polygon's exterior comes first
-    small = ~is_shell & (shapely.area(shapely.polygons(rings)) < max_hole_area)
+    small = ~is_shell & (ring_map(lambda part: shapely.area(shapely.polygons(part)), rings) < max_hole_area)
     changed = np.unique(owner[small])
     if len(changed):
         sel = ~small & np.isin(owner, changed)
