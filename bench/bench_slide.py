@@ -3,13 +3,15 @@
     python bench/bench_slide.py [--device auto|cpu|cuda] [--size 32768] [--precision fp16 fp32]
                                 [--compile [--no-eager]] [--compile-mode max-autotune|default] [--batch 256]
                                 [--model-only-tiles 4096] [--readers 8] [--slide PATH] [--switch-interval S]
+                                [--no-cuda-graphs] [--feeders N] [--queue-batches N]
                                 [--trace auto|thread|process[-stacked] ...]
 
 Builds SegFormer-B0 with random weights (speed only; HOTSPoT's architecture, 3 classes, 256 px tiles at
 1 µm/px), saves it as a save_pretrained folder and serves it through the real card/engine path. Writes a
 synthetic JPEG-compressed pyramidal TIFF of --size x --size px at 0.5 µm/px, then for each precision and
-mode (eager; compiled too with --compile, timed once the background compile is warm; the random weights
-are seeded, so every run traces the same class maps):
+mode (eager, whose full batches replay a CUDA graph on a GPU unless --no-cuda-graphs; compiled too with
+--compile, timed once the background compile is warm; the random weights are seeded, so every run traces
+the same class maps):
 - model-only: the same model fed ready uint8 tiles already in memory, from as many threads as a run feeds
   it, outputs as the run takes them (native resolution, left on the GPU), synchronised at the end (tiles/s);
 - end to end: `annotate_slide` on the slide (pipelined block reads, model, device-side blending, linear
@@ -30,6 +32,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +71,8 @@ def write_slide(path: Path, size: int) -> Path:
     return path
 
 
-def make_card(root: Path, precision: str, batch: int, compiled: bool, compile_mode: str = "max-autotune") -> str:
+def make_card(root: Path, precision: str, batch: int, compiled: bool, compile_mode: str = "max-autotune",
+              graphs: bool = True) -> str:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     weights = root / "b0-weights"
@@ -77,7 +81,7 @@ def make_card(root: Path, precision: str, batch: int, compiled: bool, compile_mo
 
         torch.manual_seed(0)  # the same random network every run: its class maps set the stitching work
         SegformerForSemanticSegmentation(SegformerConfig(num_labels=3)).save_pretrained(weights)  # B0 defaults
-    name = f"segformer-b0-{precision}-{'compiled' if compiled else 'eager'}"
+    name = f"segformer-b0-{precision}-{'compiled' if compiled else 'eager'}{'' if graphs else '-nographs'}"
     folder = root / "models" / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({
@@ -87,7 +91,8 @@ def make_card(root: Path, precision: str, batch: int, compiled: bool, compile_mo
                     {"name": "Lobule", "color": [222, 120, 160]}, {"name": "Portal tract", "color": [30, 110, 220]}],
         "tile": {"size": 256, "overlap": 64, "batch_size": batch}, "mpp": 1.0,
         "postprocess": {"simplify_um": 2.0, "min_area_um2": 500.0, "max_hole_area_um2": 100.0},
-        "params": {"precision": precision, "tissue_filter": False, "compile": compiled, "compile_mode": compile_mode},
+        "params": {"precision": precision, "tissue_filter": False, "compile": compiled, "compile_mode": compile_mode,
+                   "cuda_graphs": graphs},
         "weights": str(weights),
     }))
     return name
@@ -196,7 +201,7 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     from qpbridge.engine import Engine
     from qpbridge.engine.session import RunOptions
 
-    name = make_card(root, precision, args.batch, compiled, args.compile_mode)
+    name = make_card(root, precision, args.batch, compiled, args.compile_mode, not args.no_cuda_graphs)
     engine = Engine(root / "models", device=device)
     model = engine.model(name)
     cuda = device.startswith("cuda")
@@ -213,7 +218,7 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     # this one computes, as in the run: one caller alone would wait for each batch before sending the next.
     from concurrent.futures import ThreadPoolExecutor
 
-    feeders = RunOptions().feeders
+    feeders = args.feeders
     batches = -(-args.model_only_tiles // len(tiles))
     t = time.perf_counter()
     with ThreadPoolExecutor(feeders) as pool:
@@ -232,7 +237,8 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     for trace in args.trace:  # the same model, one end-to-end run per way of tracing, in the order given
         mode = f"{'compiled' if compiled else 'eager'}, trace {trace}"
         where, *flags = trace.split("-")
-        opts = RunOptions(readers=args.readers, trace_process=TRACE_PROCESS[where])
+        opts = RunOptions(readers=args.readers, trace_process=TRACE_PROCESS[where], feeders=args.feeders,
+                          queue_batches=args.queue_batches)
         with ThreadCPU() as cpu, unsliced(model, "stacked" in flags):
             result = annotate_slide(engine, slide, name, tissue_filter=False, options=opts)
         st = result.stats
@@ -243,6 +249,10 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
         rows.append({"precision": precision, "mode": mode, "compile_s": compile_s, "model_only": model_only,
                      "e2e": st.tiles / st.seconds, "stats": st, "features": len(result.features),
                      "gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else 0.0})
+    worker = getattr(model, "worker", None)
+    if cuda and hasattr(worker, "graph_state"):  # older trees (A/B runs) have no CUDA graphs
+        print(f"{precision} {'compiled' if compiled else 'eager'}: CUDA graph {worker.graph_state}; "
+              f"{worker.graph_passes} of {worker.forward_passes} forward passes replayed it", flush=True)
     if profiler is not None:
         import pstats
 
@@ -253,6 +263,15 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     if close is not None:
         close()
     return rows
+
+
+def timeline(st: Any) -> str:
+    """When the first model output reached the stitcher, over how long the outputs came, and the tail after
+    the last was stitched (regions left open and their features)."""
+    first, last = getattr(st, "first_output_s", 0.0), getattr(st, "last_output_s", 0.0)  # absent in older trees
+    if not last:
+        return "- | - | -"
+    return f"{first:.2f} | {last - first:.2f} | {st.seconds - st.stitched_s:.2f}"
 
 
 def child(st: object) -> str:
@@ -272,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-timeout", type=float, default=1800.0)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--model-only-tiles", type=int, default=4096)
+    ap.add_argument("--no-cuda-graphs", action="store_true",
+                    help="eager forward passes only (the card's cuda_graphs: false)")
     ap.add_argument("--readers", type=int, default=8)
+    ap.add_argument("--feeders", type=int, default=None,
+                    help="threads calling the model, in model-only and end to end (default: RunOptions')")
+    ap.add_argument("--queue-batches", type=int, default=None,
+                    help="model outputs that may wait to be stitched (default: RunOptions')")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the stitching thread of each end-to-end run, print its top N functions")
     ap.add_argument("--switch-interval", type=float, default=None, metavar="S",
@@ -288,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_slide:
         synthetic_slide(Path(args.write_slide[0]), int(args.write_slide[1]))
         return 0
+    from qpbridge.engine.session import RunOptions
+
+    defaults = RunOptions()
+    args.feeders = args.feeders or defaults.feeders
+    args.queue_batches = args.queue_batches or defaults.queue_batches
 
     import torch
 
@@ -299,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none"
     print(f"device {device} ({gpu}); torch {torch.__version__}; slide {args.size}x{args.size} px at 0.5 µm/px; "
-          f"batch {args.batch}; {args.readers} readers; GIL switch interval {sys.getswitchinterval() * 1e3:g} ms")
+          f"batch {args.batch}; {args.readers} readers; {args.feeders} feeders; {args.queue_batches} outputs "
+          f"queued; GIL switch interval {sys.getswitchinterval() * 1e3:g} ms")
     rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -329,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| precision | mode | model-only tiles/s | end-to-end tiles/s | ratio | tiles | wall s | reading s "
           "(threads) | model s | device s | stitching s (blending, class strips, tracing, handing features on, "
           "finishing; on a CPU) | features s (threads; slowest chunk) | "
-          "GPU idle | limit | features | peak GPU MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "GPU idle | limit | features | peak GPU MiB | first output s | outputs s | tail s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stats"]
         dev = f"{st.device_s:.2f}" if st.device_s is not None else "-"
@@ -342,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{st.extra.get('finishing_s', 0):.2f}; CPU {st.stitch_cpu_s:.2f}{child(st)}) | "
               f"{st.features_s:.2f} ({pool_size()}; {st.extra.get('slowest_feature_chunk_s', 0):.2f}) | "
               f"{100 * st.model_idle_fraction:.0f}% | {st.limit} | "
-              f"{r['features']} | {r['gpu_mib']:.0f} |")
+              f"{r['features']} | {r['gpu_mib']:.0f} | {timeline(st)} |")
     print(f"peak host RSS {rss:.0f} MiB")
     return 1 if failed or not rows else 0
 

@@ -1,7 +1,8 @@
 """Stitching + vectorising speed on one core, without a model: prints measured numbers (not a test).
 
     python bench/bench_stitch.py [--sizes 25 50 100] [--cases smooth noisy]
-    python bench/bench_stitch.py --end-to-end [--size 8192] [--readers 2] [--trace auto|thread|process ...]
+    python bench/bench_stitch.py --end-to-end [--size 8192] [--slide PATH] [--readers 2]
+                                 [--trace auto|thread|process ...]
     python bench/bench_stitch.py --tracer-memory
     python bench/bench_stitch.py --features-contended [--sizes 25] [--cases smooth noisy]
 
@@ -180,7 +181,7 @@ def stitch_table(sizes: list[int], cases: list[str]) -> int:
     return 0
 
 
-def end_to_end(size: int, readers: int, batch: int, trace: list[str]) -> int:
+def end_to_end(size: int, readers: int, batch: int, trace: list[str], reuse: Path | None = None) -> int:
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -204,8 +205,10 @@ def end_to_end(size: int, readers: int, batch: int, trace: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        slide = write_slide(root / "slide.tif", size)
-        print(f"slide {size}x{size} px at 0.5 µm/px written in {time.perf_counter() - t:.1f} s")
+        slide = reuse or root / "slide.tif"
+        if not slide.exists():
+            write_slide(slide, size)
+            print(f"slide {size}x{size} px at 0.5 µm/px written in {time.perf_counter() - t:.1f} s")
         card_dir = root / "models" / CARD["name"]
         card_dir.mkdir(parents=True)
         card = {**CARD, "tile": {**CARD["tile"], "batch_size": batch}}
@@ -337,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features-contended", action="store_true",
                     help="build each case's features alone and beside a thread running Python (--sizes: the first)")
     ap.add_argument("--size", type=int, default=8192, help="end-to-end slide side in px at 0.5 µm/px")
+    ap.add_argument("--slide", type=Path, help="end to end: reuse this synthetic slide (written first if missing)")
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--trace", nargs="+", default=["auto"], choices=["auto", "thread", "process"],
@@ -350,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.features_contended:
         return features_contended(args.sizes[0], args.cases)
     if args.end_to_end:
-        return end_to_end(args.size, args.readers, args.batch, args.trace)
+        return end_to_end(args.size, args.readers, args.batch, args.trace, args.slide)
     return stitch_table(args.sizes, args.cases)
 
 

@@ -117,6 +117,11 @@ class RunStats:
     features: int = 0
     readers: int = 1
     device_s: float | None = None  # time the model's device computed (GPU time on CUDA), when known
+    # the run's timeline, seconds from its start: the first and the last model output reaching the stitcher,
+    # and the last of them stitched (what follows is the tail: the regions left open, and their features)
+    first_output_s: float = 0.0
+    last_output_s: float = 0.0
+    stitched_s: float = 0.0
     cancelled: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -146,7 +151,9 @@ class RunStats:
         if "finishing_s" in self.extra:
             parts += (f"; finishing {self.extra['finishing_s']:.2f} s, the slowest feature chunk "
                       f"{self.extra.get('slowest_feature_chunk_s', 0.0):.2f} s")
-        return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s); busy: reading "
+        timeline = (f"; model outputs from {self.first_output_s:.2f} s to {self.last_output_s:.2f} s, stitched at "
+                    f"{self.stitched_s:.2f} s" if self.last_output_s > 0 else "")
+        return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s{timeline}); busy: reading "
                 f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s over {self.feeders} "
                 f"feeders{device}, stitching {self.stitch_s:.2f} s ({parts}), features {self.features_s:.2f} s over "
                 f"{pool_size()} threads ({self.features} features); model idle "
@@ -510,6 +517,9 @@ class PlanRun:
                     stats.stitch_wait_s += time.perf_counter() - t
                     if item is _END:
                         break
+                    stats.last_output_s = time.perf_counter() - t0
+                    if not stats.first_output_s:
+                        stats.first_output_s = stats.last_output_s
                     if isinstance(item, BaseException):
                         raise item
                     tiles, results = item
@@ -518,6 +528,7 @@ class PlanRun:
                     stats.stitch_s += time.perf_counter() - t
                     stats.stitch_cpu_s += time.thread_time() - c
                     done += len(tiles)
+                    stats.stitched_s = time.perf_counter() - t0
                     if on_progress is not None:
                         on_progress(Progress(done, len(plan.tiles), time.perf_counter() - t0))
             finally:
