@@ -5,6 +5,7 @@
                                  [--trace auto|thread|process ...]
     python bench/bench_stitch.py --tracer-memory
     python bench/bench_stitch.py --features-contended [--sizes 25] [--cases smooth noisy]
+    python bench/bench_stitch.py --feeding-contended [TILES]
 
 Stitch mode feeds a :class:`SemanticStitcher` precomputed SegFormer-shaped outputs (3 classes, 64 x 64
 softmax probabilities per 256 px tile with 64 px overlap, HOTSPoT's card) for an N x N tile plan, and
@@ -27,6 +28,9 @@ Tracer-memory mode measures (``tracemalloc``: numpy's and OpenCV's arrays) the p
 takes beyond the raster rows it keeps: for one chunk of 256 rows of a 9,375 px wide class raster (a smooth
 map, and independent random classes, the worst case), and for the trace of one region spanning a whole
 4,096 x 4,096 raster.
+
+Feeding-contended mode fills a model batch from block reads tile by tile and in runs, alone and beside a
+thread running Python: what the model's feeders and device worker face beside a run's other threads.
 
 Features-contended mode builds each case's features in the engine's chunks, alone and beside a thread running
 Python bytecode: what a run's post-processing threads face beside its other threads.
@@ -330,6 +334,69 @@ def features_contended(size: int, cases: list[str]) -> int:
     return 0
 
 
+def feeding_contended(n_tiles: int) -> int:
+    """Fill a model batch from block reads, alone and beside a thread running Python: tile by tile (tiles as
+    views of their block, each copied on its own, then into the batch: how batches were filled before) and in
+    runs (each block's tiles gathered in one copy, the batch filled run by run: ``read_block`` and
+    ``contiguous_runs``). Every numpy copy gives up the GIL, and beside such a thread waits up to the switch
+    interval to take it back, so the time beside it grows with the number of copies, not with the bytes."""
+    import threading
+
+    from qpbridge.engine.plan import PlannedTile, TilePlan
+    from qpbridge.engine.reading import blocks_of, read_block
+    from qpbridge.families.torch_runtime import contiguous_runs
+
+    tile, step, cols = 256, 192, 10
+    rows = -(-n_tiles // cols)
+    h, w = step * (rows - 1) + tile, step * (cols - 1) + tile
+    canvas = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    plan = TilePlan(width=w, height=h, tile=tile, overlap=tile - step, ds=1.0, origin_x=0, origin_y=0, rows=rows,
+                    cols=cols)
+    plan.tiles = [PlannedTile(r * cols + c, r, c, c * step, r * step, tile, tile) for r in range(rows)
+                  for c in range(cols)][:n_tiles]
+    blocks = blocks_of(plan)
+    batch = np.empty((len(plan.tiles), tile, tile, 3), np.uint8)
+
+    def read_box(x0, y0, x1, y1, out_w, out_h):  # type: ignore[no-untyped-def]
+        return canvas[int(y0):int(y0) + out_h, int(x0):int(x0) + out_w]  # pixels already decoded
+
+    def tile_by_tile() -> None:
+        j = 0
+        for block in blocks:
+            x0, y0 = min(t.x for t in block), min(t.y for t in block)
+            for t in block:
+                batch[j] = np.ascontiguousarray(canvas[y0:, x0:][t.y - y0:t.y - y0 + tile, t.x - x0:t.x - x0 + tile])
+                j += 1
+
+    def in_runs() -> None:
+        j = 0
+        for run in contiguous_runs([px for block in blocks for _, px in read_block(plan, block, read_box)]):
+            batch[j:j + len(run)] = run
+            j += len(run)
+
+    print(f"filling a batch of {len(plan.tiles)} tiles of {tile} px from {len(blocks)} blocks; ms, best of 3 alone, "
+          f"then once beside a thread running Python (switch interval {sys.getswitchinterval() * 1000:g} ms)")
+    print(f"{'way':<13} {'alone ms':>9} {'beside ms':>10} {'ratio':>6}")
+    for name, fill in (("tile by tile", tile_by_tile), ("in runs", in_runs)):
+        alone = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fill()
+            alone.append(time.perf_counter() - t0)
+        stop = threading.Event()
+        spinner = threading.Thread(target=_spin, args=(stop,))
+        spinner.start()
+        try:
+            t0 = time.perf_counter()
+            fill()
+            beside = time.perf_counter() - t0
+        finally:
+            stop.set()
+            spinner.join()
+        print(f"{name:<13} {1000 * min(alone):>9.1f} {1000 * beside:>10.1f} {beside / min(alone):>6.1f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100])
@@ -339,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracer-memory", action="store_true")
     ap.add_argument("--features-contended", action="store_true",
                     help="build each case's features alone and beside a thread running Python (--sizes: the first)")
+    ap.add_argument("--feeding-contended", type=int, metavar="TILES", nargs="?", const=256,
+                    help="fill a model batch (default 256 tiles) tile by tile and in runs, alone and beside a thread "
+                         "running Python")
     ap.add_argument("--size", type=int, default=8192, help="end-to-end slide side in px at 0.5 µm/px")
     ap.add_argument("--slide", type=Path, help="end to end: reuse this synthetic slide (written first if missing)")
     ap.add_argument("--readers", type=int, default=2)
@@ -351,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tracer_memory:
         return tracer_memory()
+    if args.feeding_contended:
+        return feeding_contended(args.feeding_contended)
     if args.features_contended:
         return features_contended(args.sizes[0], args.cases)
     if args.end_to_end:
