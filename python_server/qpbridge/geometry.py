@@ -448,10 +448,13 @@ def holes_clearly_apart(poly: Polygon) -> bool:
         return False
 
     def inside(part: np.ndarray) -> np.ndarray:
+        valid = shapely.is_valid(part)
+        if not valid.all():  # no predicate on an invalid ring: GEOS may throw
+            return valid
         # each slice its own prepared shell: a prepared geometry builds its indexes lazily, not thread-safely
         own = shapely.polygons(shapely.get_exterior_ring(poly))
         shapely.prepare(own)
-        return shapely.is_valid(part) & shapely.contains_properly(own, part)
+        return shapely.contains_properly(own, part)
 
     if not ring_map(inside, holes).all():
         return False
