@@ -39,12 +39,15 @@ Python bytecode: what a run's post-processing threads face beside its other thre
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -299,13 +302,34 @@ def _spin(stop) -> None:  # type: ignore[no-untyped-def]
         n += 1
 
 
+def _alone_and_beside(work: Callable[[], Any]) -> tuple[float, float, Any]:
+    """Seconds of ``work``: the best of 3 runs alone, then one run beside a thread running Python (see
+    ``_spin``); and what it returned."""
+    import threading
+
+    alone = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = work()
+        alone.append(time.perf_counter() - t0)
+    stop = threading.Event()
+    spinner = threading.Thread(target=_spin, args=(stop,))
+    spinner.start()
+    try:
+        t0 = time.perf_counter()
+        work()
+        beside = time.perf_counter() - t0
+    finally:
+        stop.set()
+        spinner.join()
+    return min(alone), beside, out
+
+
 def features_contended(size: int, cases: list[str]) -> int:
     """Build the features of each case's N x N plan in the engine's chunks, alone and beside a thread that
     runs Python bytecode (as a run's other threads do). Each call into C that gives up the GIL waits up to
     the interpreter's switch interval to take it back beside such a thread, so the time beside it grows
     with the number of such calls, not with the work."""
-    import threading
-
     from qpbridge.engine.session import FEATURE_CHUNK
 
     print(f"building features in chunks of {FEATURE_CHUNK} polygons, {size}x{size} plan; seconds, best of 3 "
@@ -314,23 +338,8 @@ def features_contended(size: int, cases: list[str]) -> int:
     for case in cases:
         builder, traced = _traced(size, case)
         chunks = [traced[k:k + FEATURE_CHUNK] for k in range(0, len(traced), FEATURE_CHUNK)]
-        alone = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            n_features = _build_all(builder, chunks)
-            alone.append(time.perf_counter() - t0)
-        stop = threading.Event()
-        spinner = threading.Thread(target=_spin, args=(stop,))
-        spinner.start()
-        try:
-            t0 = time.perf_counter()
-            _build_all(builder, chunks)
-            beside = time.perf_counter() - t0
-        finally:
-            stop.set()
-            spinner.join()
-        print(f"{case:<7} {len(traced):>9} {n_features:>9} {min(alone):>8.3f} {beside:>9.3f} "
-              f"{beside / min(alone):>6.1f}")
+        alone, beside, n_features = _alone_and_beside(functools.partial(_build_all, builder, chunks))
+        print(f"{case:<7} {len(traced):>9} {n_features:>9} {alone:>8.3f} {beside:>9.3f} {beside / alone:>6.1f}")
     return 0
 
 
@@ -340,8 +349,6 @@ def feeding_contended(n_tiles: int) -> int:
     runs (each block's tiles gathered in one copy, the batch filled run by run: ``read_block`` and
     ``contiguous_runs``). Every numpy copy gives up the GIL, and beside such a thread waits up to the switch
     interval to take it back, so the time beside it grows with the number of copies, not with the bytes."""
-    import threading
-
     from qpbridge.engine.plan import PlannedTile, TilePlan
     from qpbridge.engine.reading import blocks_of, read_block
     from qpbridge.families.torch_runtime import contiguous_runs
@@ -378,22 +385,8 @@ def feeding_contended(n_tiles: int) -> int:
           f"then once beside a thread running Python (switch interval {sys.getswitchinterval() * 1000:g} ms)")
     print(f"{'way':<13} {'alone ms':>9} {'beside ms':>10} {'ratio':>6}")
     for name, fill in (("tile by tile", tile_by_tile), ("in runs", in_runs)):
-        alone = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fill()
-            alone.append(time.perf_counter() - t0)
-        stop = threading.Event()
-        spinner = threading.Thread(target=_spin, args=(stop,))
-        spinner.start()
-        try:
-            t0 = time.perf_counter()
-            fill()
-            beside = time.perf_counter() - t0
-        finally:
-            stop.set()
-            spinner.join()
-        print(f"{name:<13} {1000 * min(alone):>9.1f} {1000 * beside:>10.1f} {beside / min(alone):>6.1f}")
+        alone, beside, _ = _alone_and_beside(fill)
+        print(f"{name:<13} {1000 * alone:>9.1f} {1000 * beside:>10.1f} {beside / alone:>6.1f}")
     return 0
 
 
