@@ -368,12 +368,8 @@ def feeding_contended(n_tiles: int) -> int:
         return canvas[int(y0):int(y0) + out_h, int(x0):int(x0) + out_w]  # pixels already decoded
 
     def tile_by_tile() -> None:
-        j = 0
-        for block in blocks:
-            x0, y0 = min(t.x for t in block), min(t.y for t in block)
-            for t in block:
-                batch[j] = np.ascontiguousarray(canvas[y0:, x0:][t.y - y0:t.y - y0 + tile, t.x - x0:t.x - x0 + tile])
-                j += 1
+        for j, t in enumerate(t for block in blocks for t in block):
+            batch[j] = np.ascontiguousarray(canvas[t.y:t.y + tile, t.x:t.x + tile])  # a view of its block
 
     def in_runs() -> None:
         j = 0
