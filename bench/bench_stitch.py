@@ -116,12 +116,13 @@ def setup(size: int):  # type: ignore[no-untyped-def]
     return card, plan, side, FeatureBuilder(card, 1.0, None, (side, side))
 
 
-def stitcher_for(card, plan, emit):  # type: ignore[no-untyped-def]
-    """The stitcher a run builds for the card's plan (classes 1 and 2 emitted), polygons going to ``emit``."""
+def stitcher_for(card, plan, emit, early_holes: bool = True):  # type: ignore[no-untyped-def]
+    """The stitcher a run builds for the card's plan (classes 1 and 2 emitted, holes of open regions early),
+    polygons going to ``emit``."""
     from qpbridge.engine.stitching import SemanticStitcher
 
     return SemanticStitcher(plan, 3, [1, 2], emit, min_area=card.min_area_um2 / card.mpp ** 2,
-                            max_hole=card.max_hole_area_um2 / card.mpp ** 2)
+                            max_hole=card.max_hole_area_um2 / card.mpp ** 2, early_holes=early_holes)
 
 
 def run_one(size: int, case: str) -> dict[str, float]:
@@ -279,7 +280,8 @@ def _traced(size: int, case: str):  # type: ignore[no-untyped-def]
     """The feature builder and the polygons a run traces for the case's N x N plan."""
     card, plan, side, builder = setup(size)
     traced: list = []
-    stitcher = stitcher_for(card, plan, lambda g, c, e: traced.append((g, c, e)))
+    # whole regions: the builder builds them again for each repeat, and keeps no early holes between them
+    stitcher = stitcher_for(card, plan, lambda g, c, e: traced.append((g, c, e)), early_holes=False)
     for tiles, results in batches(plan, card, case, side):
         stitcher.add_batch(tiles, results)
     stitcher.finish()

@@ -8,14 +8,15 @@ import cv2
 import numpy as np
 import pytest
 import shapely
+from shapely.geometry import shape
 
 from conftest import DARK_CARD
 from qpbridge.cards import ModelCard
 from qpbridge.engine.plan import make_plan
 from qpbridge.engine.stitching import SemanticStitcher
-from qpbridge.engine.vectorise import RegionTracer
+from qpbridge.engine.vectorise import EarlyHoles, HoledRegion, RegionTracer
 from qpbridge.families import NO_CLASS, SemanticResult
-from qpbridge.geometry import trace_regions
+from qpbridge.geometry import PINCH, trace_regions
 
 
 def blob_raster(h: int, w: int, classes: int, cell: int, seed: int) -> np.ndarray:
@@ -423,3 +424,117 @@ def test_host_ring_sums_equal_a_copied_up_buffer_to_the_bit(tile, step):
         tops.append(ring.top)
     assert any(b < a for a, b in itertools.pairwise(tops))  # the ring wrapped around
 
+
+
+def whole_regions(items: list) -> tuple[list[tuple[shapely.Polygon, int]], int]:
+    """What a tracer with early holes emitted, as whole regions: each HoledRegion with the EarlyHoles of its
+    owners put back in; and how many early holes no region claimed."""
+    early: dict[int, list[shapely.Polygon]] = {}
+    for obj, _ in items:
+        if isinstance(obj, EarlyHoles):
+            for hole, owner in zip(obj.holes, obj.owners.tolist(), strict=True):
+                early.setdefault(owner, []).append(hole)
+    out = []
+    for obj, cls in items:
+        if isinstance(obj, HoledRegion):
+            extra = [h.exterior for key in obj.owners for h in early.pop(key, [])]
+            out.append((shapely.Polygon(obj.polygon.exterior, [*obj.polygon.interiors, *extra]), cls))
+        elif not isinstance(obj, EarlyHoles):
+            out.append((obj, cls))
+    return out, sum(len(v) for v in early.values())
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 64])
+@pytest.mark.parametrize("cell", [1, 3, 12])
+def test_early_holes_make_the_same_regions(cell, chunk):
+    """Holes of regions still open are emitted once final, and each region at its close traced with them filled:
+    put back together, the regions are those traced without early holes (up to the corner cuts where a hole
+    touched the outside at a corner: the outline no longer backs off there), holes and all."""
+    raster = blob_raster(260, 190, 3, cell, seed=20 + cell)
+    raster[:, :2] = 1
+    raster[:2] = 1  # class 1 spans every chunk: its holes come early
+    for min_area, max_hole in ((0.0, 0.0), (18.0 * 16, 5.0 * 16)):
+        kw = {"scale": 4.0, "min_area": min_area, "max_hole": max_hole, "chunk_rows": chunk}
+        plain: list[tuple[shapely.Polygon, int]] = []
+        feed_strips(RegionTracer(190, [1, 2], lambda g, c, out=plain: out.append((g, c)), **kw), raster, cell, 30)
+        items: list = []
+        tracer = RegionTracer(190, [1, 2], lambda g, c, out=items: out.append((g, c)), early_holes=True, **kw)
+        feed_strips(tracer, raster, cell, 30)
+        got, unclaimed = whole_regions(items)
+        early = sum(len(g.holes) for g, _ in items if isinstance(g, EarlyHoles))
+        holed = [g for g, _ in items if isinstance(g, HoledRegion)]
+        assert early and holed and not tracer.owned and not tracer.hole_contours
+        assert unclaimed == 0 or min_area > 0  # (a region too small to keep leaves its early holes)
+        key = lambda gc: (gc[1], tuple(round(v) for v in gc[0].bounds), round(gc[0].area))  # noqa: E731
+        assert len(got) == len(plain)
+        for (a, ca), (b, cb) in zip(sorted(plain, key=key), sorted(got, key=key), strict=True):
+            assert ca == cb and len(a.interiors) == len(b.interiors) and b.is_valid
+            assert shapely.hausdorff_distance(a, b) < 2 * PINCH * 4
+
+
+def test_a_hole_of_a_region_that_closes_in_its_chunk_is_not_early():
+    """Only regions still open at the end of a chunk have early holes; a ring closing in one chunk is traced
+    whole, and a region merging two open ones takes the early holes of both."""
+    raster = np.zeros((120, 60), np.uint8)
+    raster[5:25, 5:25] = 1
+    raster[10:15, 10:15] = 0  # a hole of a region closing in the first chunk
+    raster[30:120, 5:15] = 1
+    raster[30:120, 40:50] = 1  # two arms, open over the first chunks...
+    raster[110:120, 5:50] = 1  # ...joined at the bottom
+    raster[40:44, 8:12] = 0
+    raster[40:44, 43:47] = 0  # one hole in each arm
+    items: list = []
+    tracer = RegionTracer(60, [1], lambda g, c: items.append((g, c)), early_holes=True, chunk_rows=50)
+    feed_strips(tracer, raster, 1, 8)
+    early = [g for g, _ in items if isinstance(g, EarlyHoles)]
+    holed = [g for g, _ in items if isinstance(g, HoledRegion)]
+    assert sum(len(g.holes) for g in early) == 2 and len(holed) == 1 and len(holed[0].owners) == 2
+    assert len(holed[0].polygon.interiors) == 0
+    got, unclaimed = whole_regions(items)
+    assert unclaimed == 0 and sorted(len(p.interiors) for p, _ in got) == [1, 2]
+    assert sorted(round(p.area) for p, _ in got) == components(raster, 1)
+
+
+@pytest.mark.parametrize("mode", ["clearly apart", "geos", "careful"])
+def test_features_from_early_holes_are_those_of_the_whole_regions(mode, monkeypatch):
+    """A region built from its early holes (built before it, as a run builds them) gives the feature built from
+    the whole polygon: by the ring-by-ring checks, by GEOS's check (few holes), and by the careful path
+    (the region crosses the clip)."""
+    from qpbridge.engine.features import FeatureBuilder
+
+    if mode == "geos":
+        monkeypatch.setattr("qpbridge.geometry.MANY_HOLES", 10 ** 9)
+    raster = np.ones((400, 190), np.uint8)
+    rng = np.random.default_rng(7)
+    for y, x in itertools.product(range(6, 394, 11), range(6, 184, 11)):  # 612 holes of class 2...
+        cv2.circle(raster, (x + int(rng.integers(-2, 3)), y + int(rng.integers(-2, 3))), int(rng.integers(2, 5)), 2, -1)
+    blobs = blob_raster(400, 190, 3, 6, seed=7)
+    raster[:, 120:][blobs[:, 120:] == 0] = 0  # ...and a ragged outline
+    items: list = []
+    tracer = RegionTracer(190, [1, 2], lambda g, c: items.append((g, c)), early_holes=True, scale=4.0,
+                          min_area=18.0 * 16, max_hole=5.0 * 16, chunk_rows=32)
+    feed_strips(tracer, raster, 3, 30)
+    whole, _ = whole_regions(items)
+    card = ModelCard.from_dict({**DARK_CARD, "classes": [*DARK_CARD["classes"], {"name": "Other", "color": [1, 2, 3]}],
+                                "postprocess": {"simplify_um": 2.0, "min_area_um2": 18.0 * 16,
+                                                "max_hole_area_um2": 5.0 * 16}})
+    size = (300 * 4 * 2 - 200, 190 * 4 * 2) if mode == "careful" else None
+
+    def features(builder: FeatureBuilder, todo: list) -> list:
+        out = []
+        for k in range(0, len(todo), 50):  # in chunks and in order, as a run hands them over
+            part = todo[k:k + 50]
+            out += [f for f in builder.build_many([g for g, _ in part], [c for _, c in part], 3, 5, 2, 2) if f]
+        return out
+
+    early = features(FeatureBuilder(card, 0.5, None, size), items)
+    plain = features(FeatureBuilder(card, 0.5, None, size), whole)
+    assert len(early) == len(plain) > 10
+    holed = max(early, key=lambda f: len(f["geometry"]["coordinates"]))
+    # the spanning region, with its holes (fewer where clipped)
+    assert len(holed["geometry"]["coordinates"]) > (100 if mode == "careful" else 300)
+    key = lambda f: (f["properties"]["classification"]["name"], shape(f["geometry"]).bounds)  # noqa: E731
+    for a, b in zip(sorted(plain, key=key), sorted(early, key=key), strict=True):
+        ga, gb = shape(a["geometry"]), shape(b["geometry"])
+        assert ga.equals(gb) and gb.is_valid and len(ga.interiors) == len(gb.interiors)
+        assert a["properties"] == b["properties"]  # the same numbers: rings summed in the same order

@@ -20,7 +20,7 @@ from qpbridge.engine import Engine
 from qpbridge.engine import trace_process as tp
 from qpbridge.engine.morphology import Morphology
 from qpbridge.engine.session import RunOptions
-from qpbridge.engine.vectorise import NO_CLASS, RegionTracer
+from qpbridge.engine.vectorise import NO_CLASS, EarlyHoles, HoledRegion, RegionTracer
 from qpbridge.errors import InternalError
 
 
@@ -200,3 +200,72 @@ def test_an_unguarded_user_script_runs_once(tmp_path: Path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "True" in out.stdout and "features 1 " in out.stdout + " "
     assert marks.read_text() == "ran\n"
+
+
+def test_early_holes_cross_the_pipe_in_order():
+    """Early holes and the regions they belong to come out of the child as the tracer emits them."""
+    raster = _raster(700, 170, seed=9)
+    raster[:, :2] = 1  # class 1 spans the chunks
+    local: list = []
+    tracer = RegionTracer(170, [1, 2], lambda g, c: local.append((g, c)), scale=4, min_area=40, max_hole=30,
+                          early_holes=True)
+    _trace(tracer, raster, 16)
+    remote: list = []
+    rt = tp.RemoteTracer(lambda g, c: remote.append((g, c)))
+    rt.open(170, [1, 2], scale=4, min_area=40, max_hole=30, early_holes=True)
+    _trace(rt, raster, 16)
+    assert any(isinstance(g, EarlyHoles) for g, _ in local) and any(isinstance(g, HoledRegion) for g, _ in local)
+    assert [(type(g), c) for g, c in remote] == [(type(g), c) for g, c in local]
+    for (a, _), (b, _) in zip(remote, local, strict=True):
+        if isinstance(a, EarlyHoles):
+            assert a.owners.tolist() == b.owners.tolist() and a.row == b.row
+            assert all(x.equals_exact(y, 0) for x, y in zip(a.holes, b.holes, strict=True))
+        elif isinstance(a, HoledRegion):
+            assert a.owners == b.owners and a.polygon.equals_exact(b.polygon, 0)
+        else:
+            assert a.equals_exact(b, 0)
+
+
+def test_early_holes_leave_a_runs_features_as_they_were(tmp_path: Path, monkeypatch):
+    """A region spanning the slide with a hundred holes: the run traces most of them before the region closes,
+    and its features are those of a run that traces them with the region."""
+    from qpbridge.engine import session
+    from qpbridge.engine.stitching import SemanticStitcher
+
+    img = np.full((1800, 600, 3), 235, np.uint8)
+    img[40:1760, 30:570] = 30
+    rng = np.random.default_rng(2)
+    for _ in range(110):  # light holes in the dark region
+        cv2.circle(img, (int(rng.integers(60, 540)), int(rng.integers(70, 1730))), int(rng.integers(4, 14)),
+                   (235, 235, 235), -1)
+    slide = write_pyramid(tmp_path / "holes.tif", img, mpp=0.5)
+    card = {**DARK_CARD, "name": "holes", "tile": {"size": 64, "overlap": 16, "batch_size": 16}}
+    (tmp_path / "models" / "holes").mkdir(parents=True)
+    (tmp_path / "models" / "holes" / "config.json").write_text(json.dumps(card))
+    engine = Engine(tmp_path / "models")
+    runs = {}
+    for where in (False, True):
+        runs[where] = annotate_slide(engine, slide, "holes", tissue_filter=False,
+                                     options=RunOptions(readers=2, trace_process=where))
+
+    class Late(SemanticStitcher):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **{**kwargs, "early_holes": False})
+
+    monkeypatch.setattr(session, "SemanticStitcher", Late)
+    late = annotate_slide(engine, slide, "holes", tissue_filter=False, options=RunOptions(readers=2))
+    assert late.stats.extra["early_holes"] == 0
+    (region,) = [f for f in late.features if len(f["geometry"]["coordinates"]) > 1]
+    holes = len(region["geometry"]["coordinates"]) - 1
+    assert holes > 80
+    for run in runs.values():
+        assert holes / 2 < run.stats.extra["early_holes"] <= holes
+        assert len(run.features) == len(late.features)
+        for a, b in zip(late.features, run.features, strict=True):
+            assert shape(a["geometry"]).equals(shape(b["geometry"]))
+            # holes listed (and their areas summed) in another order: the same up to rounding
+            pa, pb = dict(a["properties"]), dict(b["properties"])
+            assert pb.pop("measurements") == pytest.approx(pa.pop("measurements"), rel=1e-12)
+            assert pa == pb
+    # and the same numbers, holes in the same order, in a thread and in a process
+    assert [f["geometry"] for f in runs[False].features] == [f["geometry"] for f in runs[True].features]

@@ -14,6 +14,7 @@ import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -109,7 +110,41 @@ def _step_codes(stride: int) -> np.ndarray:
 
 def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, offset: tuple[float, float] = (0.0, 0.0),
               scale: float = 1.0, scratch: bool = False) -> list[BaseGeometry]:
-    """Pixel-edge polygons (with holes) of the 8-connected foreground of a binary mask, one per region.
+    """Pixel-edge polygons (with holes) of the 8-connected foreground of a binary mask, one per region
+    (see ``_trace``)."""
+    return _trace(mask, min_area, max_hole, offset, scale, scratch, False)[0]
+
+
+@dataclass
+class TracedHoles:
+    """The holes of a mask's regions (:func:`trace_holes`).
+
+    ``polygons`` are the hole rings at least ``max_hole`` large, each as a polygon of its own, ``firsts`` the
+    first pixel (x, y) of the border each was traced along (a pixel of the region enclosing it). ``contours``
+    and ``all_firsts`` are the same for every hole OpenCV found, the small ones too: its border pixels as
+    OpenCV gives them (``cv2.drawContours`` fills the hole with them)."""
+
+    polygons: list[BaseGeometry]
+    firsts: np.ndarray
+    contours: list[np.ndarray]
+    all_firsts: np.ndarray
+
+
+def trace_holes(mask: np.ndarray, x_off: float = 0.0, y_off: float = 0.0, scale: float = 1.0, *,
+                max_hole: float = 0.0, scratch: bool = False) -> TracedHoles:
+    """The holes of the 8-connected regions of a binary mask, with exactly the rings :func:`trace_regions`
+    gives them (which depend only on the pixels around each ring), without building the regions."""
+    holes = _trace(mask, 0.0, max_hole, (float(x_off), float(y_off)), float(scale), scratch, True)[1]
+    if holes is None:
+        none = np.zeros((0, 2), np.int64)
+        return TracedHoles([], none, [], none)
+    return holes
+
+
+def _trace(mask: np.ndarray, min_area: float, max_hole: float, offset: tuple[float, float], scale: float,
+           scratch: bool, holes_only: bool) -> tuple[list[BaseGeometry], TracedHoles | None]:
+    """Pixel-edge polygons (with holes) of the 8-connected foreground of a binary mask, one per region; with
+    ``holes_only``, the holes alone, each as a polygon (and what :class:`TracedHoles` holds).
 
     OpenCV traces each border through the centres of its pixels. Every step of that trace tells which
     sides of the pixel it leaves lie on the border (``_crack_tables``), so the pixel-edge outline follows
@@ -129,7 +164,7 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
 
     m = np.asarray(mask)
     if m.size == 0:
-        return []
+        return [], None
     m = np.ascontiguousarray(m.view(np.uint8) if m.dtype == bool else m, dtype=np.uint8)
     if max_hole > 1:
         # One-pixel holes (background whose four neighbours are foreground) are most of the holes of a noisy
@@ -139,7 +174,7 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
         np.bitwise_or(m, cv2.erode(m, _FOUR_NEIGHBOURS, borderType=cv2.BORDER_CONSTANT, borderValue=0), out=m)
     contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     if hierarchy is None or not contours:
-        return []
+        return [], None
     parent = hierarchy[0][:, 3].astype(np.int64)
     n_rings = len(contours)
     lens = np.fromiter(map(len, contours), np.int64, n_rings)
@@ -185,6 +220,10 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
 
     is_hole = parent >= 0
     keep_ring = np.ones(n_rings, bool)
+    if holes_only:
+        min_area, keep_ring = 0.0, is_hole.copy()
+        hole_idx = np.flatnonzero(is_hole)
+        all_firsts = np.stack([x[starts[hole_idx]], y[starts[hole_idx]]], axis=1).astype(np.int64)
     if min_area > 0 or max_hole > 0:
         # Shoelace per ring, summed side by side from the visits (the region lies to the right of each step
         # in image coordinates, so with this sign shells come out positive and holes negative); each pinch
@@ -197,9 +236,14 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
             kept_holes = np.flatnonzero(is_hole & keep_ring)
             net = area - np.bincount(parent[kept_holes], -area[kept_holes], minlength=n_rings)
             keep_ring &= net[np.where(is_hole, parent, np.arange(n_rings))] >= min_area
-    if not keep_ring[~is_hole].any():
-        return []
+    if not (keep_ring.any() if holes_only else keep_ring[~is_hole].any()):
+        if holes_only:
+            return [], TracedHoles([], np.zeros((0, 2), np.int64), [contours[i] for i in hole_idx.tolist()], all_firsts)
+        return [], None
     owner = np.where(is_hole, parent, np.arange(n_rings))  # each ring's shell
+    if holes_only:  # each hole a polygon of its own
+        firsts = np.stack([x[starts[keep_ring]], y[starts[keep_ring]]], axis=1).astype(np.int64)
+        owner, is_hole = np.arange(n_rings), np.zeros(n_rings, bool)
     if not keep_ring.all():
         sel = np.repeat(keep_ring, lens)
         x, y, row, pinch = x[sel], y[sel], row[sel], pinch[sel]
@@ -246,7 +290,10 @@ def _contours(mask: np.ndarray, min_area: float = 0.0, max_hole: float = 0.0, of
     if scale != 1.0:
         coords *= scale
     geom_offsets = np.concatenate([np.flatnonzero(~is_hole), [len(lens)]])
-    return list(shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets)))
+    polygons = list(shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets)))
+    if holes_only:
+        return polygons, TracedHoles(polygons, firsts, [contours[i] for i in hole_idx.tolist()], all_firsts)
+    return polygons, None
 
 
 def trace_regions(mask: np.ndarray, x_off: float = 0.0, y_off: float = 0.0, scale: float = 1.0, *,

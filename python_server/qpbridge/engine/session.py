@@ -22,8 +22,10 @@ model is fed the next batch while the previous one is stitched:
 4. features: the traced polygons of each batch are cleaned, measured and turned into GeoJSON in chunks on
    the shared post-processing pool (vectorised shapely calls, which release the GIL), at most a few chunks
    per thread behind the stitcher, and handed to the sink in the order they were traced. (Building them in
-   worker processes was measured no faster: the features travel back pickled, and the one region that spans
-   a slide, closed last, is still built alone at the end.)
+   worker processes was measured no faster: the features travel back pickled.) The holes of a region still
+   open come early (``vectorise.EarlyHoles``) and are built in tasks of their own; the region, when it
+   closes, waits for those tasks and joins them, so the one region spanning a slide, closed last, no longer
+   brings all its holes to build at the end.
 
 Each stage's busy time is measured; the model's idle fraction (1 - busy / wall) says how much of the
 run the model (the GPU, for a torch family on CUDA) waited for the other stages.
@@ -42,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from shapely.geometry.base import BaseGeometry
 
 from qpbridge import gc_policy
 from qpbridge.engine.features import FeatureBuilder
@@ -50,6 +51,7 @@ from qpbridge.engine.morphology import Morphology
 from qpbridge.engine.plan import PlannedTile, TilePlan
 from qpbridge.engine.reading import ReadBox, band_of, blocks_of, read_block
 from qpbridge.engine.stitching import BLEND_WINDOWS, InstanceCollector, SemanticStitcher
+from qpbridge.engine.vectorise import EarlyHoles, HoledRegion
 from qpbridge.errors import BadRequestError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
 from qpbridge.families.params import choice_param
@@ -151,6 +153,8 @@ class RunStats:
         if "finishing_s" in self.extra:
             parts += (f"; finishing {self.extra['finishing_s']:.2f} s, the slowest feature chunk "
                       f"{self.extra.get('slowest_feature_chunk_s', 0.0):.2f} s")
+        if self.extra.get("early_holes"):
+            parts += f"; {self.extra['early_holes']} holes traced early"
         timeline = (f"; model outputs from {self.first_output_s:.2f} s to {self.last_output_s:.2f} s, stitched at "
                     f"{self.stitched_s:.2f} s" if self.last_output_s > 0 else "")
         return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s{timeline}); busy: reading "
@@ -161,9 +165,9 @@ class RunStats:
                 f"limit: {self.limit}")
 
 
-def make_stitcher(card: ModelCard, plan: TilePlan,
-                  emit: Callable[[BaseGeometry, int, dict[str, Any] | None], None]
+def make_stitcher(card: ModelCard, plan: TilePlan, emit: Callable[[Any, int, dict[str, Any] | None], None]
                   ) -> SemanticStitcher | InstanceCollector:
+    """The stitcher of a run; a semantic one emits early holes (built by the run's ``FeatureBuilder``)."""
     if card.task == "instance-segmentation":
         largest = card.max_object_um
         return InstanceCollector(plan, emit, max_object=largest / card.mpp if largest else None)
@@ -171,7 +175,8 @@ def make_stitcher(card: ModelCard, plan: TilePlan,
     return SemanticStitcher(plan, len(card.classes), emit_classes, emit,
                             min_area=card.min_area_um2 / card.mpp ** 2,
                             max_hole=card.max_hole_area_um2 / card.mpp ** 2,
-                            window=blend_window_param(card), morphology=Morphology.from_card(card))
+                            window=blend_window_param(card), morphology=Morphology.from_card(card),
+                            early_holes=True)
 
 
 def blend_window_param(card: ModelCard) -> str:
@@ -207,22 +212,29 @@ class PlanRun:
         self.builder = builder
         self._lock = threading.Lock()
         self._by_origin: dict[tuple[int, int], PlannedTile] | None = None
-        self._traced: list[tuple[BaseGeometry, int, dict[str, Any] | None]] = []
+        self._traced: list[tuple[Any, int, dict[str, Any] | None]] = []
         self._building: deque[Future[list[dict[str, Any] | None]]] = deque()
+        self._early: list[Future[list[dict[str, Any] | None]]] = []  # early holes being built
         self._stats_lock = threading.Lock()
         self.features_s = 0.0
         self.features = 0
         self.handing_s = 0.0  # the stitching thread's time waiting for built features and handing them to the sink
         self.slowest_chunk_s = 0.0  # the longest feature-building task (one region spanning a slide is built alone)
+        self.early_holes = 0  # holes traced (and built) before their region closed
 
-        def emit(geom: BaseGeometry, cls: int, extra: dict[str, Any] | None) -> None:
+        def emit(geom: Any, cls: int, extra: dict[str, Any] | None) -> None:
+            if isinstance(geom, EarlyHoles):
+                self.early_holes += len(geom.holes)
             self._traced.append((geom, cls, extra))
 
         self.stitcher = make_stitcher(self.card, plan, emit)
 
     # ---- features, built off the stitching thread --------------------------------------------------------
 
-    def _build(self, items: list[tuple[BaseGeometry, int, dict[str, Any] | None]]) -> list[dict[str, Any] | None]:
+    def _build(self, items: list[tuple[Any, int, dict[str, Any] | None]],
+               after: Sequence[Future[Any]] = ()) -> list[dict[str, Any] | None]:
+        for earlier in after:  # tasks submitted before this one: started already, so this never waits on itself
+            earlier.result()
         t = time.perf_counter()
         plan = self.plan
         out = self.builder.build_many([g for g, _, _ in items], [c for _, c, _ in items], plan.origin_x,
@@ -238,8 +250,26 @@ class PlanRun:
         sink; with ``wait``, all of them. Called with ``_lock`` held."""
         traced, self._traced = self._traced, []
         pool = postprocess_pool()
-        for k in range(0, len(traced), FEATURE_CHUNK):
-            self._building.append(pool.submit(self._build, traced[k:k + FEATURE_CHUNK]))
+        self._early = [f for f in self._early if not f.done()]
+        chunk: list[tuple[Any, int, dict[str, Any] | None]] = []
+
+        def submit() -> None:
+            # a region with early holes is built once they are
+            after = list(self._early) if any(isinstance(g, HoledRegion) for g, _, _ in chunk) else []
+            self._building.append(pool.submit(self._build, chunk, after))
+
+        for item in traced:
+            if isinstance(item[0], EarlyHoles):  # a task of their own, thousands of holes at a time
+                fut = pool.submit(self._build, [item])
+                self._building.append(fut)
+                self._early.append(fut)
+                continue
+            chunk.append(item)
+            if len(chunk) == FEATURE_CHUNK:
+                submit()
+                chunk = []
+        if chunk:
+            submit()
         backlog = 4 * pool_size()  # bounded: the stitcher waits rather than queue without limit
         t = time.perf_counter()
         while self._building and (wait or self._building[0].done() or len(self._building) > backlog):
@@ -487,6 +517,7 @@ class PlanRun:
             if self.stitcher.trace_cpu_s is not None:
                 stats.extra["trace_process_cpu_s"] = self.stitcher.trace_cpu_s
         stats.extra["handing_features_s"] = self.handing_s
+        stats.extra["early_holes"] = self.early_holes
         stats.extra["slowest_feature_chunk_s"] = self.slowest_chunk_s
         return stats
 

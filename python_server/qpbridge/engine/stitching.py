@@ -44,8 +44,9 @@ from qpbridge.engine.vectorise import RegionTracer
 from qpbridge.families import NO_CLASS, InstanceResult, SemanticResult
 from qpbridge.pools import postprocess_pool
 
-# Called with (geometry in canvas model pixels, class index, extra measurements or None).
-Emit = Callable[[BaseGeometry, int, "dict[str, Any] | None"], None]
+# Called with (geometry in canvas model pixels, class index, extra measurements or None); with early holes, the
+# "geometry" may be a vectorise.EarlyHoles or vectorise.HoledRegion.
+Emit = Callable[[Any, int, "dict[str, Any] | None"], None]
 
 WINDOW_FLOOR = 1e-3  # edge pixels keep a little weight, so canvas borders without a neighbour still count
 
@@ -287,18 +288,21 @@ class SemanticStitcher:
     """Blend probability tiles and emit one polygon per connected region per class.
 
     ``min_area`` and ``max_hole`` (canvas pixels²: the card's post-processing) let the tracer skip regions
-    and holes that would be dropped or filled later anyway. ``window`` names the blending window
+    and holes that would be dropped or filled later anyway. With ``early_holes`` the tracer emits the final
+    holes of regions still open as it goes (``vectorise.EarlyHoles``, then ``vectorise.HoledRegion``): what
+    receives them must build them (``FeatureBuilder.build_many`` does). ``window`` names the blending window
     (:func:`blend_window`); ``morphology`` (radii in canvas pixels) filters the class raster strip by strip
     before it is traced (:mod:`qpbridge.engine.morphology`).
     """
 
     def __init__(self, plan: TilePlan, n_classes: int, emit_classes: list[int], emit: Emit, *,
                  min_area: float = 0.0, max_hole: float = 0.0, window: str = "cosine",
-                 morphology: Morphology | None = None) -> None:
+                 morphology: Morphology | None = None, early_holes: bool = False) -> None:
         if window not in BLEND_WINDOWS:
             raise ValueError(f"unknown blend window {window!r}; known: {', '.join(BLEND_WINDOWS)}")
         self.window_kind = window
         self.morphology = morphology
+        self.early_holes = early_holes
         self.filter: StripMorphology | None = None
         self.plan = plan
         self.n_classes = n_classes
@@ -377,12 +381,12 @@ class SemanticStitcher:
         morphology = self.morphology.at_scale(s) if self.morphology is not None else None
         if self.remote is not None:
             self.remote.open(self.width, self.emit_classes, scale=s, min_area=self.min_area, max_hole=self.max_hole,
-                             morphology=morphology)
+                             morphology=morphology, early_holes=self.early_holes)
             self.tracer = self.remote
             return
         self.tracer, self.filter = strip_tracer(self.width, self.emit_classes, lambda g, c: self.emit(g, c, None),
                                                 scale=s, min_area=self.min_area, max_hole=self.max_hole,
-                                                morphology=morphology)
+                                                morphology=morphology, early_holes=self.early_holes)
 
     def _window(self, h: int, w: int) -> np.ndarray:
         key = (h, w)

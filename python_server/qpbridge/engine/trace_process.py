@@ -36,20 +36,22 @@ from typing import Any
 import numpy as np
 
 from qpbridge.engine.morphology import Morphology, StripMorphology
-from qpbridge.engine.vectorise import RegionTracer
+from qpbridge.engine.vectorise import EarlyHoles, HoledRegion, RegionTracer
 from qpbridge.errors import InternalError
 
 IDLE_PROCESSES = 2  # finished runs' children kept for the next runs
-STRIPS_AHEAD = 8  # strips sent and not yet traced before add_strip waits for the child
+STRIPS_AHEAD = 8  # strips sent and not yet traced before add_strip waits for the child (held in its inbox)
 
 EmitRegion = Callable[[Any, int], None]
 
 
 def strip_tracer(width: int, classes: list[int], emit: EmitRegion, *, scale: float, min_area: float,
-                 max_hole: float, morphology: Morphology | None) -> tuple[RegionTracer, StripMorphology | None]:
+                 max_hole: float, morphology: Morphology | None,
+                 early_holes: bool = False) -> tuple[RegionTracer, StripMorphology | None]:
     """A tracer of class strips and, when the card asks for morphology, the filter strips go through first
     (feeding the tracer); the same chain on the stitching thread or in the tracing process."""
-    tracer = RegionTracer(width, classes, emit, scale=scale, min_area=min_area, max_hole=max_hole)
+    tracer = RegionTracer(width, classes, emit, scale=scale, min_area=min_area, max_hole=max_hole,
+                          early_holes=early_holes)
     return tracer, StripMorphology(morphology, tracer.add_strip) if morphology is not None else None
 
 
@@ -66,6 +68,7 @@ def _child_main(fd: int) -> None:
 def _serve(conn: Any) -> None:
     """The child's loop: one run at a time, opened, fed strips, finished."""
     import cv2
+    import scipy.sparse.csgraph  # noqa: F401  (the tracer's large graphs: 0.3 s of CPU to import, not mid-run)
     import shapely
 
     # One strip at a time: OpenCV's worker threads would only spin on strips this small, on cores the
@@ -76,26 +79,54 @@ def _serve(conn: Any) -> None:
     found: list[tuple[Any, int]] = []
     cpu0 = time.process_time()
 
+    def send_plain(plain: list[tuple[Any, int]]) -> None:
+        geoms = np.empty(len(plain), dtype=object)
+        geoms[:] = [g for g, _ in plain]
+        conn.send(("regions", shapely.to_wkb(geoms).tolist(), [c for _, c in plain]))
+
     def answer(reply: tuple[Any, ...]) -> None:
-        """Send the regions traced since the last answer, then ``reply``."""
-        if found:
-            geoms = np.empty(len(found), dtype=object)
-            geoms[:] = [g for g, _ in found]
-            conn.send(("regions", shapely.to_wkb(geoms).tolist(), [c for _, c in found]))
-            found.clear()
+        """Send the regions (and early holes) traced since the last answer, in order, then ``reply``."""
+        plain: list[tuple[Any, int]] = []
+        for g, c in found:
+            if isinstance(g, (EarlyHoles, HoledRegion)):
+                if plain:
+                    send_plain(plain)
+                    plain = []
+                if isinstance(g, EarlyHoles):
+                    conn.send(("holes", c, shapely.to_wkb(g.holes).tolist(), g.owners.tobytes(), g.row))
+                else:
+                    conn.send(("holed", c, shapely.to_wkb(g.polygon), list(g.owners)))
+            else:
+                plain.append((g, c))
+        if plain:
+            send_plain(plain)
+        found.clear()
         conn.send(reply)
 
+    # A thread takes the strips off the socket as they come: a strip (a few hundred kB) does not fit the socket's
+    # buffer, so unread it would block the parent's stitching thread in send until this one finished a chunk.
+    inbox: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+
+    def receive() -> None:
+        while True:
+            try:
+                inbox.put(conn.recv())
+            except (EOFError, OSError):  # the parent is gone
+                inbox.put(None)
+                return
+
+    threading.Thread(target=receive, name="qpbridge-trace-inbox", daemon=True).start()
     while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
+        msg = inbox.get()
+        if msg is None:
             return
         kind = msg[0]
         try:
             if kind == "open":
-                _, width, classes, scale, min_area, max_hole, morphology = msg
+                _, width, classes, scale, min_area, max_hole, morphology, early_holes = msg
                 tracer, filt = strip_tracer(width, classes, lambda g, c: found.append((g, c)), scale=scale,
-                                            min_area=min_area, max_hole=max_hole, morphology=morphology)
+                                            min_area=min_area, max_hole=max_hole, morphology=morphology,
+                                            early_holes=early_holes)
                 add = (filt or tracer).add_strip
                 found.clear()
                 cpu0 = time.process_time()
@@ -232,9 +263,10 @@ class RemoteTracer:
         self.busy_s = 0.0
 
     def open(self, width: int, classes: list[int], *, scale: float = 1.0, min_area: float = 0.0,
-             max_hole: float = 0.0, morphology: Morphology | None = None) -> None:
+             max_hole: float = 0.0, morphology: Morphology | None = None, early_holes: bool = False) -> None:
         self.width = width
-        self._send(("open", width, list(classes), float(scale), float(min_area), float(max_hole), morphology))
+        self._send(("open", width, list(classes), float(scale), float(min_area), float(max_hole), morphology,
+                    bool(early_holes)))
 
     def add_strip(self, strip: np.ndarray, last: bool = False) -> None:
         strip = np.ascontiguousarray(strip, dtype=np.uint8)
@@ -295,6 +327,11 @@ class RemoteTracer:
             if kind == "regions":
                 for geom, cls in zip(shapely.from_wkb(msg[1]), msg[2], strict=True):
                     self.emit(geom, int(cls))
+            elif kind == "holes":
+                self.emit(EarlyHoles(shapely.from_wkb(msg[2]), np.frombuffer(msg[3], np.int64).copy(), int(msg[4])),
+                          int(msg[1]))
+            elif kind == "holed":
+                self.emit(HoledRegion(shapely.from_wkb(msg[2]), tuple(msg[3])), int(msg[1]))
             elif kind in ("traced", "finished"):  # (kind, strips traced or -1, peak rows, regions, CPU s)
                 if kind == "traced":
                     self.traced = msg[1]
