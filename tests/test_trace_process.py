@@ -269,3 +269,16 @@ def test_early_holes_leave_a_runs_features_as_they_were(tmp_path: Path, monkeypa
             assert pa == pb
     # and the same numbers, holes in the same order, in a thread and in a process
     assert [f["geometry"] for f in runs[False].features] == [f["geometry"] for f in runs[True].features]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the child's environment from /proc")
+def test_the_tracing_process_keeps_to_one_thread_of_work():
+    """No BLAS or OpenMP pool of a thread per core in the child, to take cores from the parent's threads."""
+    rt = tp.RemoteTracer(lambda g, c: None)
+    try:
+        assert rt.child is not None
+        env = Path(f"/proc/{rt.child.proc.pid}/environ").read_bytes().split(b"\0")
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            assert f"{name}=1".encode() in env
+    finally:
+        rt.close()

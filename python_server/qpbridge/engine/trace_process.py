@@ -43,6 +43,7 @@ IDLE_PROCESSES = 2  # finished runs' children kept for the next runs
 STRIPS_AHEAD = 8  # strips sent and not yet traced before add_strip waits for the child (held in its inbox)
 
 EmitRegion = Callable[[Any, int], None]
+CHILD_THREADS = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def strip_tracer(width: int, classes: list[int], emit: EmitRegion, *, scale: float, min_area: float,
@@ -162,7 +163,9 @@ class _Child:
         # A fresh interpreter on one end of a socket pair. Not multiprocessing's spawn: that re-imports the
         # parent's main script in the child, which runs a user's unguarded script a second time.
         ours, theirs = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        # One thread of work: thread pools of numpy's and scipy's BLAS (a thread per core, spinning after use)
+        # would only take cores from the parent's readers and feature builders.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **CHILD_THREADS)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", f"from qpbridge.engine.trace_process import _child_main; "
