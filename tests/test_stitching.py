@@ -450,9 +450,14 @@ def test_early_holes_make_the_same_regions(cell, chunk):
     """Holes of regions still open are emitted once final, and each region at its close traced with them filled:
     put back together, the regions are those traced without early holes (up to the corner cuts where a hole
     touched the outside at a corner: the outline no longer backs off there), holes and all."""
-    raster = blob_raster(260, 190, 3, cell, seed=20 + cell)
+    raster = blob_raster(400, 190, 3, cell, seed=20 + cell)
     raster[:, :2] = 1
     raster[:2] = 1  # class 1 spans every chunk: its holes come early
+    raster[:, 150:] = 1
+    for y in range(80, 390, 15):  # a column of holes in it (whatever the blobs' size)
+        raster[y:y + 4, 160:164] = 0
+        raster[y + 5:y + 9, 175:179] = 2
+    early_seen = 0
     for min_area, max_hole in ((0.0, 0.0), (18.0 * 16, 5.0 * 16)):
         kw = {"scale": 4.0, "min_area": min_area, "max_hole": max_hole, "chunk_rows": chunk}
         plain: list[tuple[shapely.Polygon, int]] = []
@@ -461,37 +466,40 @@ def test_early_holes_make_the_same_regions(cell, chunk):
         tracer = RegionTracer(190, [1, 2], lambda g, c, out=items: out.append((g, c)), early_holes=True, **kw)
         feed_strips(tracer, raster, cell, 30)
         got, unclaimed = whole_regions(items)
-        early = sum(len(g.holes) for g, _ in items if isinstance(g, EarlyHoles))
-        holed = [g for g, _ in items if isinstance(g, HoledRegion)]
-        assert early and holed and not tracer.owned and not tracer.hole_contours
+        early_seen += sum(len(g.holes) for g, _ in items if isinstance(g, EarlyHoles))
+        assert not tracer.owned and not tracer.hole_contours
         assert unclaimed == 0 or min_area > 0  # (a region too small to keep leaves its early holes)
         key = lambda gc: (gc[1], tuple(round(v) for v in gc[0].bounds), round(gc[0].area))  # noqa: E731
         assert len(got) == len(plain)
         for (a, ca), (b, cb) in zip(sorted(plain, key=key), sorted(got, key=key), strict=True):
             assert ca == cb and len(a.interiors) == len(b.interiors) and b.is_valid
             assert shapely.hausdorff_distance(a, b) < 2 * PINCH * 4
+    assert early_seen
 
 
-def test_a_hole_of_a_region_that_closes_in_its_chunk_is_not_early():
-    """Only regions still open at the end of a chunk have early holes; a ring closing in one chunk is traced
-    whole, and a region merging two open ones takes the early holes of both."""
+def test_only_tall_open_regions_have_early_holes():
+    """Holes come early only for regions still open that already span two chunks' rows (a region open over
+    fewer is likely to close soon); not for a region closing in its chunk; and a region merging two open
+    ones takes the early holes of both."""
     raster = np.zeros((120, 60), np.uint8)
-    raster[5:25, 5:25] = 1
-    raster[10:15, 10:15] = 0  # a hole of a region closing in the first chunk
+    raster[2:18, 5:25] = 1
+    raster[6:10, 10:14] = 0  # a hole of a region closing in its first chunk
     raster[30:120, 5:15] = 1
-    raster[30:120, 40:50] = 1  # two arms, open over the first chunks...
+    raster[30:120, 40:50] = 1  # two arms, open over many chunks...
     raster[110:120, 5:50] = 1  # ...joined at the bottom
-    raster[40:44, 8:12] = 0
-    raster[40:44, 43:47] = 0  # one hole in each arm
+    raster[32:35, 8:12] = 0  # a hole while its arm is short (the chunk from row 30)
+    raster[62:66, 8:12] = 0
+    raster[72:76, 43:47] = 0  # one hole in each arm once they are tall
+    raster[79:82, 8:12] = 0  # a hole across two chunks
     items: list = []
-    tracer = RegionTracer(60, [1], lambda g, c: items.append((g, c)), early_holes=True, chunk_rows=50)
-    feed_strips(tracer, raster, 1, 8)
+    tracer = RegionTracer(60, [1], lambda g, c: items.append((g, c)), early_holes=True, chunk_rows=10)
+    feed_strips(tracer, raster, 1, 5)
     early = [g for g, _ in items if isinstance(g, EarlyHoles)]
     holed = [g for g, _ in items if isinstance(g, HoledRegion)]
-    assert sum(len(g.holes) for g in early) == 2 and len(holed) == 1 and len(holed[0].owners) == 2
-    assert len(holed[0].polygon.interiors) == 0
+    assert sorted(h.bounds for g in early for h in g.holes) == [(8, 62, 12, 66), (43, 72, 47, 76)]
+    assert len(holed) == 1 and len(holed[0].owners) == 2 and len(holed[0].polygon.interiors) == 2
     got, unclaimed = whole_regions(items)
-    assert unclaimed == 0 and sorted(len(p.interiors) for p, _ in got) == [1, 2]
+    assert unclaimed == 0 and sorted(len(p.interiors) for p, _ in got) == [1, 4]
     assert sorted(round(p.area) for p, _ in got) == components(raster, 1)
 
 

@@ -232,11 +232,11 @@ def test_early_holes_leave_a_runs_features_as_they_were(tmp_path: Path, monkeypa
     from qpbridge.engine import session
     from qpbridge.engine.stitching import SemanticStitcher
 
-    img = np.full((1800, 600, 3), 235, np.uint8)
-    img[40:1760, 30:570] = 30
+    img = np.full((3000, 600, 3), 235, np.uint8)
+    img[40:2960, 30:570] = 30
     rng = np.random.default_rng(2)
-    for _ in range(110):  # light holes in the dark region
-        cv2.circle(img, (int(rng.integers(60, 540)), int(rng.integers(70, 1730))), int(rng.integers(4, 14)),
+    for _ in range(180):  # light holes in the dark region
+        cv2.circle(img, (int(rng.integers(60, 540)), int(rng.integers(70, 2930))), int(rng.integers(4, 14)),
                    (235, 235, 235), -1)
     slide = write_pyramid(tmp_path / "holes.tif", img, mpp=0.5)
     card = {**DARK_CARD, "name": "holes", "tile": {"size": 64, "overlap": 16, "batch_size": 16}}
@@ -257,9 +257,9 @@ def test_early_holes_leave_a_runs_features_as_they_were(tmp_path: Path, monkeypa
     assert late.stats.extra["early_holes"] == 0
     (region,) = [f for f in late.features if len(f["geometry"]["coordinates"]) > 1]
     holes = len(region["geometry"]["coordinates"]) - 1
-    assert holes > 80
-    for run in runs.values():
-        assert holes / 2 < run.stats.extra["early_holes"] <= holes
+    assert holes > 150
+    for run in runs.values():  # (holes in the region's first two chunks, and across chunks, come at its close)
+        assert holes / 3 < run.stats.extra["early_holes"] < holes
         assert len(run.features) == len(late.features)
         for a, b in zip(late.features, run.features, strict=True):
             assert shape(a["geometry"]).equals(shape(b["geometry"]))

@@ -252,8 +252,12 @@ class RegionTracer:
         if len(doubt):
             single[doubt] = self._can_reach_min_area(chunk == cls, garea[doubt], gx0[doubt], gy0[doubt] - y0,
                                                      gx1[doubt], gy1[doubt] - y0)
-        # Components closing here (1) and, for early holes, of regions staying open (2): one look-up for both.
-        comp_open = is_open[group[k:]] if self.early_holes and h > 2 and not last else np.zeros(m, bool)
+        # Components closing here (1) and, for early holes, of tall regions staying open (2): one look-up for both.
+        # (A region open over fewer rows than two chunks like this one is likely to close soon, and cheap to
+        # trace whole then: most of a noisy map's regions, each with its own few holes.)
+        comp_open = np.zeros(m, bool)
+        if self.early_holes and h > 2 and not last:
+            comp_open = (is_open & (y0 + h - gy0 >= 2 * h))[group[k:]]
         code = None
         if single.any() or comp_open.any():
             lut = np.zeros(n, np.uint8)
