@@ -282,3 +282,16 @@ def test_the_tracing_process_keeps_to_one_thread_of_work():
             assert f"{name}=1".encode() in env
     finally:
         rt.close()
+
+
+def test_time_waiting_for_the_child_is_counted_apart_from_finishing(monkeypatch):
+    """``wait_s``: what add_strip waited for the child, strips too far ahead; never the wait for the finish."""
+    raster = _raster(700, 170, seed=4)
+    waits = {}
+    for ahead in (0, 10 ** 6):
+        monkeypatch.setattr(tp, "STRIPS_AHEAD", ahead)
+        rt = tp.RemoteTracer(lambda g, c: None)
+        rt.open(170, [1, 2], scale=4, min_area=40, max_hole=30)
+        _trace(rt, raster, 16)
+        waits[ahead] = rt.wait_s
+    assert waits[10 ** 6] == 0.0 and waits[0] > 0.0

@@ -148,6 +148,8 @@ class RunStats:
         if "tracing_s" in self.extra:
             parts += (f"; blending {self.extra.get('blending_s', 0.0):.2f} s on {self.extra.get('blend_on') or '-'}, "
                       f"class strips {self.extra['class_strips_s']:.2f} s, tracing {self.extra['tracing_s']:.2f} s")
+            if "trace_wait_s" in self.extra:
+                parts += f" (waiting for its process {self.extra['trace_wait_s']:.2f} s)"
         if "handing_features_s" in self.extra:
             parts += f", handing features on {self.extra['handing_features_s']:.2f} s"
         if "finishing_s" in self.extra:
@@ -516,6 +518,7 @@ class PlanRun:
             stats.extra["blending_s"] = self.stitcher.blend_s
             if self.stitcher.trace_cpu_s is not None:
                 stats.extra["trace_process_cpu_s"] = self.stitcher.trace_cpu_s
+                stats.extra["trace_wait_s"] = self.stitcher.trace_wait_s
         stats.extra["handing_features_s"] = self.handing_s
         stats.extra["early_holes"] = self.early_holes
         stats.extra["slowest_feature_chunk_s"] = self.slowest_chunk_s

@@ -349,6 +349,11 @@ class SemanticStitcher:
             self.remote.close()
 
     @property
+    def trace_wait_s(self) -> float | None:
+        """Time spent waiting for the tracing process (strips too far ahead of it), when tracing runs in one."""
+        return self.remote.wait_s if self.remote is not None else None
+
+    @property
     def trace_cpu_s(self) -> float | None:
         """CPU time of the tracing process, when tracing runs in one."""
         return self.remote.busy_s if self.remote is not None else None

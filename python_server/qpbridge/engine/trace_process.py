@@ -250,7 +250,9 @@ class RemoteTracer:
     """A :class:`~qpbridge.engine.vectorise.RegionTracer` (and morphology filter) running in a child process.
 
     ``emit(geometry, class)`` is called on the thread that calls :meth:`add_strip`, :meth:`sync` or
-    :meth:`finish`, in the order the regions were traced. ``busy_s`` is the child's CPU time for this run.
+    :meth:`finish`, in the order the regions were traced. ``busy_s`` is the child's CPU time for this run,
+    ``wait_s`` the time :meth:`add_strip` waited for it (``STRIPS_AHEAD`` strips behind): above a few hundredths
+    of a second, the child is what the stitching waits for.
     The process is taken at construction (from the idle ones, or started), so it starts up while the run's
     first tiles are read and run; :meth:`open` is called with the raster's width when the first tile sets it.
     """
@@ -264,6 +266,7 @@ class RemoteTracer:
         self.peak_rows = 0
         self.regions = 0
         self.busy_s = 0.0
+        self.wait_s = 0.0
 
     def open(self, width: int, classes: list[int], *, scale: float = 1.0, min_area: float = 0.0,
              max_hole: float = 0.0, morphology: Morphology | None = None, early_holes: bool = False) -> None:
@@ -317,15 +320,20 @@ class RemoteTracer:
         done = False
         while True:
             waiting = self.traced < block_until or (finished and not done)
+            t = time.perf_counter()
             try:
                 msg = child.inbox.get(timeout=1.0) if waiting else child.inbox.get_nowait()
             except queue.Empty:
+                if waiting and not finished:
+                    self.wait_s += time.perf_counter() - t
                 if not waiting:
                     return
                 if not child.alive and child.inbox.empty():
                     self.close()
                     raise child.died() from None
                 continue
+            if waiting and not finished:
+                self.wait_s += time.perf_counter() - t
             kind = msg[0]
             if kind == "regions":
                 for geom, cls in zip(shapely.from_wkb(msg[1]), msg[2], strict=True):
