@@ -160,7 +160,8 @@ class FeatureBuilder:
                 self.add_early(g, x0, y0, sx, sy)
             else:
                 out[i] = self._build_holed(g, classes[i], x0, y0, sx, sy, extras[i] if extras is not None else None)
-        rest = [i for i in range(len(geoms)) if i not in set(special)]
+        taken = set(special)
+        rest = [i for i in range(len(geoms)) if i not in taken]
         if rest:
             built = self.build_many([geoms[i] for i in rest], [classes[i] for i in rest], x0, y0, sx, sy,
                                     [extras[i] for i in rest] if extras is not None else None)

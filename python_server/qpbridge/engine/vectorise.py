@@ -17,17 +17,18 @@ horizontal strips, top to bottom, which are gathered into chunks of at least ``C
    that region is traced.
 
 Nothing is ever re-unioned: every pixel is labelled once per class, traced once, and copied once more
-for each spanning region whose bounding box holds it.
+for each spanning region whose bounding box holds it. A region is traced only if it can reach
+``min_area``: its pixels, plus the enclosed background inside its bounding box (where all its holes
+lie), must reach it. Noisy maps, where most components are specks, stay cheap that way.
 
 Early holes (``early_holes``): a region open over many chunks (a tissue class spanning the slide) would close
 at the very end of a run with all its holes, tens of thousands of them, to trace and build at once. Instead
-each chunk also traces the holes that lie wholly inside it of the regions staying open, which are final, and
-emits them (:class:`EarlyHoles`); the region is traced at its close with those holes filled in its mask and
-emitted as a :class:`HoledRegion`, to be put together with them. The rings are those the region's own trace
-gives, but where a hole touched the region's outside at a corner: there the outline, traced with the hole
-filled, no longer backs off the corner (PINCH), and the hole still does. A region is traced only if it can reach
-``min_area``: its pixels, plus the enclosed background inside its bounding box (where all its holes
-lie), must reach it. Noisy maps, where most components are specks, stay cheap that way.
+each chunk also traces the holes that lie wholly inside it of the regions staying open (those already open
+over two chunks' rows), which are final, and emits them (:class:`EarlyHoles`); the region is traced at its
+close with those holes filled in its mask and emitted as a :class:`HoledRegion`, to be put together with
+them. The rings are those the region's own trace gives, but where a hole touched the region's outside at a
+corner: there the outline, traced with the hole filled, no longer backs off the corner (PINCH), and the hole
+still does.
 
 Memory: the table of open regions holds at most one entry per pixel of a row (bounded by the width).
 Rows of the class raster are kept from the top of the highest open region down (and a chunk's strips
@@ -66,7 +67,6 @@ CHUNK_ROWS = 256  # raster rows labelled at once (see ``RegionTracer.add_strip``
 CHUNK_PIXELS = 1 << 22  # or fewer rows of a wide raster (4.2 M pixels: 50 MB to trace on a smooth map)
 TRACE_OVERHEAD_PX = 20_000
 FLOOD_SEEDS = 8  # regions closing together up to which flood fills beat one labelling of their box
-
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,7 @@ class RegionTracer:
 
     def _early(self, cls: int, mask: np.ndarray, labels: np.ndarray, comp_open: np.ndarray, comp_key: np.ndarray,
                y0: int) -> None:
-        """Emit the holes of this chunk's components of regions staying open that lie wholly inside the chunk.
+        """Emit the holes of this chunk's components of tall regions staying open that lie wholly inside it.
 
         Such a hole is a 4-connected part of the background enclosed by one component's pixels, none on the
         chunk's top or bottom row: its pixels and every pixel next to them are final, and so are its ring and
