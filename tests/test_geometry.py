@@ -422,3 +422,17 @@ def test_rings_listed_in_any_order_give_the_same_polygons(monkeypatch):
     assert len(got) == len(want)
     for a, b in zip(sorted(got, key=key), sorted(want, key=key), strict=True):
         assert a.is_valid and a.equals(b) and len(a.interiors) == len(b.interiors)
+
+
+def test_geojson_positions_are_left_alone_by_the_garbage_collector():
+    """Positions are (x, y) tuples of floats, written as JSON arrays, which the collector stops tracking once
+    it has seen them: a run keeps millions of them alive until it ends."""
+    import gc
+
+    poly = Polygon([(0, 0), (4, 0), (4, 3), (0, 3)], [[(1, 1), (2, 1), (2, 2), (1, 2)]])
+    shapes = [geometry.geojson_geometries(np.array([poly], dtype=object))[0], geometry.geojson_geometry(poly)]
+    gc.collect()
+    for g in shapes:
+        assert json.loads(json.dumps(g)) == json.loads(json.dumps(shapely.geometry.mapping(poly)))
+        assert all(type(p) is tuple and not gc.is_tracked(p) for ring in g["coordinates"] for p in ring)
+        assert shape(g).equals(poly)

@@ -1,7 +1,8 @@
 """The garbage collector's schedule for runs that build features.
 
-A run builds hundreds of thousands of small containers (a GeoJSON ring is a list of ``[x, y]`` lists) and
-keeps them alive until the run ends. With CPython's default schedule (a collection every 700 net
+A run builds hundreds of thousands of small containers (features, their rings and measurements) and keeps
+them alive until the run ends (positions are tuples of floats, which the collector stops tracking once seen:
+``geometry.points``). With CPython's default schedule (a collection every 700 net
 allocations) the collector scans those live objects over and over: on a noisy map (``bench/bench_stitch.py``)
 a third of the stitching and feature time went to it. None of these containers can form a cycle, so
 collecting less often loses nothing; the few cycles a run leaves behind (a stitcher and its run) are freed

@@ -193,7 +193,7 @@ class FeatureBuilder:
             clash[a[a != b]] = True
         counts = shapely.get_num_coordinates(polys)
         ends = np.cumsum(counts).tolist()
-        flat = shapely.get_coordinates(polys).tolist()
+        flat = geometry.points(shapely.get_coordinates(polys))
         parts = _HoleParts(raw[keep], raw_area[keep], live, polys, shapely.is_valid(polys), clash, shapely.area(polys),
                            shapely.length(polys), [flat[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)],
                            found.row)
