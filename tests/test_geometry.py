@@ -113,7 +113,8 @@ def test_feature_layout_matches_qupath():
     assert f["properties"]["measurements"] == {"y": 1.0}
     assert shape(f["geometry"]).equals(p)
     ring = f["geometry"]["coordinates"][0]
-    assert ring[0] == ring[-1] and isinstance(ring[0], list)
+    assert ring[0] == ring[-1] and isinstance(ring[0], tuple)  # written as JSON arrays
+    assert json.loads(json.dumps(f))["geometry"]["coordinates"][0][0] == [0.0, 0.0]
 
 
 def test_simplify_polygons_is_geos_douglas_peucker_in_one_call(monkeypatch):

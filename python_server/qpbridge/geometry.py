@@ -591,7 +591,7 @@ def _polygon_coords(p: Polygon) -> list[Any]:
 
 
 def geojson_geometry(geom: BaseGeometry) -> dict[str, Any]:
-    """GeoJSON geometry with plain lists (what json and QuPath's reader expect)."""
+    """GeoJSON geometry of plain Python values (rings as lists of (x, y) tuples, written as JSON arrays)."""
     if isinstance(geom, Polygon):
         return {"type": "Polygon", "coordinates": _polygon_coords(geom)}
     if isinstance(geom, MultiPolygon):
@@ -601,7 +601,7 @@ def geojson_geometry(geom: BaseGeometry) -> dict[str, Any]:
 
 def geojson_geometries(geoms: np.ndarray) -> list[dict[str, Any]]:
     """:func:`geojson_geometry` of many (Multi)Polygons at once: their coordinates are read in one shapely call
-    and turned into Python lists once, then cut into rings."""
+    and turned into Python values once (see ``points``), then cut into rings."""
     parts, owner = shapely.get_parts(geoms, return_index=True)
     rings, ring_part = shapely.get_rings(parts, return_index=True)
     coords = shapely.get_coordinates(rings)
