@@ -493,20 +493,25 @@ def holes_clearly_apart(poly: Polygon) -> bool:
     holes = shapely.polygons(shapely.get_interior_ring(poly, np.arange(shapely.get_num_interior_rings(poly))))
     if not shapely.is_valid(shell):
         return False
-
-    def inside(part: np.ndarray) -> np.ndarray:
-        valid = shapely.is_valid(part)
-        if not valid.all():  # no predicate on an invalid ring: GEOS may throw
-            return valid
-        # each slice its own prepared shell: a prepared geometry builds its indexes lazily, not thread-safely
-        own = shapely.polygons(shapely.get_exterior_ring(poly))
-        shapely.prepare(own)
-        return shapely.contains_properly(own, part)
-
-    if not ring_map(inside, holes).all():
+    # no predicate on an invalid ring: GEOS may throw
+    if not ring_map(shapely.is_valid, holes).all() or not holes_inside(shell, holes).all():
         return False
     a, b = shapely.STRtree(holes).query(holes, predicate="intersects")
     return not bool((a != b).any())
+
+
+def holes_inside(shell: BaseGeometry, holes: np.ndarray) -> np.ndarray:
+    """Whether each (valid) polygon of ``holes`` lies in the interior of ``shell``'s exterior ring, in slices on the
+    post-processing threads (``ring_map``)."""
+
+    def inside(part: np.ndarray) -> np.ndarray:
+        # each slice its own prepared shell: a prepared geometry builds its indexes lazily, not thread-safely
+        own = shapely.polygons(shapely.get_exterior_ring(shell))
+        shapely.prepare(own)
+        out: np.ndarray = shapely.contains_properly(own, part)
+        return out
+
+    return ring_map(inside, holes)
 
 
 def fill_small_holes(geom: BaseGeometry, max_hole_area: float) -> BaseGeometry:

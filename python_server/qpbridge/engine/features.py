@@ -111,7 +111,7 @@ class FeatureBuilder:
             arr[small] = geometry.EMPTY
         scale, shift, grid = np.array([sx, sy]), np.array([x0, y0]), geometry.GRID
         fast = geometry.simplify_polygons(arr, self.tol) if self.tol > 0 else arr
-        g = shapely.transform(fast, lambda c: np.round((c * scale + shift) / grid) * grid)
+        g = shapely.transform(fast, self._mapper(x0, y0, sx, sy))
         ok = (shapely.get_type_id(arr) == shapely.GeometryType.POLYGON) & ~shapely.is_empty(g)
         if self.clip is not None:
             ok &= shapely.contains(self.clip, g)
@@ -169,7 +169,9 @@ class FeatureBuilder:
                 out[i] = f
         return out
 
-    def _mapper(self, x0: float, y0: float, sx: float, sy: float) -> Any:
+    @staticmethod
+    def _mapper(x0: float, y0: float, sx: float, sy: float) -> Any:
+        """Model pixels to full resolution, rounded to the grid."""
         scale, shift, grid = np.array([sx, sy]), np.array([x0, y0]), geometry.GRID
         return lambda c: np.round((c * scale + shift) / grid) * grid
 
@@ -241,7 +243,7 @@ class FeatureBuilder:
             ok = bool(shapely.is_valid(shell)) and bool(shapely.is_valid(late).all()) and bool(early.valid.all()) \
                 and not early.clash.any()
             if ok:
-                ok = bool(geometry.ring_map(lambda part: _inside(shell, part), holes).all())
+                ok = bool(geometry.holes_inside(shell, holes).all())
             if ok and len(late):
                 a, b = shapely.STRtree(holes).query(late, predicate="intersects")
                 ok = not bool((a != b).any())
@@ -272,11 +274,3 @@ class FeatureBuilder:
         return shapely.Polygon(shapely.get_exterior_ring(g),
                                [*rings, *shapely.get_exterior_ring(early.polys[early.live])])
 
-
-def _inside(shell: BaseGeometry, holes: np.ndarray) -> np.ndarray:
-    """Whether each (valid) hole lies in the shell's interior; each call prepares a copy of the shell of its own
-    (prepared geometries build their indexes lazily, not thread-safely)."""
-    own = shapely.polygons(shapely.get_exterior_ring(shell))
-    shapely.prepare(own)
-    out: np.ndarray = shapely.contains_properly(own, holes)
-    return out

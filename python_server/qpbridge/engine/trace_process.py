@@ -324,16 +324,16 @@ class RemoteTracer:
             try:
                 msg = child.inbox.get(timeout=1.0) if waiting else child.inbox.get_nowait()
             except queue.Empty:
-                if waiting and not finished:
-                    self.wait_s += time.perf_counter() - t
+                msg = None
+            if waiting and not finished:
+                self.wait_s += time.perf_counter() - t
+            if msg is None:
                 if not waiting:
                     return
                 if not child.alive and child.inbox.empty():
                     self.close()
                     raise child.died() from None
                 continue
-            if waiting and not finished:
-                self.wait_s += time.perf_counter() - t
             kind = msg[0]
             if kind == "regions":
                 for geom, cls in zip(shapely.from_wkb(msg[1]), msg[2], strict=True):

@@ -397,15 +397,7 @@ class RegionTracer:
         # Only the regions holding the seeds: other regions of the class may share the box.
         if len(sx) <= FLOOD_SEEDS:
             # A few regions (a smooth map): flood fills touch only their pixels.
-            mask = np.zeros((crop.shape[0] + 2, crop.shape[1] + 2), np.uint8)
-            crop = np.ascontiguousarray(crop)
-            flags = 8 | cv2.FLOODFILL_MASK_ONLY | (1 << 8)
-            for x, y in zip((sx - bx0).tolist(), (sy - by0).tolist(), strict=True):
-                if not mask[y + 1, x + 1]:
-                    cv2.floodFill(crop, mask, (x, y), 0, 0, 0, flags)
-            mask[0] = mask[-1] = 0  # OpenCV marks the mask's frame as filled
-            mask[:, 0] = mask[:, -1] = 0
-            self._trace(mask, bx0 - 1, by0 - 1, cls)
+            self._trace(_flood(crop, sx - bx0, sy - by0), bx0 - 1, by0 - 1, cls)
         else:
             # Many (a noisy map): one labelling of the box serves every seed. A region lies wholly inside
             # its box, so its component in the box is the region itself.
@@ -422,15 +414,12 @@ class RegionTracer:
 
         owners = sorted(self.owned.pop(key))
         contours = [item for o in owners for item in self.hole_contours.pop(o, [])]
-        crop = np.ascontiguousarray(self._crop(x0, y0, x1, y1))
+        crop = self._crop(x0, y0, x1, y1)
         if area < self.min_px and not self._can_reach_min_area(
                 crop == cls, np.array([area]), np.array([0]), np.array([0]), np.array([x1 - x0]),
                 np.array([y1 - y0]))[0]:
             return
-        mask = np.zeros((crop.shape[0] + 2, crop.shape[1] + 2), np.uint8)
-        cv2.floodFill(crop, mask, (sx - x0, sy - y0), 0, 0, 0, 8 | cv2.FLOODFILL_MASK_ONLY | (1 << 8))
-        mask[0] = mask[-1] = 0
-        mask[:, 0] = mask[:, -1] = 0
+        mask = _flood(crop, np.array([sx - x0]), np.array([sy - y0]))
         for row, found in contours:
             cv2.drawContours(mask, found, -1, 1, thickness=cv2.FILLED, offset=(1 - x0, 1 + row - y0))
         for geom in geometry.trace_regions(mask, x0 - 1, y0 - 1, self.scale, min_area=self.min_px,
@@ -455,6 +444,22 @@ class RegionTracer:
         keep_from = min(tops) if tops else self.labelled
         while self.rows and self.rows[0][0] + self.rows[0][1].shape[0] <= keep_from:
             self.rows.popleft()
+
+
+def _flood(crop: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> np.ndarray:
+    """The 8-connected regions of ``crop``'s class values holding the seed pixels (sx, sy), as a 0/1 mask with
+    a frame of one background pixel around the crop (OpenCV's flood fill mask)."""
+    import cv2
+
+    crop = np.ascontiguousarray(crop)
+    mask = np.zeros((crop.shape[0] + 2, crop.shape[1] + 2), np.uint8)
+    flags = 8 | cv2.FLOODFILL_MASK_ONLY | (1 << 8)
+    for x, y in zip(sx.tolist(), sy.tolist(), strict=True):
+        if not mask[y + 1, x + 1]:
+            cv2.floodFill(crop, mask, (x, y), 0, 0, 0, flags)
+    mask[0] = mask[-1] = 0  # OpenCV marks the mask's frame as filled
+    mask[:, 0] = mask[:, -1] = 0
+    return mask
 
 
 FEW_COMPONENTS = 4  # components of a strip up to which boxes from projections beat OpenCV's statistics
