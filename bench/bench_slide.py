@@ -16,7 +16,8 @@ the same class maps):
   it, outputs as the run takes them (native resolution, left on the GPU), synchronised at the end (tiles/s);
 - end to end: `annotate_slide` on the slide (pipelined block reads, model, device-side blending, linear
   vectorising, features), tiles/s, the ratio of the two, each stage's busy time, the GPU's idle fraction,
-  the limiting stage, peak host RSS and peak GPU memory.
+  the limiting stage, peak host RSS and peak GPU memory; then the time to write the run's features as the
+  GeoJSON file `qpbridge annotate` writes (after the run, so not in its tiles/s).
 Exits non-zero if any run fails. fp16/bf16 run on CUDA only (skipped on a CPU).
 """
 
@@ -242,12 +243,14 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
         with ThreadCPU() as cpu, unsliced(model, "stacked" in flags):
             result = annotate_slide(engine, slide, name, tissue_filter=False, options=opts)
         st = result.stats
+        write_s, mb = write_geojson(root / "out.geojson", result.features)
         child = st.extra.get("trace_process_cpu_s")
+        print(f"{precision} {mode}: GeoJSON of the features written in {write_s:.2f} s ({mb:.1f} MB)", flush=True)
         print(f"{precision} {mode}: CPU s by thread over the run: "
               + ", ".join(f"{k} {v:.2f}" for k, v in cpu.groups().items() if v >= 0.01)
               + (f"; tracing process {child:.2f}" if child is not None else ""), flush=True)
         rows.append({"precision": precision, "mode": mode, "compile_s": compile_s, "model_only": model_only,
-                     "e2e": st.tiles / st.seconds, "stats": st, "features": len(result.features),
+                     "e2e": st.tiles / st.seconds, "stats": st, "features": len(result.features), "write_s": write_s,
                      "gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else 0.0})
     worker = getattr(model, "worker", None)
     if cuda and hasattr(worker, "graph_state"):  # older trees (A/B runs) have no CUDA graphs
@@ -263,6 +266,16 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     if close is not None:
         close()
     return rows
+
+
+def write_geojson(path: Path, features: list) -> tuple[float, float]:
+    """Write a run's features as ``qpbridge annotate`` writes them: seconds taken and MB written."""
+    from qpbridge.files import write_json_atomic
+    from qpbridge.geometry import feature_collection
+
+    t = time.perf_counter()
+    write_json_atomic(path, feature_collection(features))
+    return time.perf_counter() - t, path.stat().st_size / 1e6
 
 
 def timeline(st: Any) -> str:
@@ -360,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| precision | mode | model-only tiles/s | end-to-end tiles/s | ratio | tiles | wall s | reading s "
           "(threads) | model s | device s | stitching s (blending, class strips, tracing, handing features on, "
           "finishing; on a CPU) | features s (threads; slowest chunk) | "
-          "GPU idle | limit | features | peak GPU MiB | first output s | outputs s | tail s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "GPU idle | limit | features | peak GPU MiB | first output s | outputs s | tail s | GeoJSON written s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stats"]
         dev = f"{st.device_s:.2f}" if st.device_s is not None else "-"
@@ -373,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{st.extra.get('finishing_s', 0):.2f}; CPU {st.stitch_cpu_s:.2f}{child(st)}) | "
               f"{st.features_s:.2f} ({pool_size()}; {st.extra.get('slowest_feature_chunk_s', 0):.2f}) | "
               f"{100 * st.model_idle_fraction:.0f}% | {st.limit} | "
-              f"{r['features']} | {r['gpu_mib']:.0f} | {timeline(st)} |")
+              f"{r['features']} | {r['gpu_mib']:.0f} | {timeline(st)} | {r['write_s']:.2f} |")
     print(f"peak host RSS {rss:.0f} MiB")
     return 1 if failed or not rows else 0
 

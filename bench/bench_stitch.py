@@ -22,7 +22,8 @@ does on its post-processing threads (tile outputs are generated outside the cloc
 
 End-to-end mode runs the engine session on a generated JPEG pyramid with a zero-cost model that returns
 fixed quarter-resolution probabilities, so reading, the pipeline and stitching are what is measured; it
-prints tiles/s, the busy time of each stage and which stage limits.
+prints tiles/s, the busy time of each stage and which stage limits, then the time to write the features as
+the GeoJSON file ``qpbridge annotate`` writes.
 
 Tracer-memory mode measures (``tracemalloc``: numpy's and OpenCV's arrays) the peak memory the region tracer
 takes beyond the raster rows it keeps: for one chunk of 256 rows of a 9,375 px wide class raster (a smooth
@@ -193,7 +194,7 @@ def end_to_end(size: int, readers: int, batch: int, trace: list[str], reuse: Pat
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_slide import TRACE_PROCESS, write_slide
+    from bench_slide import TRACE_PROCESS, write_geojson, write_slide
 
     from qpbridge.annotate import annotate_slide
     from qpbridge.engine import Engine
@@ -232,6 +233,8 @@ def end_to_end(size: int, readers: int, batch: int, trace: list[str], reuse: Pat
                   f"peak RSS {peak_rss_mib():.0f} MiB"
                   + (f"; tracing process CPU {child:.2f} s" if child is not None else ""))
             print(st.table())
+            write_s, mb = write_geojson(root / "out.geojson", result.features)
+            print(f"GeoJSON of the features written in {write_s:.2f} s ({mb:.1f} MB)")
     return 0
 
 

@@ -111,3 +111,32 @@ def test_serve_subprocess_answers_and_stops_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_output_files_are_written_by_the_c_encoder_feature_by_feature(tmp_path, monkeypatch):
+    """GeoJSON outputs are the text json.dumps writes, made a feature at a time; NaN is refused and leaves
+    neither the file nor a temporary one."""
+    import math
+
+    from qpbridge import files
+
+    shapes = [{"type": "Polygon", "coordinates": [[(0.0, 0.0), (1.5, 0.0), (1.5, 2.25), (0.0, 0.0)]]},
+              {"type": "MultiPolygon", "coordinates": []}]
+    features = [{"type": "Feature", "id": str(i), "geometry": g, "properties": {"name": "Région"}}
+                for i, g in enumerate(shapes)]
+    encoded: list[object] = []
+    encode = json.JSONEncoder.encode
+    monkeypatch.setattr(json.JSONEncoder, "encode", lambda self, o: encoded.append(o) or encode(self, o))
+    for data in ({"type": "FeatureCollection", "features": features}, {"type": "FeatureCollection", "features": []},
+                 {"features": features[:1]}, [1, 2.5, "x"], {"features": "not a list"}):
+        expected = json.dumps(data, ensure_ascii=False)
+        encoded.clear()
+        out = tmp_path / "out.geojson"
+        files.write_json_atomic(out, data)
+        assert out.read_text(encoding="utf-8") == expected
+        if isinstance(data, dict) and isinstance(data["features"], list):
+            assert encoded[1:] == data["features"]  # the header, then one call per feature
+    bad = tmp_path / "bad.geojson"
+    with pytest.raises(ValueError):
+        files.write_json_atomic(bad, {"type": "FeatureCollection", "features": [*features, {"x": math.nan}]})
+    assert not bad.exists() and [p.name for p in tmp_path.iterdir()] == ["out.geojson"]

@@ -437,3 +437,32 @@ def test_geojson_positions_are_left_alone_by_the_garbage_collector():
         assert json.loads(json.dumps(g)) == json.loads(json.dumps(shapely.geometry.mapping(poly)))
         assert all(type(p) is tuple and not gc.is_tracked(p) for ring in g["coordinates"] for p in ring)
         assert shape(g).equals(poly)
+
+
+def test_coordinates_land_on_the_grid_as_short_decimals():
+    """Full-resolution coordinates are the doubles nearest to k / 100 (as GEOS rounds), which JSON writes as
+    short as they are ("0.03", where 3 * 0.01 writes "0.030000000000000002") and reads back exactly."""
+    from qpbridge.cards import ModelCard
+    from qpbridge.engine.features import FeatureBuilder
+
+    k = np.arange(-5000, 5000)
+    assert any(len(repr(float(v))) > 10 for v in k * geometry.GRID)  # what the old rounding wrote
+    assert (geometry.on_grid(k * geometry.GRID) == k / 100).all()
+    card = {"schema_version": 1, "name": "m", "family": "bench-fixed", "task": "semantic-segmentation",
+            "object_type": "annotation", "classes": [{"name": "Background", "color": [255, 255, 255]},
+                                                        {"name": "Tissue", "color": [200, 0, 0]}],
+            "tile": {"size": 64, "overlap": 0, "batch_size": 1}, "mpp": 1.0}
+    builder = FeatureBuilder(ModelCard.from_dict(card), 0.5)
+    rng = np.random.default_rng(3)
+    # a star of 400 vertices at off-grid positions, mapped with an offset and a scale that are off-grid too
+    angles = np.sort(rng.uniform(0, 2 * np.pi, 400))
+    radius = rng.uniform(20, 30, 400)
+    star = Polygon(np.c_[radius * np.cos(angles) + 40.003, radius * np.sin(angles) + 40.007])
+    (feature,) = builder.build_many([star], [1], 1000.017, 2000.031, 1.37, 1.37)
+    assert feature is not None
+    text = json.dumps(feature)
+    ring = np.asarray(json.loads(text)["geometry"]["coordinates"][0])
+    assert len(ring) > 100
+    assert (ring == np.round(ring * 100) / 100).all()
+    for v in ring.ravel().tolist():
+        assert len(repr(v).split(".")[1]) <= 2, v

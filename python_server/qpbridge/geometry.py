@@ -25,7 +25,14 @@ from shapely.geometry.base import BaseGeometry
 from qpbridge.cards import ClassInfo
 from qpbridge.pools import split_map
 
-GRID = 0.01  # coordinate grid in full-resolution pixels
+GRID_STEPS = 100  # coordinate grid steps per full-resolution pixel
+GRID = 1 / GRID_STEPS  # coordinate grid in full-resolution pixels
+
+
+def on_grid(c: np.ndarray) -> np.ndarray:
+    """Coordinates rounded to the grid, each the double nearest to k / GRID_STEPS (a division, as GEOS rounds):
+    JSON writes them as short as they are ("12.34"), where k * GRID gives "12.340000000000002" for some."""
+    return np.round(c * GRID_STEPS) / GRID_STEPS
 
 
 def _polygonal(geom: BaseGeometry) -> BaseGeometry:
@@ -403,7 +410,7 @@ def clean_many(geoms: Sequence[BaseGeometry] | np.ndarray, simplify_tol: float =
         out[i] = _polygonal(out[i])
     if snap:
         # Rounding to the grid keeps most polygons valid; set_precision repairs those it does not.
-        rounded = shapely.transform(out[live], lambda c: np.round(c / GRID) * GRID)
+        rounded = shapely.transform(out[live], on_grid)
         ok = shapely.is_valid(rounded)
         out[live[ok]] = rounded[ok]
         for i in live[~ok].tolist():
@@ -588,7 +595,8 @@ def points(coords: np.ndarray) -> list[tuple[float, float]]:
     """GeoJSON positions of an (N, 2) array, as (x, y) tuples: JSON writes them as arrays, and the garbage
     collector stops scanning a tuple of floats once it has seen it (a run holds millions of positions until it
     ends; as [x, y] lists, each collection of the older generations scanned them all: 0.1 s a time)."""
-    return list(zip(coords[:, 0].tolist(), coords[:, 1].tolist(), strict=True))
+    xy = iter(coords.ravel().tolist())  # one list of floats, paired by zipping its iterator with itself
+    return list(zip(xy, xy, strict=True))
 
 
 def _polygon_coords(p: Polygon) -> list[Any]:

@@ -172,8 +172,8 @@ class FeatureBuilder:
     @staticmethod
     def _mapper(x0: float, y0: float, sx: float, sy: float) -> Any:
         """Model pixels to full resolution, rounded to the grid."""
-        scale, shift, grid = np.array([sx, sy]), np.array([x0, y0]), geometry.GRID
-        return lambda c: np.round((c * scale + shift) / grid) * grid
+        scale, shift = np.array([sx, sy]), np.array([x0, y0])
+        return lambda c: geometry.on_grid(c * scale + shift)
 
     def add_early(self, found: EarlyHoles, x0: float, y0: float, sx: float, sy: float) -> None:
         """Build early holes as far as they can be built alone, and keep them for their regions: the same
