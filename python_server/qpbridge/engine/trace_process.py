@@ -59,9 +59,9 @@ def strip_tracer(width: int, classes: list[int], emit: EmitRegion, *, scale: flo
 # ---- the child ------------------------------------------------------------------------------------------------
 
 def pack(geoms: np.ndarray) -> tuple[Any, ...]:
-    """Geometries for the pipe: polygons as shapely's ragged arrays (coordinates and ring and polygon offsets),
-    which the parent's stitching thread turns back into geometries three times faster than WKB (and holds the
-    interpreter lock as long); anything else as WKB."""
+    """Geometries for the pipe: polygons as shapely's ragged arrays (coordinates, ring and polygon offsets),
+    which the parent's stitching thread turns back into geometries three times faster than WKB (either holds
+    the interpreter lock throughout); anything else as WKB."""
     import shapely
 
     if len(geoms) and (shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON).all():
