@@ -279,12 +279,16 @@ def write_geojson(path: Path, features: list) -> tuple[float, float]:
 
 
 def timeline(st: Any) -> str:
-    """When the first model output reached the stitcher, over how long the outputs came, and the tail after
-    the last was stitched (regions left open and their features)."""
+    """When the first block was read, the first batch handed to the model and its output reached the
+    stitcher; over how long the outputs came; the tail after the last was stitched (regions left open and their
+    features), and of it the stitcher's finish (closing the regions left open)."""
     first, last = getattr(st, "first_output_s", 0.0), getattr(st, "last_output_s", 0.0)  # absent in older trees
     if not last:
         return "- | - | -"
-    return f"{first:.2f} | {last - first:.2f} | {st.seconds - st.stitched_s:.2f}"
+    read, batch = getattr(st, "first_read_s", 0.0), getattr(st, "first_batch_s", 0.0)
+    closing = st.extra.get("closing_s")
+    return (f"{read:.2f}, {batch:.2f}, {first:.2f} | {last - first:.2f} | {st.seconds - st.stitched_s:.2f}"
+            + (f" ({closing:.2f})" if closing is not None else ""))
 
 
 def child(st: object) -> str:
@@ -373,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| precision | mode | model-only tiles/s | end-to-end tiles/s | ratio | tiles | wall s | reading s "
           "(threads) | model s | device s | stitching s (blending, class strips, tracing, handing features on, "
           "finishing; on a CPU) | features s (threads; slowest chunk) | "
-          "GPU idle | limit | features | peak GPU MiB | first output s | outputs s | tail s | GeoJSON written s |")
+          "GPU idle | limit | features | peak GPU MiB | first block read, batch to the model, output s | outputs s | "
+          "tail s (closing regions) | GeoJSON written s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = r["stats"]

@@ -302,6 +302,9 @@ def test_pipeline_reports_stage_times_and_the_limit(tmp_path, models_dir):
     assert sum(st.extra[k] for k in parts) <= st.stitch_s * 1.01
     assert 0 < st.extra["slowest_feature_chunk_s"] <= st.features_s
     assert "finishing" in st.table() and "blending" in st.table()
+    # the timeline: first block read, first batch handed to the model, outputs, the last stitched, the finish
+    assert 0 < st.first_read_s <= st.first_batch_s <= st.first_output_s <= st.last_output_s <= st.stitched_s
+    assert st.stitched_s <= st.seconds and 0 < st.extra["closing_s"] <= st.seconds - st.stitched_s
     assert len(result.features) == 1
     assert shapely.geometry.shape(result.features[0]["geometry"]).area == pytest.approx(np.pi * 250 ** 2, rel=0.02)
 

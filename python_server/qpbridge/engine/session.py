@@ -119,8 +119,11 @@ class RunStats:
     features: int = 0
     readers: int = 1
     device_s: float | None = None  # time the model's device computed (GPU time on CUDA), when known
-    # the run's timeline, seconds from its start: the first and the last model output reaching the stitcher,
-    # and the last of them stitched (what follows is the tail: the regions left open, and their features)
+    # the run's timeline, seconds from its start: the first block read, the first batch handed to the model, the
+    # first and the last model output reaching the stitcher, and the last of them stitched (what follows is the
+    # tail: the regions left open, and their features)
+    first_read_s: float = 0.0
+    first_batch_s: float = 0.0
     first_output_s: float = 0.0
     last_output_s: float = 0.0
     stitched_s: float = 0.0
@@ -153,12 +156,17 @@ class RunStats:
         if "handing_features_s" in self.extra:
             parts += f", handing features on {self.extra['handing_features_s']:.2f} s"
         if "finishing_s" in self.extra:
-            parts += (f"; finishing {self.extra['finishing_s']:.2f} s, the slowest feature chunk "
-                      f"{self.extra.get('slowest_feature_chunk_s', 0.0):.2f} s")
+            closing = self.extra.get("closing_s")
+            parts += (f"; finishing {self.extra['finishing_s']:.2f} s"
+                      + (f" (closing the regions left open {closing:.2f} s)" if closing is not None else "")
+                      + f", the slowest feature chunk {self.extra.get('slowest_feature_chunk_s', 0.0):.2f} s")
         if self.extra.get("early_holes"):
             parts += f"; {self.extra['early_holes']} holes traced early"
-        timeline = (f"; model outputs from {self.first_output_s:.2f} s to {self.last_output_s:.2f} s, stitched at "
-                    f"{self.stitched_s:.2f} s" if self.last_output_s > 0 else "")
+        timeline = ""
+        if self.last_output_s > 0:
+            timeline = (f"; first block read at {self.first_read_s:.2f} s, first batch to the model at "
+                        f"{self.first_batch_s:.2f} s, model outputs from {self.first_output_s:.2f} s to "
+                        f"{self.last_output_s:.2f} s, stitched at {self.stitched_s:.2f} s")
         return (f"{self.tiles} tiles in {self.seconds:.2f} s ({rate:.1f} tiles/s{timeline}); busy: reading "
                 f"{self.read_s:.2f} s over {self.readers} threads, model {self.model_s:.2f} s over {self.feeders} "
                 f"feeders{device}, stitching {self.stitch_s:.2f} s ({parts}), features {self.features_s:.2f} s over "
@@ -222,6 +230,7 @@ class PlanRun:
         self.features = 0
         self.handing_s = 0.0  # the stitching thread's time waiting for built features and handing them to the sink
         self.slowest_chunk_s = 0.0  # the longest feature-building task (one region spanning a slide is built alone)
+        self.closing_s = 0.0  # the stitcher's finish: the last strips, and closing the regions left open
         self.early_holes = 0  # holes traced (and built) before their region closed
 
         def emit(geom: Any, cls: int, extra: dict[str, Any] | None) -> None:
@@ -374,7 +383,9 @@ class PlanRun:
     def finish(self) -> None:
         """Close every region and hand every feature to the sink."""
         with self._lock:
+            t = time.perf_counter()
             self.stitcher.finish()
+            self.closing_s += time.perf_counter() - t
             self._dispatch(wait=True)
 
     # ---- the whole plan, read by the engine --------------------------------------------------------------
@@ -432,6 +443,8 @@ class PlanRun:
                     return True
 
                 def flush() -> bool:
+                    if not stats.first_batch_s:
+                        stats.first_batch_s = time.perf_counter() - t0
                     tiles = [tile for tile, _ in pending]
                     inflight.append((tiles, feed.submit(timed_infer, tiles, [px for _, px in pending])))
                     pending.clear()
@@ -459,6 +472,8 @@ class PlanRun:
                         t = time.perf_counter()
                         tiles = fut.result()
                         stats.read_wait_s += time.perf_counter() - t
+                        if not stats.first_read_s:
+                            stats.first_read_s = time.perf_counter() - t0
                         if tiles and band and band_of(tiles[0][0]) != band_of(band[0][0]) and not feed_band():
                             return
                         band.extend(tiles)
@@ -522,6 +537,7 @@ class PlanRun:
         stats.extra["handing_features_s"] = self.handing_s
         stats.extra["early_holes"] = self.early_holes
         stats.extra["slowest_feature_chunk_s"] = self.slowest_chunk_s
+        stats.extra["closing_s"] = self.closing_s
         return stats
 
     def _stitch_parts(self) -> float:
