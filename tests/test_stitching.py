@@ -276,6 +276,58 @@ def test_batched_device_blend_equals_tile_by_tile():
     assert polys_c == polys_a
 
 
+def test_device_class_strips_are_taken_one_strip_later_with_the_same_result():
+    """Blending on a device, a class strip is queued there and taken when the next one is queued (the last at
+    once): the tracer gets the strips host blending gives, in order, with the same ``last`` flags, and the same
+    regions; ``sync`` takes the strip still queued, so it emits every region the finalised strips close."""
+    import torch
+
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
+    plan = make_plan(card, (0, 0, 600, 440), None)
+    truth = blob_raster(110, 150, 3, 15, seed=6)
+    rng = np.random.default_rng(5)
+    soft = (truth[None] == np.arange(3)[:, None, None]).astype(np.float32) + 0.3 * rng.random((3, 110, 150))
+    soft = (soft / soft.sum(axis=0)).astype(np.float32)
+
+    def probs(t):  # type: ignore[no-untyped-def]
+        return np.ascontiguousarray(soft[:, t.y // 4:t.y // 4 + (t.h + 3) // 4, t.x // 4:t.x // 4 + (t.w + 3) // 4])
+
+    def run(device: bool, sync_after: int | None = None):  # type: ignore[no-untyped-def]
+        out: list[tuple[shapely.Geometry, int]] = []
+        strips: list[tuple[np.ndarray, bool]] = []
+        st = SemanticStitcher(plan, 3, [1, 2], lambda g, c, e: out.append((g, c)))
+        first = SemanticResult(probs=torch.from_numpy(probs(plan.tiles[0])) if device else probs(plan.tiles[0]),
+                               scale=4)
+        if device:
+            _device_blend_on_cpu(st, first)
+        else:
+            st._start(4, first.probs)
+        assert st.tracer is not None
+        add_strip = st.tracer.add_strip
+        st.tracer.add_strip = lambda strip, last=False: (strips.append((strip.copy(), last)), add_strip(strip, last))[1]
+        synced = None
+        for k, t in enumerate(plan.tiles):
+            p = probs(t)
+            st.add(t, SemanticResult(probs=torch.from_numpy(p) if device else p, scale=4))
+            if k == sync_after:
+                st.sync()
+                synced = (len(strips), st.base_row, len(out))
+        st.finish()
+        return strips, sorted((c, round(g.area, 6), g.bounds) for g, c in out), synced
+
+    host_strips, host_polys, _ = run(device=False)
+    dev_strips, dev_polys, _ = run(device=True)
+    assert len(host_strips) == plan.rows and host_strips[-1][1] and not any(last for _, last in host_strips[:-1])
+    assert [last for _, last in dev_strips] == [last for _, last in host_strips]
+    for (a, _), (b, _) in zip(host_strips, dev_strips, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert dev_polys == host_polys and len(host_polys) > 5
+    # mid-run: every strip finalised so far has reached the tracer once sync returns
+    mid = len(plan.tiles) // 2
+    _, polys, synced = run(device=True, sync_after=mid)
+    assert synced is not None and synced[0] == synced[1] > 0 and polys == host_polys
+
+
 # ---- the engine run session --------------------------------------------------------------------------
 
 

@@ -8,7 +8,8 @@ the tile for SegFormer: ``SemanticResult.scale``; never upsampled first), are we
 tile, as overlap-tile inference with 3/4 overlap, "16-fold", uses) and added into a rolling accumulator a
 little taller than one tile, on the host (numpy) or, for results that are still tensors on the model's
 device, there (torch). Once every tile that touches a strip
-(one grid step tall) is in, the strip's argmax is taken and only the uint8 class strip goes on, to a
+(one grid step tall) is in, the strip's argmax is taken and only the uint8 class strip goes on (on a device,
+copied to the host behind the work queued before it, and taken when the next strip is queued), to a
 :class:`~qpbridge.engine.vectorise.RegionTracer`, which labels and traces it in linear time and emits one polygon
 per connected region per class, however many tiles and strips the region crosses (holes kept). A card's
 morphological opening/closing runs on the class strips on their way to the tracer, a few rows behind
@@ -268,13 +269,32 @@ class _DeviceBlend:
         self.acc[:, y:y + h, x:x + width] += summed[0]
 
     def classes(self, h: int) -> np.ndarray:
+        return self.classes_later(h)()
+
+    def classes_later(self, h: int) -> Callable[[], np.ndarray]:
+        """:meth:`classes` queued on the device, copied to pinned host memory behind the work queued before it;
+        the call returned waits for the copy. The stitching thread takes a strip when the next is queued, so it
+        does not wait for each strip's blending and argmax on the device (on the CPU the strip is ready now)."""
+        torch = self.torch
         acc, wsum = self.acc[:, :h], self.wsum[:h]
         best, cmap = acc.max(dim=0)
         covered = (wsum > 0) & (best >= wsum - acc.sum(dim=0)) if self.tracking else best > 0
-        cmap = cmap.to(self.torch.uint8)
-        cmap[~covered] = NO_CLASS
-        out: np.ndarray = cmap.cpu().numpy()
-        return out
+        # masked_fill_, not cmap[~covered] = ...: a boolean index waits for the device to count the pixels
+        cmap = cmap.to(torch.uint8).masked_fill_(~covered, NO_CLASS)
+        if cmap.device.type != "cuda":
+            ready: np.ndarray = cmap.numpy()
+            return lambda: ready
+        host = torch.empty(tuple(cmap.shape), dtype=torch.uint8, pin_memory=True)
+        host.copy_(cmap, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(cmap.device))
+
+        def wait() -> np.ndarray:
+            copied.synchronize()
+            out: np.ndarray = host.numpy()
+            return out
+
+        return wait
 
     def shift(self, step: int) -> None:
         self.acc[:, :-step] = self.acc[:, step:].clone()
@@ -321,6 +341,8 @@ class SemanticStitcher:
         self.tracer: RegionTracer | RemoteTracer | None = None
         self.remote: RemoteTracer | None = None  # tracing in a child process (:meth:`trace_in_process`)
         self._handed: Any = None  # the last batch output handed over to this thread's stream
+        # blending on a device: the last class strip queued there, not yet taken (its copy, and whether it is last)
+        self._queued: tuple[Callable[[], np.ndarray], bool] | None = None
         # time taken by class strips (argmax, and on a device the wait for it and the copy to the host), and by
         # filtering and tracing them; the rest of the stitching time is blending
         self.classes_s = 0.0
@@ -338,6 +360,7 @@ class SemanticStitcher:
     def sync(self) -> None:
         """Emit every region the strips finalised so far close (the tracer waits for chunks of strips, and
         tracing in a process runs behind)."""
+        self._take_queued()
         if self.remote is not None and self.remote.width:
             self.remote.sync()
         elif isinstance(self.tracer, RegionTracer):
@@ -530,6 +553,7 @@ class SemanticStitcher:
             missing = sum(self.remaining[self.base_row:])
             raise JobStateError(f"{missing} tiles of the plan were never sent; send them before finishing")
         assert self.tracer is not None
+        self._take_queued()
         self.tracer.finish()
 
     def _finalise_strip(self, row: int) -> None:
@@ -539,15 +563,43 @@ class SemanticStitcher:
         h = (self.height - row * step) if last else step
         h = max(0, min(h, self.buf_h))
         t0 = time.perf_counter()
+        if isinstance(self.blend, _DeviceBlend):
+            # The strip is queued on the device; the one queued before it is taken now (its copy had the time
+            # of a strip's blending to finish), the last one at once.
+            later = self.blend.classes_later(h)
+            self.blend.shift(step)
+            self.classes_s += time.perf_counter() - t0
+            self._take_queued()
+            self._queued = (later, last)
+            if last:
+                self._take_queued()
+            return
         classes = self.blend.classes(h)
         t1 = time.perf_counter()
+        self._trace_strip(classes, last)
+        self.blend.shift(step)
+        self.classes_s += t1 - t0
+        self.trace_s += time.perf_counter() - t1
+
+    def _take_queued(self) -> None:
+        """Trace the class strip queued on the device, once its copy to the host is done."""
+        if self._queued is None:
+            return
+        later, last = self._queued
+        self._queued = None
+        t0 = time.perf_counter()
+        classes = later()
+        t1 = time.perf_counter()
+        self._trace_strip(classes, last)
+        self.classes_s += t1 - t0
+        self.trace_s += time.perf_counter() - t1
+
+    def _trace_strip(self, classes: np.ndarray, last: bool) -> None:
+        assert self.tracer is not None
         if self.filter is not None:
             self.filter.add_strip(classes, last=last)
         else:
             self.tracer.add_strip(classes, last=last)
-        self.blend.shift(step)
-        self.classes_s += t1 - t0
-        self.trace_s += time.perf_counter() - t1
 
 
 def _resize(probs: Any, shape: tuple[int, int]) -> Any:
