@@ -114,8 +114,8 @@ def test_serve_subprocess_answers_and_stops_on_sigterm(tmp_path):
 
 
 def test_output_files_are_written_by_the_c_encoder_feature_by_feature(tmp_path, monkeypatch):
-    """GeoJSON outputs are the text json.dumps writes, made a feature at a time; NaN is refused and leaves
-    neither the file nor a temporary one."""
+    """GeoJSON outputs are the text json.dumps writes, made a feature at a time (once for several files); NaN
+    is refused and leaves neither the files nor temporary ones."""
     import math
 
     from qpbridge import files
@@ -136,7 +136,16 @@ def test_output_files_are_written_by_the_c_encoder_feature_by_feature(tmp_path, 
         assert out.read_text(encoding="utf-8") == expected
         if isinstance(data, dict) and isinstance(data["features"], list):
             assert encoded[1:] == data["features"]  # the header, then one call per feature
+    # more paths: the same text, each feature encoded once
+    collection = {"type": "FeatureCollection", "features": features}
+    encoded.clear()
+    files.write_json_atomic(tmp_path / "a.geojson", collection, tmp_path / "sub" / "b.geojson")
+    assert len(encoded) == 1 + len(features)
+    assert (tmp_path / "a.geojson").read_text(encoding="utf-8") == (tmp_path / "sub" / "b.geojson").read_text(
+        encoding="utf-8") == json.dumps(collection, ensure_ascii=False)
     bad = tmp_path / "bad.geojson"
     with pytest.raises(ValueError):
-        files.write_json_atomic(bad, {"type": "FeatureCollection", "features": [*features, {"x": math.nan}]})
-    assert not bad.exists() and [p.name for p in tmp_path.iterdir()] == ["out.geojson"]
+        files.write_json_atomic(bad, {"type": "FeatureCollection", "features": [*features, {"x": math.nan}]},
+                                tmp_path / "sub" / "bad.geojson")
+    assert not bad.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.geojson", "out.geojson", "sub"]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["b.geojson"]

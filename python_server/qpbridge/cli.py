@@ -158,9 +158,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     outputs = [Path(args.output)] if args.output else []
     if args.sidecar is not None:
         outputs.append(sidecar_path(slide_path, args.sidecar or None))
-    collection = feature_collection(result.features)
-    for path in outputs:
-        write_json_atomic(path, collection)
+    if outputs:
+        write_json_atomic(outputs[0], feature_collection(result.features), *outputs[1:])
     out = ", ".join(str(p) for p in outputs)
     st = result.stats
     print(f"{len(result.features)} features -> {out}; {st.table()}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -32,18 +33,28 @@ def json_pieces(data: Any) -> Iterator[str]:
     yield "]}"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, *more: Path) -> None:
     """Write JSON next to the target, then rename. The file gets the mode a plain ``open(path, "w")`` would
-    give it (0666 less the umask), not the 0600 of a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    give it (0666 less the umask), not the 0600 of a temporary file. ``more`` paths get the same text, encoded
+    once."""
+    paths = [path, *more]
+    tmps: list[str] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with contextlib.ExitStack() as files:
+            handles = []
+            for p in paths:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+                tmps.append(tmp)
+                handles.append(files.enter_context(os.fdopen(fd, "w", encoding="utf-8")))
             for text in json_pieces(data):
-                fh.write(text)
-        if os.name != "nt":
-            os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+                for fh in handles:
+                    fh.write(text)
+        for tmp, p in zip(tmps, paths, strict=True):
+            if os.name != "nt":
+                os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, p)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in tmps:
+            Path(tmp).unlink(missing_ok=True)
         raise
