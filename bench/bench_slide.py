@@ -238,8 +238,9 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     for trace in args.trace:  # the same model, one end-to-end run per way of tracing, in the order given
         mode = f"{'compiled' if compiled else 'eager'}, trace {trace}"
         where, *flags = trace.split("-")
+        same = {"switch_interval_s": sys.getswitchinterval()} if hasattr(RunOptions(), "switch_interval_s") else {}
         opts = RunOptions(readers=args.readers, trace_process=TRACE_PROCESS[where], feeders=args.feeders,
-                          queue_batches=args.queue_batches)
+                          queue_batches=args.queue_batches, **same)  # (older trees: A/B runs)
         with ThreadCPU() as cpu, unsliced(model, "stacked" in flags):
             result = annotate_slide(engine, slide, name, tissue_filter=False, options=opts)
         st = result.stats
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the stitching thread of each end-to-end run, print its top N functions")
     ap.add_argument("--switch-interval", type=float, default=None, metavar="S",
-                    help="sys.setswitchinterval for this process (how long a thread may hold the GIL)")
+                    help="GIL switch interval for model-only and the runs alike (how long a thread may hold the "
+                         "GIL beside others; default: the engine's run setting, qpbridge.gil_policy)")
     ap.add_argument("--slide", type=Path, help="reuse this synthetic slide (written there first if missing)")
     ap.add_argument("--trace", nargs="+", default=["auto"],
                     choices=[w + f for w in TRACE_PROCESS for f in ("", "-stacked")],
@@ -338,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if args.switch_interval is not None:
-        sys.setswitchinterval(args.switch_interval)
+    # model-only and the runs alike: a run sets the engine's interval (qpbridge.gil_policy) unless told otherwise
+    engine_default = getattr(defaults, "switch_interval_s", None) or sys.getswitchinterval()
+    sys.setswitchinterval(args.switch_interval if args.switch_interval is not None else engine_default)
     from qpbridge.devices import resolve_device
     from qpbridge.pools import pool_size
 

@@ -6,6 +6,7 @@
     python bench/bench_stitch.py --tracer-memory
     python bench/bench_stitch.py --features-contended [--sizes 25] [--cases smooth noisy]
     python bench/bench_stitch.py --feeding-contended [TILES]
+    python bench/bench_stitch.py --reading-contended [SWITCH_S ...] [--slide PATH] [--size 8192]
 
 Stitch mode feeds a :class:`SemanticStitcher` precomputed SegFormer-shaped outputs (3 classes, 64 x 64
 softmax probabilities per 256 px tile with 64 px overlap, HOTSPoT's card) for an N x N tile plan, and
@@ -32,6 +33,9 @@ map, and independent random classes, the worst case), and for the trace of one r
 
 Feeding-contended mode fills a model batch from block reads tile by tile and in runs, alone and beside a
 thread running Python: what the model's feeders and device worker face beside a run's other threads.
+
+Reading-contended mode reads a run's first band of blocks through the engine's slide reader, alone and beside
+a thread running Python, at several GIL switch intervals: what a run's reading threads face beside its others.
 
 Features-contended mode builds each case's features in the engine's chunks, alone and beside a thread running
 Python bytecode: what a run's post-processing threads face beside its other threads.
@@ -391,6 +395,44 @@ def feeding_contended(n_tiles: int) -> int:
     return 0
 
 
+def reading_contended(slide_path: Path | None, size: int, intervals: list[float]) -> int:
+    """Read blocks of a JPEG-tiled slide through the engine's reader (as a run's first band: 2,048 x 832 level
+    pixels each), alone and beside a thread running Python, at several switch intervals. Each stored tile's
+    read and decode gives up the GIL; beside such a thread, taking it back waits up to the switch interval."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_slide import write_slide
+
+    from qpbridge.slides import Slide
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = slide_path or Path(tmp) / "slide.tif"
+        if not path.exists():
+            write_slide(path, size)
+        slide = Slide(path)
+        ds = 2.0  # 1 µm/px from 0.5 µm/px: the level a run at the bench card's pixel size reads
+        cols = min(8, int(slide.width / ds) // 2048)
+        boxes = [(c * 2048 * ds, 0.0, (c + 1) * 2048 * ds, 832 * ds) for c in range(cols)]
+
+        def read_all() -> int:
+            return sum(slide.read(*box, 2048, 832).shape[0] for box in boxes)
+
+        print(f"reading {len(boxes)} blocks of 2048x832 px (level downsample {ds:g}) of {path.name}; ms, best of 3 "
+              "alone, then once beside a thread running Python")
+        print(f"{'switch interval ms':>18} {'alone ms':>9} {'beside ms':>10} {'ratio':>6}")
+        before = sys.getswitchinterval()
+        try:
+            for interval in intervals:
+                sys.setswitchinterval(interval)
+                alone, beside, _ = _alone_and_beside(read_all)
+                print(f"{interval * 1000:>18g} {1000 * alone:>9.1f} {1000 * beside:>10.1f} {beside / alone:>6.1f}")
+        finally:
+            sys.setswitchinterval(before)
+            slide.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100])
@@ -403,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--feeding-contended", type=int, metavar="TILES", nargs="?", const=256,
                     help="fill a model batch (default 256 tiles) tile by tile and in runs, alone and beside a thread "
                          "running Python")
+    ap.add_argument("--reading-contended", type=float, nargs="*", metavar="SWITCH_S",
+                    help="read blocks of the slide alone and beside a thread running Python, at these switch "
+                         "intervals (default 0.005 0.001 0.0005 0.0002 s)")
     ap.add_argument("--size", type=int, default=8192, help="end-to-end slide side in px at 0.5 µm/px")
     ap.add_argument("--slide", type=Path, help="end to end: reuse this synthetic slide (written first if missing)")
     ap.add_argument("--readers", type=int, default=2)
@@ -415,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tracer_memory:
         return tracer_memory()
+    if args.reading_contended is not None:
+        return reading_contended(args.slide, args.size, args.reading_contended or [0.005, 0.001, 0.0005, 0.0002])
     if args.feeding_contended:
         return feeding_contended(args.feeding_contended)
     if args.features_contended:

@@ -361,6 +361,51 @@ def test_pipeline_reports_stage_times_and_the_limit(tmp_path, models_dir):
     assert shapely.geometry.shape(result.features[0]["geometry"]).area == pytest.approx(np.pi * 250 ** 2, rel=0.02)
 
 
+def test_runs_shorten_the_switch_interval_while_they_are_on(tmp_path, models_dir):
+    """While any run is on, the GIL switch interval is at most the engine's (threads calling into C take the
+    GIL back sooner beside threads running Python); the process's own comes back when the last run ends."""
+    import sys
+
+    from conftest import write_pyramid
+    from qpbridge.annotate import annotate_slide
+    from qpbridge.engine import Engine
+    from qpbridge.engine.session import RunOptions
+    from qpbridge.gil_policy import RUN_SWITCH_INTERVAL_S, run_switch_interval
+
+    own = sys.getswitchinterval()
+    assert own > RUN_SWITCH_INTERVAL_S  # CPython's 5 ms, unless a test changed it
+    try:
+        with run_switch_interval():
+            assert sys.getswitchinterval() == pytest.approx(RUN_SWITCH_INTERVAL_S, rel=0.02)
+            with run_switch_interval(0.002):  # overlapping runs: the first sets it, the last out restores it
+                assert sys.getswitchinterval() == pytest.approx(RUN_SWITCH_INTERVAL_S, rel=0.02)
+            assert sys.getswitchinterval() == pytest.approx(RUN_SWITCH_INTERVAL_S, rel=0.02)
+        assert sys.getswitchinterval() == pytest.approx(own, rel=0.02)
+        with run_switch_interval(None):
+            assert sys.getswitchinterval() == pytest.approx(own, rel=0.02)
+        sys.setswitchinterval(0.0001)  # never longer than the process already has
+        with run_switch_interval():
+            assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.02)
+        sys.setswitchinterval(own)
+
+        img = np.full((500, 600, 3), 230, np.uint8)
+        cv2.circle(img, (300, 250), 150, (20, 20, 20), -1)
+        path = write_pyramid(tmp_path / "disc.tif", img, mpp=0.5, levels=1)
+        engine = Engine(models_dir)
+        for opts, expect in ((RunOptions(readers=2), RUN_SWITCH_INTERVAL_S), (RunOptions(switch_interval_s=None), own)):
+            seen: list[float] = []
+            annotate_slide(engine, path, "seams", options=opts,
+                           on_progress=lambda p, seen=seen: seen.append(sys.getswitchinterval()))
+            assert seen and all(v == pytest.approx(expect, rel=0.02) for v in seen)
+            assert sys.getswitchinterval() == pytest.approx(own, rel=0.02)
+        # a run that fails restores it too
+        with pytest.raises(RuntimeError), run_switch_interval():
+            raise RuntimeError("the run failed")
+        assert sys.getswitchinterval() == pytest.approx(own, rel=0.02)
+    finally:
+        sys.setswitchinterval(own)
+
+
 def test_families_that_are_not_thread_safe_are_called_one_at_a_time(tmp_path):
     import json
     import threading

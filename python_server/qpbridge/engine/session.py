@@ -55,6 +55,7 @@ from qpbridge.engine.vectorise import EarlyHoles, HoledRegion
 from qpbridge.errors import BadRequestError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
 from qpbridge.families.params import choice_param
+from qpbridge.gil_policy import RUN_SWITCH_INTERVAL_S, run_switch_interval
 from qpbridge.pools import pool_size, postprocess_pool, reader_threads
 from qpbridge.protocol import TileSpec, planned_tile_spec
 
@@ -95,6 +96,8 @@ class RunOptions:
     feeders: int = 2  # threads calling the model, each with one batch
     # Trace class strips in a child process (semantic models): None decides by the plan's size and the cores.
     trace_process: bool | None = None
+    # The interpreter's thread switch interval during the run, at most (:mod:`qpbridge.gil_policy`); None: as is.
+    switch_interval_s: float | None = RUN_SWITCH_INTERVAL_S
 
     def traces_in_process(self, plan: TilePlan) -> bool:
         if self.trace_process is not None:
@@ -330,18 +333,19 @@ class PlanRun:
         (fewer when ``should_stop`` turned true). ``on_tile(i)`` follows each stitched tile."""
         done = 0
         batch = max(1, self.card.batch_size)
-        for start in range(0, len(tiles), batch):
-            if should_stop is not None and should_stop():
-                break
-            chunk = range(start, min(start + batch, len(tiles)))
-            results = self.infer([tiles[i][0] for i in chunk], [tiles[i][1] for i in chunk])
-            self.stitch_batch([tiles[i][0] for i in chunk], results)
-            for i in chunk:
-                done += 1
-                if on_tile is not None:
-                    on_tile(i)
-        with self._lock:  # a client's request is the unit: its features are in before the reply
-            self._dispatch(wait=True)
+        with run_switch_interval():
+            for start in range(0, len(tiles), batch):
+                if should_stop is not None and should_stop():
+                    break
+                chunk = range(start, min(start + batch, len(tiles)))
+                results = self.infer([tiles[i][0] for i in chunk], [tiles[i][1] for i in chunk])
+                self.stitch_batch([tiles[i][0] for i in chunk], results)
+                for i in chunk:
+                    done += 1
+                    if on_tile is not None:
+                        on_tile(i)
+            with self._lock:  # a client's request is the unit: its features are in before the reply
+                self._dispatch(wait=True)
         return done
 
     def infer(self, tiles: Sequence[PlannedTile], pixels: Sequence[np.ndarray]) -> list[TileResult]:
@@ -395,6 +399,11 @@ class PlanRun:
             should_stop: Callable[[], bool] | None = None) -> RunStats:
         """Read, run and stitch every tile of the plan as a pipeline; features go to the sink."""
         opts = options or RunOptions()
+        with run_switch_interval(opts.switch_interval_s):
+            return self._run(read_box, opts, on_progress, should_stop)
+
+    def _run(self, read_box: ReadBox, opts: RunOptions, on_progress: Callable[[Progress], None] | None,
+             should_stop: Callable[[], bool] | None) -> RunStats:
         stats = RunStats(readers=max(1, opts.readers), feeders=max(1, opts.feeders))
         plan = self.plan
         batch_size = max(1, self.card.batch_size)
