@@ -12,7 +12,7 @@ from shapely.geometry import shape
 
 from conftest import DARK_CARD
 from qpbridge.cards import ModelCard
-from qpbridge.engine.plan import make_plan
+from qpbridge.engine.plan import TilePlan, make_plan
 from qpbridge.engine.stitching import SemanticStitcher
 from qpbridge.engine.vectorise import EarlyHoles, HoledRegion, RegionTracer
 from qpbridge.families import NO_CLASS, SemanticResult
@@ -198,18 +198,24 @@ def _device_blend_on_cpu(stitcher: SemanticStitcher, first: SemanticResult) -> N
     stitcher.blend = _DeviceBlend(stitcher.n_classes, stitcher.buf_h, stitcher.width, torch.device("cpu"))
 
 
+def _soft_blobs(seed: int, noise_seed: int) -> tuple[TilePlan, np.ndarray]:
+    """A 64 px tile plan (overlap 16) over 600 x 440 px, and noisy quarter-resolution probabilities of 3
+    classes over it whose argmax is a map of blobs."""
+    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
+    plan = make_plan(card, (0, 0, 600, 440), None)
+    truth = blob_raster(110, 150, 3, 15, seed=seed)
+    rng = np.random.default_rng(noise_seed)
+    soft = (truth[None] == np.arange(3)[:, None, None]).astype(np.float32) + 0.3 * rng.random((3, 110, 150))
+    return plan, (soft / soft.sum(axis=0)).astype(np.float32)
+
+
 def test_batched_device_blend_equals_tile_by_tile():
     """Runs of tiles side by side are windowed and overlap-added in a few kernels (fold); strips and
     polygons must equal those of adding the same tiles one at a time, with partial edge tiles, a gap in a
     row (a tile the tissue filter skipped) and batches that cross rows."""
     import torch
 
-    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
-    plan = make_plan(card, (0, 0, 600, 440), None)
-    truth = blob_raster(110, 150, 3, 15, seed=4)
-    rng = np.random.default_rng(2)
-    soft = (truth[None] == np.arange(3)[:, None, None]).astype(np.float32) + 0.3 * rng.random((3, 110, 150))
-    soft = (soft / soft.sum(axis=0)).astype(np.float32)
+    plan, soft = _soft_blobs(seed=4, noise_seed=2)
     skip = {plan.tiles[7].index}  # a gap: its pixels get only the neighbours' windows
     tiles = [t for t in plan.tiles if t.index not in skip]
 
@@ -282,12 +288,7 @@ def test_device_class_strips_are_taken_one_strip_later_with_the_same_result():
     regions; ``sync`` takes the strip still queued, so it emits every region the finalised strips close."""
     import torch
 
-    card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": 64, "overlap": 16}})
-    plan = make_plan(card, (0, 0, 600, 440), None)
-    truth = blob_raster(110, 150, 3, 15, seed=6)
-    rng = np.random.default_rng(5)
-    soft = (truth[None] == np.arange(3)[:, None, None]).astype(np.float32) + 0.3 * rng.random((3, 110, 150))
-    soft = (soft / soft.sum(axis=0)).astype(np.float32)
+    plan, soft = _soft_blobs(seed=6, noise_seed=5)
 
     def probs(t):  # type: ignore[no-untyped-def]
         return np.ascontiguousarray(soft[:, t.y // 4:t.y // 4 + (t.h + 3) // 4, t.x // 4:t.x // 4 + (t.w + 3) // 4])
