@@ -412,7 +412,7 @@ def reading_contended(slide_path: Path | None, size: int, intervals: list[float]
             write_slide(path, size)
         slide = Slide(path)
         ds = 2.0  # 1 µm/px from 0.5 µm/px: the level a run at the bench card's pixel size reads
-        cols = min(8, int(slide.width / ds) // 2048)
+        cols = max(1, min(8, int(slide.width / ds) // 2048))
         boxes = [(c * 2048 * ds, 0.0, (c + 1) * 2048 * ds, 832 * ds) for c in range(cols)]
 
         def read_all() -> int:
