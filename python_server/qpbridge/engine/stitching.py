@@ -191,6 +191,11 @@ class _HostBlend:
             cmap[o:o + n] = self._classes(self.acc[:, p:p + n], self.wsum[p:p + n])
         return cmap
 
+    def classes_later(self, h: int) -> Callable[[], np.ndarray]:
+        """:meth:`classes`, ready now (the device accumulator's strips are ready a strip later)."""
+        ready = self.classes(h)
+        return lambda: ready
+
     def _classes(self, acc: np.ndarray, wsum: np.ndarray) -> np.ndarray:
         # argmax class by class: one pass per class over contiguous rows beats a strided argmax, and uint8
         # arithmetic beats assigning through a boolean mask (ten times, on a noisy map)
@@ -341,7 +346,7 @@ class SemanticStitcher:
         self.tracer: RegionTracer | RemoteTracer | None = None
         self.remote: RemoteTracer | None = None  # tracing in a child process (:meth:`trace_in_process`)
         self._handed: Any = None  # the last batch output handed over to this thread's stream
-        # blending on a device: the last class strip queued there, not yet taken (its copy, and whether it is last)
+        # the last class strip queued, not yet traced (the call that gives it, and whether it is the last strip)
         self._queued: tuple[Callable[[], np.ndarray], bool] | None = None
         # time taken by class strips (argmax, and on a device the wait for it and the copy to the host), and by
         # filtering and tracing them; the rest of the stitching time is blending
@@ -563,26 +568,18 @@ class SemanticStitcher:
         h = (self.height - row * step) if last else step
         h = max(0, min(h, self.buf_h))
         t0 = time.perf_counter()
-        if isinstance(self.blend, _DeviceBlend):
-            # The strip is queued on the device; the one queued before it is taken now (its copy had the time
-            # of a strip's blending to finish), the last one at once.
-            later = self.blend.classes_later(h)
-            self.blend.shift(step)
-            self.classes_s += time.perf_counter() - t0
-            self._take_queued()
-            self._queued = (later, last)
-            if last:
-                self._take_queued()
-            return
-        classes = self.blend.classes(h)
-        t1 = time.perf_counter()
-        self._trace_strip(classes, last)
+        later = self.blend.classes_later(h)
         self.blend.shift(step)
-        self.classes_s += t1 - t0
-        self.trace_s += time.perf_counter() - t1
+        self.classes_s += time.perf_counter() - t0
+        # On a device the strip is queued there, and the one queued before it is traced now (its copy had the
+        # time of a strip's blending to finish); on the host, and the last strip, at once.
+        self._take_queued()
+        self._queued = (later, last)
+        if last or not isinstance(self.blend, _DeviceBlend):
+            self._take_queued()
 
     def _take_queued(self) -> None:
-        """Trace the class strip queued on the device, once its copy to the host is done."""
+        """Trace the class strip queued (on a device, once its copy to the host is done)."""
         if self._queued is None:
             return
         later, last = self._queued
@@ -590,16 +587,13 @@ class SemanticStitcher:
         t0 = time.perf_counter()
         classes = later()
         t1 = time.perf_counter()
-        self._trace_strip(classes, last)
-        self.classes_s += t1 - t0
-        self.trace_s += time.perf_counter() - t1
-
-    def _trace_strip(self, classes: np.ndarray, last: bool) -> None:
         assert self.tracer is not None
         if self.filter is not None:
             self.filter.add_strip(classes, last=last)
         else:
             self.tracer.add_strip(classes, last=last)
+        self.classes_s += t1 - t0
+        self.trace_s += time.perf_counter() - t1
 
 
 def _resize(probs: Any, shape: tuple[int, int]) -> Any:

@@ -91,7 +91,7 @@ def _serve(conn: Any) -> None:
     """The child's loop: one run at a time, opened, fed strips, finished."""
     import cv2
     import scipy.sparse.csgraph  # noqa: F401  (the tracer's large graphs: 0.3 s of CPU to import, not mid-run)
-    import shapely  # noqa: F401  (used by pack)
+    import shapely  # noqa: F401  (pack's import, at start rather than in the first answer)
 
     # One strip at a time: OpenCV's worker threads would only spin on strips this small, on cores the
     # parent's readers and feature builders use.
