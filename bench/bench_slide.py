@@ -4,7 +4,7 @@
                                 [--compile [--no-eager]] [--compile-mode max-autotune|default] [--batch 256]
                                 [--model-only-tiles 4096] [--readers 8] [--slide PATH] [--switch-interval S]
                                 [--no-cuda-graphs] [--feeders N] [--queue-batches N]
-                                [--trace auto|thread|process[-stacked] ...]
+                                [--trace auto|thread|process[N][-stacked] ...]
 
 Builds SegFormer-B0 with random weights (speed only; HOTSPoT's architecture, 3 classes, 256 px tiles at
 1 µm/px), saves it as a save_pretrained folder and serves it through the real card/engine path. Writes a
@@ -156,8 +156,17 @@ class ThreadCPU:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-# --trace: where class strips are traced (RunOptions.trace_process; auto: the engine's rule)
+# --trace: where class strips are traced (RunOptions.trace_process; auto: the engine's rule); processN: in N
+# processes sharing out the classes (RunOptions.trace_processes; process: the engine's rule for N)
 TRACE_PROCESS = {"auto": None, "thread": False, "process": True}
+TRACE_CHOICES = [*TRACE_PROCESS, *(f"process{n}" for n in range(1, 5))]
+
+
+def trace_options(where: str) -> dict[str, Any]:
+    """``RunOptions`` fields for a ``--trace`` value."""
+    if where in TRACE_PROCESS:
+        return {"trace_process": TRACE_PROCESS[where]}
+    return {"trace_process": True, "trace_processes": int(where.removeprefix("process"))}
 
 
 @contextlib.contextmanager
@@ -239,8 +248,8 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
         mode = f"{'compiled' if compiled else 'eager'}, trace {trace}"
         where, *flags = trace.split("-")
         same = {"switch_interval_s": sys.getswitchinterval()} if hasattr(RunOptions(), "switch_interval_s") else {}
-        opts = RunOptions(readers=args.readers, trace_process=TRACE_PROCESS[where], feeders=args.feeders,
-                          queue_batches=args.queue_batches, **same)  # (older trees: A/B runs)
+        opts = RunOptions(readers=args.readers, feeders=args.feeders, queue_batches=args.queue_batches,
+                          **trace_options(where), **same)  # (older trees: A/B runs)
         with ThreadCPU() as cpu, unsliced(model, "stacked" in flags):
             result = annotate_slide(engine, slide, name, tissue_filter=False, options=opts)
         st = result.stats
@@ -323,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
                          "GIL beside others; default: the engine's run setting, qpbridge.gil_policy)")
     ap.add_argument("--slide", type=Path, help="reuse this synthetic slide (written there first if missing)")
     ap.add_argument("--trace", nargs="+", default=["auto"],
-                    choices=[w + f for w in TRACE_PROCESS for f in ("", "-stacked")],
+                    choices=[w + f for w in TRACE_CHOICES for f in ("", "-stacked")],
                     help="where class strips are traced: one end-to-end run per value, in this order, with the same "
-                         "model (e.g. thread process thread process); -stacked: each run of tiles stacked tile by tile "
-                         "instead of sliced from the batch output")
+                         "model (e.g. thread process thread process); processN: N processes sharing out the classes; "
+                         "-stacked: each run of tiles stacked tile by tile instead of sliced from the batch output")
     ap.add_argument("--write-slide", nargs=2, metavar=("PATH", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write_slide:

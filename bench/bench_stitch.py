@@ -198,7 +198,7 @@ def end_to_end(size: int, readers: int, batch: int, trace: list[str], reuse: Pat
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_slide import TRACE_PROCESS, write_geojson, write_slide
+    from bench_slide import trace_options, write_geojson, write_slide
 
     from qpbridge.annotate import annotate_slide
     from qpbridge.engine import Engine
@@ -228,7 +228,7 @@ def end_to_end(size: int, readers: int, batch: int, trace: list[str], reuse: Pat
         (card_dir / "config.json").write_text(json.dumps(card))
         engine = Engine(root / "models")
         for where in trace:  # alternately, on the same slide and engine
-            opts = RunOptions(readers=readers, trace_process=TRACE_PROCESS[where])
+            opts = RunOptions(readers=readers, **trace_options(where))
             result = annotate_slide(engine, slide, CARD["name"], tissue_filter=False, options=opts)
             st = result.stats
             child = st.extra.get("trace_process_cpu_s")
@@ -452,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slide", type=Path, help="end to end: reuse this synthetic slide (written first if missing)")
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--trace", nargs="+", default=["auto"], choices=["auto", "thread", "process"],
-                    help="end to end: where class strips are traced, one run per value in this order")
+    ap.add_argument("--trace", nargs="+", default=["auto"],
+                    choices=["auto", "thread", "process", *(f"process{n}" for n in range(1, 5))],
+                    help="end to end: where class strips are traced, one run per value in this order (processN: N "
+                         "processes sharing out the classes)")
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(int(args.one[0]), args.one[1])))

@@ -313,3 +313,112 @@ def test_time_waiting_for_the_child_is_counted_apart_from_finishing(monkeypatch)
         _trace(rt, raster, 16)
         waits[ahead] = rt.wait_s
     assert waits[10 ** 6] == 0.0 and waits[0] > 0.0
+
+
+def _same_up_to_keys(got: list, want: list) -> None:
+    """The same emissions in the same order; region keys (early holes' owners) may differ, one for one."""
+    assert [(type(g), c) for g, c in got] == [(type(g), c) for g, c in want]
+    keys: dict[int, int] = {}
+    for (a, _), (b, _) in zip(got, want, strict=True):
+        if isinstance(a, EarlyHoles):
+            assert a.row == b.row and all(x.equals_exact(y, 0) for x, y in zip(a.holes, b.holes, strict=True))
+            for ka, kb in zip(a.owners.tolist(), b.owners.tolist(), strict=True):
+                assert keys.setdefault(ka, kb) == kb
+        elif isinstance(a, HoledRegion):
+            assert a.polygon.equals_exact(b.polygon, 0) and [keys[k] for k in a.owners] == list(b.owners)
+        else:
+            assert a.equals_exact(b, 0)
+    assert len(set(keys.values())) == len(keys)  # one for one
+
+
+@pytest.mark.parametrize(("classes", "processes", "used"), [([1, 2], 2, 2), ([0, 1, 2], 2, 2), ([1, 2], 3, 2)])
+def test_classes_shared_out_over_processes_emit_what_one_tracer_emits(classes, processes, used):
+    """Several processes, each tracing its own classes of every strip: the regions, early holes and holed regions
+    one tracer of all the classes emits, in its order; keys of one process never meet another's (the early holes
+    of two regions would be joined to the wrong one)."""
+    # Class 1 on the left, and the same shapes in class 2 on the right: a band spanning the chunks with holes
+    # (early holes), and blobs. Traced apart, each class would number its regions alike.
+    half = np.zeros((700, 85), np.uint8)
+    half[:, :12] = 1
+    for y in range(10, 690, 20):
+        half[y:y + 2, 4:6] = 0
+        half[y + 3:y + 9, 30 + y % 40:36 + y % 40] = 1
+    raster = np.concatenate([half, half * 2], axis=1)
+    local: list = []
+    kw = {"scale": 4, "min_area": 40, "max_hole": 30, "early_holes": True}
+    tracer = RegionTracer(170, classes, lambda g, c: local.append((g, c)), **kw)  # type: ignore[arg-type]
+    _trace(tracer, raster, 16)
+    remote: list = []
+    rt = tp.RemoteTracer(lambda g, c: remote.append((g, c)), processes=processes)
+    pids = {c.proc.pid for c in rt.children}
+    rt.open(170, classes, **kw)  # type: ignore[arg-type]
+    assert rt.processes == len(rt.children) == used
+    _trace(rt, raster, 16)
+    owners = [k for g, c in local if isinstance(g, EarlyHoles) for k in g.owners.tolist()]
+    assert {c for g, c in local if isinstance(g, HoledRegion)} >= {1, 2} and len(owners) > 20
+    _same_up_to_keys(remote, local)
+    keys = [{k for g, c in remote if isinstance(g, EarlyHoles) and c == cls for k in g.owners.tolist()}
+            for cls in (1, 2)]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    assert rt.regions == tracer.regions and rt.busy_s > 0
+    assert tracer.peak_rows < rt.peak_rows <= used * tracer.peak_rows  # each keeps the rows its classes need
+    assert not rt.children  # given back for the next run
+    again = tp.RemoteTracer(lambda g, c: None, processes=processes)
+    assert {c.proc.pid for c in again.children} & pids  # reused
+    again.close()
+
+
+def test_a_run_shares_its_classes_out_over_processes_with_the_same_features(tmp_path: Path):
+    """Two emitted classes traced in two processes: the features (and their order) of tracing on the stitching
+    thread."""
+    from collections.abc import Sequence
+
+    from qpbridge.families import ModelFamily, SemanticResult, register_family
+
+    @register_family("test-grey-levels")
+    class GreyLevels(ModelFamily):
+        """Class 1 where dark, 2 where mid-grey, else background."""
+
+        def predict(self, tiles: Sequence[np.ndarray]) -> list[SemanticResult]:
+            out = []
+            for t in tiles:
+                m = t.mean(axis=2)
+                out.append(SemanticResult(classes=np.where(m < 80, 1, np.where(m < 180, 2, 0)).astype(np.uint8)))
+            return out
+
+    img = np.full((2400, 500, 3), 235, np.uint8)
+    img[40:2360, 30:470] = 30  # class 1 spanning the slide
+    rng = np.random.default_rng(5)
+    for _ in range(120):  # holes in it, some holding class 2
+        x, y, r = int(rng.integers(60, 440)), int(rng.integers(70, 2330)), int(rng.integers(5, 14))
+        cv2.circle(img, (x, y), r, (235, 235, 235), -1)
+        if r > 9:
+            cv2.circle(img, (x, y), r // 2, (140, 140, 140), -1)
+    img[:, 480:] = 140  # class 2 spanning the slide too
+    slide = write_pyramid(tmp_path / "two.tif", img, mpp=0.5)
+    card = {**DARK_CARD, "name": "two", "family": "test-grey-levels",
+            "classes": [*DARK_CARD["classes"], {"name": "Grey", "color": [140, 140, 140]}],
+            "tile": {"size": 64, "overlap": 16, "batch_size": 16}}
+    (tmp_path / "models" / "two").mkdir(parents=True)
+    (tmp_path / "models" / "two" / "config.json").write_text(json.dumps(card))
+    engine = Engine(tmp_path / "models")
+    here = annotate_slide(engine, slide, "two", tissue_filter=False, options=RunOptions(readers=2, trace_process=False))
+    there = annotate_slide(engine, slide, "two", tissue_filter=False,
+                           options=RunOptions(readers=2, trace_process=True, trace_processes=2))
+    assert there.stats.extra["trace_processes"] == 2 and "2 processes" in there.stats.table()
+    assert there.stats.extra["early_holes"] > 20
+    assert {f["properties"]["classification"]["name"] for f in here.features} == {"Dark", "Grey"}
+    assert len(here.features) == len(there.features) >= 40
+    for a, b in zip(here.features, there.features, strict=True):
+        assert a["geometry"] == b["geometry"] and a["properties"] == b["properties"]
+
+
+def test_tracing_processes_follow_the_cores(monkeypatch):
+    from qpbridge.engine.session import TRACE_PROCESSES_MAX
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert RunOptions().tracing_processes() == 2 and RunOptions(trace_processes=1).tracing_processes() == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert RunOptions().tracing_processes() == 1 and RunOptions(trace_processes=3).tracing_processes() == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)
+    assert RunOptions().tracing_processes() == TRACE_PROCESSES_MAX

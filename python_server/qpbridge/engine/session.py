@@ -18,7 +18,9 @@ model is fed the next batch while the previous one is stitched:
    batches behind the model. Large plans on machines with cores to spare trace in a child process
    (:mod:`qpbridge.engine.trace_process`, ``RunOptions.trace_process``): the run's threads share one GIL,
    and tracing is a long run of small numpy calls. Tracing on a thread of its own was measured slower
-   than inline (it only moves the work under the same lock);
+   than inline (it only moves the work under the same lock). On machines with many cores, several
+   processes share out the classes (``RunOptions.trace_processes``): a class spanning the slide and a class
+   of thousands of small regions trace side by side;
 4. features: the traced polygons of each batch are cleaned, measured and turned into GeoJSON in chunks on
    the shared post-processing pool (vectorised shapely calls, which release the GIL), at most a few chunks
    per thread behind the stitcher, and handed to the sink in the order they were traced. (Building them in
@@ -86,6 +88,11 @@ class Progress:
 # with cores to spare: below that, the process's start and the pipe cost more than the lock it frees.
 TRACE_PROCESS_TILES = 2048
 TRACE_PROCESS_CORES = 4
+# Classes are shared out over several tracing processes on machines with this many cores per process (a GPU
+# machine's 16 cores: two), at most TRACE_PROCESSES_MAX: a tissue class spanning the slide and a class of
+# thousands of small regions then trace side by side.
+TRACE_CORES_PER_PROCESS = 8
+TRACE_PROCESSES_MAX = 4
 
 
 @dataclass
@@ -96,6 +103,8 @@ class RunOptions:
     feeders: int = 2  # threads calling the model, each with one batch
     # Trace class strips in a child process (semantic models): None decides by the plan's size and the cores.
     trace_process: bool | None = None
+    # How many processes share out the classes to trace (at most one per emitted class): None decides by the cores.
+    trace_processes: int | None = None
     # The interpreter's thread switch interval during the run, at most (:mod:`qpbridge.gil_policy`); None: as is.
     switch_interval_s: float | None = RUN_SWITCH_INTERVAL_S
 
@@ -103,6 +112,12 @@ class RunOptions:
         if self.trace_process is not None:
             return self.trace_process
         return len(plan.tiles) >= TRACE_PROCESS_TILES and (os.cpu_count() or 1) >= TRACE_PROCESS_CORES
+
+    def tracing_processes(self) -> int:
+        """Processes tracing a run's classes, when it traces in processes."""
+        if self.trace_processes is not None:
+            return max(1, self.trace_processes)
+        return max(1, min(TRACE_PROCESSES_MAX, (os.cpu_count() or 1) // TRACE_CORES_PER_PROCESS))
 
 
 @dataclass
@@ -155,7 +170,9 @@ class RunStats:
             parts += (f"; blending {self.extra.get('blending_s', 0.0):.2f} s on {self.extra.get('blend_on') or '-'}, "
                       f"class strips {self.extra['class_strips_s']:.2f} s, tracing {self.extra['tracing_s']:.2f} s")
             if "trace_wait_s" in self.extra:
-                parts += f" (waiting for its process {self.extra['trace_wait_s']:.2f} s)"
+                n = self.extra.get("trace_processes", 1)
+                parts += (f" (waiting for its {'process' if n == 1 else f'{n} processes'} "
+                          f"{self.extra['trace_wait_s']:.2f} s)")
         if "handing_features_s" in self.extra:
             parts += f", handing features on {self.extra['handing_features_s']:.2f} s"
         if "finishing_s" in self.extra:
@@ -504,7 +521,7 @@ class PlanRun:
         model = self.engine.model(self.model_name)
         device_before = model.device_busy_s()
         if isinstance(self.stitcher, SemanticStitcher) and opts.traces_in_process(plan):
-            self.stitcher.trace_in_process()
+            self.stitcher.trace_in_process(opts.tracing_processes())
         try:
             done = self._pipeline(opts, stats, model_stage, outputs, stop, t0, on_progress)
             stats.cancelled = done < len(plan.tiles)
@@ -543,6 +560,7 @@ class PlanRun:
             if self.stitcher.trace_cpu_s is not None:
                 stats.extra["trace_process_cpu_s"] = self.stitcher.trace_cpu_s
                 stats.extra["trace_wait_s"] = self.stitcher.trace_wait_s
+                stats.extra["trace_processes"] = self.stitcher.trace_processes
         stats.extra["handing_features_s"] = self.handing_s
         stats.extra["early_holes"] = self.early_holes
         stats.extra["slowest_feature_chunk_s"] = self.slowest_chunk_s

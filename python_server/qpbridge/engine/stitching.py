@@ -354,13 +354,15 @@ class SemanticStitcher:
         self.trace_s = 0.0
         self.blend_s = 0.0  # adding tiles into the accumulator (and, blending on a device, queueing that work)
 
-    def trace_in_process(self) -> None:
-        """Filter and trace the class strips in a child process (:mod:`qpbridge.engine.trace_process`), taken
-        now so that it starts while the first tiles are read; before the first tile is added."""
+    def trace_in_process(self, processes: int = 1) -> None:
+        """Filter and trace the class strips in child processes (:mod:`qpbridge.engine.trace_process`; several
+        share out the classes), taken now so that they start while the first tiles are read; before the first
+        tile is added."""
         if self.blend is not None:
             raise RuntimeError("tracing can move to a process only before the first tile")
         if self.remote is None:
-            self.remote = RemoteTracer(lambda g, c: self.emit(g, c, None))
+            self.remote = RemoteTracer(lambda g, c: self.emit(g, c, None),
+                                       processes=max(1, min(processes, len(self.emit_classes))))
 
     def sync(self) -> None:
         """Emit every region the strips finalised so far close (the tracer waits for chunks of strips, and
@@ -380,6 +382,11 @@ class SemanticStitcher:
     def trace_wait_s(self) -> float | None:
         """Time spent waiting for the tracing process (strips too far ahead of it), when tracing runs in one."""
         return self.remote.wait_s if self.remote is not None else None
+
+    @property
+    def trace_processes(self) -> int:
+        """Processes tracing the class strips (0: tracing on the stitching thread)."""
+        return self.remote.processes if self.remote is not None else 0
 
     @property
     def trace_cpu_s(self) -> float | None:

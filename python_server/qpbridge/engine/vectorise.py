@@ -28,7 +28,9 @@ over two chunks' rows), which are final, and emits them (:class:`EarlyHoles`); t
 close with those holes filled in its mask and emitted as a :class:`HoledRegion`, to be put together with
 them. The rings are those the region's own trace gives, but where a hole touched the region's outside at a
 corner: there the outline, traced with the hole filled, no longer backs off the corner (PINCH), and the hole
-still does.
+still does. A tracer of one class fills the early holes in its retained rows as it finds them (they are final,
+and no other class reads those rows); with several classes, a hole's pixels may belong to another class still
+to be traced, so their contours are kept and filled in the region's mask at its close.
 
 Memory: the table of open regions holds at most one entry per pixel of a row (bounded by the width).
 Rows of the class raster are kept from the top of the highest open region down (and a chunk's strips
@@ -36,7 +38,9 @@ until the chunk is complete), one byte per pixel: a region that stays open over 
 tissue-wide class) keeps at most the whole raster, so the bound is one byte per output pixel. For a
 150,000 x 100,000 px slide scanned at 0.25 µm/px and a model at 1 µm/px with quarter-resolution outputs
 (SegFormer), the output raster is 9,375 x 6,250 px: at most 59 MB; at 0.5 µm/px it is 18,750 x 12,500
-px, 234 MB. Regions that close (the usual case) free their rows as soon as they are traced. Labelling and
+px, 234 MB. Regions that close (the usual case) free their rows as soon as they are traced. Classes traced in several
+processes (:mod:`qpbridge.engine.trace_process`): each keeps the rows its own classes' open regions need, so at
+most one byte per output pixel per process. Labelling and
 tracing a chunk takes, for that moment, its label images, masks and summed-area table, plus the contour
 points of the regions it closes and a dozen arrays per step of them. Measured (numpy's and OpenCV's
 arrays, ``bench/bench_stitch.py --tracer-memory``) on a chunk of 256 rows of the 9,375 px wide raster:
@@ -133,7 +137,7 @@ class RegionTracer:
 
     def __init__(self, width: int, classes: list[int], emit: EmitRegion, *, scale: float = 1.0,
                  min_area: float = 0.0, max_hole: float = 0.0, chunk_rows: int = CHUNK_ROWS,
-                 early_holes: bool = False) -> None:
+                 early_holes: bool = False, key_start: int = 0, key_step: int = 1) -> None:
         self.width = width
         self.scale = float(scale)
         self.min_px = max(0.0, min_area) / (self.scale * self.scale)
@@ -151,12 +155,19 @@ class RegionTracer:
         self.regions = 0
         self.many: dict[int, bool] = {}  # per class: the last chunk held many components
         self.early_holes = early_holes
-        self.next_key = 0
+        # region keys are key_start, key_start + key_step, ...: tracers of a raster's classes in several processes
+        # take keys of their own (the keys of early holes and the regions they belong to never meet)
+        self.next_key = key_start
+        self.key_step = max(1, key_step)
         # per open region (by key): the keys its early holes were found under; per such key, the border pixels
         # of those holes (OpenCV contours) by the raster row of the chunk they were found in, to fill them in
         # the region's mask when it closes
         self.owned: dict[int, set[int]] = {}
         self.hole_contours: dict[int, list[tuple[int, list[np.ndarray]]]] = {}
+        # Tracing one class, early holes are filled in the retained rows as they are found (no other class reads
+        # those rows), so a region's close, traced from them, finds them filled: nothing to draw then, at the
+        # end of a run. (With several classes, a hole's pixels may be another class's, still to be traced.)
+        self.paint_holes = early_holes and len(classes) == 1
 
     @property
     def retained_bytes(self) -> int:
@@ -191,6 +202,8 @@ class RegionTracer:
     def _label_pending(self, last: bool) -> None:
         chunk = (self.pending[0] if len(self.pending) == 1 else
                  np.concatenate(self.pending) if self.pending else np.zeros((0, self.width), np.uint8))
+        if self.paint_holes and len(self.pending) == 1:
+            chunk = chunk.copy()  # painted: the caller's strip stays as it was
         self.pending, self.pending_rows = [], 0
         y0 = self.labelled
         self.labelled += chunk.shape[0]
@@ -240,8 +253,8 @@ class RegionTracer:
         gkey = np.full(g_count, np.iinfo(np.int64).max)
         np.minimum.at(gkey, group[:k], prev.key)
         fresh = np.flatnonzero(~has_prev)
-        gkey[fresh] = self.next_key + np.arange(len(fresh))
-        self.next_key += len(fresh)
+        gkey[fresh] = self.next_key + self.key_step * np.arange(len(fresh))
+        self.next_key += self.key_step * len(fresh)
         if self.owned and k:
             self._merge_owned(prev.key, gkey[group[:k]])
         big = (gx1 - gx0) * (gy1 - gy0) >= self.min_px
@@ -325,7 +338,13 @@ class RegionTracer:
         for part in np.split(order, np.flatnonzero(np.diff(owners[order])) + 1) if len(order) else ():
             key = int(owners[part[0]])
             self.owned.setdefault(key, set()).add(key)
-            self.hole_contours.setdefault(key, []).append((y0, [found.contours[i] for i in early[part].tolist()]))
+            if not self.paint_holes:
+                self.hole_contours.setdefault(key, []).append((y0, [found.contours[i] for i in early[part].tolist()]))
+        if self.paint_holes and len(early):
+            import cv2
+
+            chunk = self.rows[-1][1]  # this chunk's rows, retained (see _label_pending)
+            cv2.drawContours(chunk, [found.contours[i] for i in early.tolist()], -1, cls, thickness=cv2.FILLED)
         if found.polygons:
             comp = labels[found.firsts[:, 1], found.firsts[:, 0]] - 1
             keep = np.flatnonzero(comp_open[comp])
@@ -415,7 +434,8 @@ class RegionTracer:
         owners = sorted(self.owned.pop(key))
         contours = [item for o in owners for item in self.hole_contours.pop(o, [])]
         crop = self._crop(x0, y0, x1, y1)
-        if area < self.min_px and not self._can_reach_min_area(
+        # (painted holes are no longer background there, which the bound counts: the trace decides exactly)
+        if area < self.min_px and not self.paint_holes and not self._can_reach_min_area(
                 crop == cls, np.array([area]), np.array([0]), np.array([0]), np.array([x1 - x0]),
                 np.array([y1 - y0]))[0]:
             return
