@@ -125,17 +125,33 @@ def test_an_error_in_the_child_fails_with_its_traceback():
     assert rt.child is None  # the process was ended, not given back
 
 
-def test_a_child_that_dies_fails_the_run_with_its_exit_code():
-    rt = tp.RemoteTracer(lambda g, c: None)
-    rt.open(40, [1])
-    assert rt.child is not None
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_child_that_dies_fails_the_run_with_its_exit_code(processes):
+    """Any of the run's tracing processes: the run fails with its exit code, and the others are ended too."""
+    rt = tp.RemoteTracer(lambda g, c: None, processes=processes)
+    rt.open(40, [1, 2])
+    procs = [c.proc for c in rt.children]
+    assert len(procs) == processes
     rt.add_strip(np.zeros((4, 40), np.uint8))
     rt.sync()
-    os.kill(rt.child.proc.pid, signal.SIGKILL)
+    os.kill(procs[-1].pid, signal.SIGKILL)
     with pytest.raises(InternalError, match="ended unexpectedly"):
         for _ in range(100):  # the pipe takes a strip or two before the death shows
             rt.add_strip(np.zeros((4, 40), np.uint8))
         rt.finish()
+    assert not rt.children and all(p.poll() is not None for p in procs)
+
+
+def test_an_error_in_one_of_two_children_fails_with_its_traceback_and_ends_both():
+    rt = tp.RemoteTracer(lambda g, c: None, processes=2)
+    rt.open(40, [1, 2])
+    procs = [c.proc for c in rt.children]
+    rt.children[1].send(("strip", 0, (2, 41), bytes(80), False))  # bytes that do not make the shape it names
+    rt.children[0].send(("strip", 0, (2, 40), bytes(80), False))
+    rt.sent = 1
+    with pytest.raises(InternalError, match=r"(?s)tracing failed in its process.*cannot reshape"):
+        rt.sync()
+    assert not rt.children and all(p.wait(timeout=5) is not None for p in procs)  # ended, not given back
 
 
 def test_a_slide_traced_in_a_process_gives_the_same_features(tmp_path: Path):
@@ -411,6 +427,15 @@ def test_a_run_shares_its_classes_out_over_processes_with_the_same_features(tmp_
     assert len(here.features) == len(there.features) >= 40
     for a, b in zip(here.features, there.features, strict=True):
         assert a["geometry"] == b["geometry"] and a["properties"] == b["properties"]
+    done = {"tiles": 0}
+
+    def progress(p) -> None:  # type: ignore[no-untyped-def]
+        done["tiles"] = p.tiles_done
+
+    cut = annotate_slide(engine, slide, "two", tissue_filter=False, on_progress=progress,
+                         should_stop=lambda: done["tiles"] >= 48,
+                         options=RunOptions(readers=2, trace_process=True, trace_processes=2))
+    assert cut.stats.cancelled and 0 < len(cut.features) < len(there.features)  # what both processes closed
 
 
 def test_tracing_processes_follow_the_cores(monkeypatch):

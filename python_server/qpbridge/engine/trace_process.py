@@ -7,8 +7,8 @@ stitching thread, which shares one interpreter lock with the reading, model and 
 of a 5-9 s run of a 7,225-tile slide on an H100): a long, strictly ordered run of small numpy and OpenCV calls
 over every strip. Only one uint8 strip goes in and a few polygons come out, so it moves to a child process
 cheaply: :class:`RemoteTracer` has the tracer's ``add_strip`` / ``finish``, sends each strip down a pipe and
-emits the regions the child sends back (as WKB) on the caller's thread. A thread of the parent receives
-them, so neither side can block the other on a full pipe. (Measured there: faster than tracing on the
+emits the regions the child sends back (see :func:`pack`) on the caller's thread. A thread of the parent
+receives them, so neither side can block the other on a full pipe. (Measured there: faster than tracing on the
 stitching thread in each of 12 alternating pairs, by 1-31%.)
 
 On machines with cores to spare, several children share out the classes (each traces its own classes of every
