@@ -307,13 +307,20 @@ def test_early_holes_leave_a_runs_features_as_they_were(tmp_path: Path, monkeypa
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the child's environment from /proc")
 def test_the_tracing_process_keeps_to_one_thread_of_work():
-    """No BLAS or OpenMP pool of a thread per core in the child, to take cores from the parent's threads."""
+    """No BLAS or OpenMP pool of a thread per core in the child, to take cores from the parent's threads: after
+    a run (labelling, tracing, early holes), its tracing thread and the one taking strips off the socket."""
     rt = tp.RemoteTracer(lambda g, c: None)
     try:
         assert rt.child is not None
         env = Path(f"/proc/{rt.child.proc.pid}/environ").read_bytes().split(b"\0")
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             assert f"{name}=1".encode() in env
+        raster = _raster(700, 170, seed=4)
+        raster[:, :2] = 1
+        rt.open(170, [1, 2], scale=4, min_area=40, max_hole=30, early_holes=True)
+        _trace(rt, raster, 16)
+        assert rt.threads == 2
+        assert 0 < rt.thread_s <= rt.busy_s + 0.02  # (clock ticks: the two are read a moment apart)
     finally:
         rt.close()
 

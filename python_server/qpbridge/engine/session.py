@@ -172,7 +172,12 @@ class RunStats:
             if "trace_wait_s" in self.extra:
                 n = self.extra.get("trace_processes", 1)
                 parts += (f" (waiting for its {'process' if n == 1 else f'{n} processes'} "
-                          f"{self.extra['trace_wait_s']:.2f} s)")
+                          f"{self.extra['trace_wait_s']:.2f} s")
+                if "trace_thread_cpu_s" in self.extra:  # the rest of the children's CPU is off their tracing threads
+                    parts += (f"; their CPU {self.extra['trace_process_cpu_s']:.2f} s, tracing threads "
+                              f"{self.extra['trace_thread_cpu_s']:.2f} s, at most "
+                              f"{self.extra['trace_process_threads']} threads each")
+                parts += ")"
         if "handing_features_s" in self.extra:
             parts += f", handing features on {self.extra['handing_features_s']:.2f} s"
         if "finishing_s" in self.extra:
@@ -561,6 +566,10 @@ class PlanRun:
                 stats.extra["trace_process_cpu_s"] = self.stitcher.trace_cpu_s
                 stats.extra["trace_wait_s"] = self.stitcher.trace_wait_s
                 stats.extra["trace_processes"] = self.stitcher.trace_processes
+                remote = self.stitcher.remote
+                if remote is not None:
+                    stats.extra["trace_thread_cpu_s"] = remote.thread_s
+                    stats.extra["trace_process_threads"] = remote.threads
         stats.extra["handing_features_s"] = self.handing_s
         stats.extra["early_holes"] = self.early_holes
         stats.extra["slowest_feature_chunk_s"] = self.slowest_chunk_s

@@ -108,7 +108,12 @@ def _serve(conn: Any) -> None:
     tracer: RegionTracer | None = None
     add: Callable[[np.ndarray, bool], None] | None = None
     found: list[tuple[Any, int]] = []
-    cpu0 = time.process_time()
+    cpu0 = thread0 = 0.0
+
+    def usage() -> tuple[float, float, int]:
+        """CPU seconds of this process and of its tracing thread since the run opened, and its threads now (the
+        rest of the CPU is the inbox thread's, or thread pools' that should not be there)."""
+        return time.process_time() - cpu0, time.thread_time() - thread0, _native_threads()
 
     def send_plain(plain: list[tuple[Any, int]]) -> None:
         geoms = np.empty(len(plain), dtype=object)
@@ -160,21 +165,21 @@ def _serve(conn: Any) -> None:
                                             early_holes=early_holes, key_start=key_start, key_step=key_step)
                 add = (filt or tracer).add_strip
                 found.clear()
-                cpu0 = time.process_time()
+                cpu0, thread0 = time.process_time(), time.thread_time()
             elif kind == "strip":
                 _, seq, shape, data, last = msg
                 assert tracer is not None and add is not None, "a strip before the run was opened"
                 add(np.frombuffer(data, np.uint8).reshape(shape), last)
-                answer(("traced", seq + 1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
+                answer(("traced", seq + 1, tracer.peak_rows, tracer.regions, *usage()))
             elif kind == "flush":
                 _, seq = msg
                 assert tracer is not None, "flush before the run was opened"
                 tracer.flush()
-                answer(("traced", seq + 1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
+                answer(("traced", seq + 1, tracer.peak_rows, tracer.regions, *usage()))
             elif kind == "finish":
                 assert tracer is not None, "finish before the run was opened"
                 tracer.finish()
-                answer(("finished", -1, tracer.peak_rows, tracer.regions, time.process_time() - cpu0))
+                answer(("finished", -1, tracer.peak_rows, tracer.regions, *usage()))
                 tracer = add = None
             elif kind == "exit":
                 return
@@ -182,6 +187,14 @@ def _serve(conn: Any) -> None:
             found.clear()
             tracer = add = None
             conn.send(("error", traceback.format_exc(limit=8)))
+
+
+def _native_threads() -> int:
+    """Threads of this process, native ones too (Linux; else the interpreter's)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 # ---- the parent -----------------------------------------------------------------------------------------------
@@ -314,8 +327,10 @@ class RemoteTracer:
         self.peak_rows = 0  # raster rows retained at once, summed over the children (each at its own peak)
         self.regions = 0
         self.busy_s = 0.0
+        self.thread_s = 0.0  # of busy_s, the children's tracing threads'
+        self.threads = 0  # the most threads a child had
         self.wait_s = 0.0
-        self._stats: list[tuple[int, int, float]] = []  # per child: peak rows, regions, CPU s
+        self._stats: list[tuple[int, int, float, float, int]] = []  # per child: peak rows, regions, CPU s, ...
         self._partial: list[list[tuple[Any, ...]]] = []  # per child: messages of the answer being received
         self._answers: list[deque[list[tuple[Any, ...]]]] = []  # per child: whole answers not emitted yet
         self._turn = 0  # the child whose answer is emitted next
@@ -334,7 +349,7 @@ class RemoteTracer:
         del self.children[n:]
         self.width = width
         self.processes = n
-        self._stats = [(0, 0, 0.0)] * n
+        self._stats = [(0, 0, 0.0, 0.0, 0)] * n
         self._partial = [[] for _ in range(n)]
         self._answers = [deque() for _ in range(n)]
         per = -(-len(classes) // n) if classes else 0
@@ -451,8 +466,8 @@ class RemoteTracer:
                               int(msg[1]))
                 elif kind == "holed":
                     self.emit(HoledRegion(unpack(msg[2])[0], tuple(msg[3])), int(msg[1]))
-                else:  # (kind, requests answered or -1, peak rows, regions, CPU s)
-                    self._stats[c] = (int(msg[2]), int(msg[3]), float(msg[4]))
+                else:  # (kind, requests answered or -1, peak rows, regions, CPU s, thread CPU s, threads)
+                    self._stats[c] = (int(msg[2]), int(msg[3]), float(msg[4]), float(msg[5]), int(msg[6]))
                     if kind == "finished":
                         self._finished += 1
             self._turn = (c + 1) % n
@@ -461,3 +476,5 @@ class RemoteTracer:
             self.peak_rows = sum(s[0] for s in self._stats)
             self.regions = sum(s[1] for s in self._stats)
             self.busy_s = sum(s[2] for s in self._stats)
+            self.thread_s = sum(s[3] for s in self._stats)
+            self.threads = max(s[4] for s in self._stats)
