@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One round of the whole-slide speed checks on a CUDA machine, about 9 minutes on an H100/H200; each step is
+# time-limited and writes its output under $OUT (default /tmp/gpu-round), so a cut round still tells what ran:
+#
+#   1. tests.txt: the GPU tests of the families the slide runs use (CUDA graphs, blending on the device);
+#   2. slide.txt: bench_slide.py, SegFormer-B0 fp16 eager on a 32,768² px slide: model-only, end to end with one
+#      tracing process and with two sharing out the classes, alternating (ratios within the one call);
+#   3. host.txt: bench_host.py on the same slide: the host side alone (recorded outputs replayed, blank reads)
+#      with one and two tracing processes, then the class strips through the tracer alone.
+#
+#   PY=.venv/bin/python SLIDE=/tmp/slide32k.tif OUT=/tmp/gpu-round bash bench/gpu_round.sh
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+SLIDE=${SLIDE:-/tmp/slide32k.tif}
+OUT=${OUT:-/tmp/gpu-round}
+export PYTHONPATH="$PWD/python_server${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+"$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" \
+    | tee "$OUT/device.txt"
+
+writer=""
+if [ ! -f "$SLIDE" ]; then  # written beside the tests (CPU), ready for the benches
+    "$PY" bench/bench_slide.py --write-slide "$SLIDE" 32768 > "$OUT/slide-written.txt" 2>&1 &
+    writer=$!
+fi
+timeout 200 "$PY" -m pytest -q -ra -m gpu tests/test_segformer.py tests/test_smp.py > "$OUT/tests.txt" 2>&1
+echo "tests: exit $? ($(tail -1 "$OUT/tests.txt"))"
+[ -n "$writer" ] && wait "$writer"
+
+timeout 240 "$PY" bench/bench_slide.py --device cuda --size 32768 --slide "$SLIDE" --precision fp16 \
+    --trace process1 process2 process1 process2 > "$OUT/slide.txt" 2>&1
+echo "bench_slide: exit $?"
+grep -E "model-only|tiles/s|ratio" "$OUT/slide.txt" | tail -12
+
+timeout 100 "$PY" bench/bench_host.py --slide "$SLIDE" --outputs "$OUT/seg32k.npy" --readers 8 \
+    --trace process1 process2 process1 process2 > "$OUT/host.txt" 2>&1
+echo "bench_host replay: exit $?"
+timeout 60 "$PY" bench/bench_host.py --slide "$SLIDE" --outputs "$OUT/seg32k.npy" \
+    --tracing thread process1 process2 process1 process2 >> "$OUT/host.txt" 2>&1
+echo "bench_host tracing: exit $?"
+grep -E "^replay|^tracing" "$OUT/host.txt"
