@@ -18,7 +18,8 @@ morphological opening/closing runs on the class strips on their way to the trace
 Memory: the accumulator is (classes + 1) x (tile + step) x width float32 at output resolution (for a
 150,000 px wide slide at 0.25 µm/px and SegFormer at 1 µm/px: 4 x 112 x 9,375 x 4 B = 17 MB); the tracer
 keeps at most one byte per output pixel (see :mod:`qpbridge.engine.vectorise`; 59 MB for a 150,000 x 100,000 px
-slide at 0.25 µm/px), and only while a region stays open over the rows.
+slide at 0.25 µm/px; as much per tracing process, when several share out the classes), and only while a region
+stays open over the rows.
 
 Instance models: every tile has a *core*, the part of it closer to its own centre than to any
 neighbour's (cores of all tiles partition the canvas). An instance is kept only by the tile whose core

@@ -38,11 +38,11 @@ until the chunk is complete), one byte per pixel: a region that stays open over 
 tissue-wide class) keeps at most the whole raster, so the bound is one byte per output pixel. For a
 150,000 x 100,000 px slide scanned at 0.25 µm/px and a model at 1 µm/px with quarter-resolution outputs
 (SegFormer), the output raster is 9,375 x 6,250 px: at most 59 MB; at 0.5 µm/px it is 18,750 x 12,500
-px, 234 MB. Regions that close (the usual case) free their rows as soon as they are traced. Classes traced in several
-processes (:mod:`qpbridge.engine.trace_process`): each keeps the rows its own classes' open regions need, so at
-most one byte per output pixel per process. Labelling and
-tracing a chunk takes, for that moment, its label images, masks and summed-area table, plus the contour
-points of the regions it closes and a dozen arrays per step of them. Measured (numpy's and OpenCV's
+px, 234 MB. Regions that close (the usual case) free their rows as soon as they are traced. Classes traced
+in several processes (:mod:`qpbridge.engine.trace_process`): each keeps the rows its own classes' open regions
+need, so at most one byte per output pixel per process. Labelling and tracing a chunk takes, for that
+moment, its label images, masks and summed-area table, plus the contour points of the regions it closes and a
+dozen arrays per step of them. Measured (numpy's and OpenCV's
 arrays, ``bench/bench_stitch.py --tracer-memory``) on a chunk of 256 rows of the 9,375 px wide raster:
 13 bytes per chunk pixel on a smooth map (31 MB), 62 on independent random classes, the worst case
 (150 MB). A chunk of several strips holds fewer than 2 x ``CHUNK_PIXELS`` pixels; a single strip larger
