@@ -9,11 +9,14 @@ to keep up with thousands of tiles a second. This bench measures that side on an
 a GPU run of ``bench_slide.py`` traces:
 
 1. record (once): SegFormer-B0 with ``bench_slide.py``'s seeded random weights runs over the synthetic slide on
-   this machine (fp32), and each tile's native-resolution probabilities (3 x 64 x 64) are kept in ``--outputs``
+   this machine's device (fp32), and each tile's native-resolution probabilities (3 x 64 x 64) are kept in ``--outputs``
    (float16, 24 KiB a tile; reused when present, so record once and replay many times);
 2. replay: the engine session runs the same plan, and the model stage takes each tile's recorded output from a
    result store (the mechanism a server's tile cache uses) instead of the model. Reading returns blank blocks
    (the store ignores pixels), unless ``--decode`` reads the slide: what is left is the host side itself.
+   One difference from a GPU run: the recorded outputs are host arrays, so tiles are blended on the host
+   (numpy) where a GPU run blends them on the device; the stitching thread's blending and class strips cost
+   more here. Tracing, features and the pipeline are the same code.
 
 Per run it prints tiles/s, the busy time of each stage and the run's timeline (the first and last output at the
 stitcher, when the last was stitched, and the tail after it). ``--tracing`` instead feeds the run's class strips
@@ -96,7 +99,7 @@ def record(engine: Any, name: str, slide: Path, path: Path) -> None:
           f"({len(result.features)} features) to {path}")
 
 
-def blank_reader(read: Any) -> Any:
+def blank_reader() -> Any:
     """A slide's ``read`` signature returning white blocks of the asked size, without decoding."""
 
     def read_box(x0: int, y0: int, x1: int, y1: int, out_w: int | None = None, out_h: int | None = None
@@ -124,10 +127,9 @@ def replay(engine: Any, name: str, slide: Path, outputs: np.ndarray, trace: str,
     if len(plan.tiles) != len(outputs):
         raise SystemExit(f"the outputs hold {len(outputs)} tiles, the plan {len(plan.tiles)}: record again")
     builder = FeatureBuilder(card, opened.mpp, None, (opened.width, opened.height))
-    read = _reader(opened, plan)
     opts = RunOptions(readers=readers, **trace_options(trace))
-    features, st = run_plan(engine, name, plan, read if decode else blank_reader(read), builder, options=opts,
-                            results=Replay(outputs))
+    features, st = run_plan(engine, name, plan, _reader(opened, plan) if decode else blank_reader(), builder,
+                            options=opts, results=Replay(outputs))
     tail = st.seconds - st.stitched_s
     print(f"replay, trace {trace}, {'decoding' if decode else 'blank reads'}: {st.tiles} tiles in "
           f"{st.seconds:.2f} s = {st.tiles / st.seconds:.0f} tiles/s; {len(features)} features; outputs reached "
