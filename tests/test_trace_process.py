@@ -102,6 +102,7 @@ def test_finished_process_is_reused_and_a_closed_one_is_not():
     rt = tp.RemoteTracer(lambda g, c: None)
     assert rt.child is not None
     pid = rt.child.proc.pid
+    rt.sync()  # before the run opens: nothing to wait for
     rt.open(50, [1])
     _trace(rt, _raster(60, 50, seed=1), 20)
     again = tp.RemoteTracer(lambda g, c: None)

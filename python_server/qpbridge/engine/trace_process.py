@@ -409,6 +409,8 @@ class RemoteTracer:
     def _take(self, block_until: int, finished: bool = False) -> None:
         """Emit the regions received, answer by answer in turn; block until ``block_until`` requests are answered
         by every child (and, with ``finished``, until each acknowledged the run's finish)."""
+        if not self.width:  # never opened: nothing was sent
+            return
         n = len(self.children)
         while True:
             for c in range(n):  # file what has come
