@@ -170,14 +170,12 @@ class RunStats:
             parts += (f"; blending {self.extra.get('blending_s', 0.0):.2f} s on {self.extra.get('blend_on') or '-'}, "
                       f"class strips {self.extra['class_strips_s']:.2f} s, tracing {self.extra['tracing_s']:.2f} s")
             if "trace_wait_s" in self.extra:
-                n = self.extra.get("trace_processes", 1)
+                n = self.extra["trace_processes"]
+                # (the rest of the children's CPU is off their tracing threads)
                 parts += (f" (waiting for its {'process' if n == 1 else f'{n} processes'} "
-                          f"{self.extra['trace_wait_s']:.2f} s")
-                if "trace_thread_cpu_s" in self.extra:  # the rest of the children's CPU is off their tracing threads
-                    parts += (f"; their CPU {self.extra['trace_process_cpu_s']:.2f} s, tracing threads "
-                              f"{self.extra['trace_thread_cpu_s']:.2f} s, at most "
-                              f"{self.extra['trace_process_threads']} threads each")
-                parts += ")"
+                          f"{self.extra['trace_wait_s']:.2f} s; their CPU {self.extra['trace_process_cpu_s']:.2f} s, "
+                          f"tracing threads {self.extra['trace_thread_cpu_s']:.2f} s, at most "
+                          f"{self.extra['trace_process_threads']} threads each)")
         if "handing_features_s" in self.extra:
             parts += f", handing features on {self.extra['handing_features_s']:.2f} s"
         if "finishing_s" in self.extra:
@@ -562,14 +560,11 @@ class PlanRun:
             stats.extra["class_strips_s"] = self.stitcher.classes_s
             stats.extra["tracing_s"] = self.stitcher.trace_s
             stats.extra["blending_s"] = self.stitcher.blend_s
-            if self.stitcher.trace_cpu_s is not None:
-                stats.extra["trace_process_cpu_s"] = self.stitcher.trace_cpu_s
-                stats.extra["trace_wait_s"] = self.stitcher.trace_wait_s
-                stats.extra["trace_processes"] = self.stitcher.trace_processes
-                remote = self.stitcher.remote
-                if remote is not None:
-                    stats.extra["trace_thread_cpu_s"] = remote.thread_s
-                    stats.extra["trace_process_threads"] = remote.threads
+            remote = self.stitcher.remote  # tracing in processes: their CPU, the wait for them
+            if remote is not None:
+                stats.extra.update(trace_process_cpu_s=remote.busy_s, trace_wait_s=remote.wait_s,
+                                   trace_processes=remote.processes, trace_thread_cpu_s=remote.thread_s,
+                                   trace_process_threads=remote.threads)
         stats.extra["handing_features_s"] = self.handing_s
         stats.extra["early_holes"] = self.early_holes
         stats.extra["slowest_feature_chunk_s"] = self.slowest_chunk_s

@@ -380,21 +380,6 @@ class SemanticStitcher:
             self.remote.close()
 
     @property
-    def trace_wait_s(self) -> float | None:
-        """Time spent waiting for the tracing process (strips too far ahead of it), when tracing runs in one."""
-        return self.remote.wait_s if self.remote is not None else None
-
-    @property
-    def trace_processes(self) -> int:
-        """Processes tracing the class strips (0: tracing on the stitching thread)."""
-        return self.remote.processes if self.remote is not None else 0
-
-    @property
-    def trace_cpu_s(self) -> float | None:
-        """CPU time of the tracing process, when tracing runs in one."""
-        return self.remote.busy_s if self.remote is not None else None
-
-    @property
     def blend_on(self) -> str:
         """Where tiles are blended: "device" (torch, the model's GPU), "host" (numpy), or "" before any tile."""
         if self.blend is None:

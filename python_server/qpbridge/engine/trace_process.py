@@ -354,8 +354,9 @@ class RemoteTracer:
         self._answers = [deque() for _ in range(n)]
         per = -(-len(classes) // n) if classes else 0
         for i, child in enumerate(self.children):
-            self._send_to(child, ("open", width, list(classes[i * per:(i + 1) * per]), float(scale),
-                                  float(min_area), float(max_hole), morphology, bool(early_holes), i, n))
+            self._send_to(child, ForkingPickler.dumps(("open", width, list(classes[i * per:(i + 1) * per]),
+                                                       float(scale), float(min_area), float(max_hole), morphology,
+                                                       bool(early_holes), i, n)))
 
     def add_strip(self, strip: np.ndarray, last: bool = False) -> None:
         strip = np.ascontiguousarray(strip, dtype=np.uint8)
@@ -396,12 +397,9 @@ class RemoteTracer:
         for child in self.children:
             self._send_to(child, payload)
 
-    def _send_to(self, child: _Child, payload: tuple[Any, ...] | bytes | memoryview) -> None:
+    def _send_to(self, child: _Child, payload: bytes | memoryview) -> None:
         try:
-            if isinstance(payload, tuple):
-                child.send(payload)
-            else:
-                child.send_pickled(payload)
+            child.send_pickled(payload)
         except InternalError:
             self.close()
             raise
