@@ -1,7 +1,7 @@
 """The host side of a whole-slide run at model speed, without the model: prints measured numbers (not a test).
 
     python bench/bench_host.py [--size 32768] [--slide PATH] [--outputs PATH] [--batch 256] [--readers 8]
-                               [--trace process process2 thread ...] [--decode]
+                               [--trace process process2-collect thread ...] [--decode]
     python bench/bench_host.py --tracing thread process1 process2 [...]
 
 A GPU run is as fast as its host side lets it be: the pipeline, blending, class strips, tracing and features have
@@ -113,7 +113,7 @@ def blank_reader() -> Any:
 
 def replay(engine: Any, name: str, slide: Path, outputs: np.ndarray, trace: str, readers: int,
            decode: bool) -> None:
-    from bench_slide import trace_options
+    from bench_slide import GCTime, trace_options
 
     from qpbridge.annotate import _reader, roi_region, run_plan
     from qpbridge.engine.features import FeatureBuilder
@@ -127,15 +127,17 @@ def replay(engine: Any, name: str, slide: Path, outputs: np.ndarray, trace: str,
     if len(plan.tiles) != len(outputs):
         raise SystemExit(f"the outputs hold {len(outputs)} tiles, the plan {len(plan.tiles)}: record again")
     builder = FeatureBuilder(card, opened.mpp, None, (opened.width, opened.height))
-    opts = RunOptions(readers=readers, **trace_options(trace))
-    features, st = run_plan(engine, name, plan, _reader(opened, plan) if decode else blank_reader(), builder,
-                            options=opts, results=Replay(outputs))
+    where, _, collect = trace.partition("-")
+    opts = RunOptions(readers=readers, **trace_options(where), **({"pause_gc": False} if collect else {}))
+    with GCTime() as collected:
+        features, st = run_plan(engine, name, plan, _reader(opened, plan) if decode else blank_reader(), builder,
+                                options=opts, results=Replay(outputs))
     tail = st.seconds - st.stitched_s
     print(f"replay, trace {trace}, {'decoding' if decode else 'blank reads'}: {st.tiles} tiles in "
           f"{st.seconds:.2f} s = {st.tiles / st.seconds:.0f} tiles/s; {len(features)} features; outputs reached "
           f"the stitcher from {st.first_output_s:.2f} to {st.last_output_s:.2f} s "
           f"({st.tiles / max(1e-9, st.last_output_s - st.first_output_s):.0f} tiles/s), stitched at "
-          f"{st.stitched_s:.2f} s, tail {tail:.2f} s")
+          f"{st.stitched_s:.2f} s, tail {tail:.2f} s; {collected}")
     print(st.table())
 
 
@@ -216,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outputs", type=Path, help="recorded outputs (.npy; recorded there first if missing)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--readers", type=int, default=8)
-    ap.add_argument("--trace", nargs="+", default=["process", "process"], choices=TRACE_CHOICES,
-                    help="where class strips are traced, one replay per value, in this order (processN: N processes "
+    ap.add_argument("--trace", nargs="+", default=["process", "process"],
+                    choices=[*TRACE_CHOICES, *(f"{w}-collect" for w in TRACE_CHOICES)],
+                    help="where class strips are traced, one replay per value, in this order (-collect: garbage "
+                         "collection left on during the run; processN: N processes "
                          "sharing out the classes)")
     ap.add_argument("--decode", action="store_true", help="read (decode) the slide in replays too")
     ap.add_argument("--tracing", nargs="+", metavar="WHERE", choices=["thread", *TRACE_CHOICES[3:]],

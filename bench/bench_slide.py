@@ -4,7 +4,7 @@
                                 [--compile [--no-eager]] [--compile-mode max-autotune|default] [--batch 256]
                                 [--model-only-tiles 4096] [--readers 8] [--slide PATH] [--switch-interval S]
                                 [--no-cuda-graphs] [--feeders N] [--queue-batches N]
-                                [--trace auto|thread|process[N][-stacked] ...]
+                                [--trace auto|thread|process[N][-stacked|-collect] ...]
 
 Builds SegFormer-B0 with random weights (speed only; HOTSPoT's architecture, 3 classes, 256 px tiles at
 1 µm/px), saves it as a save_pretrained folder and serves it through the real card/engine path. Writes a
@@ -97,6 +97,40 @@ def make_card(root: Path, precision: str, batch: int, compiled: bool, compile_mo
         "weights": str(weights),
     }))
     return name
+
+
+class GCTime:
+    """Garbage collections over a stretch of time (``gc.callbacks``): a run that pauses collection leaves its
+    young objects to the first collection after it, which falls in the stretch (after the run's own timing)."""
+
+    def __init__(self) -> None:
+        self.took: list[float] = []
+        self._started: dict[int, float] = {}
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        import threading
+
+        if phase == "start":
+            self._started[threading.get_ident()] = time.perf_counter()
+        else:
+            began = self._started.pop(threading.get_ident(), None)
+            if began is not None:
+                self.took.append(time.perf_counter() - began)
+
+    def __enter__(self) -> GCTime:
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def __str__(self) -> str:
+        last = f", the last {self.took[-1]:.2f} s" if self.took else ""
+        return f"{len(self.took)} garbage collections in {sum(self.took):.2f} s{last}"
 
 
 class ThreadCPU:
@@ -248,14 +282,17 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
         mode = f"{'compiled' if compiled else 'eager'}, trace {trace}"
         where, *flags = trace.split("-")
         same = {"switch_interval_s": sys.getswitchinterval()} if hasattr(RunOptions(), "switch_interval_s") else {}
+        if "collect" in flags:
+            same["pause_gc"] = False
         opts = RunOptions(readers=args.readers, feeders=args.feeders, queue_batches=args.queue_batches,
                           **trace_options(where), **same)  # (older trees: A/B runs)
-        with ThreadCPU() as cpu, unsliced(model, "stacked" in flags):
+        with GCTime() as collected, ThreadCPU() as cpu, unsliced(model, "stacked" in flags):
             result = annotate_slide(engine, slide, name, tissue_filter=False, options=opts)
         st = result.stats
         write_s, mb = write_geojson(root / "out.geojson", result.features)
         child = st.extra.get("trace_process_cpu_s")
-        print(f"{precision} {mode}: GeoJSON of the features written in {write_s:.2f} s ({mb:.1f} MB)", flush=True)
+        print(f"{precision} {mode}: GeoJSON of the features written in {write_s:.2f} s ({mb:.1f} MB); {collected}",
+              flush=True)
         print(f"{precision} {mode}: CPU s by thread over the run: "
               + ", ".join(f"{k} {v:.2f}" for k, v in cpu.groups().items() if v >= 0.01)
               + (f"; tracing process {child:.2f}" if child is not None else ""), flush=True)
@@ -332,10 +369,11 @@ def main(argv: list[str] | None = None) -> int:
                          "GIL beside others; default: the engine's run setting, qpbridge.gil_policy)")
     ap.add_argument("--slide", type=Path, help="reuse this synthetic slide (written there first if missing)")
     ap.add_argument("--trace", nargs="+", default=["auto"],
-                    choices=[w + f for w in TRACE_CHOICES for f in ("", "-stacked")],
+                    choices=[w + f for w in TRACE_CHOICES for f in ("", "-stacked", "-collect")],
                     help="where class strips are traced: one end-to-end run per value, in this order, with the same "
                          "model (e.g. thread process thread process); processN: N processes sharing out the classes; "
-                         "-stacked: each run of tiles stacked tile by tile instead of sliced from the batch output")
+                         "-stacked: each run of tiles stacked tile by tile instead of sliced from the batch output; "
+                         "-collect: garbage collection left on during the run (RunOptions.pause_gc off)")
     ap.add_argument("--write-slide", nargs=2, metavar=("PATH", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write_slide:

@@ -407,6 +407,104 @@ def test_runs_shorten_the_switch_interval_while_they_are_on(tmp_path, models_dir
         sys.setswitchinterval(own)
 
 
+def test_runs_pause_garbage_collection_and_the_last_one_out_resumes_it(monkeypatch):
+    """Overlapping runs: the first in pauses automatic collection, the last out resumes it (unless the process
+    had it off); a run that fails resumes it too; runs that keep overlapping past PAUSE_MAX_S collect the young
+    generations as one of them ends."""
+    import gc
+
+    from qpbridge import gc_policy
+
+    assert gc.isenabled()
+    try:
+        with gc_policy.paused_during_runs():
+            assert not gc.isenabled()
+            with gc_policy.paused_during_runs():
+                assert not gc.isenabled()
+            assert not gc.isenabled()  # the other run is still on
+        assert gc.isenabled()
+        with gc_policy.paused_during_runs(pause=False):
+            assert gc.isenabled()
+        with pytest.raises(RuntimeError), gc_policy.paused_during_runs():
+            raise RuntimeError("the run failed")
+        assert gc.isenabled()
+        gc.disable()  # a process that turned collection off keeps it off
+        with gc_policy.paused_during_runs():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+        gc.enable()
+
+        generations: list[int] = []
+
+        def seen(phase: str, info: dict) -> None:
+            if phase == "start":
+                generations.append(info["generation"])
+
+        monkeypatch.setattr(gc_policy, "PAUSE_MAX_S", 0.0)
+        gc.callbacks.append(seen)
+        try:
+            with gc_policy.paused_during_runs():
+                with gc_policy.paused_during_runs():
+                    pass
+                assert generations == [1] and not gc.isenabled()  # collected as the inner run ended, still paused
+                with gc_policy.paused_during_runs():
+                    pass
+                assert generations == [1, 1]
+        finally:
+            gc.callbacks.remove(seen)
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_run_collects_no_garbage_and_its_features_go_when_its_caller_lets_go(tmp_path, models_dir):
+    """Collection is paused while the run is on (RunOptions.pause_gc), and the run leaves no reference cycle
+    holding its features: they are freed by reference counting alone, once the caller lets go of them."""
+    import gc
+    import weakref
+
+    from conftest import write_pyramid
+    from qpbridge.annotate import _reader, run_plan
+    from qpbridge.engine import Engine
+    from qpbridge.engine.features import FeatureBuilder
+    from qpbridge.engine.session import RunOptions
+    from qpbridge.slides import Slide
+
+    img = np.full((500, 600, 3), 230, np.uint8)
+    for k in range(5):
+        cv2.circle(img, (80 + 110 * k, 250), 40, (20, 20, 20), -1)
+    slide = Slide(write_pyramid(tmp_path / "discs.tif", img, mpp=0.5, levels=1), None)
+    engine = Engine(models_dir)
+    card = engine.card("seams")
+    plan = make_plan(card, (0, 0, slide.width, slide.height), slide.mpp, None)
+
+    class Features(list):  # a list that can be watched going away
+        pass
+
+    for pause in (True, False):
+        got = Features()
+        gc.collect()
+        gc.disable()  # from here, only reference counting frees anything
+        try:
+            _, st = run_plan(engine, "seams", plan, _reader(slide, plan), FeatureBuilder(card, slide.mpp),
+                             options=RunOptions(readers=2, pause_gc=pause), sink=got.append)
+            assert len(got) == 5 and st.tiles == len(plan.tiles)
+            gone = weakref.ref(got)
+            del got
+            assert gone() is None, "a reference cycle holds the run's features"
+        finally:
+            gc.enable()
+    got = Features()
+    enabled: list[bool] = []
+    run_plan(engine, "seams", plan, _reader(slide, plan), FeatureBuilder(card, slide.mpp),
+             options=RunOptions(readers=2, pause_gc=False), sink=got.append,
+             on_progress=lambda p: enabled.append(gc.isenabled()))
+    assert enabled and all(enabled) and gc.isenabled()
+    run_plan(engine, "seams", plan, _reader(slide, plan), FeatureBuilder(card, slide.mpp),
+             options=RunOptions(readers=2), sink=got.append, on_progress=lambda p: enabled.append(gc.isenabled()))
+    assert not enabled[-1] and gc.isenabled()  # paused during the run, back on after it
+
+
 def test_families_that_are_not_thread_safe_are_called_one_at_a_time(tmp_path):
     import json
     import threading

@@ -107,6 +107,8 @@ class RunOptions:
     trace_processes: int | None = None
     # The interpreter's thread switch interval during the run, at most (:mod:`qpbridge.gil_policy`); None: as is.
     switch_interval_s: float | None = RUN_SWITCH_INTERVAL_S
+    # Automatic garbage collection paused during the run (:mod:`qpbridge.gc_policy`).
+    pause_gc: bool = True
 
     def traces_in_process(self, plan: TilePlan) -> bool:
         if self.trace_process is not None:
@@ -229,6 +231,25 @@ class ResultStore(Protocol):
     def put(self, tile: PlannedTile, px: np.ndarray, result: TileResult) -> None: ...
 
 
+class _Traced:
+    """The stitcher's emit: what it traced, kept for the run's next dispatch. Held apart from the run, so that
+    the stitcher holding it makes no reference cycle with the run: a finished run, its buffers and its sink's
+    features are freed as soon as its caller lets go of them, not at the next full collection."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Any, int, dict[str, Any] | None]] = []
+        self.early_holes = 0
+
+    def __call__(self, geom: Any, cls: int, extra: dict[str, Any] | None) -> None:
+        if isinstance(geom, EarlyHoles):
+            self.early_holes += len(geom.holes)
+        self.items.append((geom, cls, extra))
+
+    def take(self) -> list[tuple[Any, int, dict[str, Any] | None]]:
+        items, self.items = self.items, []
+        return items
+
+
 class PlanRun:
     """A model over one plan: tiles in any order and batches, stitched into features for ``sink``."""
 
@@ -245,7 +266,7 @@ class PlanRun:
         self.builder = builder
         self._lock = threading.Lock()
         self._by_origin: dict[tuple[int, int], PlannedTile] | None = None
-        self._traced: list[tuple[Any, int, dict[str, Any] | None]] = []
+        self._traced = _Traced()
         self._building: deque[Future[list[dict[str, Any] | None]]] = deque()
         self._early: list[Future[list[dict[str, Any] | None]]] = []  # early holes being built
         self._stats_lock = threading.Lock()
@@ -254,14 +275,12 @@ class PlanRun:
         self.handing_s = 0.0  # the stitching thread's time waiting for built features and handing them to the sink
         self.slowest_chunk_s = 0.0  # the longest feature-building task (one region spanning a slide is built alone)
         self.closing_s = 0.0  # the stitcher's finish: the last strips, and closing the regions left open
-        self.early_holes = 0  # holes traced (and built) before their region closed
+        self.stitcher = make_stitcher(self.card, plan, self._traced)
 
-        def emit(geom: Any, cls: int, extra: dict[str, Any] | None) -> None:
-            if isinstance(geom, EarlyHoles):
-                self.early_holes += len(geom.holes)
-            self._traced.append((geom, cls, extra))
-
-        self.stitcher = make_stitcher(self.card, plan, emit)
+    @property
+    def early_holes(self) -> int:
+        """Holes traced (and built) before their region closed."""
+        return self._traced.early_holes
 
     # ---- features, built off the stitching thread --------------------------------------------------------
 
@@ -282,7 +301,7 @@ class PlanRun:
     def _dispatch(self, wait: bool = False) -> None:
         """Send the polygons traced so far to the pool, and the features built so far (in order) to the
         sink; with ``wait``, all of them. Called with ``_lock`` held."""
-        traced, self._traced = self._traced, []
+        traced = self._traced.take()
         pool = postprocess_pool()
         self._early = [f for f in self._early if not f.done()]
         chunk: list[tuple[Any, int, dict[str, Any] | None]] = []
@@ -353,7 +372,7 @@ class PlanRun:
         (fewer when ``should_stop`` turned true). ``on_tile(i)`` follows each stitched tile."""
         done = 0
         batch = max(1, self.card.batch_size)
-        with run_switch_interval():
+        with run_switch_interval(), gc_policy.paused_during_runs():
             for start in range(0, len(tiles), batch):
                 if should_stop is not None and should_stop():
                     break
@@ -419,7 +438,7 @@ class PlanRun:
             should_stop: Callable[[], bool] | None = None) -> RunStats:
         """Read, run and stitch every tile of the plan as a pipeline; features go to the sink."""
         opts = options or RunOptions()
-        with run_switch_interval(opts.switch_interval_s):
+        with run_switch_interval(opts.switch_interval_s), gc_policy.paused_during_runs(opts.pause_gc):
             return self._run(read_box, opts, on_progress, should_stop)
 
     def _run(self, read_box: ReadBox, opts: RunOptions, on_progress: Callable[[Progress], None] | None,
