@@ -4,9 +4,10 @@
 #
 #   1. tests.txt: the GPU tests of the families the slide runs use (CUDA graphs, blending on the device);
 #   2. slide.txt: bench_slide.py, SegFormer-B0 fp16 eager on a 32,768² px slide: model-only, end to end with one
-#      tracing process and with two sharing out the classes, alternating (ratios within the one call);
+#      tracing process and with two sharing out the classes, and with two and garbage collection left on during
+#      the run (-collect), alternating (ratios within the one call);
 #   3. host.txt: bench_host.py on the same slide: the host side alone (recorded outputs replayed, blank reads)
-#      with one and two tracing processes, then the class strips through the tracer alone.
+#      with one and two tracing processes and with collection on, then the class strips through the tracer alone.
 #
 #   PY=.venv/bin/python SLIDE=/tmp/slide32k.tif OUT=/tmp/gpu-round bash bench/gpu_round.sh
 set -u
@@ -29,12 +30,12 @@ echo "tests: exit $? ($(tail -1 "$OUT/tests.txt"))"
 [ -n "$writer" ] && wait "$writer"
 
 timeout 240 "$PY" bench/bench_slide.py --device cuda --size 32768 --slide "$SLIDE" --precision fp16 \
-    --trace process1 process2 process1 process2 > "$OUT/slide.txt" 2>&1
+    --trace process1 process2 process2-collect process1 process2 process2-collect > "$OUT/slide.txt" 2>&1
 echo "bench_slide: exit $?"
 grep -E "model-only|tiles/s|ratio" "$OUT/slide.txt" | tail -12
 
 timeout 100 "$PY" bench/bench_host.py --slide "$SLIDE" --outputs "$OUT/seg32k.npy" --readers 8 \
-    --trace process1 process2 process1 process2 > "$OUT/host.txt" 2>&1
+    --trace process1 process2 process2-collect process1 process2 process2-collect > "$OUT/host.txt" 2>&1
 echo "bench_host replay: exit $?"
 timeout 60 "$PY" bench/bench_host.py --slide "$SLIDE" --outputs "$OUT/seg32k.npy" \
     --tracing thread process1 process2 process1 process2 >> "$OUT/host.txt" 2>&1
