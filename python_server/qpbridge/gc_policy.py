@@ -76,11 +76,14 @@ def paused_during_runs(pause: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
+        collect = False
         with _lock:
             _runs -= 1
             if _runs == 0:
                 if _resume:
                     gc.enable()
             elif _resume and time.monotonic() - _since > PAUSE_MAX_S:
-                gc.collect(1)
+                collect = True
                 _since = time.monotonic()
+        if collect:  # outside the lock: finalizers the collection runs may start or end runs themselves
+            gc.collect(1)
