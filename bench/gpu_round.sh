@@ -9,7 +9,11 @@
 #   3. host.txt: bench_host.py on the same slide: the host side alone (recorded outputs replayed, blank reads)
 #      with one and two tracing processes and with collection on, then the class strips through the tracer alone.
 #
-#   PY=.venv/bin/python SLIDE=/tmp/slide32k.tif OUT=/tmp/gpu-round bash bench/gpu_round.sh
+#   4. with PROFILE=1 and py-spy on PATH (about 2 minutes more): gil-host.txt and gil-slide.txt, who holds the GIL
+#      in replays and in GPU runs with two tracing processes (bench/gil_summary.py of py-spy --gil profiles;
+#      the GPU one counts model-only's feeding threads too).
+#
+#   PY=.venv/bin/python SLIDE=/tmp/slide32k.tif OUT=/tmp/gpu-round [PROFILE=1] bash bench/gpu_round.sh
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -41,3 +45,15 @@ timeout 60 "$PY" bench/bench_host.py --slide "$SLIDE" --outputs "$OUT/seg32k.npy
     --tracing thread process1 process2 process1 process2 >> "$OUT/host.txt" 2>&1
 echo "bench_host tracing: exit $?"
 grep -E "^replay|^tracing" "$OUT/host.txt"
+
+if [ "${PROFILE:-0}" = 1 ] && command -v py-spy > /dev/null; then
+    timeout 60 py-spy record --gil --threads --nonblocking -r 250 --format raw -o "$OUT/gil-host.raw" -- \
+        "$PY" bench/bench_host.py --slide "$SLIDE" --outputs "$OUT/seg32k.npy" --readers 8 \
+        --trace process2 process2 process2 > /dev/null 2>&1
+    "$PY" bench/gil_summary.py "$OUT/gil-host.raw" --rate 250 > "$OUT/gil-host.txt" 2>&1
+    timeout 150 py-spy record --gil --threads --nonblocking -r 250 --format raw -o "$OUT/gil-slide.raw" -- \
+        "$PY" bench/bench_slide.py --device cuda --size 32768 --slide "$SLIDE" --precision fp16 \
+        --trace process2 process2 process2 > /dev/null 2>&1
+    "$PY" bench/gil_summary.py "$OUT/gil-slide.raw" --rate 250 > "$OUT/gil-slide.txt" 2>&1
+    echo "GIL profiles: $(head -1 "$OUT/gil-host.txt") (replays); $(head -1 "$OUT/gil-slide.txt") (GPU runs)"
+fi
