@@ -14,8 +14,8 @@ rings, each scanned once and then no longer tracked. In a run those stops come e
 readers, the model's feeders and the feature threads wait behind them; after the run, one collection scans the
 same objects once, with nothing waiting. Measured with ``bench/bench_host.py`` (SegFormer's recorded outputs
 for a 32,768 px slide, 7,225 tiles, 2 cores): collecting, 19 collections took 0.16-0.19 s of a 1.5 s run;
-paused, the one collection after the run took 0.08-0.10 s (it grows with the run: a slide 14 times as large
-leaves about a second's scan for after it). A run leaves almost no cyclic garbage (7 to 39 unreachable objects
+paused, the one collection after the run took 0.08-0.10 s (it grows with the objects the run made, in
+proportion). A run leaves almost no cyclic garbage (7 to 39 unreachable objects
 after that run), so pausing costs no memory, however long the run. When runs overlap back to back for longer
 than ``PAUSE_MAX_S``, the one that ends collects the young generations (the cycles made meanwhile: those of
 the server's other work) and the pause goes on.
