@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -244,27 +245,27 @@ class FeatureBuilder:
                 and not early.clash.any()
             if ok:
                 ok = bool(geometry.holes_inside(shell, holes).all())
-            if ok and len(late):
-                a, b = shapely.STRtree(holes).query(late, predicate="intersects")
+            if ok and len(late):  # a late hole meeting another hole: a tree of the late ones, asked by every hole
+                a, b = shapely.STRtree(late).query(holes, predicate="intersects")
                 ok = not bool((a != b).any())
             if not ok:
                 ok = bool(shapely.is_valid(self._assemble(g, early)))
         else:
             ok = bool(shapely.is_valid(self._assemble(g, early)))
         # ring by ring in the polygon's order, as GEOS sums them: the same numbers as the whole polygon's
-        area, length = float(shapely.area(shell)), float(shapely.length(shapely.get_exterior_ring(g)))
-        for a, n in zip(np.concatenate([shapely.area(late), early.area[early.live]]).tolist(),
-                        np.concatenate([shapely.length(shapely.get_exterior_ring(late)),
-                                        early.length[early.live]]).tolist(), strict=True):
-            area -= a
-            length += n
+        # (accumulate adds in order, one term after the other, as a loop would)
+        area = float(np.subtract.accumulate(np.concatenate([shapely.area(shell)[None], shapely.area(late),
+                                                             early.area[early.live]]))[-1])
+        length = float(np.add.accumulate(np.concatenate([shapely.length(shapely.get_exterior_ring(g))[None],
+                                                         shapely.length(shapely.get_exterior_ring(late)),
+                                                         early.length[early.live]]))[-1])
         if not ok or area < geometry.GRID * geometry.GRID:
             return whole()
         rings = geometry.geojson_geometries(np.array([g], dtype=object))[0]["coordinates"]
         meas = geometry.measurements_of(area, length, self.fullres_mpp, self.prefix)
         if extra:
             meas.update(extra)
-        coords = [*rings, *(c for c, alive in zip(early.coords, early.live.tolist(), strict=True) if alive)]
+        coords = [*rings, *itertools.compress(early.coords, early.live.tolist())]
         return geometry.make_feature({"type": "Polygon", "coordinates": coords}, self.card.object_type,
                                      self.card.classes[cls], meas, self.card.name, geometry.new_ids(1)[0])
 
