@@ -66,7 +66,7 @@ class Replay:
         from qpbridge.families import SemanticResult
 
         self.result = SemanticResult
-        self.outputs = outputs.astype(np.float32)  # as a family's float32 batch outputs, consecutive tiles in rows
+        self.outputs = outputs  # float32, as a family's batch outputs: consecutive tiles in rows
 
     def get(self, tile: Any, px: np.ndarray) -> Any:
         i = tile.index
@@ -246,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         if not outputs_path.exists():
             record(engine, name, slide, outputs_path)
         outputs = np.load(outputs_path, mmap_mode="r")
-        outputs = np.ascontiguousarray(outputs)  # in memory: the replay reads no disk
+        # in memory as float32 (the replay reads no disk), converted once for every replay
+        outputs = np.ascontiguousarray(outputs, dtype=np.float32)
         if args.tracing:
-            strips, settings = class_strips(engine, name, slide, outputs.astype(np.float32))
+            strips, settings = class_strips(engine, name, slide, outputs)
             tracing(strips, settings, args.tracing)
             return 0
         for where in args.trace:

@@ -503,6 +503,9 @@ def test_a_run_collects_no_garbage_and_its_features_go_when_its_caller_lets_go(t
     run_plan(engine, "seams", plan, _reader(slide, plan), FeatureBuilder(card, slide.mpp),
              options=RunOptions(readers=2), sink=got.append, on_progress=lambda p: enabled.append(gc.isenabled()))
     assert not enabled[-1] and gc.isenabled()  # paused during the run, back on after it
+    st = run_plan(engine, "seams", plan, _reader(slide, plan), FeatureBuilder(card, slide.mpp),
+                  options=RunOptions(readers=2))[1]
+    assert st.extra["page_faults"] > 0 and st.extra["system_cpu_s"] >= 0.0 and "page faults" in st.table()
 
 
 def test_families_that_are_not_thread_safe_are_called_one_at_a_time(tmp_path):

@@ -326,6 +326,26 @@ def test_the_tracing_process_keeps_to_one_thread_of_work():
         rt.close()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the child's page faults from /proc")
+def test_the_children_report_the_kernels_cpu_and_page_faults_of_the_run_alone():
+    """What first touches of memory cost a run's tracing processes: the kernel's CPU and the page faults since
+    the run opened (not those of the process's start-up imports), summed over the children."""
+    rt = tp.RemoteTracer(lambda g, c: None, processes=2)
+    try:
+        pids = [child.proc.pid for child in rt.children]  # (given back to the idle ones when the run finishes)
+        raster = _raster(700, 170, seed=4)
+        rt.open(170, [1, 2], scale=4, min_area=40, max_hole=30, early_holes=True)
+        _trace(rt, raster, 16)
+        assert rt.faults > 0 and 0 <= rt.system_s <= rt.busy_s + 0.02
+        since_start = 0
+        for pid in pids:  # minflt + majflt of the whole process (fields 10 and 12 of /proc/PID/stat)
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            since_start += int(fields[7]) + int(fields[9])
+        assert rt.faults < since_start / 2  # the imports took most of them, before the run
+    finally:
+        rt.close()
+
+
 def test_time_waiting_for_the_child_is_counted_apart_from_finishing(monkeypatch):
     """``wait_s``: what add_strip waited for the child, strips too far ahead; never the wait for the finish."""
     raster = _raster(700, 170, seed=4)

@@ -58,6 +58,7 @@ from qpbridge.errors import BadRequestError
 from qpbridge.families import InstanceResult, SemanticResult, TileResult
 from qpbridge.families.params import choice_param
 from qpbridge.gil_policy import RUN_SWITCH_INTERVAL_S, run_switch_interval
+from qpbridge.kernel_usage import kernel_usage
 from qpbridge.pools import pool_size, postprocess_pool, reader_threads
 from qpbridge.protocol import TileSpec, planned_tile_spec
 
@@ -176,8 +177,9 @@ class RunStats:
                 # (the rest of the children's CPU is off their tracing threads)
                 parts += (f" (waiting for its {'process' if n == 1 else f'{n} processes'} "
                           f"{self.extra['trace_wait_s']:.2f} s; their CPU {self.extra['trace_process_cpu_s']:.2f} s, "
-                          f"tracing threads {self.extra['trace_thread_cpu_s']:.2f} s, at most "
-                          f"{self.extra['trace_process_threads']} threads each)")
+                          f"tracing threads {self.extra['trace_thread_cpu_s']:.2f} s, the kernel "
+                          f"{self.extra['trace_system_cpu_s']:.2f} s, {self.extra['trace_page_faults']:,} page faults, "
+                          f"at most {self.extra['trace_process_threads']} threads each)")
         if "handing_features_s" in self.extra:
             parts += f", handing features on {self.extra['handing_features_s']:.2f} s"
         if "finishing_s" in self.extra:
@@ -187,6 +189,10 @@ class RunStats:
                       + f", the slowest feature chunk {self.extra.get('slowest_feature_chunk_s', 0.0):.2f} s")
         if self.extra.get("early_holes"):
             parts += f"; {self.extra['early_holes']} holes traced early"
+        kernel = ""
+        if "page_faults" in self.extra:  # the process's (tracing processes apart, above)
+            kernel = (f"; the process: kernel CPU {self.extra['system_cpu_s']:.2f} s, "
+                      f"{self.extra['page_faults']:,} page faults")
         timeline = ""
         if self.last_output_s > 0:
             timeline = (f"; first block read at {self.first_read_s:.2f} s, first batch to the model at "
@@ -197,7 +203,7 @@ class RunStats:
                 f"feeders{device}, stitching {self.stitch_s:.2f} s ({parts}), features {self.features_s:.2f} s over "
                 f"{pool_size()} threads ({self.features} features); model idle "
                 f"{100 * self.model_idle_fraction:.0f}% of the run (waiting for pixels {self.read_wait_s:.2f} s); "
-                f"limit: {self.limit}")
+                f"limit: {self.limit}{kernel}")
 
 
 def make_stitcher(card: ModelCard, plan: TilePlan, emit: Callable[[Any, int, dict[str, Any] | None], None]
@@ -450,6 +456,7 @@ class PlanRun:
         stop = threading.Event()
         read_lock = threading.Lock()
         t0 = time.perf_counter()
+        system0, faults0 = kernel_usage()
 
         def timed_read(block: list[PlannedTile]) -> list[tuple[PlannedTile, np.ndarray]]:
             t = time.perf_counter()
@@ -569,6 +576,8 @@ class PlanRun:
         stats.stitch_cpu_s += time.thread_time() - c
         stats.tiles = done
         stats.seconds = time.perf_counter() - t0
+        system, faults = kernel_usage()  # the process's, over the run
+        stats.extra["system_cpu_s"], stats.extra["page_faults"] = system - system0, faults - faults0
         stats.features_s, stats.features = self.features_s, self.features
         device_after = model.device_busy_s()
         if device_before is not None and device_after is not None:
@@ -583,7 +592,8 @@ class PlanRun:
             if remote is not None:
                 stats.extra.update(trace_process_cpu_s=remote.busy_s, trace_wait_s=remote.wait_s,
                                    trace_processes=remote.processes, trace_thread_cpu_s=remote.thread_s,
-                                   trace_process_threads=remote.threads)
+                                   trace_process_threads=remote.threads, trace_system_cpu_s=remote.system_s,
+                                   trace_page_faults=remote.faults)
         stats.extra["handing_features_s"] = self.handing_s
         stats.extra["early_holes"] = self.early_holes
         stats.extra["slowest_feature_chunk_s"] = self.slowest_chunk_s

@@ -47,6 +47,7 @@ import numpy as np
 from qpbridge.engine.morphology import Morphology, StripMorphology
 from qpbridge.engine.vectorise import EarlyHoles, HoledRegion, RegionTracer
 from qpbridge.errors import InternalError
+from qpbridge.kernel_usage import kernel_usage
 
 IDLE_PROCESSES = 4  # finished runs' children kept for the next runs
 STRIPS_AHEAD = 8  # strips sent and not yet traced before add_strip waits for the child (held in its inbox)
@@ -108,12 +109,16 @@ def _serve(conn: Any) -> None:
     tracer: RegionTracer | None = None
     add: Callable[[np.ndarray, bool], None] | None = None
     found: list[tuple[Any, int]] = []
-    cpu0 = thread0 = 0.0
+    cpu0 = thread0 = system0 = 0.0
+    faults0 = 0
 
-    def usage() -> tuple[float, float, int]:
+    def usage() -> tuple[float, float, int, float, int]:
         """CPU seconds of this process and of its tracing thread since the run opened, and its threads now (the
-        rest of the CPU is the inbox thread's, or thread pools' that should not be there)."""
-        return time.process_time() - cpu0, time.thread_time() - thread0, _native_threads()
+        rest of the CPU is the inbox thread's, or thread pools' that should not be there); of the CPU, the
+        kernel's, and the page faults taken (first touches of memory: what a fresh process pays, a warm one not)."""
+        system, faults = kernel_usage()
+        return (time.process_time() - cpu0, time.thread_time() - thread0, _native_threads(), system - system0,
+                faults - faults0)
 
     def send_plain(plain: list[tuple[Any, int]]) -> None:
         geoms = np.empty(len(plain), dtype=object)
@@ -166,6 +171,7 @@ def _serve(conn: Any) -> None:
                 add = (filt or tracer).add_strip
                 found.clear()
                 cpu0, thread0 = time.process_time(), time.thread_time()
+                system0, faults0 = kernel_usage()
             elif kind == "strip":
                 _, seq, shape, data, last = msg
                 assert tracer is not None and add is not None, "a strip before the run was opened"
@@ -304,7 +310,8 @@ class RemoteTracer:
     :mod:`qpbridge.engine.vectorise`: at most one byte per output pixel each).
 
     ``emit(geometry, class)`` is called on the thread that calls :meth:`add_strip`, :meth:`sync` or
-    :meth:`finish`, in the order the regions were traced. ``busy_s`` is the children's CPU time for this run,
+    :meth:`finish`, in the order the regions were traced. ``busy_s`` is the children's CPU time for this run
+    (``system_s`` of it the kernel's, with ``faults`` page faults: what first touches of memory cost),
     ``wait_s`` the time :meth:`add_strip` waited for them (``STRIPS_AHEAD`` strips behind): above a few hundredths
     of a second, the children are what the stitching waits for.
     The processes are taken at construction (from the idle ones, or started), so they start up while the run's
@@ -330,7 +337,10 @@ class RemoteTracer:
         self.thread_s = 0.0  # of busy_s, the children's tracing threads'
         self.threads = 0  # the most threads a child had
         self.wait_s = 0.0
-        self._stats: list[tuple[int, int, float, float, int]] = []  # per child: peak rows, regions, CPU s, ...
+        self.system_s = 0.0  # of busy_s, the kernel's
+        self.faults = 0  # page faults the children took
+        # per child: peak rows, regions, CPU s, tracing thread CPU s, threads, system CPU s, page faults
+        self._stats: list[tuple[int, int, float, float, int, float, int]] = []
         self._partial: list[list[tuple[Any, ...]]] = []  # per child: messages of the answer being received
         self._answers: list[deque[list[tuple[Any, ...]]]] = []  # per child: whole answers not emitted yet
         self._turn = 0  # the child whose answer is emitted next
@@ -349,7 +359,7 @@ class RemoteTracer:
         del self.children[n:]
         self.width = width
         self.processes = n
-        self._stats = [(0, 0, 0.0, 0.0, 0)] * n
+        self._stats = [(0, 0, 0.0, 0.0, 0, 0.0, 0)] * n
         self._partial = [[] for _ in range(n)]
         self._answers = [deque() for _ in range(n)]
         per = -(-len(classes) // n) if classes else 0
@@ -466,8 +476,9 @@ class RemoteTracer:
                               int(msg[1]))
                 elif kind == "holed":
                     self.emit(HoledRegion(unpack(msg[2])[0], tuple(msg[3])), int(msg[1]))
-                else:  # (kind, requests answered or -1, peak rows, regions, CPU s, thread CPU s, threads)
-                    self._stats[c] = (int(msg[2]), int(msg[3]), float(msg[4]), float(msg[5]), int(msg[6]))
+                else:  # (kind, requests answered or -1, peak rows, regions, then the child's usage())
+                    self._stats[c] = (int(msg[2]), int(msg[3]), float(msg[4]), float(msg[5]), int(msg[6]),
+                                      float(msg[7]), int(msg[8]))
                     if kind == "finished":
                         self._finished += 1
             self._turn = (c + 1) % n
@@ -478,3 +489,5 @@ class RemoteTracer:
             self.busy_s = sum(s[2] for s in self._stats)
             self.thread_s = sum(s[3] for s in self._stats)
             self.threads = max(s[4] for s in self._stats)
+            self.system_s = sum(s[5] for s in self._stats)
+            self.faults = sum(s[6] for s in self._stats)
