@@ -412,6 +412,45 @@ def test_classes_shared_out_over_processes_emit_what_one_tracer_emits(classes, p
     again.close()
 
 
+def test_tracing_processes_start_before_the_model_loads_and_end_if_it_fails(tmp_path: Path, monkeypatch):
+    """A run starts its tracing processes before it loads the model (their imports, most of a second, overlap
+    the load); a model that fails to load fails the run and ends them."""
+    from qpbridge.errors import ModelLoadError
+    from qpbridge.families import ModelFamily, register_family
+
+    started: list = []
+    acquire = tp._acquire
+
+    def watched() -> tp._Child:
+        child = acquire()
+        started.append(child)
+        return child
+
+    monkeypatch.setattr(tp, "_acquire", watched)
+
+    @register_family("test-slow-to-load")
+    class SlowToLoad(ModelFamily):
+        def __init__(self, card, device="cpu"):  # type: ignore[no-untyped-def]
+            super().__init__(card, device)
+            assert started and all(c.alive for c in started), "the tracing processes start first"
+            raise ModelLoadError("these weights are broken")
+
+        def predict(self, tiles):  # type: ignore[no-untyped-def]
+            raise AssertionError("never loaded")
+
+    img = np.full((300, 300, 3), 235, np.uint8)
+    slide = write_pyramid(tmp_path / "s.tif", img, mpp=0.5)
+    card = {**DARK_CARD, "name": "broken", "family": "test-slow-to-load"}
+    (tmp_path / "models" / "broken").mkdir(parents=True)
+    (tmp_path / "models" / "broken" / "config.json").write_text(json.dumps(card))
+    engine = Engine(tmp_path / "models")
+    with pytest.raises(ModelLoadError, match="broken"):
+        annotate_slide(engine, slide, "broken", tissue_filter=False,
+                       options=RunOptions(readers=2, trace_process=True))
+    assert len(started) == 1
+    assert all(c.proc.wait(timeout=10) is not None for c in started)  # ended, not left running
+
+
 def test_a_run_shares_its_classes_out_over_processes_with_the_same_features(tmp_path: Path):
     """Two emitted classes traced in two processes: the features (and their order) of tracing on the stitching
     thread."""

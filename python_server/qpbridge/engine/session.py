@@ -547,10 +547,15 @@ class PlanRun:
                     waiting.cancel()
                 put(_END)
 
-        model = self.engine.model(self.model_name)
-        device_before = model.device_busy_s()
         if isinstance(self.stitcher, SemanticStitcher) and opts.traces_in_process(plan):
+            # before the model loads: a new tracing process imports its libraries (most of a second) meanwhile
             self.stitcher.trace_in_process(opts.tracing_processes())
+        try:
+            model = self.engine.model(self.model_name)
+        except BaseException:
+            self._close_stitcher()
+            raise
+        device_before = model.device_busy_s()
         try:
             done = self._pipeline(opts, stats, model_stage, outputs, stop, t0, on_progress)
             stats.cancelled = done < len(plan.tiles)
