@@ -12,7 +12,7 @@ import shapely
 from conftest import DARK_CARD
 from qpbridge.cards import ModelCard, builtin_cards_dir, discover_cards, load_card, validate_card_dict
 from qpbridge.engine import Engine
-from qpbridge.engine.plan import make_plan
+from qpbridge.engine.plan import grid_tiles, make_plan
 from qpbridge.errors import BadRequestError, MissingPixelSizeError, ModelCardError, UnknownModelError
 from qpbridge.families import family_class, known_families
 from qpbridge.protocol import ImageInfo, planned_tile_spec
@@ -32,6 +32,18 @@ def test_plan_covers_the_canvas_with_overlap():
     assert (last.x + last.w, last.y + last.h) == (150, 100)
     spec = planned_tile_spec(plan, plan.tiles[4])  # row 1, col 1
     assert (spec.x, spec.y, spec.width, spec.height, spec.downsample) == (10 + 96, 20 + 96, 64, 52, 2.0)
+
+
+def test_grid_tiles_counts_a_plans_tiles_without_planning_them():
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        size = int(rng.integers(16, 300))
+        overlap = int(rng.integers(0, size))
+        card = ModelCard.from_dict({**DARK_CARD, "tile": {"size": size, "overlap": overlap}})
+        region = (int(rng.integers(0, 50)), int(rng.integers(0, 50)), int(rng.integers(1, 1500)),
+                  int(rng.integers(1, 1500)))
+        mpp = float(rng.choice([0.25, 0.5, 0.2527, 1.0, 2.0]))
+        assert grid_tiles(card, region, mpp) == len(make_plan(card, region, mpp).tiles)
 
 
 def test_plan_keeps_only_tiles_touching_the_keep_geometry():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import cv2
@@ -503,6 +504,46 @@ def test_a_run_shares_its_classes_out_over_processes_with_the_same_features(tmp_
                          should_stop=lambda: done["tiles"] >= 48,
                          options=RunOptions(readers=2, trace_process=True, trace_processes=2))
     assert cut.stats.cancelled and 0 < len(cut.features) < len(there.features)  # what both processes closed
+
+
+def test_prestarted_processes_wait_idle_for_the_next_run(tmp_path: Path, monkeypatch):
+    """``prestart`` starts tracing processes at once, idle (never more than asked in all, nor than the idle ones
+    kept), and the next run takes them; ``annotate_slide`` prestarts them when its run will trace in processes,
+    before anything else (here the tissue run)."""
+    tp._end_idle()
+    t = time.perf_counter()
+    tp.prestart(2)
+    assert time.perf_counter() - t < 0.5  # (a process's start-up takes most of a second: not waited for)
+    tp.prestart(2)
+    idle = {c.proc.pid for c in tp._IDLE}
+    assert len(idle) == 2
+    rt = tp.RemoteTracer(lambda g, c: None, processes=2)
+    assert {c.proc.pid for c in rt.children} == idle and not tp._IDLE
+    rt.close()
+
+    started: list[int] = []
+    prestart = tp.prestart
+    monkeypatch.setattr(tp, "prestart", lambda n: (started.append(n), prestart(n)))
+    img = np.full((600, 600, 3), 235, np.uint8)
+    cv2.circle(img, (300, 300), 200, (150, 60, 140), -1)  # stained tissue (what the tissue run keeps)...
+    cv2.circle(img, (300, 300), 120, (30, 30, 30), -1)  # ...with a dark region in it
+    slide = write_pyramid(tmp_path / "disc.tif", img, mpp=0.5)
+    card = {**DARK_CARD, "name": "seams", "tile": {"size": 64, "overlap": 16, "batch_size": 16},
+            "params": {"tissue_filter": True}}
+    (tmp_path / "models" / "seams").mkdir(parents=True)
+    (tmp_path / "models" / "seams" / "config.json").write_text(json.dumps(card))
+    engine = Engine(tmp_path / "models")
+    import qpbridge.annotate as annotate
+
+    tissue = annotate.tissue_geometry
+    monkeypatch.setattr(annotate, "tissue_geometry",
+                        lambda *a, **k: (started.append(-1), tissue(*a, **k))[1])  # type: ignore[func-returns-value]
+    out = annotate_slide(engine, slide, "seams", options=RunOptions(readers=2, trace_process=True))
+    assert started[:2] == [1, -1]  # one process (one emitted class), started before the tissue run
+    assert out.features and out.stats.extra["trace_processes"] == 1
+    started.clear()
+    annotate_slide(engine, slide, "seams", options=RunOptions(readers=2, trace_process=False))
+    assert started == [-1]  # traced on the stitching thread: nothing started
 
 
 def test_tracing_processes_follow_the_cores(monkeypatch):

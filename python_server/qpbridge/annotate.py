@@ -16,9 +16,9 @@ import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from qpbridge.cards import ModelCard
-from qpbridge.engine import Engine
+from qpbridge.engine import Engine, trace_process
 from qpbridge.engine.features import FeatureBuilder
-from qpbridge.engine.plan import TilePlan, make_plan
+from qpbridge.engine.plan import TilePlan, grid_tiles, make_plan
 from qpbridge.engine.reading import ReadBox
 from qpbridge.engine.session import PlanRun, Progress, ResultStore, RunOptions, RunStats
 from qpbridge.slides import Slide
@@ -103,6 +103,14 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
     slide = slide or Slide(path, mpp)
     card: ModelCard = engine.card(model_name)
     fullres_mpp = slide.require_mpp() if card.requires_mpp else slide.mpp
+    if options is None:
+        options = RunOptions() if readers is None else RunOptions(readers=readers)
+    region = roi_region(roi, slide.width, slide.height)
+    emitted = sum(1 for c in card.classes if c.emit)
+    if card.task == "semantic-segmentation" and emitted and options.traces_in_process(
+            grid_tiles(card, region, fullres_mpp)):
+        # a large run will trace in processes: started now, their start-up overlaps the tissue run and planning
+        trace_process.prestart(min(emitted, options.tracing_processes()))
     keep = roi
     if tissue_filter and card.name != TISSUE_MODEL and card.params.get("tissue_filter", True):
         tissue = tissue_geometry(engine, slide, roi)
@@ -110,14 +118,12 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
         log.info("tissue covers %.1f%% of %s", 100 * tissue.area / (slide.width * slide.height), slide.name)
         if tissue.is_empty:
             log.warning("no tissue found in %s: nothing to run (use --no-tissue-filter to run anyway)", slide.name)
-    plan = make_plan(card, roi_region(roi, slide.width, slide.height), fullres_mpp, keep)
+    plan = make_plan(card, region, fullres_mpp, keep)
     log.info("%s: %d of %d tiles to run (%d px at %.3g µm/px, overlap %d)", slide.name, len(plan.tiles),
              plan.rows * plan.cols, plan.tile, card.mpp, plan.overlap)
     if on_plan is not None:
         on_plan(plan)
     builder = FeatureBuilder(card, fullres_mpp, roi, (slide.width, slide.height))
-    if options is None:
-        options = RunOptions() if readers is None else RunOptions(readers=readers)
     features, stats = run_plan(engine, model_name, plan, _reader(slide, plan), builder,
                                options=options, on_progress=on_progress,
                                should_stop=should_stop, sink=sink,

@@ -68,6 +68,20 @@ def _count(extent: int, tile: int, step: int) -> int:
     return 1 if extent <= tile else math.ceil((extent - tile) / step) + 1
 
 
+def _grid(card: ModelCard, region: tuple[int, int, int, int], fullres_mpp: float | None, tile: int,
+          overlap: int) -> tuple[float, int, int, int, int]:
+    """(downsample, canvas width and height, columns, rows) of a plan's grid over ``region``."""
+    ds = card.mpp / fullres_mpp if fullres_mpp else 1.0
+    cw, ch = max(1, math.ceil(region[2] / ds - 1e-9)), max(1, math.ceil(region[3] / ds - 1e-9))
+    return ds, cw, ch, _count(cw, tile, tile - overlap), _count(ch, tile, tile - overlap)
+
+
+def grid_tiles(card: ModelCard, region: tuple[int, int, int, int], fullres_mpp: float | None) -> int:
+    """Tiles of a plan over ``region`` before any are dropped (rows x columns), without planning them."""
+    _, _, _, cols, rows = _grid(card, region, fullres_mpp, card.tile_size, card.plan_overlap)
+    return cols * rows
+
+
 def make_plan(card: ModelCard, region: tuple[int, int, int, int], fullres_mpp: float | None,
               keep: BaseGeometry | None = None, *, tile: int | None = None, overlap: int | None = None) -> TilePlan:
     """Plan tiles over ``region`` = (x, y, width, height) in full-resolution pixels.
@@ -82,10 +96,8 @@ def make_plan(card: ModelCard, region: tuple[int, int, int, int], fullres_mpp: f
     overlap = card.plan_overlap if overlap is None else overlap
     if not 0 <= overlap < tile:
         raise BadRequestError(f"overlap must be in [0, tile size {tile}), got {overlap}")
-    ds = card.mpp / fullres_mpp if fullres_mpp else 1.0
-    cw, ch = max(1, math.ceil(w / ds - 1e-9)), max(1, math.ceil(h / ds - 1e-9))
+    ds, cw, ch, cols, rows = _grid(card, region, fullres_mpp, tile, overlap)
     step = tile - overlap
-    cols, rows = _count(cw, tile, step), _count(ch, tile, step)
     plan = TilePlan(width=cw, height=ch, tile=tile, overlap=overlap, ds=ds, origin_x=x, origin_y=y,
                     rows=rows, cols=cols)
     cand = []

@@ -111,10 +111,12 @@ class RunOptions:
     # Automatic garbage collection paused during the run (:mod:`qpbridge.gc_policy`).
     pause_gc: bool = True
 
-    def traces_in_process(self, plan: TilePlan) -> bool:
+    def traces_in_process(self, plan: TilePlan | int) -> bool:
+        """Whether a run of ``plan`` (or of that many tiles) traces its class strips in processes."""
         if self.trace_process is not None:
             return self.trace_process
-        return len(plan.tiles) >= TRACE_PROCESS_TILES and (os.cpu_count() or 1) >= TRACE_PROCESS_CORES
+        tiles = plan if isinstance(plan, int) else len(plan.tiles)
+        return tiles >= TRACE_PROCESS_TILES and (os.cpu_count() or 1) >= TRACE_PROCESS_CORES
 
     def tracing_processes(self) -> int:
         """Processes tracing a run's classes, when it traces in processes."""

@@ -291,6 +291,15 @@ def _release(child: _Child) -> None:
     child.end()
 
 
+def prestart(processes: int) -> None:
+    """Start tracing processes now, idle, up to ``processes`` idle ones in all: a run about to need them then
+    does not wait for their start-up (a fresh interpreter's imports, most of a second). Returns at once."""
+    with _IDLE_LOCK:
+        missing = min(processes, IDLE_PROCESSES) - sum(1 for child in _IDLE if child.alive)
+    for _ in range(missing):
+        _release(_Child())
+
+
 @atexit.register
 def _end_idle() -> None:
     with _IDLE_LOCK:
