@@ -127,8 +127,7 @@ def replay(engine: Any, name: str, slide: Path, outputs: np.ndarray, trace: str,
     if len(plan.tiles) != len(outputs):
         raise SystemExit(f"the outputs hold {len(outputs)} tiles, the plan {len(plan.tiles)}: record again")
     builder = FeatureBuilder(card, opened.mpp, None, (opened.width, opened.height))
-    where, _, collect = trace.partition("-")
-    opts = RunOptions(readers=readers, **trace_options(where), **({"pause_gc": False} if collect else {}))
+    opts = RunOptions(readers=readers, **trace_options(trace))
     with GCTime() as collected:
         features, st = run_plan(engine, name, plan, _reader(opened, plan) if decode else blank_reader(), builder,
                                 options=opts, results=Replay(outputs))

@@ -196,11 +196,14 @@ TRACE_PROCESS = {"auto": None, "thread": False, "process": True}
 TRACE_CHOICES = [*TRACE_PROCESS, *(f"process{n}" for n in range(1, 5))]
 
 
-def trace_options(where: str) -> dict[str, Any]:
-    """``RunOptions`` fields for a ``--trace`` value."""
+def trace_options(trace: str) -> dict[str, Any]:
+    """``RunOptions`` fields for a ``--trace`` value: where class strips are traced, then flags (``-collect``:
+    garbage collection left on during the run; others are the bench's own)."""
+    where, *flags = trace.split("-")
+    opts: dict[str, Any] = {"pause_gc": False} if "collect" in flags else {}
     if where in TRACE_PROCESS:
-        return {"trace_process": TRACE_PROCESS[where]}
-    return {"trace_process": True, "trace_processes": int(where.removeprefix("process"))}
+        return {**opts, "trace_process": TRACE_PROCESS[where]}
+    return {**opts, "trace_process": True, "trace_processes": int(where.removeprefix("process"))}
 
 
 @contextlib.contextmanager
@@ -280,13 +283,10 @@ def one_run(root: Path, slide: Path, device: str, precision: str, compiled: bool
     rows = []
     for trace in args.trace:  # the same model, one end-to-end run per way of tracing, in the order given
         mode = f"{'compiled' if compiled else 'eager'}, trace {trace}"
-        where, *flags = trace.split("-")
         same = {"switch_interval_s": sys.getswitchinterval()} if hasattr(RunOptions(), "switch_interval_s") else {}
-        if "collect" in flags:
-            same["pause_gc"] = False
         opts = RunOptions(readers=args.readers, feeders=args.feeders, queue_batches=args.queue_batches,
-                          **trace_options(where), **same)  # (older trees: A/B runs)
-        with GCTime() as collected, ThreadCPU() as cpu, unsliced(model, "stacked" in flags):
+                          **trace_options(trace), **same)  # (older trees: A/B runs)
+        with GCTime() as collected, ThreadCPU() as cpu, unsliced(model, trace.endswith("-stacked")):
             result = annotate_slide(engine, slide, name, tissue_filter=False, options=opts)
         st = result.stats
         write_s, mb = write_geojson(root / "out.geojson", result.features)

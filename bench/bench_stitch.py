@@ -131,6 +131,10 @@ def stitcher_for(card, plan, emit, early_holes: bool = True):  # type: ignore[no
 
 
 def run_one(size: int, case: str) -> dict[str, float]:
+    import gc
+
+    from qpbridge import gc_policy
+
     card, plan, side, builder = setup(size)
     features = []
     build_s = 0.0
@@ -147,10 +151,6 @@ def run_one(size: int, case: str) -> dict[str, float]:
         build_s += time.perf_counter() - t
         features.extend(f for f in built if f is not None)
         pending.clear()
-
-    import gc
-
-    from qpbridge import gc_policy
 
     stitcher = stitcher_for(card, plan, emit)
     elapsed = 0.0

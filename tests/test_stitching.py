@@ -445,10 +445,10 @@ def test_runs_pause_garbage_collection_and_the_last_one_out_resumes_it(monkeypat
         try:
             with gc_policy.paused_during_runs():
                 with gc_policy.paused_during_runs():
-                    pass
+                    assert generations == []  # nothing collected while the runs are on
                 assert generations == [1] and not gc.isenabled()  # collected as the inner run ended, still paused
                 with gc_policy.paused_during_runs():
-                    pass
+                    assert generations == [1]
                 assert generations == [1, 1]
         finally:
             gc.callbacks.remove(seen)
@@ -478,8 +478,8 @@ def test_a_run_collects_no_garbage_and_its_features_go_when_its_caller_lets_go(t
     card = engine.card("seams")
     plan = make_plan(card, (0, 0, slide.width, slide.height), slide.mpp, None)
 
-    class Features(list):  # a list that can be watched going away
-        pass
+    class Features(list):
+        """A list that can be watched going away (a plain list takes no weak reference)."""
 
     for pause in (True, False):
         got = Features()

@@ -106,7 +106,7 @@ def annotate_slide(engine: Engine, path: Path, model_name: str, *, mpp: float | 
     if options is None:
         options = RunOptions() if readers is None else RunOptions(readers=readers)
     region = roi_region(roi, slide.width, slide.height)
-    emitted = sum(1 for c in card.classes if c.emit)
+    emitted = len(card.emit_classes)
     if card.task == "semantic-segmentation" and emitted and options.traces_in_process(
             grid_tiles(card, region, fullres_mpp)):
         # a large run will trace in processes: started now, their start-up overlaps the tissue run and planning

@@ -99,6 +99,11 @@ class ModelCard:
         return None
 
     @property
+    def emit_classes(self) -> list[int]:
+        """Indices of the classes whose regions become objects (the others, background, are not emitted)."""
+        return [i for i, c in enumerate(self.classes) if c.emit]
+
+    @property
     def plan_overlap(self) -> int:
         """The overlap tiles are planned with. An instance is kept by the tile whose core holds its centroid,
         and it is whole there only if it is smaller than half the overlap, so instance cards overlap by at

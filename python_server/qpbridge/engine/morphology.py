@@ -79,8 +79,7 @@ class Morphology:
                                  f"({', '.join(names)})")
         if radii[0] <= 0 and radii[1] <= 0:
             return None
-        emitted = tuple(i for i, c in enumerate(card.classes) if c.emit)
-        return cls(radii[0], radii[1], emitted, fill)
+        return cls(radii[0], radii[1], tuple(card.emit_classes), fill)
 
     def at_scale(self, scale: float) -> Morphology:
         """The same operation on a raster whose pixels are ``scale`` canvas pixels wide."""

@@ -214,8 +214,7 @@ def make_stitcher(card: ModelCard, plan: TilePlan, emit: Callable[[Any, int, dic
     if card.task == "instance-segmentation":
         largest = card.max_object_um
         return InstanceCollector(plan, emit, max_object=largest / card.mpp if largest else None)
-    emit_classes = [i for i, c in enumerate(card.classes) if c.emit]
-    return SemanticStitcher(plan, len(card.classes), emit_classes, emit,
+    return SemanticStitcher(plan, len(card.classes), card.emit_classes, emit,
                             min_area=card.min_area_um2 / card.mpp ** 2,
                             max_hole=card.max_hole_area_um2 / card.mpp ** 2,
                             window=blend_window_param(card), morphology=Morphology.from_card(card),
@@ -554,11 +553,7 @@ class PlanRun:
             self.stitcher.trace_in_process(opts.tracing_processes())
         try:
             model = self.engine.model(self.model_name)
-        except BaseException:
-            self._close_stitcher()
-            raise
-        device_before = model.device_busy_s()
-        try:
+            device_before = model.device_busy_s()
             done = self._pipeline(opts, stats, model_stage, outputs, stop, t0, on_progress)
             stats.cancelled = done < len(plan.tiles)
             t, c = time.perf_counter(), time.thread_time()

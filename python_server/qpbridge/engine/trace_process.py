@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -308,6 +308,18 @@ def _end_idle() -> None:
         child.end()
 
 
+class _ChildStats(NamedTuple):
+    """What a child's last answer said of its run: its tracer's state and its ``usage()`` since the run opened."""
+
+    peak_rows: int = 0
+    regions: int = 0
+    cpu_s: float = 0.0
+    thread_s: float = 0.0
+    threads: int = 0
+    system_s: float = 0.0
+    faults: int = 0
+
+
 class RemoteTracer:
     """A :class:`~qpbridge.engine.vectorise.RegionTracer` (and morphology filter) running in child processes.
 
@@ -340,16 +352,8 @@ class RemoteTracer:
         self.processes = len(self.children)  # tracing this run (fewer once opened with fewer classes)
         self.sent = 0  # requests sent (strips and flushes), to every child
         self.traced = 0  # requests every child has answered, their regions emitted
-        self.peak_rows = 0  # raster rows retained at once, summed over the children (each at its own peak)
-        self.regions = 0
-        self.busy_s = 0.0
-        self.thread_s = 0.0  # of busy_s, the children's tracing threads'
-        self.threads = 0  # the most threads a child had
         self.wait_s = 0.0
-        self.system_s = 0.0  # of busy_s, the kernel's
-        self.faults = 0  # page faults the children took
-        # per child: peak rows, regions, CPU s, tracing thread CPU s, threads, system CPU s, page faults
-        self._stats: list[tuple[int, int, float, float, int, float, int]] = []
+        self._stats: list[_ChildStats] = []  # per child, from its last answer
         self._partial: list[list[tuple[Any, ...]]] = []  # per child: messages of the answer being received
         self._answers: list[deque[list[tuple[Any, ...]]]] = []  # per child: whole answers not emitted yet
         self._turn = 0  # the child whose answer is emitted next
@@ -360,6 +364,41 @@ class RemoteTracer:
         """The first tracing process (the only one, by default), or None once the run gave them back."""
         return self.children[0] if self.children else None
 
+    # ---- the run's stats, summed over the children (as of their answers emitted so far) ----
+
+    @property
+    def peak_rows(self) -> int:
+        """Raster rows retained at once, summed over the children (each at its own peak)."""
+        return sum(s.peak_rows for s in self._stats)
+
+    @property
+    def regions(self) -> int:
+        return sum(s.regions for s in self._stats)
+
+    @property
+    def busy_s(self) -> float:
+        return sum(s.cpu_s for s in self._stats)
+
+    @property
+    def thread_s(self) -> float:
+        """Of ``busy_s``, the children's tracing threads'."""
+        return sum(s.thread_s for s in self._stats)
+
+    @property
+    def threads(self) -> int:
+        """The most threads a child had."""
+        return max((s.threads for s in self._stats), default=0)
+
+    @property
+    def system_s(self) -> float:
+        """Of ``busy_s``, the kernel's."""
+        return sum(s.system_s for s in self._stats)
+
+    @property
+    def faults(self) -> int:
+        """Page faults the children took."""
+        return sum(s.faults for s in self._stats)
+
     def open(self, width: int, classes: list[int], *, scale: float = 1.0, min_area: float = 0.0,
              max_hole: float = 0.0, morphology: Morphology | None = None, early_holes: bool = False) -> None:
         n = max(1, min(len(self.children), len(classes)))
@@ -368,7 +407,7 @@ class RemoteTracer:
         del self.children[n:]
         self.width = width
         self.processes = n
-        self._stats = [(0, 0, 0.0, 0.0, 0, 0.0, 0)] * n
+        self._stats = [_ChildStats()] * n
         self._partial = [[] for _ in range(n)]
         self._answers = [deque() for _ in range(n)]
         per = -(-len(classes) // n) if classes else 0
@@ -486,17 +525,10 @@ class RemoteTracer:
                 elif kind == "holed":
                     self.emit(HoledRegion(unpack(msg[2])[0], tuple(msg[3])), int(msg[1]))
                 else:  # (kind, requests answered or -1, peak rows, regions, then the child's usage())
-                    self._stats[c] = (int(msg[2]), int(msg[3]), float(msg[4]), float(msg[5]), int(msg[6]),
-                                      float(msg[7]), int(msg[8]))
+                    self._stats[c] = _ChildStats(int(msg[2]), int(msg[3]), float(msg[4]), float(msg[5]), int(msg[6]),
+                                                 float(msg[7]), int(msg[8]))
                     if kind == "finished":
                         self._finished += 1
             self._turn = (c + 1) % n
             if self._turn == 0 and msg[0] == "traced":  # every child answered this request
                 self.traced = int(msg[1])
-            self.peak_rows = sum(s[0] for s in self._stats)
-            self.regions = sum(s[1] for s in self._stats)
-            self.busy_s = sum(s[2] for s in self._stats)
-            self.thread_s = sum(s[3] for s in self._stats)
-            self.threads = max(s[4] for s in self._stats)
-            self.system_s = sum(s[5] for s in self._stats)
-            self.faults = sum(s[6] for s in self._stats)
